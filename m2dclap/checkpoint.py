@@ -1,0 +1,328 @@
+"""Saving and loading: this suite's format and the official M2D / M2D-CLAP checkpoint layouts.
+
+Formats read by :func:`load`:
+  * a folder written by :func:`save_pretrained` (``config.json`` + ``model.safetensors`` [+ ``text_encoder/``]);
+  * official 2024 files (flat ``model`` dict: encoder, target, decoder, ``audio_proj.0/2``, ``logit_scale``);
+  * official 2025 files (``backbone.*`` = encoder + ``audio_proj.sem_*`` + ``norm_stats``, ``text_encoder.*``);
+  * encoder-only files (``*_enconly``) and EVAR fine-tuned files (``module.ar.runtime.backbone.*``);
+  * a registered pretrained name (``m2dclap.list_pretrained()``).
+Official files are read with ``torch.load(weights_only=True)`` and a minimal allow-list, never by
+unrestricted unpickling. Their configuration comes from the folder name, as the official loader does.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import pathlib
+import pickle
+import re
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .config import EncoderCfg, FrontendCfg, ModelCfg, ProjectorCfg, TextCfg
+from .model import M2DCLAP
+
+log = logging.getLogger(__name__)
+
+FORMAT = "m2dclap"
+FORMAT_VERSION = 1
+DEFAULT_NORM_STATS = (-7.1, 4.2)  # official default for checkpoints without norm_stats (2022-2024 models)
+
+# Globals an official checkpoint may reference besides tensors: the argparse ``args`` and paths in it.
+SAFE_GLOBALS = [argparse.Namespace, pathlib.PosixPath, pathlib.WindowsPath, pathlib.PurePosixPath]
+
+# Official text towers by the letter after ``p16kp`` in the folder name.
+OFFICIAL_TEXT = {
+    "A": TextCfg(kind="hf", name="thenlper/gte-base", pooling="mean", width=768, max_length=512),
+    "B": TextCfg(kind="hf", name="google-bert/bert-base-uncased", pooling="cls", width=768, max_length=512),
+    "N": TextCfg(kind="sentence", name="nvidia/NV-Embed-v2", pooling="mean", width=4096, max_length=32768,
+                 add_eos=True),
+}
+
+
+class CheckpointError(ValueError):
+    """A file that is not a usable checkpoint; the message names the file and the problem."""
+
+
+# ---------------------------------------------------------------------------------------------------
+# Our format
+# ---------------------------------------------------------------------------------------------------
+def save_pretrained(model: M2DCLAP, directory: str | Path, **metadata: Any) -> Path:
+    """Write ``config.json`` + ``model.safetensors`` (+ the text tokenizer/config) atomically."""
+    from safetensors.torch import save_file
+
+    directory = Path(directory)
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
+    try:
+        state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+        save_file(state, str(tmp / "model.safetensors"), metadata={"format": FORMAT})
+        meta = {"format": FORMAT, "version": FORMAT_VERSION, "model": model.cfg.to_dict(), **metadata}
+        (tmp / "config.json").write_text(json.dumps(meta, indent=2, default=str))
+        enc = model.text_encoder
+        if enc is not None and hasattr(enc, "tokenizer"):
+            enc.tokenizer.save_pretrained(tmp / "text_encoder")
+            enc.text_encoder.config.save_pretrained(tmp / "text_encoder")
+        if directory.exists():
+            old = directory.with_name(directory.name + ".old")
+            shutil.rmtree(old, ignore_errors=True)
+            directory.rename(old)
+            tmp.rename(directory)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            tmp.rename(directory)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return directory
+
+
+def _load_ours(folder: Path, device: str | torch.device) -> M2DCLAP:
+    from safetensors.torch import load_file
+
+    try:
+        meta = json.loads((folder / "config.json").read_text())
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{folder / 'config.json'}: not valid JSON ({e})") from None
+    if meta.get("format") != FORMAT:
+        raise CheckpointError(f"{folder / 'config.json'}: not an m2dclap model folder (format={meta.get('format')!r})")
+    try:
+        cfg = ModelCfg.from_dict(meta["model"])
+    except (KeyError, ValueError, TypeError) as e:
+        raise CheckpointError(f"{folder / 'config.json'}: bad model config: {e}") from None
+    weights = folder / "model.safetensors"
+    if not weights.exists():
+        raise CheckpointError(f"{weights}: missing")
+    try:
+        state = load_file(str(weights))
+    except Exception as e:  # safetensors raises its own error types
+        raise CheckpointError(f"{weights}: unreadable safetensors file ({e})") from None
+    text_src = folder / "text_encoder"
+    model = M2DCLAP(cfg, pretrained_text=False, text_source=str(text_src) if text_src.is_dir() else None)
+    _load_strict(model, state, weights)
+    return model.to(device).eval()
+
+
+def _load_strict(model: M2DCLAP, state: dict[str, torch.Tensor], where: Path) -> None:
+    expected = model.state_dict()
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    if missing or unexpected:
+        raise CheckpointError(f"{where}: weights do not fit the model: missing {missing[:6]}"
+                              f"{'...' if len(missing) > 6 else ''}, unexpected {unexpected[:6]}"
+                              f"{'...' if len(unexpected) > 6 else ''}")
+    for k, v in state.items():
+        if v.shape != expected[k].shape:
+            raise CheckpointError(f"{where}: {k} has shape {tuple(v.shape)}, the model expects "
+                                  f"{tuple(expected[k].shape)}")
+    model.load_state_dict(state)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Safe reading of official .pth files
+# ---------------------------------------------------------------------------------------------------
+def safe_torch_load(path: str | Path) -> Any:
+    """``torch.load(weights_only=True)`` allowing only argparse.Namespace and paths besides tensors."""
+    path = Path(path)
+    if not path.exists():
+        raise CheckpointError(f"{path}: no such file")
+    try:
+        with torch.serialization.safe_globals(SAFE_GLOBALS):
+            return torch.load(str(path), map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        found = re.search(r"GLOBAL ([\w.]+)", str(e))
+        what = f"it references {found.group(1)}, " if found else ""
+        raise CheckpointError(f"{path}: refused to load: {what}which is not a tensor or an allowed type "
+                              "(argparse.Namespace, paths). The file is not a plain checkpoint and may be "
+                              "tampered with; it was not unpickled.") from None
+    except (RuntimeError, EOFError, OSError, ValueError) as e:
+        raise CheckpointError(f"{path}: not a readable PyTorch checkpoint ({str(e).splitlines()[0]})") from None
+
+
+def parse_official_name(name: str) -> dict[str, Any] | None:
+    """``m2d_clap_vit_base-80x1001p16x16p16kpBpTI-2025`` -> input (80, 1001), patch (16, 16), sr '16k',
+    extra ['B', 'TI'], model class 'm2d_clap_vit_base'. None when the name does not follow the pattern."""
+    parts = name.split("-")
+    if len(parts) < 2:
+        return None
+    fields = parts[1].split("p")
+    m_in = re.fullmatch(r"(\d+)x(\d+)", fields[0])
+    m_patch = re.fullmatch(r"(\d+)x(\d+)", fields[1]) if len(fields) > 1 else None
+    if not (m_in and m_patch):
+        return None
+    sr = fields[2] if len(fields) > 2 else "16k"
+    if sr not in ("16k", "32k"):
+        return None
+    return {"model": parts[0], "input_size": (int(m_in[1]), int(m_in[2])),
+            "patch_size": (int(m_patch[1]), int(m_patch[2])), "sr": sr, "extra": fields[3:]}
+
+
+def _strip(sd: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
+    return {k[len(prefix):]: v for k, v in sd.items() if k.startswith(prefix)}
+
+
+def official_layout(sd: dict[str, Any]) -> str:
+    """Name the key layout of an official state dict: '2025', 'evar', 'clap2024', 'm2d' or 'encoder'."""
+    if any(k.startswith("backbone.") for k in sd):
+        return "2025"
+    if any(k.startswith("module.ar.runtime.backbone.") for k in sd):
+        return "evar"
+    if "patch_embed.proj.weight" not in sd:
+        return "unknown"
+    if any(k.startswith("audio_proj.") or k == "logit_scale" for k in sd):
+        return "clap2024"
+    if any(k.startswith(("target_blocks.", "decoder_")) for k in sd):
+        return "m2d"
+    return "encoder"
+
+
+def _load_official(path: Path, device: str | torch.device, text_name: str | None,
+                   input_size: tuple[int, int] | None) -> M2DCLAP:
+    obj = safe_torch_load(path)
+    if not isinstance(obj, dict):
+        raise CheckpointError(f"{path}: holds a {type(obj).__name__}, not a checkpoint dictionary")
+    sd = obj.get("model", obj)
+    if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
+        raise CheckpointError(f"{path}: its 'model' entry is not a state dict of tensors")
+    layout = official_layout(sd)
+    if layout == "unknown":
+        raise CheckpointError(f"{path}: not an M2D checkpoint: no 'patch_embed.proj.weight' or 'backbone.*' "
+                              f"keys (first keys: {list(sd)[:5]})")
+    text_sd = _strip(sd, "text_encoder.") if layout == "2025" else {}
+    if layout == "2025":
+        sd = _strip(sd, "backbone.")
+    elif layout == "evar":
+        sd = _strip(sd, "module.ar.runtime.backbone.")
+    if "patch_embed.proj.weight" not in sd:
+        raise CheckpointError(f"{path}: layout {layout!r} but no encoder weights (patch_embed.proj.weight)")
+
+    cfg = _official_config(path, sd, input_size, text_name)
+    log.info("%s: official %s layout, config %s", path, layout, cfg)
+    model = M2DCLAP(cfg, pretrained_text=not text_sd)
+    state = {}
+    for k, v in sd.items():
+        if k in model.encoder.state_dict():
+            state["encoder." + k] = v
+        elif k.startswith("audio_proj.") or k.startswith("text_proj.") or k in ("norm_stats", "logit_scale"):
+            state[k] = v
+    if "norm_stats" not in state:
+        log.warning("%s has no norm_stats: using the official default %s", path, DEFAULT_NORM_STATS)
+        state["norm_stats"] = torch.tensor(DEFAULT_NORM_STATS)
+    if "logit_scale" not in state:
+        state["logit_scale"] = model.logit_scale.detach().clone()
+    if model.text_encoder is not None and hasattr(model.text_encoder, "text_encoder"):
+        if text_sd:
+            own = model.text_encoder.state_dict()
+            # Older transformers saved BERT's position_ids buffer and the pooler (unused by CLS pooling).
+            text_sd = {k: v for k, v in text_sd.items() if k in own}
+            state.update({"text_encoder." + k: v for k, v in text_sd.items()})
+        else:
+            state.update({"text_encoder." + k: v for k, v in model.text_encoder.state_dict().items()})
+    if "pos_embed" in sd and cfg.encoder.grid_size[1] * cfg.encoder.grid_size[0] + 1 != sd["pos_embed"].shape[1]:
+        raise CheckpointError(f"{path}: pos_embed has {sd['pos_embed'].shape[1]} tokens but the input size "
+                              f"{cfg.encoder.input_size} gives {cfg.encoder.grid_size}; pass input_size=")
+    _load_strict(model, state, path)
+    return model.to(device).eval()
+
+
+def _official_config(path: Path, sd: dict[str, torch.Tensor], input_size: tuple[int, int] | None,
+                     text_name: str | None) -> ModelCfg:
+    parsed = parse_official_name(path.parent.name) or parse_official_name(path.stem)
+    w = sd["patch_embed.proj.weight"]  # (D, 1, pf, pt)
+    D, patch = w.shape[0], (w.shape[2], w.shape[3])
+    depth = 1 + max(int(k.split(".")[1]) for k in sd if k.startswith("blocks."))
+    n_tokens = sd["pos_embed"].shape[1] - 1
+    sr = parsed["sr"] if parsed else "16k"
+    frontend = FrontendCfg.p32k() if sr == "32k" else FrontendCfg.p16k()
+    if input_size is None and parsed:
+        input_size = parsed["input_size"]
+    if input_size is None:  # renamed folder: infer from the position embedding (exact up to the conv floor)
+        gf = frontend.n_mels // patch[0]
+        input_size = (frontend.n_mels, n_tokens // gf * patch[1])
+        log.warning("%s: folder name gives no configuration; inferred input size %s", path, input_size)
+    if "norm_stats" in sd:
+        frontend.norm_stats = tuple(float(x) for x in sd["norm_stats"])
+    encoder = EncoderCfg(input_size=tuple(input_size), patch_size=patch, embed_dim=D, depth=depth,
+                         num_heads=max(D // 64, 1))  # all released ViTs use 64-dim heads
+    if "audio_proj.sem_token" in sd:
+        sem_depth = 1 + max(int(k.split(".")[2]) for k in sd if k.startswith("audio_proj.sem_blocks."))
+        ratio = sd["audio_proj.sem_blocks.0.mlp.fc1.weight"].shape[0] / D
+        projector = ProjectorCfg(kind="transformer", depth=sem_depth, num_heads=1, mlp_ratio=ratio)
+    elif "audio_proj.0.weight" in sd:
+        projector = ProjectorCfg(kind="mlp")
+    else:
+        projector = ProjectorCfg(kind="none")
+    if "text_proj.2.weight" in sd:
+        raise CheckpointError(f"{path}: an MLP text projector (text_proj.2.*) is not supported")
+    extra = parsed["extra"] if parsed else []
+    is_clap = projector.kind != "none" or "text_proj.weight" in sd
+    if not is_clap:
+        text = TextCfg(kind="none")
+    else:
+        letter = extra[0] if extra else "A"  # 2024 CLAP names carry no letter: GTE-base
+        if letter not in OFFICIAL_TEXT:
+            raise CheckpointError(f"{path}: unknown text encoder code {letter!r} in the folder name")
+        text = TextCfg(**vars(OFFICIAL_TEXT[letter]))
+        if "text_proj.weight" in sd:
+            text.width = sd["text_proj.weight"].shape[1]
+    if text_name:
+        text.name = text_name
+    return ModelCfg(name=parsed["model"] if parsed else path.stem, frontend=frontend, encoder=encoder,
+                    projector=projector, text=text)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Entry point
+# ---------------------------------------------------------------------------------------------------
+def load(path_or_name: str | Path, device: str | torch.device = "cpu", text_name: str | None = None,
+         input_size: tuple[int, int] | None = None, download: bool = True) -> M2DCLAP:
+    """Load a model from a saved folder, an official checkpoint file, or a registered pretrained name.
+
+    Args:
+        path_or_name: folder, ``.pth`` file, or a name from ``m2dclap.list_pretrained()``.
+        device: where to put the model.
+        text_name: replace the text model (hub name or local folder) named by an official checkpoint,
+            e.g. a local copy of ``bert-base-uncased``.
+        input_size: (mels, frames) when an official file's folder name was changed.
+        download: allow downloading a registered name's release zip into the cache.
+    """
+    from .pretrained import list_pretrained, resolve
+
+    _quiet_transformers()
+    p = Path(path_or_name)
+    if p.is_dir():
+        if (p / "config.json").exists():
+            return _load_ours(p, device)
+        from .pretrained import find_checkpoint_file
+
+        found = find_checkpoint_file(p)
+        if found is None:
+            raise CheckpointError(f"{p}: folder holds neither config.json (this suite's format) nor one "
+                                  "official checkpoint-N.pth file")
+        p = found
+    elif not p.exists():
+        if str(path_or_name) in list_pretrained():
+            p = resolve(str(path_or_name), download=download)
+        else:
+            raise CheckpointError(f"{path_or_name}: no such file or folder, and not a registered pretrained "
+                                  f"name (known: {', '.join(list_pretrained())})")
+    if p.suffix == ".safetensors":
+        if (p.parent / "config.json").exists():
+            return _load_ours(p.parent, device)
+        raise CheckpointError(f"{p}: a bare safetensors file needs its config.json beside it")
+    return _load_official(p, device, text_name, input_size)
+
+
+def _quiet_transformers() -> None:
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    try:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.set_verbosity_error()
+    except ImportError:  # transformers is a dependency; keep going without it for encoder-only use
+        pass

