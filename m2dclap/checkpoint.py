@@ -140,8 +140,9 @@ def safe_torch_load(path: str | Path) -> Any:
         raise CheckpointError(f"{path}: refused to load: {what}which is not a tensor or an allowed type "
                               "(argparse.Namespace, paths). The file is not a plain checkpoint and may be "
                               "tampered with; it was not unpickled.") from None
-    except (RuntimeError, EOFError, OSError, ValueError) as e:
-        raise CheckpointError(f"{path}: not a readable PyTorch checkpoint ({str(e).splitlines()[0]})") from None
+    except Exception as e:  # a damaged file can fail anywhere inside the unpickler (IndexError, KeyError...)
+        reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise CheckpointError(f"{path}: not a readable PyTorch checkpoint ({reason})") from None
 
 
 def parse_official_name(name: str) -> dict[str, Any] | None:
@@ -270,8 +271,14 @@ def _official_config(path: Path, sd: dict[str, torch.Tensor], input_size: tuple[
         text = TextCfg(**vars(OFFICIAL_TEXT[letter]))
         if "text_proj.weight" in sd:
             text.width = sd["text_proj.weight"].shape[1]
-    if text_name:
+    if text_name and text.kind != "none":
         text.name = text_name
+        if text.kind == "hf" and "text_proj.weight" not in sd:  # the replacement sets the text width
+            from transformers import AutoConfig
+
+            from .clap import resolve_text_model
+
+            text.width = AutoConfig.from_pretrained(resolve_text_model(text_name)).hidden_size
     return ModelCfg(name=parsed["model"] if parsed else path.stem, frontend=frontend, encoder=encoder,
                     projector=projector, text=text)
 

@@ -114,3 +114,71 @@ def ema_momentum(step: int, total_steps: int, start: float = 0.99995, end: float
         return end
     frac = min(max(step / (total_steps - 1), 0.0), 1.0)
     return start + (end - start) * frac
+
+
+class M2DCLAPPretrainer(nn.Module):
+    """The M2D-X network of the paper's pretraining stages around an :class:`~m2dclap.model.M2DCLAP`.
+
+    Stage 1 (``lambda_m2d`` > 0): M2D on the masked spectrogram plus CLAP on the visible features z_v (Eq. 5).
+    Stage 2/2.1 (``lambda_m2d`` = 0): CLAP only; the audio encoder is frozen and sees the visible patches
+    of a low (2) or zero (2.1) masking ratio. The predictor and target network exist only when M2D is on.
+
+    Args:
+        model: the model being trained (its encoder is the online encoder f_theta).
+        mask_ratio: fraction of patches masked (0.7 stage 1, 0.3 stage 2, 0.0 stage 2.1).
+        lambda_m2d: weight of L_m2d (1.0 in stage 1, 0 afterwards).
+        lambda_clap: weight of L_clap (0.01 in stage 1, 1.0 in stage 2).
+        world_size, rank: for the contrastive loss's autograd-aware gather.
+    """
+
+    def __init__(self, model: nn.Module, mask_ratio: float = 0.7, lambda_m2d: float = 1.0,
+                 lambda_clap: float = 0.01, world_size: int = 1, rank: int = 0):
+        super().__init__()
+        from .clap import ContrastiveLoss
+
+        self.model = model
+        self.mask_ratio, self.lambda_m2d, self.lambda_clap = mask_ratio, lambda_m2d, lambda_clap
+        if lambda_m2d > 0:
+            self.predictor = Predictor(model.cfg.encoder, model.cfg.predictor)
+            self.target = TargetEncoder(model.encoder)
+        else:
+            self.predictor, self.target = None, None
+        self.clap_loss = ContrastiveLoss(world_size, rank)
+
+    def forward(self, lms: torch.Tensor, text_emb: torch.Tensor | None = None,
+                texts: list[str] | None = None, positive_groups: torch.Tensor | None = None,
+                generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
+        """lms: normalised log-mel crops (B, 1, F, T). Text as pre-computed embeddings or strings."""
+        model, enc = self.model, self.model.encoder
+        encoder_trains = any(p.requires_grad for p in enc.parameters())
+        with torch.set_grad_enabled(torch.is_grad_enabled() and encoder_trains):
+            tokens, _ = enc.patchify(lms.to(model.dtype))  # (B, N, D), position-embedded
+            B, N, _ = tokens.shape
+            ids_keep, ids_masked, ids_restore = random_masking(B, N, self.mask_ratio, tokens.device, generator)
+            latent = enc.forward_tokens(take(tokens, ids_keep))  # (B, 1 + n_keep, D): CLS + z_v
+        out: dict[str, torch.Tensor] = {}
+        loss = latent.new_zeros((), dtype=torch.float32)
+        if self.lambda_m2d > 0:
+            pred = self.predictor(latent, ids_restore, ids_masked)  # z_hat_m
+            target = self.target(enc, take(tokens, ids_masked).detach())  # z_m, target sees masked patches only
+            out["m2d_loss"] = m2d_loss(pred, target)
+            loss = loss + self.lambda_m2d * out["m2d_loss"]
+        if self.lambda_clap > 0:
+            if text_emb is not None:
+                s_t = model.encode_text_embeddings(text_emb)
+            elif texts is not None:
+                s_t = model._text_forward(texts)
+            else:
+                raise ValueError("CLAP needs text: pass text_emb (pre-computed) or texts")
+            s_a = model.audio_proj(latent[:, 1:])  # z_v -> s_a, visible tokens only (as officially)
+            scale = model.logit_scale.exp().clamp(max=model.cfg.max_logit_scale)
+            out["clap_loss"] = self.clap_loss(s_a, s_t, scale, positive_groups)["contrastive_loss"]
+            out["logit_scale"] = scale.detach()
+            loss = loss + self.lambda_clap * out["clap_loss"]
+        out["loss"] = loss
+        return out
+
+    @torch.no_grad()
+    def update_target(self, momentum: float) -> None:
+        if self.target is not None:
+            self.target.update(self.model.encoder, momentum)

