@@ -46,6 +46,7 @@ def load_audio(path: str | Path, sample_rate: int | None = None) -> torch.Tensor
     except (sf.LibsndfileError, RuntimeError, TypeError) as e:
         raise AudioError(f"{path}: cannot decode audio ({_first_line(e)}); "
                          "the file is corrupt, truncated or of an unknown format") from None
+    _check_not_truncated(path, data.shape[0])
     if data.shape[0] == 0:
         raise AudioError(f"{path}: contains zero samples")
     wave = torch.from_numpy(np.ascontiguousarray(data.mean(axis=1)))  # (T, C) -> (T,)
@@ -55,14 +56,55 @@ def load_audio(path: str | Path, sample_rate: int | None = None) -> torch.Tensor
     return wave
 
 
+def _check_not_truncated(path: Path, frames_read: int) -> None:
+    """Raise if a WAV header declares more frames than were read.
+
+    libsndfile quietly shortens a truncated WAV to the bytes present (``sf.info`` reports the shortened
+    length too), so the declared size of the ``data`` chunk is read from the RIFF header itself.
+    """
+    declared = _wav_declared_frames(path)
+    if declared is not None and declared > frames_read:
+        raise AudioError(f"{path}: truncated file: the WAV header declares {declared} frames but only "
+                         f"{frames_read} are present")
+
+
+def _wav_declared_frames(path: Path) -> int | None:
+    """Frames announced by a RIFF/WAVE file's ``data`` chunk; None if not a plain WAV or size unknown."""
+    with open(path, "rb") as f:
+        head = f.read(12)
+        if len(head) < 12 or head[:4] != b"RIFF" or head[8:12] != b"WAVE":
+            return None  # RF64, W64, FLAC, OGG ...: libsndfile checks these itself
+        block_align = None
+        while True:
+            chunk = f.read(8)
+            if len(chunk) < 8:
+                return None
+            cid, size = chunk[:4], int.from_bytes(chunk[4:], "little")
+            if cid == b"fmt ":
+                fmt = f.read(size)
+                if len(fmt) >= 14:
+                    block_align = int.from_bytes(fmt[12:14], "little")
+                f.seek(size - len(fmt) + (size & 1), 1)
+            elif cid == b"data":
+                # 0 and 0xFFFFFFFF mark a stream whose length was never written back.
+                if not block_align or size in (0, 0xFFFFFFFF):
+                    return None
+                return size // block_align
+            else:
+                f.seek(size + (size & 1), 1)  # chunks are padded to an even size
+
+
 def check_waveform(wave: torch.Tensor, where: str = "waveform") -> None:
     """Reject empty or non-finite audio with an error that says where."""
     if wave.numel() == 0 or wave.shape[-1] == 0:
         raise AudioError(f"{where}: contains zero samples")
-    if not torch.isfinite(wave).all():
-        bad = (~torch.isfinite(wave)).nonzero()
-        first = bad[0, -1].item()
-        raise AudioError(f"{where}: {len(bad)} NaN/Inf sample(s), first at sample {first}")
+    finite = torch.isfinite(wave)
+    if not finite.all():
+        n_nan = int(torch.isnan(wave).sum())
+        n_inf = int(torch.isinf(wave).sum())
+        first = (~finite).flatten().nonzero()[0, 0].item() % wave.shape[-1]
+        raise AudioError(f"{where}: {n_nan + n_inf} non-finite sample(s) (NaN: {n_nan}, Inf: {n_inf}), "
+                         f"first NaN/Inf at sample {first}")
 
 
 def resample(wave: torch.Tensor, orig_sr: int, new_sr: int) -> torch.Tensor:
@@ -80,6 +122,40 @@ def _first_line(e: Exception) -> str:
     return text[0] if text else type(e).__name__
 
 
+def _hz_to_slaney_mel(hz: np.ndarray) -> np.ndarray:
+    """Slaney's Auditory-Toolbox mel scale: linear (200/3 Hz per mel) below 1 kHz, logarithmic above."""
+    hz = np.asarray(hz, dtype=np.float64)
+    f_sp, min_log_hz, logstep = 200.0 / 3, 1000.0, np.log(6.4) / 27.0
+    return np.where(hz >= min_log_hz, min_log_hz / f_sp + np.log(np.maximum(hz, min_log_hz) / min_log_hz) / logstep,
+                    hz / f_sp)
+
+
+def _slaney_mel_to_hz(mel: np.ndarray) -> np.ndarray:
+    f_sp, min_log_hz, logstep = 200.0 / 3, 1000.0, np.log(6.4) / 27.0
+    min_log_mel = min_log_hz / f_sp
+    return np.where(mel >= min_log_mel, min_log_hz * np.exp(logstep * (mel - min_log_mel)), f_sp * mel)
+
+
+def slaney_mel_filterbank(sample_rate: int, n_fft: int, n_mels: int, f_min: float, f_max: float) -> np.ndarray:
+    """(n_mels, n_fft // 2 + 1) float32 triangular filters with Slaney area normalisation.
+
+    The arithmetic follows librosa 0.7's ``filters.mel`` as vendored by nnAudio (the official frontend),
+    including its float32 rounding points: triangles are computed in float64, stored as float32, then
+    scaled by ``2 / (f[i+2] - f[i])`` in float64 and stored as float32 again. torchaudio's
+    ``melscale_fbanks`` builds the grid in float32 and differs by up to ~2e-4 in the log-mel.
+    """
+    fft_freqs = np.linspace(0, float(sample_rate) / 2, n_fft // 2 + 1, endpoint=True)
+    mel_pts = np.linspace(_hz_to_slaney_mel(f_min), _hz_to_slaney_mel(f_max), n_mels + 2)
+    mel_f = _slaney_mel_to_hz(mel_pts)  # (n_mels + 2,) band edges in Hz
+    fdiff = np.diff(mel_f)
+    ramps = np.subtract.outer(mel_f, fft_freqs)  # (n_mels + 2, n_freqs)
+    lower = -ramps[:-2] / fdiff[:-1, None]
+    upper = ramps[2:] / fdiff[1:, None]
+    weights = np.maximum(0.0, np.minimum(lower, upper)).astype(np.float32)
+    enorm = 2.0 / (mel_f[2:] - mel_f[:-2])
+    return (weights * enorm[:, None]).astype(np.float32)
+
+
 class LogMelSpectrogram(nn.Module):
     """Waveform (B, T) -> log-mel (B, n_mels, frames), exactly the official frontend.
 
@@ -89,18 +165,15 @@ class LogMelSpectrogram(nn.Module):
 
     def __init__(self, cfg: FrontendCfg):
         super().__init__()
-        import torchaudio.functional as AF
-
         self.cfg = cfg
         window = torch.hann_window(cfg.win_length, periodic=True, dtype=torch.float64)
         if cfg.win_length < cfg.n_fft:  # centre the window in the FFT frame, as torch.stft does
             left = (cfg.n_fft - cfg.win_length) // 2
             window = F.pad(window, (left, cfg.n_fft - cfg.win_length - left))
-        fb = AF.melscale_fbanks(cfg.n_fft // 2 + 1, cfg.f_min, cfg.f_max, cfg.n_mels, cfg.sample_rate,
-                                norm="slaney", mel_scale="slaney")  # (n_freqs, n_mels)
+        fb = slaney_mel_filterbank(cfg.sample_rate, cfg.n_fft, cfg.n_mels, cfg.f_min, cfg.f_max)
         # Buffers are derived from the config, so they are not saved in checkpoints.
         self.register_buffer("window", window.float(), persistent=False)
-        self.register_buffer("mel_fb", fb.T.contiguous().float(), persistent=False)  # (n_mels, n_freqs)
+        self.register_buffer("mel_fb", torch.from_numpy(fb), persistent=False)  # (n_mels, n_freqs)
 
     def forward(self, wave: torch.Tensor) -> torch.Tensor:
         squeeze = wave.dim() == 1

@@ -94,7 +94,8 @@ class TargetEncoder(nn.Module):
         """xi <- alpha xi + (1 - alpha) theta."""
         online_params = list(online.blocks.parameters()) + list(online.norm.parameters())
         target_params = list(self.target_blocks.parameters()) + list(self.target_norm.parameters())
-        torch._foreach_lerp_(target_params, [p.detach().to(t.dtype) for p in online_params], 1.0 - momentum)
+        torch._foreach_lerp_(target_params, [p.detach().to(t.dtype) for p, t in zip(online_params, target_params)],
+                             1.0 - momentum)
 
 
 def m2d_loss(pred: torch.Tensor, target: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:

@@ -1,0 +1,320 @@
+"""The suite's one manifest format (DESIGN.md "Data").
+
+A manifest is a CSV or a JSONL file (chosen by the extension, ``.csv`` or ``.jsonl``) with one row per clip:
+
+* ``audio`` (required): path of the audio file (or of a pre-computed log-mel ``.npy``); relative paths are
+  resolved against the manifest's folder;
+* ``caption`` or ``caption_1`` .. ``caption_N`` (optional): zero or more captions; empty cells are ignored;
+* ``labels`` (optional): several labels separated by ``;`` (a list is also accepted in JSONL);
+* ``split`` (optional): ``train``, ``val`` or ``test`` (``valid``/``validation`` read as ``val``);
+* ``id`` (optional): a unique clip id, by default the audio file's stem.
+
+Other columns are ignored. Every error is a :class:`ManifestError` that names the file and the line.
+"""
+from __future__ import annotations
+
+import csv
+import io
+import json
+import logging
+import os
+import re
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable, Sequence
+
+log = logging.getLogger(__name__)
+
+SPLITS = ("train", "val", "test")
+_SPLIT_ALIASES = {"valid": "val", "validation": "val"}
+_CAPTION_COL = re.compile(r"^caption_(\d+)$")
+LABEL_SEP = ";"
+
+
+class ManifestError(ValueError):
+    """A manifest that cannot be used; the message names the file and, where it applies, the line."""
+
+
+@dataclass
+class Record:
+    """One clip of a manifest."""
+
+    id: str  # unique clip id (default: the audio file's stem)
+    audio: Path  # absolute (resolved) path of the audio or log-mel .npy file
+    captions: list[str] = field(default_factory=list)  # zero or more captions
+    labels: list[str] = field(default_factory=list)  # zero or more class labels
+    split: str | None = None  # "train", "val", "test" or None
+
+
+# ----------------------------------------------------------------------------------------------- reading
+
+def read_manifest(path: str | Path, split: str | None = None) -> list[Record]:
+    """Read a ``.csv`` or ``.jsonl`` manifest; keep only ``split`` if given.
+
+    Raises :class:`ManifestError` (naming file and line) for a missing ``audio`` column, an empty audio cell,
+    a CSV row with the wrong number of fields, a bad JSON line, an unknown split or a duplicate id.
+    """
+    path = Path(path)
+    if split is not None:
+        split = _normalise_split(split, f"read_manifest({path}, split={split!r})")
+    if not path.is_file():
+        raise ManifestError(f"{path}: no such manifest file")
+    suffix = path.suffix.lower()
+    if suffix == ".csv":
+        rows = _csv_rows(path)
+    elif suffix == ".jsonl":
+        rows = _jsonl_rows(path)
+    else:
+        raise ManifestError(f"{path}: unknown manifest extension {path.suffix!r}; use .csv or .jsonl")
+
+    records: list[Record] = []
+    first_line: dict[str, int] = {}
+    for line, row in rows:
+        rec = _row_to_record(row, path, line)
+        if rec.id in first_line:
+            raise ManifestError(f"{path}, line {line}: duplicate id {rec.id!r} "
+                                f"(first seen on line {first_line[rec.id]})")
+        first_line[rec.id] = line
+        records.append(rec)
+    if split is not None:
+        records = [r for r in records if r.split == split]
+    return records
+
+
+def _csv_rows(path: Path) -> Iterable[tuple[int, dict[str, Any]]]:
+    with open(path, newline="", encoding="utf-8-sig") as f:
+        reader = csv.reader(f)
+        try:
+            header = next(reader)
+        except StopIteration:
+            raise ManifestError(f"{path}: empty manifest (no header line)") from None
+        except csv.Error as e:
+            raise ManifestError(f"{path}, line 1: malformed CSV header ({e})") from None
+        header = [h.strip() for h in header]
+        _check_header(header, path, 1)
+        prev_end = reader.line_num
+        while True:
+            start = prev_end + 1  # a quoted field may span lines: report the line where the row starts
+            try:
+                row = next(reader)
+            except StopIteration:
+                return
+            except csv.Error as e:
+                raise ManifestError(f"{path}, line {start}: malformed CSV row ({e})") from None
+            prev_end = reader.line_num
+            if not row or all(not cell.strip() for cell in row):
+                continue  # blank line
+            if len(row) != len(header):
+                raise ManifestError(f"{path}, line {start}: malformed CSV row: {len(row)} field(s), "
+                                    f"the header has {len(header)}")
+            yield start, dict(zip(header, row))
+
+
+def _jsonl_rows(path: Path) -> Iterable[tuple[int, dict[str, Any]]]:
+    with open(path, encoding="utf-8-sig") as f:
+        for line_no, text in enumerate(f, start=1):
+            if not text.strip():
+                continue
+            try:
+                row = json.loads(text)
+            except json.JSONDecodeError as e:
+                raise ManifestError(f"{path}, line {line_no}: bad JSON ({e.msg} at column {e.colno})") from None
+            if not isinstance(row, dict):
+                raise ManifestError(f"{path}, line {line_no}: bad JSON line: expected an object, "
+                                    f"got {type(row).__name__}")
+            _check_header(list(row), path, line_no)
+            yield line_no, row
+
+
+def _check_header(columns: Sequence[str], path: Path, line: int) -> None:
+    if "audio" not in columns:
+        raise ManifestError(f"{path}, line {line}: no 'audio' column (columns: {', '.join(columns) or 'none'})")
+
+
+def _row_to_record(row: dict[str, Any], path: Path, line: int) -> Record:
+    where = f"{path}, line {line}"
+    audio_cell = row.get("audio")
+    if not isinstance(audio_cell, str) or not audio_cell.strip():
+        raise ManifestError(f"{where}: empty 'audio' cell")
+    audio = Path(os.path.expanduser(audio_cell.strip()))
+    if not audio.is_absolute():
+        audio = path.parent.resolve() / audio
+    rec_id = _text(row.get("id"), where, "id") or audio.stem
+    split = _text(row.get("split"), where, "split")
+    return Record(id=rec_id, audio=audio, captions=_captions(row, where), labels=_labels(row.get("labels"), where),
+                  split=_normalise_split(split, where) if split else None)
+
+
+def _captions(row: dict[str, Any], where: str) -> list[str]:
+    numbered = sorted((int(m.group(1)), key) for key in row if (m := _CAPTION_COL.match(key)))
+    keys = (["caption"] if "caption" in row else []) + [key for _, key in numbered]
+    captions: list[str] = []
+    for key in keys:
+        value = row[key]
+        values = value if isinstance(value, list) else [value]  # JSONL may hold a list under 'caption'
+        for v in values:
+            text = _text(v, where, key)
+            if text:
+                captions.append(text)
+    return captions
+
+
+def _labels(value: Any, where: str) -> list[str]:
+    if value is None:
+        return []
+    parts = value if isinstance(value, list) else _text(value, where, "labels").split(LABEL_SEP)
+    return [p.strip() for p in (_text(p, where, "labels") for p in parts) if p.strip()]
+
+
+def _text(value: Any, where: str, column: str) -> str:
+    if value is None:
+        return ""
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return str(value)
+    if not isinstance(value, str):
+        raise ManifestError(f"{where}: column {column!r} must hold text, got {type(value).__name__}")
+    return value.strip()
+
+
+def _normalise_split(split: str, where: str) -> str:
+    s = _SPLIT_ALIASES.get(split.strip().lower(), split.strip().lower())
+    if s not in SPLITS:
+        raise ManifestError(f"{where}: unknown split {split!r}; use one of {', '.join(SPLITS)}")
+    return s
+
+
+# ----------------------------------------------------------------------------------------------- writing
+
+def write_manifest(records: Sequence[Record], path: str | Path) -> Path:
+    """Write ``records`` as a ``.csv`` or ``.jsonl`` manifest, atomically (temporary file, then ``os.replace``).
+
+    Audio paths inside the manifest's folder are written relative to it, others absolute. Columns:
+    ``id, audio``, then ``caption`` (all records have at most one caption) or ``caption_1..caption_K``,
+    then ``labels`` and ``split`` if any record has them.
+    """
+    path = Path(path)
+    suffix = path.suffix.lower()
+    if suffix not in (".csv", ".jsonl"):
+        raise ManifestError(f"{path}: unknown manifest extension {path.suffix!r}; use .csv or .jsonl")
+    ids = [r.id for r in records]
+    if len(set(ids)) != len(ids):
+        dup = next(i for i in ids if ids.count(i) > 1)
+        raise ManifestError(f"{path}: cannot write duplicate id {dup!r}")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    columns, rows = _to_rows(records, path.parent.resolve())
+    buf = io.StringIO(newline="")
+    if suffix == ".csv":
+        writer = csv.DictWriter(buf, fieldnames=columns, lineterminator="\n")
+        writer.writeheader()
+        writer.writerows(rows)
+    else:
+        for row in rows:
+            buf.write(json.dumps({k: v for k, v in row.items() if v != ""}, ensure_ascii=False) + "\n")
+    atomic_write_text(path, buf.getvalue())
+    return path
+
+
+def _to_rows(records: Sequence[Record], base: Path) -> tuple[list[str], list[dict[str, str]]]:
+    k = max((len(r.captions) for r in records), default=0)
+    cap_cols = ["caption"] if k == 1 else [f"caption_{i + 1}" for i in range(k)]
+    columns = ["id", "audio", *cap_cols]
+    if any(r.labels for r in records):
+        columns.append("labels")
+    if any(r.split for r in records):
+        columns.append("split")
+    rows = []
+    for r in records:
+        row = {"id": r.id, "audio": _relative(Path(r.audio), base)}
+        for i, col in enumerate(cap_cols):
+            row[col] = r.captions[i] if i < len(r.captions) else ""
+        if "labels" in columns:
+            bad = [lab for lab in r.labels if LABEL_SEP in lab]
+            if bad:
+                raise ManifestError(f"record {r.id!r}: label {bad[0]!r} contains the separator {LABEL_SEP!r}")
+            row["labels"] = LABEL_SEP.join(r.labels)
+        if "split" in columns:
+            row["split"] = r.split or ""
+        rows.append(row)
+    return columns, rows
+
+
+def _relative(audio: Path, base: Path) -> str:
+    audio = audio if audio.is_absolute() else audio.resolve()
+    try:
+        return audio.relative_to(base).as_posix()
+    except ValueError:
+        return str(audio)
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    """Write ``text`` to a temporary file in the same folder, then rename it over ``path``."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8", newline="") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+# ----------------------------------------------------------------------------------------------- checks
+
+def check_files(records: Sequence[Record]) -> tuple[list[Record], list[Path]]:
+    """Split records into those whose file exists and the paths of the missing ones (logged as a warning)."""
+    present: list[Record] = []
+    missing: list[Path] = []
+    for r in records:
+        if Path(r.audio).is_file():
+            present.append(r)
+        else:
+            missing.append(Path(r.audio))
+    if missing:
+        shown = ", ".join(str(p) for p in missing[:5])
+        more = f" and {len(missing) - 5} more" if len(missing) > 5 else ""
+        log.warning("%d of %d audio file(s) missing: %s%s", len(missing), len(records), shown, more)
+    return present, missing
+
+
+def read_exclusion_list(path: str | Path) -> set[str]:
+    """Read an exclusion list: one id, file name or path per line; ``#`` starts a comment."""
+    path = Path(path)
+    if not path.is_file():
+        raise ManifestError(f"{path}: no such exclusion list")
+    entries: set[str] = set()
+    with open(path, encoding="utf-8-sig") as f:
+        for text in f:
+            # '#' opens a comment at the line start or after a space, so names like 'a#1.wav' survive
+            text = re.split(r"(?:^|\s)#", text, maxsplit=1)[0].strip()
+            if text:
+                entries.add(text)
+    return entries
+
+
+def apply_exclusions(records: Sequence[Record], excluded: Iterable[str]) -> tuple[list[Record], int]:
+    """Drop records whose id, file name or file stem is listed, or whose path ends with a listed path.
+
+    Returns ``(kept, n_removed)``.
+    """
+    names: set[str] = set()
+    paths: list[tuple[str, ...]] = []
+    for entry in excluded:
+        entry = entry.strip()
+        if not entry:
+            continue
+        if "/" in entry or "\\" in entry:
+            paths.append(Path(entry.replace("\\", "/")).parts)
+        else:
+            names.add(entry)
+
+    def hit(r: Record) -> bool:
+        audio = Path(r.audio)
+        if r.id in names or audio.name in names or audio.stem in names:
+            return True
+        parts = audio.parts
+        # an absolute entry must be the same file; a relative one matches the end of the path
+        return any(audio == Path(*p) if Path(*p).is_absolute() else parts[-len(p):] == p for p in paths)
+
+    kept = [r for r in records if not hit(r)]
+    return kept, len(records) - len(kept)

@@ -1,0 +1,553 @@
+"""Batch feature extraction: audio files and folders -> one ``.npy`` per file and feature kind, resumable.
+
+    python -m m2dclap.extract data/ --checkpoint m2d_clap_vit_base-80x1001p16x16p16kpBpTI-2025 --out feats
+
+Library use::
+
+    items = find_audio_files(["data/"])
+    summary = extract_features(m2dclap.load(ckpt), items, "feats", features=("clip", "clap"))
+
+A file counts as done when all its requested ``.npy`` files exist and ``index.csv`` records it as ``ok``.
+Every ``.npy`` is written to a temporary file and renamed into place, and the index row is appended only
+after the arrays, so a killed run leaves nothing that a re-run would mistake for finished work.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import csv
+import json
+import logging
+import os
+import sys
+import tempfile
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path, PurePosixPath
+from typing import Iterator, Sequence
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from .audio import AUDIO_EXTENSIONS, AudioError, load_audio
+
+log = logging.getLogger(__name__)
+
+FEATURE_KINDS = ("clip", "frame", "clap")
+INDEX_FIELDS = ("file", "duration_s", "n_frames", "status")
+ERROR_FIELDS = ("file", "error")
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
+LAYOUT = """\
+output layout (DIR = --out):
+  DIR/clip/<rel>.npy    clip feature z'' (F'*D,): mean over time of the frame features
+  DIR/frame/<rel>.npy   frame features (T', F'*D), one row per frame_hop_s seconds (Eq. 2)
+  DIR/clap/<rel>.npy    CLAP audio embedding s_a (D,), not normalised
+  DIR/index.csv         file, duration_s, n_frames, status (ok | failed); one row per file ever seen
+  DIR/errors.csv        file, error; one row per failed file
+  DIR/meta.json         checkpoint, model config name, feature kinds, frame_hop_s, sample rate, dtype
+<rel> is the file's path relative to the input folder it was found in (its name alone for a file given
+directly), without its extension: data/sub/a.wav found in data/ -> DIR/clip/sub/a.npy. All arrays are
+float32, whatever --dtype. Files whose outputs exist are skipped, so an interrupted run is finished by
+running the same command again.
+
+exit status: 0 when at least one file has its features (any failures are listed on stderr and in
+errors.csv), 1 when every file failed or none was found, 2 for usage errors (missing input, unreadable
+checkpoint, DIR written by another checkpoint or dtype, two files mapping to the same output)."""
+
+
+class ExtractError(ValueError):
+    """A problem with the request itself (not with one audio file): the run does not start."""
+
+
+@dataclass(frozen=True)
+class AudioItem:
+    """One input file: where it is, and its path relative to the input it was found under."""
+
+    path: Path
+    rel: PurePosixPath  # e.g. sub/a.wav; outputs go to <kind>/sub/a.npy
+
+    @property
+    def file(self) -> str:
+        return self.rel.as_posix()
+
+    def output(self, out_dir: Path, kind: str) -> Path:
+        return out_dir / kind / self.rel.with_suffix(".npy")
+
+
+@dataclass
+class ExtractSummary:
+    """What a run did. ``errors`` holds (file, reason) for the files that failed in this run."""
+
+    out_dir: Path
+    total: int = 0
+    extracted: int = 0
+    skipped: int = 0
+    errors: list[tuple[str, str]] = field(default_factory=list)
+
+    @property
+    def failed(self) -> int:
+        return len(self.errors)
+
+    @property
+    def succeeded(self) -> int:
+        return self.extracted + self.skipped
+
+    def line(self) -> str:
+        done = f" ({self.skipped} already done)" if self.skipped else ""
+        fail = f", {self.failed} failed (see {self.out_dir / 'errors.csv'})" if self.failed else ", 0 failed"
+        return f"extracted {self.succeeded} files{done}{fail}"
+
+
+# ---------------------------------------------------------------------------------------------------
+# Finding files
+# ---------------------------------------------------------------------------------------------------
+def find_audio_files(inputs: Sequence[str | Path], recursive: bool = True) -> list[AudioItem]:
+    """Files given directly, plus audio files (``AUDIO_EXTENSIONS``) found in folders, sorted per input.
+
+    Raises FileNotFoundError for a missing input and :class:`ExtractError` when two different files would
+    write the same outputs (``a/x.wav`` and ``b/x.wav`` given as files, or ``x.wav`` beside ``x.flac``).
+    A file reached twice (given directly and inside a given folder) is kept once, at its first place.
+    """
+    items: list[AudioItem] = []
+    for given in inputs:
+        root = Path(given)
+        if root.is_file():
+            items.append(AudioItem(root, PurePosixPath(root.name)))
+        elif root.is_dir():
+            found = sorted(_scan(root, recursive), key=lambda p: p.relative_to(root).as_posix())
+            if not found:
+                log.warning("%s: no audio files (%s) found", root, ", ".join(AUDIO_EXTENSIONS))
+            items += [AudioItem(p, PurePosixPath(p.relative_to(root).as_posix())) for p in found]
+        else:
+            raise FileNotFoundError(f"{root}: no such file or folder")
+    seen: set[Path] = set()
+    unique = []
+    for item in items:
+        real = item.path.resolve()
+        if real not in seen:
+            seen.add(real)
+            unique.append(item)
+    check_output_names(unique)
+    return unique
+
+
+def _scan(folder: Path, recursive: bool) -> Iterator[Path]:
+    for dirpath, dirnames, filenames in os.walk(folder):
+        dirnames.sort()
+        for name in filenames:
+            if os.path.splitext(name)[1].lower() in AUDIO_EXTENSIONS:
+                yield Path(dirpath) / name
+        if not recursive:
+            break
+
+
+def check_output_names(items: Sequence[AudioItem]) -> None:
+    """Refuse two files whose outputs would overwrite each other."""
+    owner: dict[PurePosixPath, AudioItem] = {}
+    clashes = []
+    for item in items:
+        key = item.rel.with_suffix("")
+        if key in owner:
+            clashes.append(f"{owner[key].path} and {item.path} -> <kind>/{key}.npy")
+        else:
+            owner[key] = item
+    if clashes:
+        more = f" (and {len(clashes) - 5} more)" if len(clashes) > 5 else ""
+        raise ExtractError("these files would write the same outputs: " + "; ".join(clashes[:5]) + more
+                           + ". Give their common parent folder as the input, or rename them.")
+
+
+# ---------------------------------------------------------------------------------------------------
+# Small file helpers: atomic writes, a tolerant ledger, a lock
+# ---------------------------------------------------------------------------------------------------
+@contextlib.contextmanager
+def _atomic(path: Path, mode: str = "wb"):
+    """Open a temporary file beside ``path``; on success rename it over ``path`` (never half-written)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, mode, **({} if "b" in mode else {"newline": "", "encoding": "utf-8"})) as f:
+            yield f
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+
+
+def save_npy(path: Path, array: np.ndarray) -> None:
+    with _atomic(path) as f:
+        np.save(f, array)
+
+
+def _write_csv(path: Path, fields: Sequence[str], rows: Sequence[dict[str, str]]) -> None:
+    with _atomic(path, "w") as f:
+        writer = csv.DictWriter(f, fieldnames=fields)
+        writer.writeheader()
+        writer.writerows(rows)
+
+
+def _read_csv(path: Path, fields: Sequence[str]) -> dict[str, dict[str, str]]:
+    """Rows by ``file``, later rows winning; rows cut short by a killed run are dropped."""
+    if not path.exists():
+        return {}
+    with open(path, newline="", encoding="utf-8") as f:
+        reader = csv.DictReader(f)
+        if tuple(reader.fieldnames or ()) != tuple(fields):
+            log.warning("%s: unexpected columns %s; ignoring its contents", path, reader.fieldnames)
+            return {}
+        rows = {}
+        for row in reader:
+            if row.get("file") and all(row.get(k) is not None for k in fields) and None not in row:
+                rows[row["file"]] = {k: row[k] for k in fields}
+        return rows
+
+
+def _valid_index_row(row: dict[str, str] | None) -> bool:
+    if row is None or row["status"] not in ("ok", "failed"):
+        return False
+    if row["status"] == "failed":
+        return True
+    try:
+        float(row["duration_s"]), int(row["n_frames"])
+    except ValueError:
+        return False
+    return True
+
+
+@contextlib.contextmanager
+def _lock(out_dir: Path):
+    """Refuse a second extraction into the same folder while one runs (POSIX advisory lock)."""
+    try:
+        import fcntl
+    except ImportError:  # not POSIX: no lock
+        yield
+        return
+    with open(out_dir / ".lock", "w") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            raise ExtractError(f"{out_dir}: another extraction is writing to this folder") from None
+        yield
+
+
+def _remove_stale_tmp(out_dir: Path) -> None:
+    for where in [out_dir] + [out_dir / k for k in FEATURE_KINDS]:
+        if where.is_dir():
+            for tmp in (where.rglob(".*.tmp") if where != out_dir else where.glob(".*.tmp")):
+                with contextlib.suppress(OSError):
+                    tmp.unlink()
+
+
+# ---------------------------------------------------------------------------------------------------
+# The run
+# ---------------------------------------------------------------------------------------------------
+def parse_features(spec: str | Sequence[str]) -> tuple[str, ...]:
+    """'all' | 'clip' | 'clip,clap' | ['clip', 'frame'] -> kinds in canonical order."""
+    names = spec.split(",") if isinstance(spec, str) else list(spec)
+    names = [n.strip() for n in names if n.strip()]
+    if "all" in names:
+        return FEATURE_KINDS
+    unknown = sorted(set(names) - set(FEATURE_KINDS))
+    if unknown or not names:
+        raise ExtractError(f"unknown feature kind(s) {unknown or names}; choose from {', '.join(FEATURE_KINDS)}, all")
+    return tuple(k for k in FEATURE_KINDS if k in names)
+
+
+def cast_model(model: torch.nn.Module, dtype: torch.dtype) -> torch.nn.Module:
+    """``model.to(dtype)``, keeping the log-mel normalisation statistics in float32.
+
+    ``norm_stats`` is a buffer, so a plain cast rounds it (bfloat16 turns (-7.1, 4.2) into
+    (-7.09375, 4.1875)) and shifts every input of the frontend, which otherwise stays in float32.
+    """
+    stats = model.norm_stats.detach().clone() if hasattr(model, "norm_stats") else None
+    model.to(dtype)
+    if stats is not None:
+        model.norm_stats = stats.to(model.norm_stats.device)
+    return model
+
+
+def _prepare_out_dir(model, out_dir: Path, kinds: tuple[str, ...], checkpoint: str | None,
+                     overwrite: bool) -> tuple[dict, dict]:
+    """Check ``meta.json`` against this run, write the new one, return the previous (index, errors) rows."""
+    meta_path = out_dir / "meta.json"
+    meta = {
+        "checkpoint": checkpoint,
+        "model": model.cfg.name,
+        "dtype": str(model.dtype).removeprefix("torch."),
+        "saved_dtype": "float32",
+        "features": list(kinds),
+        "frame_hop_s": model.cfg.encoder.patch_size[1] * model.cfg.frontend.hop_length / model.sample_rate,
+        "sample_rate": model.sample_rate,
+        "layout": "<kind>/<path relative to its input, without extension>.npy",
+    }
+    index = _read_csv(out_dir / "index.csv", INDEX_FIELDS)
+    errors = _read_csv(out_dir / "errors.csv", ERROR_FIELDS)
+    if meta_path.exists():
+        try:
+            old = json.loads(meta_path.read_text())
+        except (json.JSONDecodeError, OSError):
+            old = {}
+        diff = [k for k in ("checkpoint", "model", "dtype")
+                if old.get(k) is not None and meta[k] is not None and old[k] != meta[k]]
+        if diff and not overwrite:
+            raise ExtractError(f"{out_dir} holds features of another run ("
+                               + ", ".join(f"{k}: {old[k]!r} there, {meta[k]!r} now" for k in diff)
+                               + "); use another --out, or --overwrite to recompute into it")
+        if diff:
+            log.warning("%s: replacing features of %s; outputs of files not in this run are stale",
+                        out_dir, ", ".join(f"{k}={old[k]!r}" for k in diff))
+            index, errors = {}, {}
+        else:
+            meta["features"] = [k for k in FEATURE_KINDS if k in set(kinds) | set(old.get("features", []))]
+    with _atomic(meta_path, "w") as f:
+        f.write(json.dumps(meta, indent=2) + "\n")
+    return index, errors
+
+
+def _load_batch(items: Sequence[AudioItem], sample_rate: int) -> list[torch.Tensor | AudioError]:
+    out: list[torch.Tensor | AudioError] = []
+    for item in items:
+        try:
+            out.append(load_audio(item.path, sample_rate))
+        except AudioError as e:
+            out.append(e)
+        except OSError as e:  # permission denied and the like
+            out.append(AudioError(f"{item.path}: cannot read ({e.strerror or e})"))
+    return out
+
+
+@torch.no_grad()
+def compute_features(model, waves: Sequence[torch.Tensor], kinds: tuple[str, ...]) -> list[dict[str, np.ndarray]]:
+    """One encoder pass over a batch of mono waveforms at the model's rate -> float32 arrays per clip.
+
+    ``clap`` reuses the patch features of that pass (``project_audio``), as ``encode_audio`` does.
+    Every dict also holds ``n_frames``.
+    """
+    feats = model.audio_features(list(waves), sample_rate=model.sample_rate)
+    clap = model.project_audio(feats["patches"]) if "clap" in kinds else None
+    out = []
+    for j in range(len(waves)):
+        frame = feats["frame"][j]  # (T', F'*D)
+        arrays = {"clip": feats["clip"][j], "frame": frame, "clap": clap[j] if clap is not None else None}
+        item = {k: arrays[k].float().cpu().numpy() for k in kinds}
+        item["n_frames"] = frame.shape[0]
+        out.append(item)
+    return out
+
+
+def _compute_safe(model, waves: list[torch.Tensor], kinds) -> list[dict | str]:
+    """``compute_features``, retried clip by clip when the batch fails, so one bad clip fails alone."""
+    try:
+        return compute_features(model, waves, kinds)
+    except (RuntimeError, ValueError) as e:
+        if len(waves) == 1:
+            first = str(e).strip().splitlines()[:1]
+            return [f"feature extraction failed ({type(e).__name__}: {first[0] if first else 'no message'})"]
+        log.info("a batch of %d failed (%s); retrying its files one by one", len(waves), e)
+        return [r for w in waves for r in _compute_safe(model, [w], kinds)]
+
+
+def extract_features(model, items: Sequence[AudioItem], out_dir: str | Path,
+                     features: str | Sequence[str] = FEATURE_KINDS, batch_size: int = 8,
+                     overwrite: bool = False, checkpoint: str | None = None,
+                     progress: bool | None = None) -> ExtractSummary:
+    """Write the requested features of ``items`` under ``out_dir`` (layout in ``LAYOUT``).
+
+    Args:
+        model: an :class:`m2dclap.M2DCLAP`, already on its device and in its dtype (see ``cast_model``).
+        items: from :func:`find_audio_files`.
+        features: kinds among ``clip``, ``frame``, ``clap`` (or ``all``).
+        batch_size: files per model call.
+        overwrite: recompute files whose outputs exist.
+        checkpoint: recorded in ``meta.json``; a folder written for another checkpoint is refused.
+        progress: tqdm bar on stderr; None shows it only on a terminal.
+    """
+    kinds = parse_features(features)
+    if batch_size < 1:
+        raise ExtractError(f"batch size must be at least 1, got {batch_size}")
+    check_output_names(items)
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    model.eval()
+    with _lock(out_dir):
+        _remove_stale_tmp(out_dir)
+        index, errors = _prepare_out_dir(model, out_dir, kinds, checkpoint, overwrite)
+        summary = ExtractSummary(out_dir, total=len(items))
+        todo = []
+        for item in items:
+            row = index.get(item.file)
+            done = (not overwrite and _valid_index_row(row) and row["status"] == "ok"
+                    and all(item.output(out_dir, k).exists() for k in kinds))
+            if done:
+                summary.skipped += 1
+            else:
+                todo.append(item)
+        log.info("%d files: %d already done, %d to extract (%s) into %s", len(items), summary.skipped,
+                 len(todo), ", ".join(kinds), out_dir)
+        # Rewrite the ledgers cleanly (a killed run may have cut a row), then append to them as files finish.
+        _write_csv(out_dir / "index.csv", INDEX_FIELDS, list(index.values()))
+        _write_csv(out_dir / "errors.csv", ERROR_FIELDS, list(errors.values()))
+        _run(model, todo, out_dir, kinds, batch_size, index, errors, summary, progress)
+        final = sorted((r for r in index.values() if _valid_index_row(r)), key=lambda r: r["file"])
+        failed = {r["file"] for r in final if r["status"] == "failed"}
+        _write_csv(out_dir / "index.csv", INDEX_FIELDS, final)
+        _write_csv(out_dir / "errors.csv", ERROR_FIELDS,
+                   [errors.get(f, {"file": f, "error": "unknown (not recorded)"}) for f in sorted(failed)])
+    return summary
+
+
+def _run(model, todo: list[AudioItem], out_dir: Path, kinds, batch_size: int, index: dict, errors: dict,
+         summary: ExtractSummary, progress: bool | None) -> None:
+    """Load batch i+1 in a thread while the model works on batch i; record every file's outcome."""
+    batches = [todo[i:i + batch_size] for i in range(0, len(todo), batch_size)]
+    bar = tqdm(total=summary.total, initial=summary.skipped, unit="file", desc="extract", file=sys.stderr,
+               disable=None if progress is None else not progress, dynamic_ncols=True)
+    with bar, ThreadPoolExecutor(max_workers=1) as pool, \
+            open(out_dir / "index.csv", "a", newline="", encoding="utf-8") as index_f, \
+            open(out_dir / "errors.csv", "a", newline="", encoding="utf-8") as errors_f:
+        index_w, errors_w = csv.DictWriter(index_f, INDEX_FIELDS), csv.DictWriter(errors_f, ERROR_FIELDS)
+        pending = pool.submit(_load_batch, batches[0], model.sample_rate) if batches else None
+        for b, batch in enumerate(batches):
+            loaded = pending.result()
+            if b + 1 < len(batches):
+                pending = pool.submit(_load_batch, batches[b + 1], model.sample_rate)
+            good = [(item, w) for item, w in zip(batch, loaded) if isinstance(w, torch.Tensor)]
+            results: dict[AudioItem, dict | str] = {i: str(w) for i, w in zip(batch, loaded) if isinstance(w, AudioError)}
+            if good:
+                computed = _compute_safe(model, [w for _, w in good], kinds)
+                for (item, wave), res in zip(good, computed):
+                    if isinstance(res, dict) and not all(np.isfinite(res[k]).all() for k in kinds):
+                        res = f"{item.path}: the model produced NaN/Inf features (dtype {model.dtype})"
+                    if isinstance(res, dict):
+                        res["duration_s"] = wave.shape[0] / model.sample_rate
+                    results[item] = res
+            for item in batch:  # input order, so the ledgers read in order
+                _record(item, results[item], out_dir, kinds, index, errors, index_w, errors_w, summary)
+            index_f.flush()
+            errors_f.flush()
+            bar.update(len(batch))
+            bar.set_postfix(failed=summary.failed, refresh=False)
+
+
+def _record(item: AudioItem, res: dict | str, out_dir: Path, kinds, index: dict, errors: dict,
+            index_w: csv.DictWriter, errors_w: csv.DictWriter, summary: ExtractSummary) -> None:
+    if isinstance(res, dict):
+        for k in kinds:
+            save_npy(item.output(out_dir, k), np.ascontiguousarray(res[k], dtype=np.float32))
+        row = {"file": item.file, "duration_s": f"{res['duration_s']:.6f}", "n_frames": str(res["n_frames"]),
+               "status": "ok"}
+        errors.pop(item.file, None)
+        summary.extracted += 1
+    else:
+        reason = res if str(item.path) in res else f"{item.path}: {res}"
+        log.warning("skipping %s", reason)
+        err = {"file": item.file, "error": reason}
+        errors[item.file] = err
+        errors_w.writerow(err)  # the error before the index row: a failed row always has its reason
+        row = {"file": item.file, "duration_s": "", "n_frames": "", "status": "failed"}
+        summary.errors.append((item.file, reason))
+    index[item.file] = row
+    index_w.writerow(row)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Command line
+# ---------------------------------------------------------------------------------------------------
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="m2dclap-extract", formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Extract M2D / M2D-CLAP audio features of audio files into .npy files (resumable).",
+        epilog=LAYOUT)
+    p.add_argument("inputs", nargs="+", metavar="INPUT",
+                   help="audio files and/or folders; folders are searched for " + " ".join(AUDIO_EXTENSIONS))
+    p.add_argument("--checkpoint", "-c", required=True,
+                   help="model: a save_pretrained folder, an official .pth file, or a registered pretrained name")
+    p.add_argument("--out", "-o", required=True, metavar="DIR", help="output folder (layout below)")
+    p.add_argument("--features", default="all", metavar="KINDS",
+                   help="clip, frame, clap, or all; several as a comma list, e.g. clip,clap (default: all)")
+    p.add_argument("--batch-size", type=int, default=8, metavar="N",
+                   help="files per model call; files of different lengths may share a batch (default: 8)")
+    p.add_argument("--device", choices=["cpu", "cuda"], default=None,
+                   help="where the model runs (default: cuda when available, else cpu)")
+    p.add_argument("--dtype", choices=list(DTYPES), default="float32",
+                   help="model weights and compute dtype; the log-mel frontend stays float32 and the saved "
+                        "arrays are float32 either way (default: float32)")
+    p.add_argument("--recursive", action=argparse.BooleanOptionalAction, default=True,
+                   help="search input folders recursively (default: --recursive)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="recompute files whose outputs already exist (default: skip them, which resumes "
+                        "an interrupted run); also allows writing into a DIR made with another checkpoint")
+    p.add_argument("--quiet", "-q", action="store_true", help="only warnings and errors; no progress bar")
+    return p
+
+
+class _TqdmHandler(logging.Handler):
+    """Log lines through tqdm.write, so they do not tear the progress bar."""
+
+    def __init__(self, stream):
+        super().__init__()
+        self.stream = stream
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            tqdm.write(self.format(record), file=self.stream)
+        except Exception:  # logging must never raise
+            self.handleError(record)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    pkg_log = logging.getLogger("m2dclap")
+    handler = _TqdmHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(levelname)s: %(message)s"))
+    old_level = pkg_log.level
+    pkg_log.addHandler(handler)
+    pkg_log.setLevel(logging.WARNING if args.quiet else logging.INFO)
+    try:
+        return _main(args)
+    finally:
+        pkg_log.removeHandler(handler)
+        pkg_log.setLevel(old_level)
+
+
+def _main(args: argparse.Namespace) -> int:
+    from .checkpoint import CheckpointError, load
+
+    try:
+        kinds = parse_features(args.features)
+        if args.batch_size < 1:
+            raise ExtractError(f"--batch-size must be at least 1, got {args.batch_size}")
+        items = find_audio_files(args.inputs, recursive=args.recursive)
+    except (FileNotFoundError, ExtractError) as e:
+        print(f"m2dclap-extract: error: {e}", file=sys.stderr)
+        return 2
+    if not items:
+        print(f"m2dclap-extract: no audio files found in {' '.join(args.inputs)}", file=sys.stderr)
+        return 1
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if device == "cuda" and not torch.cuda.is_available():
+        print("m2dclap-extract: error: --device cuda but no CUDA device is available", file=sys.stderr)
+        return 2
+    try:
+        model = cast_model(load(args.checkpoint, device=device), DTYPES[args.dtype])
+    except CheckpointError as e:
+        print(f"m2dclap-extract: error: {e}", file=sys.stderr)
+        return 2
+    ckpt = Path(args.checkpoint)
+    try:
+        summary = extract_features(model, items, args.out, kinds, batch_size=args.batch_size,
+                                   overwrite=args.overwrite,
+                                   checkpoint=str(ckpt.resolve()) if ckpt.exists() else args.checkpoint,
+                                   progress=False if args.quiet else None)
+    except ExtractError as e:
+        print(f"m2dclap-extract: error: {e}", file=sys.stderr)
+        return 2
+    print(summary.line())
+    return 0 if summary.succeeded else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

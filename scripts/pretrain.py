@@ -1,0 +1,99 @@
+"""M2D-CLAP pretraining, the suite's main job.
+
+    accelerate launch scripts/pretrain.py                # default run: embedded corpus, tiny model, CPU, minutes
+    accelerate launch scripts/pretrain.py --stage 1 --preset base --data MANIFEST --captions CAPEMB.npy ...
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from m2dclap.train.config import STAGES, TrainCfg
+
+    p = argparse.ArgumentParser(
+        description="Pretrain M2D-CLAP (paper section III-B). With no --stage, runs the default pipeline on the "
+                    "embedded synthetic corpus (generated and cached on first use): stage 1 (M2D + CLAP on "
+                    "pre-computed MiniLM caption embeddings) then stage 2 (CLAP with a trainable text encoder and "
+                    "a frozen audio encoder), evaluates on the held-out test split and prints a report. "
+                    "With --stage it runs one stage with the paper's hyper-parameters, each overridable.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--stage", choices=sorted(STAGES), help="run one stage (omit for the default pipeline)")
+    p.add_argument("--resume", action="store_true",
+                   help="continue from the latest complete checkpoint in --output-dir (default pipeline: reuse "
+                        "finished stages and resume the unfinished one)")
+    p.add_argument("--fresh", action="store_true", help="default pipeline: ignore earlier results")
+    p.add_argument("--n-clips", type=int, default=2000, help="default pipeline: size of the synthetic corpus")
+    p.add_argument("-v", "--verbose", action="store_true", help="log every logged step")
+    cfg_fields = p.add_argument_group("training options (any TrainCfg field; defaults are the stage preset's)")
+    helps = _field_help()
+    for f in dataclasses.fields(TrainCfg):
+        if f.name == "stage":
+            continue
+        cfg_fields.add_argument("--" + f.name.replace("_", "-"), dest=f.name, default=None,
+                                metavar=type(f.default).__name__.upper(), help=helps.get(f.name, ""))
+    return p
+
+
+def _field_help() -> dict[str, str]:
+    """One-line help per TrainCfg field, taken from its source comment."""
+    import inspect
+    import re
+
+    from m2dclap.train import config
+
+    out = {}
+    for line in inspect.getsource(config.TrainCfg).splitlines():
+        m = re.match(r"\s+(\w+): [^=]+= .*?#\s*(.+)$", line)
+        if m:
+            out[m.group(1)] = m.group(2).replace("%", "%%")
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
+                        format="%(asctime)s %(name)s: %(message)s")
+    overrides = {k: v for k, v in vars(args).items()
+                 if v is not None and k not in ("stage", "resume", "fresh", "n_clips", "verbose")}
+    try:
+        if args.stage is None:
+            return _default(args, overrides)
+        return _one_stage(args, overrides)
+    except (ValueError, KeyError, OSError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+def _default(args, overrides) -> int:
+    from m2dclap.train.pipeline import default_run
+
+    out = overrides.pop("output_dir", "runs/default")
+    per_stage = {"1": dict(overrides), "2": dict(overrides)}
+    result = default_run(out, n_clips=args.n_clips, resume=not args.fresh, stage_overrides=per_stage)
+    print(result["text"])
+    print(f"model: {result['model']}  (load it with m2dclap.load)\nreport: {Path(out) / 'report.json'}")
+    return 0
+
+
+def _one_stage(args, overrides) -> int:
+    from m2dclap.data.synthetic import default_corpus_dir, generate_corpus
+    from m2dclap.train import stage_config
+    from m2dclap.train.loop import train
+
+    data = overrides.pop("data", None) or str(generate_corpus(default_corpus_dir()))
+    cfg = stage_config(args.stage, **overrides)
+    summary = train(cfg, data, resume=args.resume)
+    print(json.dumps(summary, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
