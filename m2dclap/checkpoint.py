@@ -82,7 +82,7 @@ def save_pretrained(model: M2DCLAP, directory: str | Path, **metadata: Any) -> P
     return directory
 
 
-def _load_ours(folder: Path, device: str | torch.device) -> M2DCLAP:
+def _load_ours(folder: Path, device: str | torch.device, audio_only: bool = False) -> M2DCLAP:
     from safetensors.torch import load_file
 
     try:
@@ -103,6 +103,9 @@ def _load_ours(folder: Path, device: str | torch.device) -> M2DCLAP:
     except Exception as e:  # safetensors raises its own error types
         raise CheckpointError(f"{weights}: unreadable safetensors file ({e})") from None
     text_src = folder / "text_encoder"
+    if audio_only:
+        cfg.text = TextCfg(kind="none")
+        state = {k: v for k, v in state.items() if not k.startswith(("text_encoder.", "text_proj."))}
     model = M2DCLAP(cfg, pretrained_text=False, text_source=str(text_src) if text_src.is_dir() else None)
     _load_strict(model, state, weights)
     return model.to(device).eval()
@@ -183,7 +186,7 @@ def official_layout(sd: dict[str, Any]) -> str:
 
 
 def _load_official(path: Path, device: str | torch.device, text_name: str | None,
-                   input_size: tuple[int, int] | None) -> M2DCLAP:
+                   input_size: tuple[int, int] | None, audio_only: bool = False) -> M2DCLAP:
     obj = safe_torch_load(path)
     if not isinstance(obj, dict):
         raise CheckpointError(f"{path}: holds a {type(obj).__name__}, not a checkpoint dictionary")
@@ -203,6 +206,9 @@ def _load_official(path: Path, device: str | torch.device, text_name: str | None
         raise CheckpointError(f"{path}: layout {layout!r} but no encoder weights (patch_embed.proj.weight)")
 
     cfg = _official_config(path, sd, input_size, text_name)
+    if audio_only:
+        cfg.text, text_sd = TextCfg(kind="none"), {}
+        sd = {k: v for k, v in sd.items() if not k.startswith("text_proj.")}
     log.info("%s: official %s layout, config %s", path, layout, cfg)
     model = M2DCLAP(cfg, pretrained_text=not text_sd)
     state = {}
@@ -287,7 +293,7 @@ def _official_config(path: Path, sd: dict[str, torch.Tensor], input_size: tuple[
 # Entry point
 # ---------------------------------------------------------------------------------------------------
 def load(path_or_name: str | Path, device: str | torch.device = "cpu", text_name: str | None = None,
-         input_size: tuple[int, int] | None = None, download: bool = True) -> M2DCLAP:
+         input_size: tuple[int, int] | None = None, download: bool = True, audio_only: bool = False) -> M2DCLAP:
     """Load a model from a saved folder, an official checkpoint file, or a registered pretrained name.
 
     Args:
@@ -297,6 +303,7 @@ def load(path_or_name: str | Path, device: str | torch.device = "cpu", text_name
             e.g. a local copy of ``bert-base-uncased``.
         input_size: (mels, frames) when an official file's folder name was changed.
         download: allow downloading a registered name's release zip into the cache.
+        audio_only: skip the text tower (no text model is loaded; ``encode_text`` is unavailable).
     """
     from .pretrained import list_pretrained, resolve
 
@@ -304,7 +311,7 @@ def load(path_or_name: str | Path, device: str | torch.device = "cpu", text_name
     p = Path(path_or_name)
     if p.is_dir():
         if (p / "config.json").exists():
-            return _load_ours(p, device)
+            return _load_ours(p, device, audio_only)
         from .pretrained import find_checkpoint_file
 
         found = find_checkpoint_file(p)
@@ -320,9 +327,9 @@ def load(path_or_name: str | Path, device: str | torch.device = "cpu", text_name
                                   f"name (known: {', '.join(list_pretrained())})")
     if p.suffix == ".safetensors":
         if (p.parent / "config.json").exists():
-            return _load_ours(p.parent, device)
+            return _load_ours(p.parent, device, audio_only)
         raise CheckpointError(f"{p}: a bare safetensors file needs its config.json beside it")
-    return _load_official(p, device, text_name, input_size)
+    return _load_official(p, device, text_name, input_size, audio_only)
 
 
 def _quiet_transformers() -> None:

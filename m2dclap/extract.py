@@ -415,7 +415,8 @@ def _run(model, todo: list[AudioItem], out_dir: Path, kinds, batch_size: int, in
             if b + 1 < len(batches):
                 pending = pool.submit(_load_batch, batches[b + 1], model.sample_rate)
             good = [(item, w) for item, w in zip(batch, loaded) if isinstance(w, torch.Tensor)]
-            results: dict[AudioItem, dict | str] = {i: str(w) for i, w in zip(batch, loaded) if isinstance(w, AudioError)}
+            results: dict[AudioItem, dict | str] = {
+                item: str(w) for item, w in zip(batch, loaded) if isinstance(w, AudioError)}
             if good:
                 computed = _compute_safe(model, [w for _, w in good], kinds)
                 for (item, wave), res in zip(good, computed):

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from .audio import AudioError, LogMelSpectrogram, check_waveform, normalize_lms, resample
 from .clap import build_projector, build_text_encoder
 from .config import ModelCfg
-from .encoder import AudioEncoder, clip_features, frame_features
+from .encoder import AudioEncoder, frame_features
 
 log = logging.getLogger(__name__)
 
@@ -49,6 +49,18 @@ class M2DCLAP(nn.Module):
         self.logit_scale = nn.Parameter(torch.tensor(cfg.init_logit_scale))
 
     # -- bookkeeping ----------------------------------------------------------------------------------
+    def _apply(self, fn, recurse: bool = True):
+        """Casting the model (``.to(torch.bfloat16)``) moves but never casts the frontend buffers and the
+        normalisation statistics: bf16 would round (-7.1, 4.2) to (-7.09375, 4.1875)."""
+        keep = {"norm_stats": self.norm_stats, "frontend.window": self.frontend.window,
+                "frontend.mel_fb": self.frontend.mel_fb}
+        super()._apply(fn, recurse)
+        for name, value in keep.items():
+            owner, attr = (self.frontend, name.split(".")[1]) if "." in name else (self, name)
+            device = getattr(owner, attr).device
+            setattr(owner, attr, value.to(device=device, dtype=torch.float32))
+        return self
+
     @property
     def device(self) -> torch.device:
         return self.logit_scale.device
@@ -108,8 +120,7 @@ class M2DCLAP(nn.Module):
         """(B, T) or (T,) waveform -> normalised log-mel (B, 1, F, frames), computed in float32."""
         wave = wave.to(self.device, torch.float32)
         with torch.autocast(self.device.type, enabled=False):
-            frontend = self.frontend.float() if self.frontend.mel_fb.dtype != torch.float32 else self.frontend
-            lms = frontend(wave if wave.dim() == 2 else wave[None])
+            lms = self.frontend(wave if wave.dim() == 2 else wave[None])
         return normalize_lms(lms, self.norm_stats.tolist()).unsqueeze(1)  # (B, F, T) -> (B, 1, F, T)
 
     def encode_lms(self, lms: torch.Tensor) -> torch.Tensor:
@@ -130,14 +141,16 @@ class M2DCLAP(nn.Module):
         return out  # type: ignore[return-value]
 
     @torch.no_grad()
-    def audio_features(self, audio: AudioInput, sample_rate: int | None = None) -> dict[str, Any]:
+    def audio_features(self, audio: AudioInput, sample_rate: int | None = None, clap: bool = False) -> dict[str, Any]:
         """Frozen audio features.
 
         Returns ``clip`` (B, F'*D) (z'' of the paper), ``frame`` (B, T', F'*D) (Eq. 2) and ``patches``
         (B, F', T', D); when the clips differ in length, ``frame`` and ``patches`` are lists.
         ``frame_hop_s`` is the duration of one frame feature (160 ms for 16x16 patches at 16 kHz).
+        With ``clap=True`` also ``clap`` (B, D), the CLAP audio embedding, from the same encoder pass.
         """
         patches = self._patches(audio, sample_rate)
+        extra = {"clap": self.project_audio(patches)} if clap else {}
         frames = [frame_features(p[None])[0] for p in patches]
         same = len({p.shape for p in patches}) == 1
         hop_s = self.cfg.encoder.patch_size[1] * self.cfg.frontend.hop_length / self.sample_rate
@@ -146,6 +159,7 @@ class M2DCLAP(nn.Module):
             "frame": torch.stack(frames) if same else frames,
             "patches": torch.stack(patches) if same else patches,
             "frame_hop_s": hop_s,
+            **extra,
         }
 
     def project_audio(self, patches: Sequence[torch.Tensor]) -> torch.Tensor:

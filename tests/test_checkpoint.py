@@ -195,3 +195,13 @@ def test_input_size_change_resamples_pos_embed():
     model.encoder.set_input_size((80, 256))
     assert model.encoder.pos_embed.shape == (1, 1 + 5 * 16, 64)
     assert model.audio_features(tone(3.0))["frame"].shape[1] == 19
+
+
+def test_audio_only_loading_skips_the_text_tower(tmp_path, minilm):
+    src = writer(minilm, "transformer", text="hf", pooling="cls")
+    folder = src.save_pretrained(tmp_path / "ours")
+    model = m2dclap.load(folder, audio_only=True)
+    assert model.text_encoder is None
+    assert torch.equal(model.encode_audio(WAVES), src.encode_audio(WAVES))
+    with pytest.raises(RuntimeError, match="no text encoder"):
+        model.encode_text(["a beep"])

@@ -139,7 +139,7 @@ def _row_to_record(row: dict[str, Any], path: Path, line: int) -> Record:
         raise ManifestError(f"{where}: empty 'audio' cell")
     audio = Path(os.path.expanduser(audio_cell.strip()))
     if not audio.is_absolute():
-        audio = path.parent.resolve() / audio
+        audio = Path(os.path.normpath(path.parent.resolve() / audio))  # "../x.wav" -> a clean absolute path
     rec_id = _text(row.get("id"), where, "id") or audio.stem
     split = _text(row.get("split"), where, "split")
     return Record(id=rec_id, audio=audio, captions=_captions(row, where), labels=_labels(row.get("labels"), where),

@@ -289,6 +289,7 @@ def run_epochs(cfg: TrainCfg, accelerator: Accelerator, trainer, optimizer, load
     bar = tqdm(total=sched["total"], initial=state.step, desc=f"stage {cfg.stage}", unit="step",
                disable=not accelerator.is_local_main_process, dynamic_ncols=True)
     running: dict[str, float] = {}
+    last_good = None
     t0 = time.time()
     while state.step < sched["total"] and state.epoch < cfg.epochs:
         ds.set_epoch(state.epoch)
@@ -296,10 +297,12 @@ def run_epochs(cfg: TrainCfg, accelerator: Accelerator, trainer, optimizer, load
         batches = accelerator.skip_first_batches(loader, state.batch_in_epoch) if state.batch_in_epoch else loader
         for batch in batches:
             state.batch_in_epoch += 1
-            if batch is None or batch["lms"].shape[0] == 0:  # every clip of this batch was bad
-                state.skipped += len(batch["skipped"]) if batch else cfg.batch_size
-                continue
             state.skipped += len(batch.get("skipped", []))
+            if batch["size"] == 0:  # every clip was bad: repeat the last good batch so that all processes
+                if last_good is None:  # still meet in the same collectives
+                    raise ValueError(f"the first batch had only unreadable clips: {batch['skipped']}")
+                batch = last_good
+            last_good = batch
             batch, groups = fill_batch(batch, cfg.batch_size)
             with accelerator.accumulate(trainer):
                 lms = (batch["lms"] - model.norm_stats[0]) / model.norm_stats[1]  # normalise (B, 1, F, T)

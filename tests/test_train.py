@@ -1,0 +1,152 @@
+"""Pretraining loop on a tiny corpus: steps, checkpoints, resume after kill -9, stage 2 freezing,
+bad clips, caption embedding."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import m2dclap
+from m2dclap.data.capemb import load_caption_embeddings, save_caption_embeddings
+from m2dclap.data.manifest import read_manifest, write_manifest
+from m2dclap.data.synthetic import generate_corpus
+from m2dclap.train import stage_config
+from m2dclap.train.loop import latest_checkpoint, train
+
+ROOT = Path(__file__).resolve().parents[1]
+FAST = dict(batch_size=8, epochs=50, warmup_epochs=1, lr=1e-3, crop_seconds=0.64, checkpoint_every=2,
+            log_every=1, norm_stats_clips=16, tracker="none")
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    root = tmp_path_factory.mktemp("corpus")
+    manifest = generate_corpus(root / "synthetic", n_clips=40, seed=3)
+    rng = np.random.default_rng(0)
+    emb = {r.id: rng.standard_normal((len(r.captions), 24)).astype(np.float16) for r in read_manifest(manifest)}
+    save_caption_embeddings(emb, root / "capemb.npy")
+    return manifest, root / "capemb.npy"
+
+
+def stage1(corpus, out: Path, **kw):
+    manifest, capemb = corpus
+    return stage_config("1", **{**FAST, "captions": str(capemb), "output_dir": str(out), **kw})
+
+
+def test_stage1_runs_saves_and_resumes(corpus, tmp_path):
+    summary = train(stage1(corpus, tmp_path, max_steps=3), corpus[0])
+    assert summary["steps"] == 3 and summary["skipped_clips"] == 0
+    assert np.isfinite(summary["final_losses"]["m2d_loss"]) and np.isfinite(summary["final_losses"]["clap_loss"])
+    model = m2dclap.load(tmp_path / "model")
+    assert model.cfg.text.kind == "sentence" and model.text_proj.in_features == 24
+    assert model.norm_stats[1] > 0 and model.norm_stats.tolist() != [-7.1, 4.2]  # computed from the data
+    assert json.loads((latest_checkpoint(tmp_path) / "state.json").read_text())["step"] == 3
+    resumed = train(stage1(corpus, tmp_path, max_steps=5), corpus[0], resume=True)
+    assert resumed["steps"] == 5
+    assert json.loads((tmp_path / "train_config.json").read_text())["max_steps"] == 5
+
+
+def test_half_written_checkpoints_are_ignored(tmp_path):
+    root = tmp_path / "checkpoints"
+    (root / "ckpt-00000004").mkdir(parents=True)
+    (root / "ckpt-00000004" / "state.json").write_text(json.dumps({"step": 4}))
+    (root / "ckpt-00000009").mkdir()  # killed before its marker was written
+    (root / ".tmp-ckpt-00000010").mkdir()
+    assert latest_checkpoint(tmp_path).name == "ckpt-00000004"
+
+
+def _cli(corpus, out: Path, steps: int, resume: bool = False) -> list[str]:
+    manifest, capemb = corpus
+    args = [sys.executable, str(ROOT / "scripts" / "pretrain.py"), "--stage", "1", "--data", str(manifest),
+            "--captions", str(capemb), "--output-dir", str(out), "--max-steps", str(steps)]
+    for k, v in FAST.items():
+        args += ["--" + k.replace("_", "-"), str(v)]
+    return args + (["--resume"] if resume else [])
+
+
+def test_kill_9_then_resume_equals_uninterrupted(corpus, tmp_path):
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    straight = subprocess.run(_cli(corpus, tmp_path / "a", 8), capture_output=True, text=True, env=env, timeout=300)
+    assert straight.returncode == 0, straight.stderr[-2000:]
+    proc = subprocess.Popen(_cli(corpus, tmp_path / "b", 8), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            env=env)
+    deadline = time.time() + 240
+    while latest_checkpoint(tmp_path / "b") is None or \
+            json.loads((latest_checkpoint(tmp_path / "b") / "state.json").read_text())["step"] < 4:
+        assert proc.poll() is None, "run ended before it could be killed"
+        assert time.time() < deadline
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (tmp_path / "b" / "model").exists()
+    again = subprocess.run(_cli(corpus, tmp_path / "b", 8, resume=True), capture_output=True, text=True, env=env,
+                           timeout=300)
+    assert again.returncode == 0, again.stderr[-2000:]
+    a = m2dclap.load(tmp_path / "a" / "model").state_dict()
+    b = m2dclap.load(tmp_path / "b" / "model").state_dict()
+    assert json.loads((tmp_path / "b" / "summary.json").read_text())["steps"] == 8
+    worst = max((a[k] - b[k]).abs().max().item() for k in a)
+    assert worst < 1e-6, worst
+
+
+def test_stage2_freezes_the_audio_encoder(corpus, tmp_path, minilm):
+    train(stage1(corpus, tmp_path / "s1", max_steps=1), corpus[0])
+    s1 = m2dclap.load(tmp_path / "s1" / "model")
+    cfg = stage_config("2", **{**FAST, "init": str(tmp_path / "s1" / "model"), "output_dir": str(tmp_path / "s2"),
+                               "max_steps": 2, "text_model": minilm, "crop_seconds": 1.5})
+    summary = train(cfg, corpus[0])
+    assert summary["steps"] == 2
+    s2 = m2dclap.load(tmp_path / "s2" / "model")
+    assert s2.cfg.text.kind == "hf" and s2.cfg.encoder.input_size == (80, 150)
+    for k, v in s1.encoder.state_dict().items():
+        if k != "pos_embed":
+            assert torch.equal(v, s2.encoder.state_dict()[k]), k
+    assert torch.equal(s2.encoder.pos_embed[:, : s1.encoder.pos_embed.shape[1]].reshape(-1)[:10],
+                       s1.encoder.pos_embed.reshape(-1)[:10])
+    assert not torch.equal(s1.audio_proj.sem_token, s2.audio_proj.sem_token)
+    assert s2.encode_text(["a beep"]).shape == (1, 64)
+
+
+def test_bad_clip_skip_and_fail(corpus, tmp_path):
+    manifest, capemb = corpus
+    records = read_manifest(manifest)
+    broken = tmp_path / "broken.wav"
+    broken.write_bytes(b"RIFF0000WAVEjunk")
+    victim = next(r for r in records if r.split == "train")
+    victim.audio = broken
+    write_manifest(records, tmp_path / "bad.csv")
+    summary = train(stage1(corpus, tmp_path / "skip", max_steps=5), tmp_path / "bad.csv")
+    assert summary["skipped_clips"] >= 1
+    with pytest.raises(Exception, match="broken.wav"):
+        train(stage1(corpus, tmp_path / "fail", max_steps=5, on_bad_audio="fail"), tmp_path / "bad.csv")
+
+
+def test_embed_captions_official_form_and_resume(corpus, tmp_path, minilm):
+    from m2dclap.embed import embed_captions
+
+    manifest = corpus[0]
+    out = embed_captions(manifest, tmp_path / "cap.npy", minilm, batch_size=16, progress=False)
+    emb = load_caption_embeddings(out)
+    records = read_manifest(manifest)
+    assert set(emb) == {r.id for r in records}
+    first = records[0]
+    assert emb[first.id].dtype == np.float16 and emb[first.id].shape == (len(first.captions), 384)
+    model = m2dclap.M2DCLAP(m2dclap.get_model_config("tiny", **{"text.kind": "sentence", "text.name": minilm,
+                                                                   "text.width": 384}))
+    direct = model.text_encoder(first.captions[:1]).numpy()
+    assert np.allclose(emb[first.id][0].astype(np.float32), direct[0], atol=2e-3)
+
+
+def test_unknown_stage_and_missing_captions(corpus, tmp_path):
+    with pytest.raises(KeyError, match="1.1"):
+        stage_config("1.1")
+    with pytest.raises(ValueError, match="--captions"):
+        train(stage_config("1", **{**FAST, "output_dir": str(tmp_path)}), corpus[0])
