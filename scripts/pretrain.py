@@ -25,7 +25,9 @@ def build_parser() -> argparse.ArgumentParser:
                     "a frozen audio encoder), evaluates on the held-out test split and prints a report. "
                     "With --stage it runs one stage with the paper's hyper-parameters, each overridable.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--stage", choices=sorted(STAGES), help="run one stage (omit for the default pipeline)")
+    p.add_argument("--stage", choices=sorted(STAGES) + [FINETUNE_STAGE],
+                   help="run one stage (omit for the default pipeline); --stage 1.1 (AudioSet fine-tuning) takes "
+                        "the options of python -m m2dclap.train.finetune")
     p.add_argument("--resume", action="store_true",
                    help="continue from the latest complete checkpoint in --output-dir (default pipeline: reuse "
                         "finished stages and resume the unfinished one)")
@@ -57,7 +59,31 @@ def _field_help() -> dict[str, str]:
     return out
 
 
+FINETUNE_STAGE = "1.1"  # AudioSet fine-tuning has its own options (FinetuneCfg)
+
+
+def _split_stage(argv: list[str]) -> tuple[str | None, list[str]]:
+    """The value of --stage and the arguments without it."""
+    stage, rest, skip = None, [], False
+    for i, a in enumerate(argv):
+        if skip:
+            skip = False
+        elif a == "--stage" and i + 1 < len(argv):
+            stage, skip = argv[i + 1], True
+        elif a.startswith("--stage="):
+            stage = a.split("=", 1)[1]
+        else:
+            rest.append(a)
+    return stage, rest
+
+
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    stage, rest = _split_stage(argv)
+    if stage == FINETUNE_STAGE:
+        from m2dclap.train.finetune import main as finetune_main
+
+        return finetune_main(rest)
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(asctime)s %(name)s: %(message)s")

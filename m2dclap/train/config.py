@@ -21,7 +21,7 @@ class TrainCfg:
     exclude: str = ""  # file listing clips never to train on (downstream test sets)
     output_dir: str = "runs/pretrain"  # checkpoints, resolved config, final model, logs
     epochs: int = 300  # passes over the training set
-    warmup_epochs: float = 20  # linear warm-up, then half-cosine to min_lr
+    warmup_epochs: float = 20.0  # linear warm-up, then half-cosine to min_lr
     max_steps: int = 0  # stop after this many optimiser steps (0 = run all epochs)
     batch_size: int = 512  # per process (paper: 4 GPUs x 512 = 2048)
     grad_accum: int = 1  # micro-batches per optimiser step
@@ -51,7 +51,8 @@ class TrainCfg:
         return dataclasses.asdict(self)
 
 
-# The paper's settings per stage (section IV-A2); stage 1.1 (AudioSet fine-tuning) is not built yet.
+# The paper's settings per stage (section IV-A2). Stage 1.1 (AudioSet fine-tuning) has its own config,
+# m2dclap.train.finetune.FinetuneCfg (Table IV, AS2M), and runs with `python -m m2dclap.train.finetune`.
 STAGES: dict[str, dict[str, Any]] = {
     "1": dict(mask_ratio=0.7, lambda_m2d=1.0, lambda_clap=0.01, epochs=300, warmup_epochs=20, blr=3e-4,
               crop_seconds=6.08),
@@ -65,7 +66,8 @@ STAGES: dict[str, dict[str, Any]] = {
 def stage_config(stage: str, **overrides: Any) -> TrainCfg:
     """The paper's preset for ``stage`` with CLI-style overrides (strings are converted to field types)."""
     if stage not in STAGES:
-        raise KeyError(f"unknown stage {stage!r}; available: {', '.join(STAGES)} (stage 1.1 is not implemented)")
+        raise KeyError(f"unknown stage {stage!r}; available: {', '.join(STAGES)} "
+                       "(stage 1.1: python -m m2dclap.train.finetune, or scripts/pretrain.py --stage 1.1)")
     cfg = TrainCfg(stage=stage, **STAGES[stage])
     names = {f.name for f in dataclasses.fields(TrainCfg)}
     for key, value in overrides.items():

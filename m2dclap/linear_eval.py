@@ -1,0 +1,580 @@
+"""Linear evaluation of frozen clip features (paper IV-B1, the EVAR protocol).
+
+    python -m m2dclap.linear_eval --checkpoint CKPT --data manifest.csv --out results.json --cache feats/
+
+Each clip of the manifest becomes its clip feature z'' (``model.audio_features(...)['clip']``, (F'*D,), 3840-d
+for ViT-B), extracted once and cached. The features are standardised with the train split's mean and
+standard deviation and a single linear layer is trained on them with Adam (lr 3e-5) for up to 200 epochs;
+the epoch with the best validation score is kept (early stopping, patience 20) and scored on the test split.
+
+Single-label tasks (every row has one label) use cross-entropy and report accuracy. Multi-label tasks (any
+row has several ``;``-separated labels) use binary cross-entropy and report macro mAP: the average precision
+of each class, averaged over the classes that have a positive in the scored split.
+
+Library use::
+
+    result = linear_eval("ckpt/", "manifest.csv", cache_dir="feats/")
+    probe = train_linear_probe(x_train, y_train, x_val, y_val)   # features already at hand
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import logging
+import math
+import os
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from .audio import AudioError, load_audio
+from .data.manifest import (LABEL_SEP, SPLITS, ManifestError, Record, _csv_rows, _jsonl_rows,
+                            atomic_write_text, read_manifest)
+
+log = logging.getLogger(__name__)
+
+CACHE_VERSION = 1  # bump when the cached features change meaning
+VAL_FRACTION = 0.1  # of train, carved out when the manifest has no val split
+_SPLIT_ALIASES = {"valid": "val", "validation": "val"}  # as the manifest reader
+
+
+class LinearEvalError(ValueError):
+    """A request that cannot be evaluated (a missing column, no labels, an empty split)."""
+
+
+# ---------------------------------------------------------------------------------------------------
+# Metrics
+# ---------------------------------------------------------------------------------------------------
+def average_precision(y_true: np.ndarray, y_score: np.ndarray) -> float:
+    """AP of one class: sum over thresholds of (R_n - R_{n-1}) P_n, tied scores forming one threshold
+    (scikit-learn's ``average_precision_score``). NaN when ``y_true`` has no positive."""
+    y_true = np.asarray(y_true, dtype=bool)
+    n_pos = int(y_true.sum())
+    if n_pos == 0:
+        return math.nan
+    order = np.argsort(-np.asarray(y_score, dtype=np.float64), kind="mergesort")
+    score, hit = np.asarray(y_score, dtype=np.float64)[order], y_true[order]
+    last_of_tie = np.r_[np.diff(score) != 0, True]  # the last index of each run of equal scores
+    tp = np.cumsum(hit)[last_of_tie]
+    n_ranked = (np.arange(len(score)) + 1)[last_of_tie]
+    precision, recall = tp / n_ranked, tp / n_pos
+    return float(np.sum(np.diff(np.r_[0.0, recall]) * precision))
+
+
+def mean_average_precision(y_true: np.ndarray, y_score: np.ndarray) -> tuple[float, np.ndarray]:
+    """Macro mAP of (N, C) multi-hot targets and scores over the classes that have a positive.
+
+    Returns ``(mAP, per_class_ap)``; classes without a positive have AP NaN and are left out of the mean.
+    """
+    ap = np.array([average_precision(y_true[:, c], y_score[:, c]) for c in range(y_true.shape[1])])
+    scored = ~np.isnan(ap)
+    return (float(ap[scored].mean()) if scored.any() else math.nan), ap
+
+
+def score_predictions(y_true: np.ndarray, y_score: np.ndarray) -> float:
+    """Accuracy for (N,) class indices, macro mAP for (N, C) multi-hot targets."""
+    if y_true.ndim == 1:
+        return float((y_score.argmax(1) == y_true).mean()) if len(y_true) else math.nan
+    return mean_average_precision(y_true, y_score)[0]
+
+
+# ---------------------------------------------------------------------------------------------------
+# The linear probe
+# ---------------------------------------------------------------------------------------------------
+@dataclass
+class ProbeResult:
+    """A trained linear probe and how its training went (epochs are 1-based)."""
+
+    metric: str  # "accuracy" or "mAP"
+    val_score: float  # validation score of the kept (best) epoch
+    best_epoch: int  # the epoch whose weights are kept
+    epochs_run: int  # epochs trained before stopping
+    stopped_early: bool  # patience ran out before the epoch limit
+    mean: np.ndarray  # (D,) train-split feature mean
+    std: np.ndarray  # (D,) train-split feature standard deviation (1 where a feature is constant)
+    weight: torch.Tensor  # (C, D) of the best epoch
+    bias: torch.Tensor  # (C,)
+    history: list[dict[str, float]] = field(default_factory=list)  # per epoch: train/val loss, val score
+
+    def predict(self, x: np.ndarray) -> np.ndarray:
+        """Raw features (N, D) -> logits (N, C), standardised with the train statistics."""
+        z = torch.from_numpy(((np.asarray(x, dtype=np.float32) - self.mean) / self.std).astype(np.float32))
+        return (z @ self.weight.T + self.bias).numpy()
+
+
+def standardisation(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per-feature mean and population std of the train features; constant features get std 1."""
+    mean = x.mean(0, dtype=np.float64)
+    std = x.std(0, dtype=np.float64)
+    std[std < 1e-12] = 1.0
+    return mean.astype(np.float32), std.astype(np.float32)
+
+
+def _loss(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    return F.cross_entropy(logits, y) if y.dim() == 1 else F.binary_cross_entropy_with_logits(logits, y)
+
+
+def train_linear_probe(x_train: np.ndarray, y_train: np.ndarray, x_val: np.ndarray, y_val: np.ndarray,
+                       n_classes: int | None = None, epochs: int = 200, patience: int = 20, lr: float = 3e-5,
+                       batch_size: int = 200, seed: int = 0, device: str | torch.device = "cpu") -> ProbeResult:
+    """Train one linear layer on standardised features with Adam, keeping the best-validation epoch.
+
+    Args:
+        x_train, x_val: features (N, D).
+        y_train, y_val: class indices (N,) for single-label (cross-entropy, accuracy) or multi-hot (N, C)
+            for multi-label (binary cross-entropy, macro mAP).
+        n_classes: single-label only; default the largest index + 1.
+        epochs: the most epochs; patience: stop after this many epochs without a strictly better
+            validation score (a plateau does not reset it).
+        batch_size: mini-batch size, capped at the train size (EVAR: min(200, N)).
+    """
+    if len(x_train) == 0 or len(x_val) == 0:
+        raise LinearEvalError(f"need train and validation features, got {len(x_train)} and {len(x_val)}")
+    multilabel = y_train.ndim == 2
+    C = y_train.shape[1] if multilabel else int(n_classes or max(y_train.max(), y_val.max()) + 1)
+    device = torch.device(device)
+    mean, std = standardisation(x_train)
+
+    def tensors(x: np.ndarray, y: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+        xt = torch.from_numpy(((x - mean) / std).astype(np.float32)).to(device)
+        return xt, torch.as_tensor(y, dtype=torch.float32 if multilabel else torch.long, device=device)
+
+    (xt, yt), (xv, yv) = tensors(x_train, y_train), tensors(x_val, y_val)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        layer = torch.nn.Linear(x_train.shape[1], C).to(device)
+    optimizer = torch.optim.Adam(layer.parameters(), lr=lr)
+    gen = torch.Generator().manual_seed(seed)
+    bs = max(1, min(batch_size, len(xt)))
+    best = (-math.inf, 0, layer.weight.detach().clone(), layer.bias.detach().clone())
+    history: list[dict[str, float]] = []
+    epoch = 0
+    for epoch in range(1, epochs + 1):
+        layer.train()
+        total = 0.0
+        for idx in torch.randperm(len(xt), generator=gen).split(bs):
+            idx = idx.to(device)
+            loss = _loss(layer(xt[idx]), yt[idx])
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            total += loss.item() * len(idx)
+        layer.eval()
+        with torch.no_grad():
+            logits = layer(xv)
+            val_loss = float(_loss(logits, yv))
+        val = score_predictions(np.asarray(y_val), logits.cpu().numpy())
+        history.append({"epoch": epoch, "train_loss": total / len(xt), "val_loss": val_loss, "val_score": val})
+        log.debug("epoch %d: train loss %.5f, val loss %.5f, val score %.5f", epoch, total / len(xt), val_loss, val)
+        if not math.isnan(val) and val > best[0]:
+            best = (val, epoch, layer.weight.detach().clone(), layer.bias.detach().clone())
+        elif epoch - best[1] >= patience:
+            break
+    val_score, best_epoch, weight, bias = best
+    return ProbeResult(metric="mAP" if multilabel else "accuracy", val_score=val_score, best_epoch=best_epoch,
+                       epochs_run=epoch, stopped_early=epoch < epochs, mean=mean, std=std,
+                       weight=weight.cpu(), bias=bias.cpu(), history=history)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Labels and splits from the manifest
+# ---------------------------------------------------------------------------------------------------
+@dataclass
+class Task:
+    """The labelled clips of a manifest, by split."""
+
+    records: list[Record]  # every record of the manifest, in order (all get features)
+    labels: dict[str, list[str]]  # id -> labels, for records with labels and a split
+    splits: dict[str, str]  # id -> "train" | "val" | "test"
+    n_unlabelled: int  # records with a split but no labels (left out)
+    n_no_split: int  # records with labels but no split (left out)
+
+    @property
+    def multilabel(self) -> bool:
+        return any(len(v) > 1 for v in self.labels.values())
+
+    def ids(self, split: str) -> list[str]:
+        return [r.id for r in self.records if self.splits.get(r.id) == split and r.id in self.labels]
+
+
+def _raw_column(path: Path, column: str) -> list[Any]:
+    """The raw cells of ``column``, one per record in ``read_manifest`` order (same row skipping)."""
+    rows = _csv_rows(path) if path.suffix.lower() == ".csv" else _jsonl_rows(path)
+    values, seen = [], False
+    for _, row in rows:
+        seen = seen or column in row
+        values.append(row.get(column))
+    if not seen:
+        return []
+    return values
+
+
+def _columns(path: Path) -> list[str]:
+    rows = _csv_rows(path) if path.suffix.lower() == ".csv" else _jsonl_rows(path)
+    cols: dict[str, None] = {}
+    for _, row in rows:
+        cols.update(dict.fromkeys(row))
+    return list(cols)
+
+
+def _parse_labels(cell: Any) -> list[str]:
+    if cell is None:
+        return []
+    parts = cell if isinstance(cell, list) else str(cell).split(LABEL_SEP)
+    return [str(p).strip() for p in parts if str(p).strip()]
+
+
+def _parse_split(cell: Any, path: Path, rec: Record) -> str | None:
+    if cell is None or not str(cell).strip():
+        return None
+    s = _SPLIT_ALIASES.get(str(cell).strip().lower(), str(cell).strip().lower())
+    if s not in SPLITS:
+        raise LinearEvalError(f"{path}: clip {rec.id!r} has split {cell!r}; use one of {', '.join(SPLITS)}")
+    return s
+
+
+def read_task(manifest: str | Path, label_column: str = "labels", split_column: str = "split") -> Task:
+    """Read labels and splits from ``manifest``; raise :class:`LinearEvalError` for a missing column,
+    a manifest without labels, or an empty train or test split."""
+    path = Path(manifest)
+    records = read_manifest(path)
+    if not records:
+        raise LinearEvalError(f"{path}: the manifest has no rows")
+    raw_labels, raw_splits = _raw_column(path, label_column), _raw_column(path, split_column)
+    for column, raw in ((label_column, raw_labels), (split_column, raw_splits)):
+        if not raw:
+            raise LinearEvalError(f"{path}: no {column!r} column (columns: {', '.join(_columns(path))}); "
+                                  f"name the {'label' if column == label_column else 'split'} column with "
+                                  f"--{'label' if column == label_column else 'split'}-column")
+    labels, splits = {}, {}
+    n_unlabelled = n_no_split = 0
+    for rec, lab_cell, split_cell in zip(records, raw_labels, raw_splits):
+        labs, split = _parse_labels(lab_cell), _parse_split(split_cell, path, rec)
+        n_unlabelled += bool(split and not labs)
+        n_no_split += bool(labs and not split)
+        if labs and split:
+            labels[rec.id], splits[rec.id] = list(dict.fromkeys(labs)), split
+    if not labels:
+        raise LinearEvalError(f"{path}: no clip has both labels in column {label_column!r} and a split in "
+                              f"column {split_column!r}; nothing to evaluate")
+    task = Task(records, labels, splits, n_unlabelled, n_no_split)
+    check_splits(task, path)
+    if n_unlabelled or n_no_split:
+        log.warning("%s: left out %d clip(s) without labels and %d without a split", path, n_unlabelled,
+                    n_no_split)
+    return task
+
+
+def check_splits(task: Task, where: Path | str, bad: set[str] = frozenset()) -> None:
+    """Train and test must hold labelled clips (after dropping ``bad`` ids); val may be carved from train."""
+    for split in ("train", "test"):
+        if not [i for i in task.ids(split) if i not in bad]:
+            extra = " once the unreadable clips are left out" if bad else ""
+            raise LinearEvalError(f"{where}: the {split} split is empty{extra} (no labelled clip has "
+                                  f"split {split!r})")
+
+
+def carve_val(train_ids: Sequence[str], seed: int, fraction: float = VAL_FRACTION) -> tuple[list[str], list[str]]:
+    """Move a seeded ``fraction`` of train (at least one clip) to validation; returns (train, val)."""
+    if len(train_ids) < 2:
+        raise LinearEvalError(f"no val split and only {len(train_ids)} train clip(s): cannot carve a "
+                              "validation set; add a val split")
+    n_val = max(1, round(fraction * len(train_ids)))
+    perm = np.random.default_rng(seed).permutation(len(train_ids))
+    val = set(perm[:n_val].tolist())
+    return ([t for i, t in enumerate(train_ids) if i not in val], [t for i, t in enumerate(train_ids) if i in val])
+
+
+# ---------------------------------------------------------------------------------------------------
+# Features: extraction and cache
+# ---------------------------------------------------------------------------------------------------
+@dataclass
+class Features:
+    """Clip features of the readable clips of a manifest and the clips that failed."""
+
+    ids: list[str]  # ids of the clips that have features, in manifest order
+    clip: np.ndarray  # (N, F'*D) float32
+    bad: list[tuple[str, str]]  # (path, reason) of each clip that could not be read or encoded
+
+    def rows(self, ids: Sequence[str]) -> np.ndarray:
+        where = {i: n for n, i in enumerate(self.ids)}
+        return self.clip[[where[i] for i in ids]] if ids else self.clip[:0]
+
+
+def _stat(p: Path) -> list[Any]:
+    try:
+        st = p.stat()
+        return [st.st_size, st.st_mtime_ns]
+    except OSError:
+        return ["missing"]
+
+
+def cache_key(checkpoint: str | Path, manifest: str | Path, records: Sequence[Record]) -> str:
+    """A hash of the checkpoint (its files' paths, sizes and times, or its registered name), the manifest's
+    bytes and location, and the size and time of every audio file it lists."""
+    ckpt = Path(checkpoint)
+    if ckpt.exists():
+        files = [ckpt] if ckpt.is_file() else sorted(f for f in ckpt.rglob("*") if f.is_file())
+        ckpt_id: Any = [str(ckpt.resolve())] + [[f.relative_to(ckpt).as_posix() if f != ckpt else "", *_stat(f)]
+                                                 for f in files]
+    else:
+        ckpt_id = str(checkpoint)  # a registered pretrained name
+    manifest = Path(manifest)
+    body = {"version": CACHE_VERSION, "checkpoint": ckpt_id, "manifest": str(manifest.resolve()),
+            "manifest_sha256": hashlib.sha256(manifest.read_bytes()).hexdigest(),
+            "audio": [_stat(Path(r.audio)) for r in records]}
+    return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()[:20]
+
+
+def load_cache(path: Path) -> Features | None:
+    """The cached features, or None when the file is missing or unreadable (then it is recomputed)."""
+    if not path.is_file():
+        return None
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            feats = Features(ids=z["ids"].tolist(), clip=z["clip"].astype(np.float32, copy=False),
+                             bad=list(zip(z["bad_paths"].tolist(), z["bad_reasons"].tolist())))
+    except (OSError, ValueError, KeyError, EOFError) as e:
+        log.warning("%s: unreadable feature cache (%s); extracting again", path, e)
+        return None
+    if feats.clip.ndim != 2 or len(feats.ids) != len(feats.clip):
+        log.warning("%s: malformed feature cache; extracting again", path)
+        return None
+    return feats
+
+
+def save_cache(path: Path, feats: Features) -> None:
+    """Write ``feats`` to ``path`` through a temporary file renamed into place (never half-written)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            np.savez(f, ids=np.array(feats.ids, dtype=str), clip=feats.clip,
+                     bad_paths=np.array([b[0] for b in feats.bad], dtype=str),
+                     bad_reasons=np.array([b[1] for b in feats.bad], dtype=str))
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+@torch.no_grad()
+def _encode(model, waves: list[torch.Tensor]) -> list[np.ndarray | str]:
+    """Clip features of a batch; when the batch fails, each clip is retried alone so one bad clip fails alone."""
+    try:
+        clip = model.audio_features(waves, sample_rate=model.sample_rate)["clip"].float().cpu().numpy()
+    except (RuntimeError, ValueError) as e:
+        if len(waves) == 1:
+            return [f"feature extraction failed ({type(e).__name__}: {str(e).strip().splitlines()[0]})"]
+        return [r for w in waves for r in _encode(model, [w])]
+    return [c if np.isfinite(c).all() else "the model produced NaN/Inf features" for c in clip]
+
+
+def extract_clip_features(model, records: Sequence[Record], batch_size: int = 16,
+                          progress: bool | None = None) -> Features:
+    """z'' of every record, ``batch_size`` clips per model call; unreadable clips are logged and listed."""
+    model.eval()
+    ids, rows, bad = [], [], []
+
+    def flush(batch: list[tuple[Record, torch.Tensor]]) -> None:
+        for (rec, _), res in zip(batch, _encode(model, [w for _, w in batch])):
+            if isinstance(res, str):
+                log.warning("skipping %s: %s", rec.audio, res)
+                bad.append((str(rec.audio), res))
+            else:
+                ids.append(rec.id)
+                rows.append(res)
+        batch.clear()
+
+    batch: list[tuple[Record, torch.Tensor]] = []
+    for rec in tqdm(records, desc="extracting clip features", unit="clip",
+                    disable=None if progress is None else not progress, dynamic_ncols=True):
+        try:
+            batch.append((rec, load_audio(rec.audio, model.sample_rate)))
+        except (AudioError, OSError) as e:
+            reason = str(e) if isinstance(e, AudioError) else f"{rec.audio}: cannot read ({e})"
+            log.warning("skipping %s", reason)
+            bad.append((str(rec.audio), reason))
+        if len(batch) == batch_size:
+            flush(batch)
+    flush(batch)
+    dim = model.cfg.encoder.embed_dim * model.cfg.encoder.grid_size[0]
+    return Features(ids, np.stack(rows).astype(np.float32) if rows else np.zeros((0, dim), np.float32), bad)
+
+
+def clip_features(checkpoint: str | Path, manifest: str | Path, records: Sequence[Record],
+                  cache_dir: str | Path | None = None, batch_size: int = 16, device: str | None = None,
+                  progress: bool | None = None) -> tuple[Features, dict[str, Any]]:
+    """Features of ``records`` from the cache when present, else extracted (and cached when ``cache_dir``)."""
+    info: dict[str, Any] = {"cache": None, "cache_hit": False, "extract_seconds": 0.0}
+    cache = None
+    if cache_dir is not None:
+        cache = Path(cache_dir) / f"clip-{cache_key(checkpoint, manifest, records)}.npz"
+        info["cache"] = str(cache)
+        feats = load_cache(cache)
+        if feats is not None:
+            log.info("using cached clip features %s", cache)
+            info["cache_hit"] = True
+            return feats, info
+    from .checkpoint import load
+
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    model = load(checkpoint, device=device, audio_only=True)
+    t0 = time.perf_counter()
+    feats = extract_clip_features(model, records, batch_size, progress)
+    info["extract_seconds"] = round(time.perf_counter() - t0, 3)
+    if cache is not None:
+        save_cache(cache, feats)
+    return feats, info
+
+
+# ---------------------------------------------------------------------------------------------------
+# The evaluation
+# ---------------------------------------------------------------------------------------------------
+def _targets(ids: Sequence[str], labels: dict[str, list[str]], classes: list[str], multilabel: bool) -> np.ndarray:
+    index = {c: j for j, c in enumerate(classes)}
+    if not multilabel:
+        return np.array([index[labels[i][0]] for i in ids], dtype=np.int64)
+    y = np.zeros((len(ids), len(classes)), dtype=np.float32)
+    for n, i in enumerate(ids):
+        y[n, [index[lab] for lab in labels[i]]] = 1.0
+    return y
+
+
+def chance_level(y_train: np.ndarray, y_test: np.ndarray) -> float:
+    """Accuracy of always answering the most frequent train class, or the mAP of random scores
+    (the mean positive rate of the scored classes)."""
+    if y_train.ndim == 1:
+        return float((y_test == np.bincount(y_train).argmax()).mean())
+    rate = y_test.mean(0)
+    return float(rate[rate > 0].mean())
+
+
+def linear_eval(checkpoint: str | Path, manifest: str | Path, label_column: str = "labels",
+                split_column: str = "split", batch_size: int = 16, epochs: int = 200, patience: int = 20,
+                lr: float = 3e-5, probe_batch_size: int = 200, cache_dir: str | Path | None = None,
+                seed: int = 0, device: str | None = None, progress: bool | None = None) -> dict[str, Any]:
+    """Linear evaluation of ``checkpoint``'s clip features on ``manifest``; returns the result dict."""
+    task = read_task(manifest, label_column, split_column)
+    feats, info = clip_features(checkpoint, manifest, task.records, cache_dir, batch_size, device, progress)
+    have = set(feats.ids)
+    bad_ids = {r.id for r in task.records if r.id not in have}
+    check_splits(task, manifest, bad_ids)
+    ids = {s: [i for i in task.ids(s) if i in have] for s in SPLITS}
+    carved = not ids["val"]
+    if carved:
+        ids["train"], ids["val"] = carve_val(ids["train"], seed)
+        log.info("no val split: %d of the train clips serve as validation", len(ids["val"]))
+    multilabel = task.multilabel
+    classes = sorted({lab for s in SPLITS for i in ids[s] for lab in task.labels[i]})
+    x = {s: feats.rows(ids[s]) for s in SPLITS}
+    y = {s: _targets(ids[s], task.labels, classes, multilabel) for s in SPLITS}
+    seen = {c for i in ids["train"] for c in task.labels[i]}
+    unseen = sorted({c for i in ids["test"] for c in task.labels[i]} - seen)
+    if unseen:
+        log.warning("test labels never seen in train: %s", ", ".join(unseen[:10]))
+    t0 = time.perf_counter()
+    probe = train_linear_probe(x["train"], y["train"], x["val"], y["val"], n_classes=len(classes), epochs=epochs,
+                               patience=patience, lr=lr, batch_size=probe_batch_size, seed=seed,
+                               device=device or "cpu")
+    test_scores = probe.predict(x["test"])
+    result: dict[str, Any] = {
+        "checkpoint": str(checkpoint), "data": str(manifest), "label_column": label_column,
+        "split_column": split_column, "task": "multi-label" if multilabel else "single-label",
+        "metric": probe.metric, "value": score_predictions(y["test"], test_scores),
+        "chance": chance_level(y["train"], y["test"]), "val_value": probe.val_score,
+        "epochs_run": probe.epochs_run, "best_epoch": probe.best_epoch, "stopped_early": probe.stopped_early,
+        "n_train": len(ids["train"]), "n_val": len(ids["val"]), "n_test": len(ids["test"]),
+        "val_from_train": carved, "n_classes": len(classes), "classes": classes,
+        "feature_dim": int(feats.clip.shape[1]), "n_bad": len(feats.bad),
+        "bad_files": [{"path": p, "error": e} for p, e in feats.bad],
+        "n_unlabelled": task.n_unlabelled, "n_no_split": task.n_no_split,
+        "epochs": epochs, "patience": patience, "lr": lr, "probe_batch_size": probe_batch_size, "seed": seed,
+        **info, "train_seconds": round(time.perf_counter() - t0, 3),
+        "history": probe.history,
+    }
+    if multilabel:
+        _, ap = mean_average_precision(y["test"], test_scores)
+        result["n_classes_scored"] = int((~np.isnan(ap)).sum())
+        result["per_class_ap"] = {c: float(a) for c, a in zip(classes, ap) if not np.isnan(a)}
+    return result
+
+
+def format_result(result: dict[str, Any]) -> str:
+    """One line: the metric, its chance level, the epochs, the split sizes and the skipped files."""
+    val = " (carved from train)" if result["val_from_train"] else ""
+    bad = f"; {result['n_bad']} unreadable file(s) skipped" if result["n_bad"] else ""
+    return (f"linear eval {result['metric']} {result['value']:.4f} (chance {result['chance']:.4f}); "
+            f"epochs run {result['epochs_run']}, best epoch {result['best_epoch']}; "
+            f"train {result['n_train']} / val {result['n_val']}{val} / test {result['n_test']}{bad}")
+
+
+# ---------------------------------------------------------------------------------------------------
+# Command line
+# ---------------------------------------------------------------------------------------------------
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m m2dclap.linear_eval",
+        description="Linear evaluation of frozen M2D / M2D-CLAP clip features (paper IV-B1): standardised "
+                    "clip features, one linear layer, Adam, early stopping on the val split, score on test. "
+                    "Accuracy for single-label tasks, macro mAP when any clip has several ';'-separated labels.")
+    p.add_argument("--checkpoint", "-c", required=True,
+                   help="model: a save_pretrained folder, an official .pth file, or a registered pretrained name")
+    p.add_argument("--data", required=True, metavar="MANIFEST", help="manifest (.csv or .jsonl) with splits")
+    p.add_argument("--label-column", default="labels", help="column holding the labels (default: labels)")
+    p.add_argument("--split-column", default="split", help="column holding train/val/test (default: split); "
+                   "without a val split, 10%% of train (seeded) validates")
+    p.add_argument("--batch-size", type=int, default=16, metavar="N", help="clips per model call (default: 16)")
+    p.add_argument("--probe-batch-size", type=int, default=200, metavar="N",
+                   help="mini-batch of the linear layer's training, capped at the train size (default: 200)")
+    p.add_argument("--epochs", type=int, default=200, help="most training epochs (default: 200)")
+    p.add_argument("--patience", type=int, default=20, help="early-stopping patience in epochs (default: 20)")
+    p.add_argument("--lr", type=float, default=3e-5, help="Adam learning rate (default: 3e-5)")
+    p.add_argument("--out", type=Path, default=None, metavar="JSON", help="write the full result here")
+    p.add_argument("--cache", type=Path, default=None, metavar="DIR",
+                   help="keep the extracted features here (one .npz per checkpoint and manifest) and reuse them")
+    p.add_argument("--seed", type=int, default=0, help="seed of the layer's init, batch order and val carving")
+    p.add_argument("--device", choices=["cpu", "cuda"], default=None, help="default: cuda when available")
+    p.add_argument("--quiet", "-q", action="store_true", help="only warnings; no progress bar")
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    for name in ("batch_size", "probe_batch_size", "epochs"):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name.replace('_', '-')} must be at least 1")
+    if args.patience < 1 or args.lr <= 0:
+        parser.error("--patience must be at least 1 and --lr positive")
+    logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO, format="%(levelname)s: %(message)s")
+    from .checkpoint import CheckpointError
+
+    try:
+        result = linear_eval(args.checkpoint, args.data, args.label_column, args.split_column, args.batch_size,
+                             args.epochs, args.patience, args.lr, args.probe_batch_size, args.cache, args.seed,
+                             args.device, progress=False if args.quiet else None)
+    except (LinearEvalError, ManifestError, CheckpointError, FileNotFoundError) as e:
+        print(f"linear_eval: error: {e}", file=sys.stderr)
+        return 2
+    if args.out is not None:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(args.out, json.dumps(result, indent=2) + "\n")
+    print(format_result(result))
+    for bad in result["bad_files"]:
+        reason = bad["error"] if bad["path"] in bad["error"] else f"{bad['path']}: {bad['error']}"
+        print(f"  skipped {reason}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,460 @@
+"""Stage 2.1-style retrieval fine-tuning of an M2D-CLAP checkpoint (paper III-B2c, IV-A2c).
+
+    accelerate launch -m retrieval.finetune --checkpoint runs/default/stage2/model \
+        --train clotho,audiocaps,wavcaps --val clotho --clotho-root data/clotho --audiocaps-root data/audiocaps \
+        --wavcaps-json data/wavcaps/json_files --wavcaps-audio data/wavcaps/audio --output-dir runs/ft
+
+As the paper's stage 2.1: the audio encoder stays frozen (``--train-audio-encoder`` unfreezes it), the audio
+projector, text encoder and temperature are trained with the symmetric contrastive loss (Eq. 3-4) gathered
+across processes with gradients, no masking, several datasets mixed. Several captions (or datasets) of one
+clip in a batch are positives of each other (``positive_groups``), as in WavCaps and the DCASE 2025 baseline.
+Validation T2A mAP@10 (CLAP convention) after every epoch, and once before training; the best model is kept
+in ``OUTPUT/best``; ``--resume`` continues from the last complete checkpoint.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+import math
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
+from tqdm.auto import tqdm
+
+import m2dclap
+from m2dclap.clap import ContrastiveLoss
+from m2dclap.data.manifest import Record, apply_exclusions, read_exclusion_list
+from m2dclap.train.loop import TrainState, latest_checkpoint, lr_at, make_accelerator, param_groups, save_checkpoint
+
+from .datasets import load_dataset
+from .metrics import caption_retrieval
+
+log = logging.getLogger(__name__)
+
+TRAIN_SPLITS = {"clotho": "development", "audiocaps": "train", "wavcaps": "", "manifest": "train",
+                "synthetic": "train"}
+VAL_SPLITS = {"clotho": "validation", "audiocaps": "val", "wavcaps": "", "manifest": "val", "synthetic": "val"}
+
+
+@dataclass
+class FinetuneCfg:
+    """One fine-tuning run. Defaults follow the paper's stage 2.1 (= stage 2 settings without masking)."""
+
+    checkpoint: str = ""  # model to start from (folder, official .pth or pretrained name)
+    train: str = "synthetic"  # comma list of clotho, audiocaps, wavcaps, synthetic, NAME:SPLIT or manifest files
+    val: str = "synthetic"  # the same for validation (each set scored separately, the mean T2A mAP@10 selects)
+    output_dir: str = "runs/retrieval-finetune"  # checkpoints, best/ and model/, summary.json
+    clotho_root: str = ""  # Clotho v2.1 folder
+    audiocaps_root: str = ""  # AudioCaps folder (train/val/test.csv and audio)
+    audiocaps_pattern: str = "{youtube_id}.wav"  # AudioCaps audio file name pattern
+    wavcaps_json: str = ""  # WavCaps JSON file or folder
+    wavcaps_audio: str = ""  # WavCaps audio folder (default: the JSON's folder)
+    wavcaps_pattern: str = "{stem}.flac"  # WavCaps audio file name pattern
+    synthetic_root: str = ""  # embedded corpus folder (default: the suite's cache)
+    exclude: str = ""  # clips never to train on (e.g. the DCASE 2025 excluded Freesound ids)
+    train_audio_encoder: bool = False  # stage 2.1 keeps the audio encoder frozen
+    freeze_text: bool = False  # train the audio projector only (cheap adaptation)
+    sample: str = "captions"  # captions: every caption once per epoch; clips: one random caption per clip
+    epochs: int = 30  # paper stage 2/2.1
+    warmup_epochs: float = 5  # paper stage 2/2.1
+    batch_size: int = 64  # per process
+    grad_accum: int = 1  # micro-batches per optimiser step
+    blr: float = 3e-6  # paper base learning rate; lr = blr * effective batch / 256
+    lr: float = 0.0  # absolute learning rate (overrides blr when > 0)
+    min_lr: float = 0.0  # end of the cosine
+    weight_decay: float = 0.05  # AdamW, not on biases, norms, tokens
+    betas: tuple[float, float] = (0.9, 0.95)  # AdamW betas
+    clip_grad: float = 3.0  # gradient-norm clip (0 = off)
+    crop_seconds: float = 10.01  # random crop of longer clips (paper stage 2: 10 s)
+    val_batch_size: int = 32  # clips per encoder batch at validation
+    checkpoint_every: int = 0  # optimiser steps between extra resumable checkpoints (0 = at epoch ends only)
+    keep_checkpoints: int = 2  # resumable checkpoints kept
+    on_bad_audio: str = "skip"  # skip (report, repeat good clips) or fail
+    mixed_precision: str = "no"  # no, fp16, bf16
+    num_workers: int = 0  # DataLoader workers
+    seed: int = 0  # everything random derives from it
+    log_every: int = 10  # optimiser steps between log lines
+    tracker: str = "auto"  # auto (TensorBoard when installed), none, tensorboard
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+# ------------------------------------------------------------------------------------------------- data
+def read_sets(cfg: FinetuneCfg, spec: str, splits: dict[str, str]) -> list[tuple[str, list[Record]]]:
+    """``clotho,audiocaps:val,path/to/manifest.csv`` -> ``[(name, records)]``; missing clips are reported."""
+    roots = {"clotho": cfg.clotho_root, "audiocaps": cfg.audiocaps_root, "wavcaps": cfg.wavcaps_json,
+             "synthetic": cfg.synthetic_root}
+    patterns = {"audiocaps": cfg.audiocaps_pattern, "wavcaps": cfg.wavcaps_pattern}
+    out = []
+    for item in (s.strip() for s in spec.split(",") if s.strip()):
+        name, _, split = item.partition(":")
+        if name not in roots:  # a manifest file, optionally manifest.csv:split
+            path, split = (name, split) if Path(name).suffix.lower() in (".csv", ".jsonl") else (item, "")
+            data = load_dataset("manifest", path, split or splits["manifest"])
+            if not data.records and not split:  # a manifest without a split column: all of it
+                data = load_dataset("manifest", path, "")
+            label = Path(path).stem
+        else:
+            data = load_dataset(name, roots[name] or None, split or splits[name],
+                                audio_dir=cfg.wavcaps_audio or None if name == "wavcaps" else None,
+                                audio_pattern=patterns.get(name))
+            label = f"{name}:{split or splits[name]}" if split or splits[name] else name
+        records = [r for r in data.records if r.captions]
+        if not records:
+            raise ValueError(f"{item}: no captioned clips ({data.source}, {len(data.missing)} missing)")
+        out.append((label, records))
+    if not out:
+        raise ValueError(f"no datasets in {spec!r}")
+    return out
+
+
+class CaptionedClips(Dataset):
+    """Training items ``{"wave", "caption", "group"}``: a random crop of a clip and one of its captions.
+
+    ``group`` identifies the audio file (the same file listed by two datasets shares it), so duplicates in a
+    batch become positives. All randomness comes from ``(seed, epoch, index)``, so a resumed run repeats the
+    interrupted one.
+    """
+
+    def __init__(self, records: Sequence[Record], sample_rate: int, crop_seconds: float, sample: str = "captions",
+                 seed: int = 0, on_bad_audio: str = "skip"):
+        if sample not in ("captions", "clips"):
+            raise ValueError(f"sample must be 'captions' or 'clips', got {sample!r}")
+        if on_bad_audio not in ("skip", "fail"):
+            raise ValueError(f"on_bad_audio must be 'skip' or 'fail', got {on_bad_audio!r}")
+        self.records, self.sample_rate = list(records), sample_rate
+        self.crop = max(1, int(round(crop_seconds * sample_rate)))
+        self.seed, self.epoch, self.on_bad_audio = seed, 0, on_bad_audio
+        groups: dict[str, int] = {}
+        self.group = [groups.setdefault(str(Path(r.audio).resolve()), len(groups)) for r in self.records]
+        if sample == "captions":
+            self.items = [(i, c) for i, r in enumerate(self.records) for c in range(len(r.captions))]
+        else:
+            self.items = [(i, -1) for i in range(len(self.records))]
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        clip, cap = self.items[index]
+        rec = self.records[clip]
+        rng = np.random.default_rng([self.seed, self.epoch, index])
+        try:
+            wave = m2dclap.load_audio(rec.audio, self.sample_rate)
+        except m2dclap.AudioError as e:
+            if self.on_bad_audio == "fail":
+                raise
+            log.warning("skipping unreadable clip: %s", e)
+            return {"bad": str(rec.audio)}
+        if wave.shape[0] > self.crop:
+            start = int(rng.integers(0, wave.shape[0] - self.crop + 1))
+            wave = wave[start:start + self.crop]
+        caption = rec.captions[cap if cap >= 0 else int(rng.integers(len(rec.captions)))]
+        return {"wave": wave, "caption": caption, "group": self.group[clip]}
+
+
+def collate(items: list[dict[str, Any]]) -> dict[str, Any]:
+    """Waves stay a list (lengths differ); unreadable items are dropped and listed under ``skipped``."""
+    good = [it for it in items if "bad" not in it]
+    return {"waves": [it["wave"] for it in good], "captions": [it["caption"] for it in good],
+            "groups": torch.tensor([it["group"] for it in good], dtype=torch.long),
+            "skipped": [it["bad"] for it in items if "bad" in it]}
+
+
+def refill(batch: dict[str, Any], size: int) -> dict[str, Any]:
+    """Repeat good items up to ``size`` so every process gathers equal shapes; repeats share a group and are
+    therefore positives of their originals, not negatives."""
+    n = len(batch["waves"])
+    if n == size or n == 0:
+        return batch
+    idx = [i % n for i in range(size)]
+    return {"waves": [batch["waves"][i] for i in idx], "captions": [batch["captions"][i] for i in idx],
+            "groups": batch["groups"][idx], "skipped": batch["skipped"]}
+
+
+# ------------------------------------------------------------------------------------------- validation
+@torch.no_grad()
+def _sharded(accelerator, n: int, fn, batch_size: int) -> torch.Tensor:
+    """Rows ``fn(indices)`` for 0..n-1, computed on the processes in turn and gathered in order."""
+    world, rank = accelerator.num_processes, accelerator.process_index
+    if world == 1 or n < world:
+        return torch.cat([fn(list(range(s, min(n, s + batch_size)))) for s in range(0, n, batch_size)])
+    mine = list(range(rank, n, world))
+    local = torch.cat([fn(mine[s:s + batch_size]) for s in range(0, len(mine), batch_size)])
+    per = math.ceil(n / world)
+    pad = torch.full((per - local.shape[0], local.shape[1]), math.nan)
+    gathered = accelerator.gather(torch.cat([local, pad]).to(accelerator.device)).cpu()  # (world * per, D)
+    order = torch.tensor([r + world * j for r in range(world) for j in range(per)])
+    out = torch.full((n, local.shape[1]), math.nan)
+    keep = order < n
+    out[order[keep]] = gathered[keep]
+    return out
+
+
+def validate(accelerator, model, sets: list[tuple[str, list[Record]]], batch_size: int) -> dict[str, Any]:
+    """CLAP-convention retrieval on every validation set with whole clips; unreadable clips are dropped."""
+    model.eval()
+    results = {}
+    for name, records in sets:
+        def audio_rows(idx: list[int]) -> torch.Tensor:
+            waves, ok = [], []
+            for i in idx:
+                try:
+                    waves.append(m2dclap.load_audio(records[i].audio, model.sample_rate))
+                    ok.append(True)
+                except m2dclap.AudioError as e:
+                    log.warning("validation: skipping %s", e)
+                    ok.append(False)
+            emb = model.encode_audio(waves, model.sample_rate, batch_size=batch_size).float().cpu() if waves else None
+            out, j = [], 0
+            for good in ok:
+                out.append(emb[j] if good else None)
+                j += good
+            dim = emb.shape[1] if emb is not None else 1
+            return torch.stack([o if o is not None else torch.full((dim,), math.nan) for o in out])
+
+        audio = _sharded(accelerator, len(records), audio_rows, batch_size)
+        captions = [c for r in records for c in r.captions]
+        owner = torch.tensor([i for i, r in enumerate(records) for _ in r.captions])
+        text = _sharded(accelerator, len(captions),
+                        lambda idx: model.encode_text([captions[i] for i in idx]).float().cpu(), 64)
+        good = ~torch.isnan(audio).any(1)
+        remap = torch.cumsum(good.long(), 0) - 1
+        keep_caps = good[owner]
+        results[name] = caption_retrieval(text[keep_caps], audio[good], remap[owner[keep_caps]], "clap")
+    model.train()
+    return results
+
+
+def val_score(results: dict[str, Any]) -> float:
+    """The selection metric: text->audio mAP@10 averaged over the validation sets."""
+    return float(np.mean([r["text_to_audio"]["mAP@10"] for r in results.values()]))
+
+
+class Progress:
+    """Best score and history, saved in every resumable checkpoint."""
+
+    def __init__(self) -> None:
+        self.best_score, self.best_epoch, self.history = -1.0, -1, []
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"best_score": self.best_score, "best_epoch": self.best_epoch, "history": json.dumps(self.history)}
+
+    def load_state_dict(self, d: dict[str, Any]) -> None:
+        self.best_score, self.best_epoch = float(d["best_score"]), int(d["best_epoch"])
+        self.history = json.loads(d["history"])
+
+
+# ------------------------------------------------------------------------------------------------ train
+def finetune(cfg: FinetuneCfg, resume: bool = False) -> dict[str, Any]:
+    """Run the fine-tuning; returns the summary (also written to ``OUTPUT/summary.json``)."""
+    from accelerate.utils import set_seed
+
+    out_dir = Path(cfg.output_dir)
+    accelerator = make_accelerator(cfg, out_dir)
+    set_seed(cfg.seed)
+    if accelerator.is_main_process:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        (out_dir / "finetune_config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
+    model = m2dclap.load(cfg.checkpoint)
+    model.set_trainable(audio_encoder=cfg.train_audio_encoder, audio_proj=True, text=not cfg.freeze_text)
+    train_sets, val_sets = read_sets(cfg, cfg.train, TRAIN_SPLITS), read_sets(cfg, cfg.val, VAL_SPLITS)
+    records = [r for _, rs in train_sets for r in rs]
+    if cfg.exclude:
+        records, removed = apply_exclusions(records, read_exclusion_list(cfg.exclude))
+        log.info("excluded %d training clips listed in %s", removed, cfg.exclude)
+    ds = CaptionedClips(records, model.sample_rate, cfg.crop_seconds, cfg.sample, cfg.seed, cfg.on_bad_audio)
+    loader = DataLoader(ds, batch_size=cfg.batch_size, shuffle=True, drop_last=True, collate_fn=collate,
+                        num_workers=cfg.num_workers, generator=torch.Generator().manual_seed(cfg.seed))
+    if len(loader) == 0:
+        raise ValueError(f"{len(ds)} training items are fewer than one batch of {cfg.batch_size}")
+    eff_batch = cfg.batch_size * cfg.grad_accum * accelerator.num_processes
+    peak = cfg.lr if cfg.lr > 0 else cfg.blr * eff_batch / 256
+    optimizer = torch.optim.AdamW(param_groups(model, cfg.weight_decay, model.no_weight_decay()), lr=peak,
+                                  betas=tuple(cfg.betas))
+    model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
+    state, progress = TrainState(), Progress()
+    accelerator.register_for_checkpointing(state)
+    accelerator.register_for_checkpointing(progress)
+    steps_per_epoch = max(1, len(loader) // cfg.grad_accum)
+    sched = dict(total=cfg.epochs * steps_per_epoch, warmup=int(cfg.warmup_epochs * steps_per_epoch), peak=peak,
+                 floor=cfg.min_lr)
+    ckpt = latest_checkpoint(out_dir) if resume else None
+    if ckpt is not None:
+        accelerator.load_state(str(ckpt))
+        log.info("resumed from %s at step %d (epoch %d)", ckpt, state.step, state.epoch)
+    if accelerator.log_with and not accelerator.trackers:
+        accelerator.init_trackers("retrieval-finetune", config={k: str(v) for k, v in cfg.to_dict().items()})
+    log.info("training on %s (%d items, %d clips), validating on %s; lr %.3g, effective batch %d",
+             ", ".join(n for n, _ in train_sets), len(ds), len(records), ", ".join(n for n, _ in val_sets), peak,
+             eff_batch)
+    if not progress.history:  # the starting point, so the gain of fine-tuning is visible
+        _end_of_epoch(cfg, accelerator, model, val_sets, state, progress, train_loss=math.nan, checkpoint=False)
+    run_epochs(cfg, accelerator, model, optimizer, loader, ds, state, progress, sched, val_sets)
+    summary = {"checkpoint": cfg.checkpoint, "steps": state.step, "epochs": state.epoch,
+               "skipped_clips": state.skipped, "peak_lr": peak, "effective_batch": eff_batch,
+               "initial_score": progress.history[0]["score"], "best_score": progress.best_score,
+               "best_epoch": progress.best_epoch, "history": progress.history,
+               "best_model": str(out_dir / "best"), "final_model": str(out_dir / "model")}
+    if accelerator.is_main_process:
+        accelerator.unwrap_model(model).save_pretrained(out_dir / "model", stage="2.1-retrieval", steps=state.step)
+        (out_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+    accelerator.end_training()
+    return summary
+
+
+def run_epochs(cfg: FinetuneCfg, accelerator, model, optimizer, loader, ds: CaptionedClips, state: TrainState,
+               progress: Progress, sched: dict[str, float], val_sets) -> None:
+    inner = accelerator.unwrap_model(model)
+    loss_fn = ContrastiveLoss(accelerator.num_processes, accelerator.process_index)
+    params = [p for p in model.parameters() if p.requires_grad]
+    bar = tqdm(total=int(sched["total"]), initial=state.step, desc="retrieval fine-tuning", unit="step",
+               disable=not accelerator.is_local_main_process, dynamic_ncols=True)
+    last_good = None
+    model.train()
+    while state.epoch < cfg.epochs:
+        ds.set_epoch(state.epoch)
+        loader.set_epoch(state.epoch)
+        batches = accelerator.skip_first_batches(loader, state.batch_in_epoch) if state.batch_in_epoch else loader
+        losses = []
+        for batch in batches:
+            state.batch_in_epoch += 1
+            state.skipped += len(batch["skipped"])
+            if not batch["waves"]:  # every clip unreadable: repeat the last good batch (same collectives)
+                if last_good is None:
+                    raise ValueError(f"the first batch had only unreadable clips: {batch['skipped']}")
+                batch = last_good
+            batch = last_good = refill(batch, cfg.batch_size)
+            with accelerator.accumulate(model):
+                out = model(audio=batch["waves"], texts=batch["captions"], sample_rate=inner.sample_rate)
+                loss = loss_fn(out["audio_features"], out["text_features"], out["logit_scale"],
+                               positive_groups=batch["groups"].to(accelerator.device))["contrastive_loss"]
+                accelerator.backward(loss)
+                if accelerator.sync_gradients and cfg.clip_grad > 0:
+                    accelerator.clip_grad_norm_(params, cfg.clip_grad)
+                lr = lr_at(state.step, int(sched["total"]), int(sched["warmup"]), sched["peak"], sched["floor"])
+                for g in optimizer.param_groups:
+                    g["lr"] = lr
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+            losses.append(float(loss.detach()))
+            if not accelerator.sync_gradients:
+                continue
+            inner.clamp_logit_scale()
+            state.step += 1
+            bar.update(1)
+            bar.set_postfix(loss=f"{losses[-1]:.4f}")
+            if state.step % cfg.log_every == 0:
+                accelerator.log({"loss": float(np.mean(losses[-cfg.log_every:])), "lr": lr}, step=state.step)
+            if cfg.checkpoint_every and state.step % cfg.checkpoint_every == 0:
+                save_checkpoint(accelerator, state, Path(cfg.output_dir), cfg.keep_checkpoints)
+        state.epoch += 1
+        state.batch_in_epoch = 0
+        _end_of_epoch(cfg, accelerator, model, val_sets, state, progress, float(np.mean(losses)) if losses else math.nan)
+    bar.close()
+
+
+def _end_of_epoch(cfg: FinetuneCfg, accelerator, model, val_sets, state: TrainState, progress: Progress,
+                  train_loss: float, checkpoint: bool = True) -> None:
+    """Validate, keep the best model, save a resumable checkpoint."""
+    inner = accelerator.unwrap_model(model)
+    t0 = time.perf_counter()
+    results = validate(accelerator, inner, val_sets, cfg.val_batch_size)
+    score = val_score(results)
+    entry = {"epoch": state.epoch, "step": state.step, "train_loss": train_loss, "score": score,
+             "val": {name: {d: {k: v for k, v in r[d].items() if k.startswith(("R@", "mAP"))}
+                            for d in ("text_to_audio", "audio_to_text")} for name, r in results.items()},
+             "val_seconds": round(time.perf_counter() - t0, 2)}
+    progress.history.append(entry)
+    improved = score > progress.best_score
+    if improved:
+        progress.best_score, progress.best_epoch = score, state.epoch
+        if accelerator.is_main_process:
+            inner.save_pretrained(Path(cfg.output_dir) / "best", stage="2.1-retrieval", epoch=state.epoch,
+                                  val_t2a_map10=score)
+    accelerator.log({"val_t2a_mAP@10": score, "train_loss": train_loss}, step=state.step)
+    log.info("epoch %d: train loss %.4f, validation T2A mAP@10 %.2f%s", state.epoch, train_loss, 100 * score,
+             " (best so far, saved)" if improved else f" (best {100 * progress.best_score:.2f} at epoch "
+                                                      f"{progress.best_epoch})")
+    if checkpoint:
+        save_checkpoint(accelerator, state, Path(cfg.output_dir), cfg.keep_checkpoints)
+
+
+# -------------------------------------------------------------------------------------------------- CLI
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="accelerate launch -m retrieval.finetune",
+        description="Fine-tune an M2D-CLAP checkpoint for audio-text retrieval, stage 2.1 style: frozen audio "
+                    "encoder (--train-audio-encoder to unfreeze), audio projector + text encoder trained with the "
+                    "contrastive loss gathered across processes, several datasets mixed, duplicates of a clip "
+                    "in a batch treated as positives. Validation text->audio mAP@10 (CLAP convention) before "
+                    "training and after every epoch; the best model is kept in OUTPUT/best, the last in "
+                    "OUTPUT/model; --resume continues an interrupted run. Also runs as python -m "
+                    "retrieval.finetune (one process).",
+        epilog="datasets (--train/--val): comma lists of clotho, audiocaps, wavcaps, synthetic (the embedded "
+               "corpus), NAME:SPLIT (e.g. clotho:evaluation), or manifest files (.csv/.jsonl, split train/val).\n"
+               "example:\n  accelerate launch -m retrieval.finetune --checkpoint runs/default/stage2/model "
+               "--train clotho,audiocaps --val clotho --clotho-root data/clotho --audiocaps-root data/audiocaps",
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--resume", action="store_true", help="continue from the last complete checkpoint")
+    for f in dataclasses.fields(FinetuneCfg):
+        flag = "--" + f.name.replace("_", "-")
+        default = f.default
+        if isinstance(default, bool):
+            parser.add_argument(flag, action="store_true", help="(default: off)")
+        elif isinstance(default, tuple):
+            parser.add_argument(flag, type=float, nargs=len(default), default=default, help=f"(default: {default})")
+        else:
+            parser.add_argument(flag, type=type(default), default=default, help=f"(default: {default!r})")
+    _describe(parser)
+    return parser
+
+
+def _describe(parser: argparse.ArgumentParser) -> None:
+    """Use the dataclass field comments as help texts."""
+    import inspect
+
+    comments = {}
+    for line in inspect.getsource(FinetuneCfg).splitlines():
+        name, sep, rest = line.strip().partition(":")
+        if sep and "#" in rest:
+            comments[name] = rest.split("#", 1)[1].strip()
+    for action in parser._actions:
+        name = action.dest
+        if name in comments:
+            action.help = f"{comments[name]} {action.help}"
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
+    values = {f.name: getattr(args, f.name) for f in dataclasses.fields(FinetuneCfg)}
+    values["betas"] = tuple(values["betas"])
+    cfg = FinetuneCfg(**values)
+    if not cfg.checkpoint:
+        parser.error("--checkpoint is required (a model folder, official .pth file or pretrained name)")
+    try:
+        summary = finetune(cfg, resume=args.resume)
+    except (ValueError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    print(f"validation T2A mAP@10: start {100 * summary['initial_score']:.2f} -> best "
+          f"{100 * summary['best_score']:.2f} (epoch {summary['best_epoch']}); best model in {summary['best_model']}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

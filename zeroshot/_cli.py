@@ -1,0 +1,62 @@
+"""What the zero-shot entry points share: logging next to progress bars, model loading, error reporting."""
+from __future__ import annotations
+
+import contextlib
+import logging
+import sys
+from typing import Iterator
+
+import torch
+
+try:
+    from tqdm.auto import tqdm
+except ImportError:  # pragma: no cover - tqdm is a dependency
+    tqdm = None
+
+
+class _TqdmHandler(logging.StreamHandler):
+    """Log records written through tqdm, so they do not break a progress bar."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            msg = self.format(record)
+            if tqdm is not None:
+                tqdm.write(msg, file=self.stream)
+            else:
+                self.stream.write(msg + "\n")
+        except Exception:  # noqa: BLE001 - logging must never raise
+            self.handleError(record)
+
+
+@contextlib.contextmanager
+def cli_logging(quiet: bool) -> Iterator[None]:
+    """INFO (or WARNING with ``quiet``) messages of ``zeroshot`` and ``m2dclap`` on stderr while a CLI runs."""
+    handler = _TqdmHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(levelname)s: %(message)s"))
+    loggers = [logging.getLogger("zeroshot"), logging.getLogger("m2dclap")]
+    old = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.addHandler(handler)
+        lg.setLevel(logging.WARNING if quiet else logging.INFO)
+    try:
+        yield
+    finally:
+        for lg, level in zip(loggers, old):
+            lg.removeHandler(handler)
+            lg.setLevel(level)
+
+
+def resolve_device(device: str | None) -> str:
+    if device is None:
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"--device {device} but no CUDA device is available")
+    return device
+
+
+def load_model(checkpoint: str, device: str):
+    """``m2dclap.load`` with the text tower (zero-shot needs it), moved to ``device``, in eval mode."""
+    import m2dclap
+
+    model = m2dclap.load(checkpoint, audio_only=False)
+    return model.to(device).eval()
