@@ -3,7 +3,7 @@
     python bench/zeroshot_default.py [--checkpoint runs/default/stage2/model] [--corpus DIR] [--n-clips 2000]
 
 Loads the checkpoint written by the main job (``accelerate launch scripts/pretrain.py``), reads the test
-split of the embedded corpus (``generate_corpus()``'s default folder, regenerated there if absent), takes each
+split of the embedded corpus (``generate_corpus()``'s default folder, generated there if absent), takes each
 clip's first label as its class, builds a zero-shot classifier over the corpus's 12 classes with the paper's
 "(label) can be heard" rule and prints the accuracy beside chance (1/12) with the ratio (target >= 3x).
 """
@@ -18,7 +18,7 @@ import numpy as np
 
 import m2dclap
 from m2dclap.data.manifest import read_manifest
-from m2dclap.data.synthetic import CLASS_NAMES, generate_corpus
+from m2dclap.data.synthetic import CLASS_NAMES, MANIFEST_NAME, default_corpus_dir, generate_corpus
 from zeroshot.classifier import ZeroShotClassifier
 from zeroshot.metrics import accuracy
 
@@ -30,7 +30,7 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--checkpoint", default=str(ROOT / "runs" / "default" / "stage2" / "model"))
     p.add_argument("--corpus", help="corpus folder (default: generate_corpus()'s default folder)")
-    p.add_argument("--n-clips", type=int, default=2000, help="corpus size the main job used (2000)")
+    p.add_argument("--n-clips", type=int, default=2000, help="corpus size, if it must be generated (2000)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--template", default="{label} can be heard")
     p.add_argument("--batch-size", type=int, default=32)
@@ -41,7 +41,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"no checkpoint at {ckpt}: run the main job first (accelerate launch scripts/pretrain.py)",
               file=sys.stderr)
         return 2
-    manifest = generate_corpus(args.corpus, n_clips=args.n_clips, seed=args.seed)
+    corpus = Path(args.corpus) if args.corpus else default_corpus_dir()
+    manifest = corpus / MANIFEST_NAME
+    if not manifest.is_file():  # only then: generate_corpus rewrites a corpus made with other parameters
+        manifest = generate_corpus(corpus, n_clips=args.n_clips, seed=args.seed)
     records = [r for r in read_manifest(manifest, "test") if r.labels]
     model = m2dclap.load(ckpt, audio_only=False).eval()
     clf = ZeroShotClassifier.from_labels(model, CLASS_NAMES, args.template)

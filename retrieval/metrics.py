@@ -116,11 +116,12 @@ class Relevance:
 
 
 def relevant_positions(queries: torch.Tensor, candidates: torch.Tensor, relevance: Relevance,
-                       block_bytes: int = DEFAULT_BLOCK_BYTES) -> torch.Tensor:
+                       block_bytes: int = DEFAULT_BLOCK_BYTES, normalize: bool = False) -> torch.Tensor:
     """1-based pessimistic positions of every query's relevant candidates, ascending, padded with ``inf``.
 
-    queries (Q, D) and candidates (N, D) are compared by dot product (normalise them first for cosine); the
-    (Q, N) similarity matrix is never held whole: rows are computed in blocks of about ``block_bytes``.
+    queries (Q, D) and candidates (N, D) are compared by dot product, or by cosine similarity with
+    ``normalize`` (done block by block, so the embeddings are never copied). The (Q, N) similarity matrix is
+    never held whole: rows are computed in blocks of about ``block_bytes``.
     Returns (Q, M) float, M = the largest number of relevant candidates of a query.
     """
     Q, N = queries.shape[0], candidates.shape[0]
@@ -138,9 +139,13 @@ def relevant_positions(queries: torch.Tensor, candidates: torch.Tensor, relevanc
     table = torch.zeros(Q, M, dtype=torch.long)
     table[valid] = relevance.indices
     rows = max(1, min(Q, block_bytes // max(1, N * 6)))  # float scores + a bool temporary per element
-    candidates_t = candidates.T
+    candidates_t = candidates.float().T  # a view when the embeddings are float32 already
+    inv_norm = 1.0 / torch.linalg.vector_norm(candidates_t, dim=0).clamp_min(1e-12) if normalize else None
     for s in range(0, Q, rows):
-        sim = queries[s:s + rows] @ candidates_t  # (b, N)
+        q = queries[s:s + rows].float()
+        sim = (F.normalize(q, dim=-1) if normalize else q) @ candidates_t  # (b, N)
+        if inv_norm is not None:
+            sim.mul_(inv_norm)  # cosine: divide each column by its candidate's norm
         ok = valid[s:s + rows]
         # relevant scores (b, M), sorted descending; padding is -inf and so comes last
         thr = sim.gather(1, table[s:s + rows]).masked_fill(~ok, -math.inf).sort(1, descending=True).values
@@ -181,9 +186,7 @@ def scores_from_positions(positions: torch.Tensor, n_relevant: torch.Tensor, pro
 def retrieval_scores(queries: torch.Tensor, candidates: torch.Tensor, relevance: Relevance, protocol: str,
                      normalize: bool = True, block_bytes: int = DEFAULT_BLOCK_BYTES) -> dict[str, float]:
     """R@1/5/10 and mAP@10 (clap) or mAP@10/16 (dcase) of ``queries`` ranking ``candidates``."""
-    if normalize:
-        queries, candidates = F.normalize(queries.float(), dim=-1), F.normalize(candidates.float(), dim=-1)
-    positions = relevant_positions(queries, candidates, relevance, block_bytes)
+    positions = relevant_positions(queries, candidates, relevance, block_bytes, normalize)
     cutoffs = (10,) if protocol == "clap" else DCASE_MAP_CUTOFFS
     out = scores_from_positions(positions, relevance.counts(), protocol, map_cutoffs=cutoffs)
     out["n_queries"] = int((relevance.counts() > 0).sum())
@@ -199,12 +202,12 @@ def caption_retrieval(text_emb: torch.Tensor, audio_emb: torch.Tensor, caption_a
     of a random ranking (``m2dclap.metrics``) under ``chance_text_to_audio`` / ``chance_audio_to_text``.
     """
     caption_audio = torch.as_tensor(caption_audio, dtype=torch.long)
-    t, a = F.normalize(text_emb.float(), dim=-1), F.normalize(audio_emb.float(), dim=-1)
+    t, a = text_emb, audio_emb
     n_audio = a.shape[0]
     out = {
-        "text_to_audio": retrieval_scores(t, a, Relevance.one_each(caption_audio, n_audio), protocol, False,
+        "text_to_audio": retrieval_scores(t, a, Relevance.one_each(caption_audio, n_audio), protocol, True,
                                           block_bytes),
-        "audio_to_text": retrieval_scores(a, t, Relevance.grouped(caption_audio, n_audio), protocol, False,
+        "audio_to_text": retrieval_scores(a, t, Relevance.grouped(caption_audio, n_audio), protocol, True,
                                           block_bytes),
     }
     if protocol == "clap" and n_audio and len(caption_audio):

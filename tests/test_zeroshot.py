@@ -90,7 +90,7 @@ def test_user_templates():
 def test_macro_map_equals_scikit_learn_on_random_data():
     sk = pytest.importorskip("sklearn.metrics")
     rng = np.random.default_rng(0)
-    for trial in range(30):
+    for trial in range(20):
         n, c = int(rng.integers(5, 80)), int(rng.integers(1, 12))
         y = (rng.random((n, c)) < rng.uniform(0.05, 0.6)).astype(int)
         y[rng.integers(0, n, size=c), np.arange(c)] = 1  # every class has a positive
@@ -160,61 +160,59 @@ def test_single_label_probabilities_are_softmax_of_cosines(model):
     counting = CountingModel(model)
     clf = ZeroShotClassifier.from_labels(counting, ["beep", "siren", "drum_roll"])
     assert counting.text_calls == 1 and clf.prompts[2] == ["drum roll can be heard"]
-    waves = [tone(1.0, freq=440), tone(0.6, freq=2000, seed=1), tone(1.3, freq=90, seed=2)]
-    probs = clf.predict(waves)
-    assert probs.shape == (3, 3) and torch.allclose(probs.sum(1), torch.ones(3), atol=1e-6)
+    waves = [tone(1.0, freq=440), tone(0.6, freq=2000, seed=1)]
+    probs = clf.predict(waves)  # a list of waveforms of different lengths
+    assert probs.shape == (2, 3) and torch.allclose(probs.sum(1), torch.ones(2), atol=1e-6)
     # the same figures straight from the public model API: cosine, no logit scale, softmax
     a = model.encode_audio(waves, model.sample_rate, normalize=True)
     t = model.encode_text([p[0] for p in clf.prompts], normalize=True)
     assert torch.allclose(probs, torch.softmax(model.similarity(a, t), dim=-1), atol=1e-5)
-    assert clf.predict(waves[0]).shape == (1, 3)  # one (T,) waveform
-    assert clf.predict(torch.stack([waves[0], waves[0]])).shape == (2, 3)  # a (B, T) batch
     cached = clf.text_embeddings
-    clf.predict(waves[1].numpy())
-    assert counting.text_calls == 1 and clf.text_embeddings is cached  # text embedded once, reused
+    assert torch.allclose(clf.predict(waves[1].numpy()), probs[[1]], atol=1e-5)  # one (T,) waveform, as an array
+    assert torch.allclose(clf.predict(torch.stack([waves[0], waves[0]])), probs[[0, 0]], atol=1e-5)  # (B, T)
+    assert counting.text_calls == 1 and clf.text_embeddings is cached  # text embedded once, then reused
     # a scale sharpens the probabilities but keeps the ranking (hence accuracy and mAP)
-    sharp = ZeroShotClassifier(model, clf.classes, clf.prompts, cached, scale=100.0).predict(waves)
+    sharp, sim = ZeroShotClassifier(model, clf.classes, clf.prompts, cached, scale=100.0).scores(a)
+    assert torch.allclose(sim, model.similarity(a, t), atol=1e-5)
     assert torch.equal(sharp.argmax(1), probs.argmax(1)) and sharp.max() > probs.max()
     top = clf.top_k(probs, 2)
-    assert len(top) == 3 and [len(t) for t in top] == [2, 2, 2] and top[0][0][1] >= top[0][1][1]
+    assert len(top) == 2 and [len(t) for t in top] == [2, 2] and top[0][0][1] >= top[0][1][1]
     assert top[0][0][0] == clf.classes[int(probs[0].argmax())]
 
 
 def test_multi_label_uses_sigmoid(model):
     clf = ZeroShotClassifier.from_labels(model, ["beep", "hum"], multi_label=True)
-    x = [tone(1.0), tone(0.8, freq=100)]
+    x = tone(0.8, freq=100)
     probs = clf.predict(x)
-    sim = model.similarity(model.encode_audio(x, model.sample_rate), clf.text_embeddings)
+    sim = model.similarity(model.encode_audio([x], model.sample_rate), clf.text_embeddings)
     assert torch.allclose(probs, torch.sigmoid(sim), atol=1e-5)
-    assert not torch.allclose(probs.sum(1), torch.ones(2))
+    assert not torch.allclose(probs.sum(1), torch.ones(1))
 
 
 def test_prompt_ensemble_is_mean_of_normalised_embeddings(model):
     templates = ["{} can be heard", "the sound of {label}", "esc50"]
     clf = ZeroShotClassifier.from_labels(model, ["dog", "rain"], templates)
     assert clf.prompts[0] == ["dog can be heard", "the sound of dog", "dog can be heard"]
-    for c, prompts in enumerate(clf.prompts):
-        e = F.normalize(model.encode_text(prompts), dim=-1).mean(0)
-        assert torch.allclose(clf.text_embeddings[c], F.normalize(e, dim=0), atol=1e-5)
+    each = F.normalize(model.encode_text([p for ps in clf.prompts for p in ps]), dim=-1).reshape(2, 3, -1)
+    assert torch.allclose(clf.text_embeddings, F.normalize(each.mean(1), dim=-1), atol=1e-5)
     assert torch.allclose(clf.text_embeddings.norm(dim=1), torch.ones(2), atol=1e-5)
-    single = encode_prompts(model, [["dog can be heard"]])
-    assert torch.allclose(single[0], model.encode_text(["dog can be heard"], normalize=True)[0], atol=1e-6)
+    assert torch.allclose(encode_prompts(model, [["dog can be heard"]])[0], each[0, 0], atol=1e-5)  # K = 1
 
 
 def test_predict_files_skips_bad_files(model, tmp_path):
     clf = ZeroShotClassifier.from_labels(model, ["beep", "siren", "rumble"])
     paths = []
-    for i, f in enumerate((300, 1200, 80, 600, 3000)):
+    for i, f in enumerate((300, 1200, 80)):
         paths.append(tmp_path / f"clip{i}.wav")
         sf.write(paths[-1], tone(0.5 + 0.1 * i, freq=f, seed=i).numpy(), 16000 if i % 2 else 22050)
     junk = tmp_path / "junk.wav"
     junk.write_bytes(b"RIFF not audio at all")
-    inputs = paths[:2] + [junk] + paths[2:4] + [tmp_path / "gone.wav"] + paths[4:]
+    inputs = [paths[0], junk, paths[1], tmp_path / "gone.wav", paths[2]]  # batches of 2: each has a good file
     out = clf.predict_files(inputs, batch_size=2, progress=False)
-    assert out.indices == [0, 1, 3, 4, 6] and out.paths == paths
+    assert out.indices == [0, 2, 4] and out.paths == paths
     assert [p.name for p, _ in out.failed] == ["junk.wav", "gone.wav"]
     assert "junk.wav" in out.failed[0][1] and "no such file" in out.failed[1][1]
-    assert out.probabilities.shape == (5, 3) and out.audio_embeddings.shape[0] == 5
+    assert out.probabilities.shape == (3, 3) and out.audio_embeddings.shape[0] == 3
     direct = clf.predict([m2dclap.load_audio(p, model.sample_rate) for p in paths])
     assert torch.allclose(out.probabilities, direct, atol=1e-5)
     empty = clf.predict_files([], progress=False)
@@ -253,8 +251,9 @@ def test_evaluate_cli_on_embedded_corpus(checkpoint, corpus, model, tmp_path, ca
     assert "accuracy:" in printed and "noise burst can be heard" in printed and str(out) in printed
 
 
-def test_evaluate_cli_multi_label_ensemble_and_plot(checkpoint, corpus, tmp_path, monkeypatch):
+def test_evaluate_cli_multi_label_ensemble_and_plot(checkpoint, corpus, model, tmp_path, monkeypatch):
     pytest.importorskip("matplotlib")
+    monkeypatch.setattr(evaluate_cli, "load_model", lambda *a: model)  # loading is tested above; save time
     out = tmp_path / "multi.json"
     rc = evaluate_cli.main(["--checkpoint", str(checkpoint), "--dataset", "manifest", "--manifest", str(corpus),
                             "--split", "val", "--template", "{label} can be heard", "--template", "a {} sound",
@@ -289,7 +288,7 @@ def test_evaluate_cli_errors(corpus, tmp_path, capsys, monkeypatch):
     assert e.value.code == 0 and "Table VI" in capsys.readouterr().out
 
 
-def test_classify_cli(checkpoint, corpus, tmp_path, capsys):
+def test_classify_cli(checkpoint, corpus, model, tmp_path, capsys, monkeypatch):
     clips = [r.audio for r in read_manifest(corpus, "test")][:2]
     rc = classify_cli.main([*map(str, clips), str(tmp_path / "missing.wav"), "--checkpoint", str(checkpoint),
                             "--labels", "beep, siren,rumble,siren", "--top", "2", "--quiet"])
@@ -300,6 +299,7 @@ def test_classify_cli(checkpoint, corpus, tmp_path, capsys):
     assert lines[1].lstrip().startswith("1. ") and "p=" in lines[1] and "cos=" in lines[1]
     labels = {ln.split()[1] for ln in lines if ln.startswith("  ")}
     assert labels <= {"beep", "siren", "rumble"}
+    monkeypatch.setattr(classify_cli, "load_model", lambda *a: model)  # loading is tested above; save time
     rc = classify_cli.main([str(clips[0]), "--checkpoint", str(checkpoint), "--labels", "beep,siren", "--json",
                             "--multi-label", "--quiet"])
     row = json.loads(capsys.readouterr().out)

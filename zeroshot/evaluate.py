@@ -212,8 +212,23 @@ def _json_safe(obj: Any) -> Any:
 
 # ----------------------------------------------------------------------------------------------- CLI
 
+LAYOUTS = """dataset layouts under --root:
+  esc50     meta/esc50.csv (filename,fold,target,category,...), audio/<filename>; folds 1-5 pooled
+  us8k      metadata/UrbanSound8K.csv (slice_file_name,...,fold,classID,class), audio/fold<N>/<file>
+  gtzan     genres/<genre>/*.wav or genres_original/<genre>/*.wav; --split-file: relative paths to use
+  nsynth    examples.json (note_str -> instrument_family_str) and audio/<note_str>.wav, in ROOT or
+            ROOT/nsynth-<split>
+  cremad    AudioWAV/<actor>_<sentence>_<ANG|DIS|FEA|HAP|NEU|SAD>_<level>.wav; --split-file: CSV file_name,split
+  fsd50k    FSD50K.ground_truth/<split>.csv (fname,labels,mids) [+ vocabulary.csv], FSD50K.<split>_audio/
+  audioset  --segments CSV (YTID, start_seconds, end_seconds, positive_labels), class_labels_indices.csv,
+            audio at --audio-pattern
+  manifest  the suite's CSV/JSONL manifest (audio, labels, split columns)
+Missing audio files are listed and counted (an error with --strict); unreadable ones are skipped and listed."""
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog=PROG, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(prog=PROG, description=__doc__, epilog=LAYOUTS,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--checkpoint", required=True, help="model folder, official .pth file or registered name")
     p.add_argument("--dataset", required=True, choices=DATASETS, help="which reader (layouts in zeroshot.datasets)")
     p.add_argument("--root", help="the dataset's folder (for manifest: where manifest.csv is, unless --manifest)")
