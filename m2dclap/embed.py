@@ -33,13 +33,14 @@ def sentence_model_cfg(name: str) -> TextCfg:
 
 
 def embed_captions(manifest: str | Path, out: str | Path, model_name: str = "all-MiniLM-L6-v2",
-                   batch_size: int = 256, progress: bool = True) -> Path:
-    """Embed every caption of every clip of ``manifest`` into ``out`` (official .npy dict form)."""
-    records = [r for r in read_manifest(manifest) if r.captions]
+                   batch_size: int = 256, progress: bool = True, split: str | None = None) -> Path:
+    """Embed every caption of every clip of ``manifest`` (or of one ``split``) into ``out`` (official .npy
+    dict form)."""
+    records = [r for r in read_manifest(manifest, split=split) if r.captions]
     if not records:
         raise ValueError(f"{manifest}: no captions to embed")
     out = Path(out)
-    key = hashlib.sha1(json.dumps([model_name, str(Path(manifest).resolve()), len(records)]).encode()).hexdigest()[:12]
+    key = hashlib.sha1(json.dumps([model_name, str(Path(manifest).resolve()), split, len(records)]).encode()).hexdigest()[:12]
     parts = out.with_name(out.name + f".parts-{key}")
     parts.mkdir(parents=True, exist_ok=True)
     encoder = SentenceTextEncoder(sentence_model_cfg(model_name))

@@ -119,6 +119,35 @@ class AudioEncoder(nn.Module):
             outputs.append(self._encode_chunks(lms[..., n_full * U:]))
         return torch.cat(outputs, dim=2)
 
+    def encode_lms_list(self, lms_list: list[torch.Tensor], max_chunks: int = 64) -> list[torch.Tensor]:
+        """Clips of different lengths, each (1, F, T_i) -> patch features (F', T'_i, D) per clip.
+
+        Every clip is padded and cut as in :meth:`encode_lms`; chunks of equal length from all clips are
+        encoded together (at most ``max_chunks`` per forward), so a batch of varied lengths costs about as
+        much as one of equal lengths.
+        """
+        U, p = self.cfg.input_size[1], self.cfg.patch_size[1]
+        pieces: list[tuple[int, int, torch.Tensor]] = []  # (clip, chunk position, (1, F, len))
+        for i, lms in enumerate(lms_list):
+            T = lms.shape[-1]
+            lms = F.pad(lms, (0, (p - (T % U % p)) % p))
+            for j, start in enumerate(range(0, lms.shape[-1], U)):
+                pieces.append((i, j, lms[..., start:start + U]))
+        by_len: dict[int, list[int]] = {}
+        for k, (_, _, chunk) in enumerate(pieces):
+            by_len.setdefault(chunk.shape[-1], []).append(k)
+        encoded: list[torch.Tensor | None] = [None] * len(pieces)
+        for ks in by_len.values():
+            for s in range(0, len(ks), max_chunks):
+                group = ks[s:s + max_chunks]
+                z = self._encode_chunks(torch.stack([pieces[k][2] for k in group]))  # (n, F', t, D)
+                for k, zk in zip(group, z):
+                    encoded[k] = zk
+        out: list[list[torch.Tensor]] = [[] for _ in lms_list]
+        for (i, _, _), zk in zip(pieces, encoded):  # pieces are in clip, then time order
+            out[i].append(zk)
+        return [torch.cat(parts, dim=1) for parts in out]  # (F', T'_i, D)
+
     def _encode_chunks(self, chunks: torch.Tensor) -> torch.Tensor:
         z = self.forward_features(chunks)[:, 1:]  # drop CLS: (B, F'*t, D)
         gf = self.grid_size[0]

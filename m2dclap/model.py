@@ -128,17 +128,21 @@ class M2DCLAP(nn.Module):
         return self.encoder.encode_lms(lms.to(self.dtype)).float()
 
     def _patches(self, audio: AudioInput, sample_rate: int | None) -> list[torch.Tensor]:
-        """Patch features per clip, in input order; clips of equal length share one encoder pass."""
+        """Patch features (F', T'_i, D) per clip, in input order.
+
+        Equal-length clips share one frontend call; the chunks of all clips, whatever their lengths, are
+        grouped by chunk length and encoded together.
+        """
         waves = self.prepare_audio(audio, sample_rate)
-        out: list[torch.Tensor | None] = [None] * len(waves)
+        lms: list[torch.Tensor | None] = [None] * len(waves)
         by_len: dict[int, list[int]] = {}
         for i, w in enumerate(waves):
             by_len.setdefault(w.shape[0], []).append(i)
         for idx in by_len.values():
-            z = self.encode_lms(self.log_mel(torch.stack([waves[i] for i in idx])))
+            batch = self.log_mel(torch.stack([waves[i] for i in idx])).to(self.dtype)  # (b, 1, F, T)
             for j, i in enumerate(idx):
-                out[i] = z[j]
-        return out  # type: ignore[return-value]
+                lms[i] = batch[j]
+        return [z.float() for z in self.encoder.encode_lms_list(lms)]  # type: ignore[arg-type]
 
     @torch.no_grad()
     def audio_features(self, audio: AudioInput, sample_rate: int | None = None, clap: bool = False) -> dict[str, Any]:

@@ -34,6 +34,12 @@ DEFAULT_SPLITS = {"clotho": "evaluation", "audiocaps": "test", "manifest": "test
                   "wavcaps": ""}
 
 
+QUERIES = {"text_to_audio": "every caption ranks all clips; relevant: the clip it describes",
+           "audio_to_text": "every clip ranks all captions; relevant: its own captions"}
+QUERIES_2025 = ("each annotated query ranks all clips; relevant: its audio_filenames (matched by file name); "
+                "audio->text: each clip named by a query ranks the annotated queries; relevant: those naming it")
+
+
 def evaluate_records(model, records: Sequence[Record], protocol: str = "clap",
                      relevance: list[tuple[str, list[str]]] | None = None, cache: EmbeddingCache | None = None,
                      batch_size: int = 32, block_bytes: int = DEFAULT_BLOCK_BYTES, strict: bool = False,
@@ -62,7 +68,8 @@ def evaluate_records(model, records: Sequence[Record], protocol: str = "clap",
     t2 = time.perf_counter()
     result: dict[str, Any] = {
         "protocol": {"name": protocol, "description": PROTOCOL_TEXT[protocol], "similarity": "cosine",
-                     "ties": "pessimistic (irrelevant items ranked first)", "scale": "fractions in [0, 1]"},
+                     "ties": "pessimistic (irrelevant items ranked first)", "scale": "fractions in [0, 1]",
+                     "queries": QUERIES if relevance is None else {**QUERIES, "relevance": QUERIES_2025}},
         "n_clips": len(kept), "n_captions": len(captions),
         "unreadable": {"count": len(bad), "files": [msg for _, msg in bad]},
     }
@@ -158,8 +165,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="dataset layout (default: the embedded synthetic corpus)")
     parser.add_argument("--root", help="dataset folder, or the manifest file for --dataset manifest")
     parser.add_argument("--split", default=None, help="clotho: development|validation|evaluation (default "
-                                                      "evaluation); audiocaps/manifest/synthetic: train|val|test "
-                                                      "(default test)")
+                                                      "evaluation); audiocaps: train|val|test (default test); "
+                                                      "manifest/synthetic: train|val|test|all (default test)")
     parser.add_argument("--audio-dir", help="audio folder (default: ROOT/SPLIT and the usual alternatives)")
     parser.add_argument("--audio-pattern", help="AudioCaps file name pattern over youtube_id, start_time, "
                                                 "end_time, audiocap_id (default '{youtube_id}.wav')")
@@ -184,6 +191,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.relevance and args.protocol != "dcase":
         parser.error("--relevance (DCASE 2025 multi-positive annotations) needs --protocol dcase")
     split = args.split if args.split is not None else DEFAULT_SPLITS[args.dataset]
+    if split == "all" and args.dataset in ("manifest", "synthetic"):
+        split = ""  # every record, whatever its split column says
     try:
         data: ReadResult = load_dataset(args.dataset, args.root, split, args.strict, args.audio_dir,
                                         args.audio_pattern)

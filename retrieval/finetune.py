@@ -32,7 +32,7 @@ from tqdm.auto import tqdm
 import m2dclap
 from m2dclap.clap import ContrastiveLoss
 from m2dclap.data.manifest import Record, apply_exclusions, read_exclusion_list
-from m2dclap.train.loop import TrainState, latest_checkpoint, lr_at, make_accelerator, param_groups, save_checkpoint
+from m2dclap.train.loop import TrainState, latest_checkpoint, lr_at, param_groups, save_checkpoint
 
 from .datasets import load_dataset
 from .metrics import caption_retrieval
@@ -42,6 +42,8 @@ log = logging.getLogger(__name__)
 TRAIN_SPLITS = {"clotho": "development", "audiocaps": "train", "wavcaps": "", "manifest": "train",
                 "synthetic": "train"}
 VAL_SPLITS = {"clotho": "validation", "audiocaps": "val", "wavcaps": "", "manifest": "val", "synthetic": "val"}
+CHOICES = {"sample": ("captions", "clips"), "on_bad_audio": ("skip", "fail"),
+           "mixed_precision": ("no", "fp16", "bf16"), "tracker": ("auto", "none", "tensorboard")}
 
 
 @dataclass
@@ -97,6 +99,9 @@ def read_sets(cfg: FinetuneCfg, spec: str, splits: dict[str, str]) -> list[tuple
     out = []
     for item in (s.strip() for s in spec.split(",") if s.strip()):
         name, _, split = item.partition(":")
+        if name in roots and name != "synthetic" and not roots[name]:
+            flag = "--wavcaps-json" if name == "wavcaps" else f"--{name}-root"
+            raise ValueError(f"dataset {name!r} in {spec!r} needs {flag}")
         if name not in roots:  # a manifest file, optionally manifest.csv:split
             path, split = (name, split) if Path(name).suffix.lower() in (".csv", ".jsonl") else (item, "")
             data = load_dataset("manifest", path, split or splits["manifest"])
@@ -208,28 +213,26 @@ def validate(accelerator, model, sets: list[tuple[str, list[Record]]], batch_siz
     model.eval()
     results = {}
     for name, records in sets:
-        def audio_rows(idx: list[int]) -> torch.Tensor:
-            waves, ok = [], []
-            for i in idx:
-                try:
-                    waves.append(m2dclap.load_audio(records[i].audio, model.sample_rate))
-                    ok.append(True)
-                except m2dclap.AudioError as e:
-                    log.warning("validation: skipping %s", e)
-                    ok.append(False)
-            emb = model.encode_audio(waves, model.sample_rate, batch_size=batch_size).float().cpu() if waves else None
-            out, j = [], 0
-            for good in ok:
-                out.append(emb[j] if good else None)
-                j += good
-            dim = emb.shape[1] if emb is not None else 1
-            return torch.stack([o if o is not None else torch.full((dim,), math.nan) for o in out])
-
-        audio = _sharded(accelerator, len(records), audio_rows, batch_size)
         captions = [c for r in records for c in r.captions]
         owner = torch.tensor([i for i, r in enumerate(records) for _ in r.captions])
         text = _sharded(accelerator, len(captions),
                         lambda idx: model.encode_text([captions[i] for i in idx]).float().cpu(), 64)
+
+        def audio_rows(idx: list[int]) -> torch.Tensor:
+            """Embeddings of the clips ``idx``; an unreadable clip gets a row of NaN (dropped below)."""
+            out = torch.full((len(idx), text.shape[1]), math.nan)
+            waves, ok = [], []
+            for j, i in enumerate(idx):
+                try:
+                    waves.append(m2dclap.load_audio(records[i].audio, model.sample_rate))
+                    ok.append(j)
+                except m2dclap.AudioError as e:
+                    log.warning("validation: skipping %s", e)
+            if waves:
+                out[ok] = model.encode_audio(waves, model.sample_rate, batch_size=batch_size).float().cpu()
+            return out
+
+        audio = _sharded(accelerator, len(records), audio_rows, batch_size)
         good = ~torch.isnan(audio).any(1)
         remap = torch.cumsum(good.long(), 0) - 1
         keep_caps = good[owner]
@@ -258,6 +261,26 @@ class Progress:
 
 
 # ------------------------------------------------------------------------------------------------ train
+def make_accelerator(cfg: FinetuneCfg, out_dir: Path):
+    """As ``m2dclap.train.loop.make_accelerator``, plus ``cpu=True`` on a machine without CUDA: otherwise
+    ``accelerate launch --multi_gpu --num_processes N`` on CPUs starts N unrelated single-process runs."""
+    from accelerate import Accelerator
+    from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration
+
+    tracker = None
+    if cfg.tracker in ("auto", "tensorboard"):
+        try:
+            import tensorboard  # noqa: F401  (optional)
+            tracker = "tensorboard"
+        except ImportError:
+            if cfg.tracker == "tensorboard":
+                raise ImportError("--tracker tensorboard needs the tensorboard package") from None
+    return Accelerator(cpu=not torch.cuda.is_available(), mixed_precision=cfg.mixed_precision,
+                       gradient_accumulation_steps=cfg.grad_accum, log_with=tracker,
+                       project_config=ProjectConfiguration(project_dir=str(out_dir)),
+                       dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True))
+
+
 def finetune(cfg: FinetuneCfg, resume: bool = False) -> dict[str, Any]:
     """Run the fine-tuning; returns the summary (also written to ``OUTPUT/summary.json``)."""
     from accelerate.utils import set_seed
@@ -297,7 +320,8 @@ def finetune(cfg: FinetuneCfg, resume: bool = False) -> dict[str, Any]:
         log.info("resumed from %s at step %d (epoch %d)", ckpt, state.step, state.epoch)
     if accelerator.log_with and not accelerator.trackers:
         accelerator.init_trackers("retrieval-finetune", config={k: str(v) for k, v in cfg.to_dict().items()})
-    log.info("training on %s (%d items, %d clips), validating on %s; lr %.3g, effective batch %d",
+    info = log.info if accelerator.is_main_process else log.debug
+    info("training on %s (%d items, %d clips), validating on %s; lr %.3g, effective batch %d",
              ", ".join(n for n, _ in train_sets), len(ds), len(records), ", ".join(n for n, _ in val_sets), peak,
              eff_batch)
     if not progress.history:  # the starting point, so the gain of fine-tuning is visible
@@ -307,12 +331,21 @@ def finetune(cfg: FinetuneCfg, resume: bool = False) -> dict[str, Any]:
                "skipped_clips": state.skipped, "peak_lr": peak, "effective_batch": eff_batch,
                "initial_score": progress.history[0]["score"], "best_score": progress.best_score,
                "best_epoch": progress.best_epoch, "history": progress.history,
-               "best_model": str(out_dir / "best"), "final_model": str(out_dir / "model")}
+               "best_model": str(out_dir / "best"), "final_model": str(out_dir / "model"),
+               "processes": accelerator.num_processes}
     if accelerator.is_main_process:
         accelerator.unwrap_model(model).save_pretrained(out_dir / "model", stage="2.1-retrieval", steps=state.step)
         (out_dir / "summary.json").write_text(json.dumps(summary, indent=2))
     accelerator.end_training()
-    return summary
+    return {**summary, "main_process": accelerator.is_main_process}
+
+
+def batch_loss(model, batch: dict[str, Any], loss_fn: ContrastiveLoss, sample_rate: int) -> torch.Tensor:
+    """Eq. 3-4 on one batch, items of the same audio file being positives of each other."""
+    out = model(audio=batch["waves"], texts=batch["captions"], sample_rate=sample_rate)
+    groups = batch["groups"].to(out["audio_features"].device)
+    return loss_fn(out["audio_features"], out["text_features"], out["logit_scale"],
+                   positive_groups=groups)["contrastive_loss"]
 
 
 def run_epochs(cfg: FinetuneCfg, accelerator, model, optimizer, loader, ds: CaptionedClips, state: TrainState,
@@ -338,9 +371,7 @@ def run_epochs(cfg: FinetuneCfg, accelerator, model, optimizer, loader, ds: Capt
                 batch = last_good
             batch = last_good = refill(batch, cfg.batch_size)
             with accelerator.accumulate(model):
-                out = model(audio=batch["waves"], texts=batch["captions"], sample_rate=inner.sample_rate)
-                loss = loss_fn(out["audio_features"], out["text_features"], out["logit_scale"],
-                               positive_groups=batch["groups"].to(accelerator.device))["contrastive_loss"]
+                loss = batch_loss(model, batch, loss_fn, inner.sample_rate)
                 accelerator.backward(loss)
                 if accelerator.sync_gradients and cfg.clip_grad > 0:
                     accelerator.clip_grad_norm_(params, cfg.clip_grad)
@@ -385,7 +416,8 @@ def _end_of_epoch(cfg: FinetuneCfg, accelerator, model, val_sets, state: TrainSt
             inner.save_pretrained(Path(cfg.output_dir) / "best", stage="2.1-retrieval", epoch=state.epoch,
                                   val_t2a_map10=score)
     accelerator.log({"val_t2a_mAP@10": score, "train_loss": train_loss}, step=state.step)
-    log.info("epoch %d: train loss %.4f, validation T2A mAP@10 %.2f%s", state.epoch, train_loss, 100 * score,
+    info = log.info if accelerator.is_main_process else log.debug
+    info("epoch %d: train loss %.4f, validation T2A mAP@10 %.2f%s", state.epoch, train_loss, 100 * score,
              " (best so far, saved)" if improved else f" (best {100 * progress.best_score:.2f} at epoch "
                                                       f"{progress.best_epoch})")
     if checkpoint:
@@ -409,32 +441,30 @@ def build_parser() -> argparse.ArgumentParser:
                "--train clotho,audiocaps --val clotho --clotho-root data/clotho --audiocaps-root data/audiocaps",
         formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--resume", action="store_true", help="continue from the last complete checkpoint")
+    comments = _field_comments()
     for f in dataclasses.fields(FinetuneCfg):
-        flag = "--" + f.name.replace("_", "-")
-        default = f.default
+        flag, default, about = "--" + f.name.replace("_", "-"), f.default, comments.get(f.name, "")
         if isinstance(default, bool):
-            parser.add_argument(flag, action="store_true", help="(default: off)")
+            parser.add_argument(flag, action="store_true", help=f"{about} (default: off)")
         elif isinstance(default, tuple):
-            parser.add_argument(flag, type=float, nargs=len(default), default=default, help=f"(default: {default})")
+            parser.add_argument(flag, type=float, nargs=len(default), default=default,
+                                help=f"{about} (default: {' '.join(map(str, default))})")
         else:
-            parser.add_argument(flag, type=type(default), default=default, help=f"(default: {default!r})")
-    _describe(parser)
+            parser.add_argument(flag, type=type(default), default=default, choices=CHOICES.get(f.name),
+                                help=f"{about} (default: {default!r})")
     return parser
 
 
-def _describe(parser: argparse.ArgumentParser) -> None:
-    """Use the dataclass field comments as help texts."""
+def _field_comments() -> dict[str, str]:
+    """The one-line comment of every FinetuneCfg field, used as its --help text."""
     import inspect
 
     comments = {}
     for line in inspect.getsource(FinetuneCfg).splitlines():
         name, sep, rest = line.strip().partition(":")
         if sep and "#" in rest:
-            comments[name] = rest.split("#", 1)[1].strip()
-    for action in parser._actions:
-        name = action.dest
-        if name in comments:
-            action.help = f"{comments[name]} {action.help}"
+            comments[name] = rest.split("#", 1)[1].strip().replace("%", "%%")
+    return comments
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -451,6 +481,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
+    if not summary["main_process"]:
+        return 0
     print(f"validation T2A mAP@10: start {100 * summary['initial_score']:.2f} -> best "
           f"{100 * summary['best_score']:.2f} (epoch {summary['best_epoch']}); best model in {summary['best_model']}")
     return 0

@@ -93,26 +93,22 @@ class Relevance:
     def grouped(cls, owner: torch.Tensor, n_queries: int) -> "Relevance":
         """Query ``j`` has the candidates ``c`` with ``owner[c] == j`` (audio->text with a clip's captions)."""
         owner = torch.as_tensor(owner, dtype=torch.long)
-        order = torch.argsort(owner, stable=True)
-        counts = torch.bincount(owner, minlength=n_queries)
+        return cls.from_pairs(owner, torch.arange(owner.numel()), n_queries, owner.numel())
+
+    @classmethod
+    def from_pairs(cls, query: torch.Tensor, candidate: torch.Tensor, n_queries: int,
+                   n_candidates: int) -> "Relevance":
+        """From (query, candidate) index pairs, each pair once."""
+        order = torch.argsort(query * max(n_candidates, 1) + candidate)
+        query, candidate = query[order], candidate[order]
         indptr = torch.zeros(n_queries + 1, dtype=torch.long)
-        indptr[1:] = counts.cumsum(0)
-        return cls(indptr, order, owner.numel())
+        indptr[1:] = torch.bincount(query, minlength=n_queries).cumsum(0)
+        return cls(indptr, candidate, n_candidates)
 
     def transpose(self) -> "Relevance":
         """The same pairs seen from the candidates' side."""
         rows = torch.repeat_interleave(torch.arange(self.n_queries), self.counts())
-        return Relevance.grouped_pairs(self.indices, rows, self.n_candidates, self.n_queries)
-
-    @classmethod
-    def grouped_pairs(cls, query: torch.Tensor, candidate: torch.Tensor, n_queries: int,
-                      n_candidates: int) -> "Relevance":
-        order = torch.argsort(query * max(n_candidates, 1) + candidate)
-        query, candidate = query[order], candidate[order]
-        counts = torch.bincount(query, minlength=n_queries)
-        indptr = torch.zeros(n_queries + 1, dtype=torch.long)
-        indptr[1:] = counts.cumsum(0)
-        return cls(indptr, candidate, n_candidates)
+        return Relevance.from_pairs(self.indices, rows, self.n_candidates, self.n_queries)
 
 
 def relevant_positions(queries: torch.Tensor, candidates: torch.Tensor, relevance: Relevance,
@@ -140,7 +136,7 @@ def relevant_positions(queries: torch.Tensor, candidates: torch.Tensor, relevanc
     table[valid] = relevance.indices
     rows = max(1, min(Q, block_bytes // max(1, N * 6)))  # float scores + a bool temporary per element
     candidates_t = candidates.float().T  # a view when the embeddings are float32 already
-    inv_norm = 1.0 / torch.linalg.vector_norm(candidates_t, dim=0).clamp_min(1e-12) if normalize else None
+    inv_norm = 1.0 / _row_norms(candidates).clamp_min(1e-12) if normalize else None
     for s in range(0, Q, rows):
         q = queries[s:s + rows].float()
         sim = (F.normalize(q, dim=-1) if normalize else q) @ candidates_t  # (b, N)
@@ -159,6 +155,11 @@ def relevant_positions(queries: torch.Tensor, candidates: torch.Tensor, relevanc
         pos = torch.arange(1, M + 1, dtype=torch.float32)[None, :] + (ge_all - ge_rel)
         out[s:s + rows] = torch.where(slot < n_valid[:, None], pos, torch.full_like(pos, math.inf))
     return out
+
+
+def _row_norms(x: torch.Tensor, rows: int = 65536) -> torch.Tensor:
+    """L2 norm of every row, a block of rows at a time (no temporary as large as ``x``)."""
+    return torch.cat([torch.linalg.vector_norm(x[s:s + rows].float(), dim=1) for s in range(0, x.shape[0], rows)])
 
 
 def scores_from_positions(positions: torch.Tensor, n_relevant: torch.Tensor, protocol: str,

@@ -20,12 +20,13 @@ def main(argv: list[str] | None = None) -> int:
                         help="sentence-transformers model: hub name or folder (paper: nvidia/NV-Embed-v2; "
                              "default: the packaged all-MiniLM-L6-v2, no download)")
     parser.add_argument("--batch-size", type=int, default=256, help="clips per batch (default 256)")
+    parser.add_argument("--split", choices=["train", "val", "test"], help="embed only this split (default: all)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     from m2dclap.embed import embed_captions
 
     try:
-        embed_captions(args.manifest, args.out, args.model, args.batch_size)
+        embed_captions(args.manifest, args.out, args.model, args.batch_size, split=args.split)
     except (OSError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1

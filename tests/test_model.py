@@ -252,3 +252,14 @@ def test_audio_features_with_clap_matches_encode_audio(tiny):
     waves = [tone(2.0), tone(1.3, freq=600)]
     feats = tiny.audio_features(waves, clap=True)
     assert torch.allclose(feats["clap"], tiny.encode_audio(waves), atol=1e-5)
+
+
+def test_mixed_length_batch_equals_one_by_one():
+    """Chunks of clips of different lengths are encoded together; results equal encoding each clip alone."""
+    model = audio_only("tiny")
+    waves = [tone(3.3), tone(1.0, freq=700), tone(2.6, freq=300, seed=3), tone(0.5, freq=1500)]
+    together = model.audio_features(waves)
+    for i, w in enumerate(waves):
+        alone = model.audio_features(w)
+        assert torch.allclose(together["frame"][i], alone["frame"][0], atol=1e-5)
+        assert torch.allclose(together["clip"][i], alone["clip"][0], atol=1e-5)

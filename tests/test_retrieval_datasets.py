@@ -128,3 +128,20 @@ def test_load_dataset_manifest_and_errors(tmp_path):
         D.load_dataset("clotho", None, "evaluation")
     with pytest.raises(ValueError, match="unknown dataset"):
         D.load_dataset("esc50", tmp_path, "test")
+
+
+def test_finetune_dataset_specs_mix_layouts(clotho, tmp_path):
+    from retrieval.finetune import TRAIN_SPLITS, FinetuneCfg, read_sets
+
+    wav(tmp_path / "x.wav")
+    write(tmp_path / "m.csv", "audio,caption_1,caption_2,split\nx.wav,hello,hi,train\ny.wav,bye,ciao,val\n")
+    wav(tmp_path / "y.wav")
+    cfg = FinetuneCfg(clotho_root=str(clotho))
+    sets = read_sets(cfg, f"clotho:evaluation, {tmp_path / 'm.csv'}", TRAIN_SPLITS)
+    assert [(name, [r.id for r in recs]) for name, recs in sets] == [("clotho:evaluation", ["a dog", "rain_01"]),
+                                                                      ("m", ["x"])]
+    assert [r.id for _, recs in read_sets(cfg, f"{tmp_path / 'm.csv'}:val", TRAIN_SPLITS) for r in recs] == ["y"]
+    with pytest.raises(ValueError, match="--audiocaps-root"):
+        read_sets(cfg, "audiocaps", TRAIN_SPLITS)
+    with pytest.raises(FileNotFoundError, match="clotho_captions_development.csv"):
+        read_sets(cfg, "clotho", TRAIN_SPLITS)  # the default training split is development

@@ -78,6 +78,15 @@ def test_several_relevant_items_both_conventions():
     assert clap["mAP@10"] == pytest.approx(dcase["mAP@10"])
 
 
+def test_average_precision_is_divided_by_all_relevant_items():
+    # 12 relevant candidates in the first 12 places (the 2025 annotations have up to 12): the top 10 are all
+    # hits, yet AP@10 = 10 / 12, since the divisor is the number of relevant items, not min(10, 12)
+    row = [1.0 - 0.01 * j for j in range(15)]
+    got = scores([row], [list(range(12))], "dcase")
+    assert got["mAP@10"] == pytest.approx(10 / 12) and got["mAP@16"] == pytest.approx(1.0)
+    assert got["R@10"] == pytest.approx(10 / 12)
+
+
 def test_audio_to_text_map_uses_sorted_ranks():
     # one clip, six captions; its captions 4 and 1 (listing order) sit at positions 2 and 5
     sim = [[0.2, 0.9, 0.1, 0.5, 0.8, 0.3]]  # positions: 1->1(c1), 4->2, 3->3, 5->4, 0->5, 2->6

@@ -76,6 +76,11 @@ def build_model(cfg: TrainCfg, caption_dim: int | None) -> M2DCLAP:
     model = M2DCLAP(model_cfg)
     keep = {k: v for k, v in source.state_dict().items()
             if k.startswith(("encoder.", "audio_proj.")) or k == "norm_stats"}
+    # When the new text encoder is the model whose embeddings stage 1 learned from (same width), the
+    # stage-1 text map and temperature are a warm start; otherwise they start fresh.
+    same_text = source.cfg.text.name == model_cfg.text.name and source.cfg.text.width == model_cfg.text.width
+    if same_text:
+        keep.update({k: v for k, v in source.state_dict().items() if k.startswith("text_proj.") or k == "logit_scale"})
     model.load_state_dict(keep, strict=False)
     return model
 

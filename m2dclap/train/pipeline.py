@@ -37,9 +37,9 @@ def default_run(output_dir: str | Path = "runs/default", n_clips: int = 2000, se
 
     out = Path(output_dir)
     manifest = generate_corpus(default_corpus_dir(), n_clips=n_clips, seed=seed)
-    captions = out / "captions-minilm.npy"
+    captions = out / "captions-minilm-train.npy"  # stage 1 reads the training split only
     if not captions.exists():
-        embed_captions(manifest, captions, "all-MiniLM-L6-v2")
+        embed_captions(manifest, captions, "all-MiniLM-L6-v2", split="train")
     stage_overrides = stage_overrides or {}
     summaries = {}
     prev = ""
