@@ -393,7 +393,8 @@ def run_epochs(cfg: FinetuneCfg, accelerator, model, optimizer, loader, ds: Capt
                 save_checkpoint(accelerator, state, Path(cfg.output_dir), cfg.keep_checkpoints)
         state.epoch += 1
         state.batch_in_epoch = 0
-        _end_of_epoch(cfg, accelerator, model, val_sets, state, progress, float(np.mean(losses)) if losses else math.nan)
+        mean_loss = float(np.mean(losses)) if losses else math.nan
+        _end_of_epoch(cfg, accelerator, model, val_sets, state, progress, mean_loss)
     bar.close()
 
 

@@ -134,12 +134,15 @@ def relevant_positions(queries: torch.Tensor, candidates: torch.Tensor, relevanc
     valid = slot < counts[:, None]
     table = torch.zeros(Q, M, dtype=torch.long)
     table[valid] = relevance.indices
-    rows = max(1, min(Q, block_bytes // max(1, N * 6)))  # float scores + a bool temporary per element
+    if N >= 2 ** 24:
+        raise ValueError(f"{N} candidates: counts are summed in float32, exact only below 2**24")
+    rows = max(1, min(Q, block_bytes // max(1, N * 8)))  # two float blocks: the scores and a work area
     candidates_t = candidates.float().T  # a view when the embeddings are float32 already
     inv_norm = 1.0 / _row_norms(candidates).clamp_min(1e-12) if normalize else None
+    buffer, work = torch.empty(rows, N), torch.empty(rows, N)  # reused by every block
     for s in range(0, Q, rows):
         q = queries[s:s + rows].float()
-        sim = (F.normalize(q, dim=-1) if normalize else q) @ candidates_t  # (b, N)
+        sim = torch.mm(F.normalize(q, dim=-1) if normalize else q, candidates_t, out=buffer[:q.shape[0]])  # (b, N)
         if inv_norm is not None:
             sim.mul_(inv_norm)  # cosine: divide each column by its candidate's norm
         ok = valid[s:s + rows]
@@ -148,7 +151,10 @@ def relevant_positions(queries: torch.Tensor, candidates: torch.Tensor, relevanc
         n_valid = ok.sum(1)
         ge_all = torch.zeros_like(thr)
         for m in range(int(n_valid.max())):
-            ge_all[:, m] = (sim >= thr[:, m:m + 1]).sum(1)  # candidates scoring >= the m-th relevant score
+            # candidates scoring >= the m-th relevant score. (a - t) >= 0 exactly when a >= t for IEEE floats;
+            # counting in a float work block avoids the (b, N) int64 copy that summing booleans makes.
+            ge = torch.sub(sim, thr[:, m:m + 1], out=work[:sim.shape[0]]).ge_(0)
+            ge_all[:, m] = ge.sum(1)
         # relevant ones among them: thr is sorted, so count by binary search (ties among relevant included)
         neg = (-thr).contiguous()
         ge_rel = torch.searchsorted(neg, neg, right=True).float()

@@ -103,6 +103,8 @@ def meta_template(model, checkpoint: str, system_name: str, dev_results: dict[st
     fig = {k: (round(100 * t2a[k], 2) if k in t2a else "TODO") for k in ("mAP@10", "R@1", "R@5", "R@10")}
     text_name = getattr(getattr(model, "cfg", None), "text", None)
     text_name = getattr(text_name, "name", "unknown")
+    sr = model.sample_rate
+    rate = f"{sr // 1000} kHz" if sr % 1000 == 0 else f"{sr} Hz"
     return f"""# DCASE language-based audio retrieval: system meta information (TEMPLATE).
 # Fill in every TODO and check the field names against the task's official example for this year.
 submission:
@@ -119,7 +121,7 @@ submission:
         location: "TODO"
 system:
   description:
-    input_sampling_rate: {q(f"{model.sample_rate // 1000} kHz" if model.sample_rate % 1000 == 0 else f"{model.sample_rate} Hz")}
+    input_sampling_rate: {q(rate)}
     acoustic_features: "log-mel energies"
     audio_encoder: "M2D ViT (masked modeling duo) with a transformer audio projector"
     text_encoder: {q(str(text_name))}
