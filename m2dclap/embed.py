@@ -11,7 +11,6 @@ import json
 import logging
 import shutil
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 from tqdm.auto import tqdm

@@ -20,7 +20,6 @@ import json
 import logging
 import os
 import sys
-import tempfile
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
@@ -31,6 +30,7 @@ import torch
 from tqdm import tqdm
 
 from .audio import AUDIO_EXTENSIONS, AudioError, load_audio
+from .fileio import atomic_write
 
 log = logging.getLogger(__name__)
 
@@ -162,19 +162,7 @@ def check_output_names(items: Sequence[AudioItem]) -> None:
 # ---------------------------------------------------------------------------------------------------
 # Small file helpers: atomic writes, a tolerant ledger, a lock
 # ---------------------------------------------------------------------------------------------------
-@contextlib.contextmanager
-def _atomic(path: Path, mode: str = "wb"):
-    """Open a temporary file beside ``path``; on success rename it over ``path`` (never half-written)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, mode, **({} if "b" in mode else {"newline": "", "encoding": "utf-8"})) as f:
-            yield f
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
+_atomic = atomic_write  # open a temporary file beside the target; renamed over it on success
 
 
 def save_npy(path: Path, array: np.ndarray) -> None:

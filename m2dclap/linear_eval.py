@@ -23,9 +23,7 @@ import hashlib
 import json
 import logging
 import math
-import os
 import sys
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -354,17 +352,12 @@ def load_cache(path: Path) -> Features | None:
 
 def save_cache(path: Path, feats: Features) -> None:
     """Write ``feats`` to ``path`` through a temporary file renamed into place (never half-written)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            np.savez(f, ids=np.array(feats.ids, dtype=str), clip=feats.clip,
-                     bad_paths=np.array([b[0] for b in feats.bad], dtype=str),
-                     bad_reasons=np.array([b[1] for b in feats.bad], dtype=str))
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    from .fileio import atomic_write
+
+    with atomic_write(path) as f:
+        np.savez(f, ids=np.array(feats.ids, dtype=str), clip=feats.clip,
+                 bad_paths=np.array([b[0] for b in feats.bad], dtype=str),
+                 bad_reasons=np.array([b[1] for b in feats.bad], dtype=str))
 
 
 @torch.no_grad()

@@ -42,16 +42,19 @@ def audio_to_text(audio_emb: torch.Tensor, text_emb: torch.Tensor, caption_audio
     for s in range(0, n_audio, block):
         sim = audio_emb[s:s + block] @ text_emb.T  # (b, Q)
         rel = caption_audio[None, :] == torch.arange(s, s + sim.shape[0])[:, None]  # (b, Q)
-        top = sim.topk(min(10, sim.shape[1]), dim=1)
-        top_rel = rel.gather(1, top.indices).float()  # (b, 10) relevance of the top-ranked captions
-        # Ties: a relevant caption tied with a better-placed irrelevant one should not win; rank by count.
-        best = torch.where(rel, sim, torch.full_like(sim, -math.inf)).max(1).values
-        best_rank = (sim > best[:, None]).sum(1) + ((sim == best[:, None]) & ~rel).sum(1)
+        # Relevant scores sorted best first, padded with -inf: (b, C_max)
+        c_max = int(rel.sum(1).max().item()) if rel.numel() else 0
+        rel_scores = torch.where(rel, sim, torch.full_like(sim, -math.inf)).topk(max(c_max, 1), dim=1).values
+        # Position (1-based) of the i-th relevant caption, ties counted against the query: every irrelevant
+        # caption scoring >= it comes first, then the i - 1 better relevant ones.
+        irr_ge = torch.stack([((sim >= rel_scores[:, i:i + 1]) & ~rel).sum(1) for i in range(rel_scores.shape[1])], 1)
+        order = torch.arange(1, rel_scores.shape[1] + 1)
+        position = (irr_ge + order).float()
+        valid = torch.isfinite(rel_scores)
         for k in KS:
-            hits[k][s:s + sim.shape[0]] = (best_rank < k).float()
-        cum = top_rel.cumsum(1)  # i-th relevant found at position p contributes i / p
-        positions = torch.arange(1, top_rel.shape[1] + 1).float()
-        ap[s:s + sim.shape[0]] = (top_rel * cum / positions).sum(1)
+            hits[k][s:s + sim.shape[0]] = ((position[:, 0] <= k) & valid[:, 0]).float()
+        in_top = valid & (position <= 10)
+        ap[s:s + sim.shape[0]] = torch.where(in_top, order / position, torch.zeros_like(position)).sum(1)
     out = {f"R@{k}": hits[k].mean().item() for k in KS}
     out["mAP@10"] = (ap / n_caps.clamp_min(1)).mean().item()
     return out

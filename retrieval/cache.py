@@ -10,7 +10,6 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
-import tempfile
 from pathlib import Path
 from typing import Sequence
 
@@ -19,6 +18,7 @@ import torch
 from tqdm.auto import tqdm
 
 import m2dclap
+from m2dclap.fileio import atomic_write
 
 log = logging.getLogger(__name__)
 
@@ -46,15 +46,8 @@ def checkpoint_fingerprint(checkpoint: str | Path) -> str:
 
 
 def _atomic_save(path: Path, array: np.ndarray) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            np.save(f, array, allow_pickle=False)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_write(path) as f:
+        np.save(f, array, allow_pickle=False)
 
 
 def _load(path: Path) -> np.ndarray | None:

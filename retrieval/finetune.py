@@ -66,7 +66,7 @@ class FinetuneCfg:
     freeze_text: bool = False  # train the audio projector only (cheap adaptation)
     sample: str = "captions"  # captions: every caption once per epoch; clips: one random caption per clip
     epochs: int = 30  # paper stage 2/2.1
-    warmup_epochs: float = 5  # paper stage 2/2.1
+    warmup_epochs: float = 5.0  # paper stage 2/2.1
     batch_size: int = 64  # per process
     grad_accum: int = 1  # micro-batches per optimiser step
     blr: float = 3e-6  # paper base learning rate; lr = blr * effective batch / 256
@@ -451,7 +451,8 @@ def build_parser() -> argparse.ArgumentParser:
             parser.add_argument(flag, type=float, nargs=len(default), default=default,
                                 help=f"{about} (default: {' '.join(map(str, default))})")
         else:
-            parser.add_argument(flag, type=type(default), default=default, choices=CHOICES.get(f.name),
+            kind = {"int": int, "float": float, "str": str}[str(f.type)]  # the annotation, not the default's type
+            parser.add_argument(flag, type=kind, default=default, choices=CHOICES.get(f.name),
                                 help=f"{about} (default: {default!r})")
     return parser
 

@@ -134,7 +134,7 @@ system:
     total_parameters: {n_params}
   source_code: "TODO"
 results:
-  development_evaluation:  # Clotho evaluation split, text->audio, python -m retrieval.evaluate
+  development_evaluation:  # text->audio from --dev-results (DCASE: the Clotho evaluation split)
     mAP@10: {q(fig["mAP@10"]) if fig["mAP@10"] == "TODO" else fig["mAP@10"]}
     R@1: {q(fig["R@1"]) if fig["R@1"] == "TODO" else fig["R@1"]}
     R@5: {q(fig["R@5"]) if fig["R@5"] == "TODO" else fig["R@5"]}

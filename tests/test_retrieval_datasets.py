@@ -145,3 +145,13 @@ def test_finetune_dataset_specs_mix_layouts(clotho, tmp_path):
         read_sets(cfg, "audiocaps", TRAIN_SPLITS)
     with pytest.raises(FileNotFoundError, match="clotho_captions_development.csv"):
         read_sets(cfg, "clotho", TRAIN_SPLITS)  # the default training split is development
+
+
+def test_finetune_cli_types_follow_the_config_annotations():
+    from retrieval.finetune import FinetuneCfg, build_parser
+
+    args = build_parser().parse_args(["--warmup-epochs", "0.5", "--epochs", "3", "--train-audio-encoder"])
+    assert args.warmup_epochs == 0.5 and args.epochs == 3 and args.train_audio_encoder and not args.freeze_text
+    assert args.crop_seconds == FinetuneCfg().crop_seconds and args.betas == (0.9, 0.95)
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["--sample", "frames"])

@@ -8,9 +8,7 @@ with an allow-list that admits only what numpy needs to rebuild a dict of arrays
 """
 from __future__ import annotations
 
-import os
 import pickle
-import tempfile
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -150,13 +148,8 @@ def save_caption_embeddings(emb: Mapping[str, Any], path: str | Path) -> Path:
             raise CaptionEmbeddingError(f"{path}: embedding of {key!r} must be a numeric [D] or [n, D] array, "
                                         f"got dtype {arr.dtype} and shape {arr.shape}")
         data[str(key)] = np.ascontiguousarray(arr, dtype=np.float16)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            np.save(f, data, allow_pickle=True)  # writing a pickle is safe; reading one is what we guard
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    from ..fileio import atomic_write
+
+    with atomic_write(path) as f:
+        np.save(f, data, allow_pickle=True)  # writing a pickle is safe; reading one is what we guard
     return path

@@ -19,7 +19,6 @@ import json
 import logging
 import os
 import re
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Sequence
@@ -249,14 +248,10 @@ def _relative(audio: Path, base: Path) -> str:
 
 def atomic_write_text(path: Path, text: str) -> None:
     """Write ``text`` to a temporary file in the same folder, then rename it over ``path``."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8", newline="") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    from ..fileio import atomic_write
+
+    with atomic_write(path, "w") as f:
+        f.write(text)
 
 
 # ----------------------------------------------------------------------------------------------- checks

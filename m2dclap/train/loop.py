@@ -216,7 +216,10 @@ def make_accelerator(cfg: TrainCfg, out_dir: Path) -> Accelerator:
         except ImportError:
             if cfg.tracker == "tensorboard":
                 raise ImportError("--tracker tensorboard needs the tensorboard package") from None
-    return Accelerator(mixed_precision=cfg.mixed_precision, gradient_accumulation_steps=cfg.grad_accum,
+    # Without a GPU, ask for the CPU explicitly: then `accelerate launch --multi_gpu --num_processes N`
+    # (torchrun) gives real multi-process CPU training instead of N unrelated single-process runs.
+    has_gpu = torch.cuda.is_available() or (hasattr(torch.backends, "mps") and torch.backends.mps.is_available())
+    return Accelerator(cpu=not has_gpu, mixed_precision=cfg.mixed_precision, gradient_accumulation_steps=cfg.grad_accum,
                        log_with=tracker, project_config=ProjectConfiguration(project_dir=str(out_dir)),
                        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True))
 

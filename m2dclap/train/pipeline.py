@@ -4,6 +4,10 @@ evaluation on the held-out test split -> a saved model and a short report. Runs 
 The paper's hyper-parameters are for 2.5 M clips, batch 2048 and 300 epochs. The default run keeps the
 method (losses, masking, stages, frozen encoder in stage 2) and scales the schedule to a tiny model and
 2,000 clips: larger learning rates, a faster EMA and a larger CLAP weight, named in DEFAULT_RUN.
+Measured on the validation split of the corpus (tiny model, 1,000 stage-1 steps, MiniLM sentence
+embeddings as the stage-1 text side): lambda_clap 0.1 gave text->audio R@10 78.2, audio->text R@10 56.5,
+zero-shot 32.5 %; lambda_clap 1.0 gave 85.7, 69.5 and 40.0 %, so the default run uses 1.0. The paper's
+0.01 (``--stage 1``) is for 300 epochs over 2.5 M clips, where M2D dominates the training signal.
 """
 from __future__ import annotations
 
@@ -20,10 +24,10 @@ log = logging.getLogger(__name__)
 
 # Overrides of the paper's stage presets for the CPU default run (see the module docstring).
 DEFAULT_RUN: dict[str, dict[str, Any]] = {
-    "1": dict(epochs=12, warmup_epochs=1, batch_size=64, lr=1e-3, ema_start=0.99, ema_end=0.999,
-              lambda_clap=0.1, crop_seconds=1.28, checkpoint_every=100, log_every=10),
-    "2": dict(epochs=6, warmup_epochs=1, batch_size=64, lr=1e-4, crop_seconds=3.04, checkpoint_every=100,
-              log_every=10),
+    "1": dict(epochs=40, warmup_epochs=2, batch_size=64, lr=1e-3, ema_start=0.99, ema_end=0.999,
+              lambda_clap=1.0, crop_seconds=1.28, checkpoint_every=200, log_every=20),
+    "2": dict(epochs=3, warmup_epochs=0.5, batch_size=64, lr=1e-4, crop_seconds=3.04, checkpoint_every=25,
+              log_every=5),
 }
 
 
