@@ -32,7 +32,7 @@ from tqdm.auto import tqdm
 import m2dclap
 from m2dclap.clap import ContrastiveLoss
 from m2dclap.data.manifest import Record, apply_exclusions, read_exclusion_list
-from m2dclap.train.loop import TrainState, latest_checkpoint, lr_at, param_groups, save_checkpoint
+from m2dclap.train.loop import TrainState, lr_at, param_groups, resume_and_track, save_checkpoint
 
 from .datasets import load_dataset
 from .metrics import caption_retrieval
@@ -262,23 +262,10 @@ class Progress:
 
 # ------------------------------------------------------------------------------------------------ train
 def make_accelerator(cfg: FinetuneCfg, out_dir: Path):
-    """As ``m2dclap.train.loop.make_accelerator``, plus ``cpu=True`` on a machine without CUDA: otherwise
-    ``accelerate launch --multi_gpu --num_processes N`` on CPUs starts N unrelated single-process runs."""
-    from accelerate import Accelerator
-    from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration
+    """The pretraining loop's accelerator (CPU explicitly when there is no GPU, optional TensorBoard)."""
+    from m2dclap.train.loop import make_accelerator as pretrain_accelerator
 
-    tracker = None
-    if cfg.tracker in ("auto", "tensorboard"):
-        try:
-            import tensorboard  # noqa: F401  (optional)
-            tracker = "tensorboard"
-        except ImportError:
-            if cfg.tracker == "tensorboard":
-                raise ImportError("--tracker tensorboard needs the tensorboard package") from None
-    return Accelerator(cpu=not torch.cuda.is_available(), mixed_precision=cfg.mixed_precision,
-                       gradient_accumulation_steps=cfg.grad_accum, log_with=tracker,
-                       project_config=ProjectConfiguration(project_dir=str(out_dir)),
-                       dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True))
+    return pretrain_accelerator(cfg, out_dir)
 
 
 def finetune(cfg: FinetuneCfg, resume: bool = False) -> dict[str, Any]:
@@ -314,12 +301,7 @@ def finetune(cfg: FinetuneCfg, resume: bool = False) -> dict[str, Any]:
     steps_per_epoch = max(1, len(loader) // cfg.grad_accum)
     sched = dict(total=cfg.epochs * steps_per_epoch, warmup=int(cfg.warmup_epochs * steps_per_epoch), peak=peak,
                  floor=cfg.min_lr)
-    ckpt = latest_checkpoint(out_dir) if resume else None
-    if ckpt is not None:
-        accelerator.load_state(str(ckpt))
-        log.info("resumed from %s at step %d (epoch %d)", ckpt, state.step, state.epoch)
-    if accelerator.log_with and not accelerator.trackers:
-        accelerator.init_trackers("retrieval-finetune", config={k: str(v) for k, v in cfg.to_dict().items()})
+    resume_and_track(accelerator, state, out_dir, resume, "retrieval-finetune", cfg)
     info = log.info if accelerator.is_main_process else log.debug
     info("training on %s (%d items, %d clips), validating on %s; lr %.3g, effective batch %d",
              ", ".join(n for n, _ in train_sets), len(ds), len(records), ", ".join(n for n, _ in val_sets), peak,

@@ -41,7 +41,8 @@ from ..encoder import AudioEncoder, clip_features
 from ..m2d import take
 from ..model import M2DCLAP
 from .lars import LARS
-from .loop import TrainState, fill_batch, latest_checkpoint, lr_at, make_accelerator, param_groups, save_checkpoint
+from .loop import (TrainState, fill_batch, lr_at, make_accelerator, param_groups,
+                   resume_and_track, save_checkpoint)
 
 log = logging.getLogger(__name__)
 
@@ -505,15 +506,7 @@ def finetune(cfg: FinetuneCfg, resume: bool = False) -> dict[str, Any]:
     horizon = cfg.epochs * steps_per_epoch
     sched = dict(total=horizon, stop=min(cfg.max_steps, horizon) if cfg.max_steps > 0 else horizon,
                  warmup=int(cfg.warmup_epochs * steps_per_epoch), peak=cfg.lr, floor=cfg.min_lr)
-    if resume:
-        ckpt = latest_checkpoint(out_dir)
-        if ckpt is None:
-            log.info("no complete checkpoint in %s: starting from scratch", out_dir / "checkpoints")
-        else:
-            accelerator.load_state(str(ckpt))
-            log.info("resumed from %s at step %d (epoch %d)", ckpt, state.step, state.epoch)
-    if accelerator.log_with and not accelerator.trackers:
-        accelerator.init_trackers("stage1.1", config={k: str(v) for k, v in cfg.to_dict().items()})
+    resume_and_track(accelerator, state, out_dir, resume, "stage1.1", cfg)
     norm = model.norm_stats.detach().clone().to(accelerator.device)
     run = _Run(cfg, accelerator, model, tagger, optimizer, loader, val_loader, train_ds, classes, state, sched,
                norm)

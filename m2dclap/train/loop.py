@@ -206,6 +206,21 @@ def save_checkpoint(accelerator: Accelerator, state: TrainState, out_dir: Path, 
     accelerator.wait_for_everyone()
 
 
+def resume_and_track(accelerator: Accelerator, state: TrainState, out_dir: Path, resume: bool, run_name: str,
+                     cfg: Any) -> None:
+    """Load the latest complete checkpoint when resuming (the state object is restored with it), then
+    start the trackers with the resolved config."""
+    if resume:
+        ckpt = latest_checkpoint(out_dir)
+        if ckpt is None:
+            log.info("no complete checkpoint in %s: starting from scratch", out_dir / "checkpoints")
+        else:
+            accelerator.load_state(str(ckpt))
+            log.info("resumed from %s at step %d (epoch %d)", ckpt, state.step, state.epoch)
+    if accelerator.log_with and not accelerator.trackers:
+        accelerator.init_trackers(run_name, config={k: str(v) for k, v in cfg.to_dict().items()})
+
+
 # ------------------------------------------------------------------------------------------------- train
 def make_accelerator(cfg: TrainCfg, out_dir: Path) -> Accelerator:
     tracker = None
@@ -263,15 +278,7 @@ def train(cfg: TrainCfg, manifest: str | Path, resume: bool = False) -> dict[str
     steps_per_epoch = max(1, len(loader) // cfg.grad_accum)
     total = cfg.epochs * steps_per_epoch if cfg.max_steps <= 0 else min(cfg.max_steps, cfg.epochs * steps_per_epoch)
     warmup = int(cfg.warmup_epochs * steps_per_epoch)
-    if resume:
-        ckpt = latest_checkpoint(out_dir)
-        if ckpt is None:
-            log.info("no complete checkpoint in %s: starting from scratch", out_dir / "checkpoints")
-        else:
-            accelerator.load_state(str(ckpt))
-            log.info("resumed from %s at step %d (epoch %d)", ckpt, state.step, state.epoch)
-    if accelerator.trackers == [] and accelerator.log_with:
-        accelerator.init_trackers(f"stage{cfg.stage}", config={k: str(v) for k, v in cfg.to_dict().items()})
+    resume_and_track(accelerator, state, out_dir, resume, f"stage{cfg.stage}", cfg)
     sched = dict(total=total, warmup=warmup, peak=peak_lr, floor=cfg.min_lr)
     history = run_epochs(cfg, accelerator, trainer, optimizer, loader, ds, state, sched)
     save_checkpoint(accelerator, state, out_dir, cfg.keep_checkpoints)
