@@ -6,6 +6,7 @@ the saved state (``TrainState``), never in a directory name.
 """
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import math
@@ -69,7 +70,7 @@ def build_model(cfg: TrainCfg, caption_dim: int | None) -> M2DCLAP:
     source = load(cfg.init)
     if source.cfg.text.kind == "hf" and not cfg.text_model:
         return source  # already has a trainable text encoder (stage 2 -> 2.1)
-    model_cfg = source.cfg
+    model_cfg = copy.deepcopy(source.cfg)
     preset_text = get_model_config(cfg.preset).text
     model_cfg.text = preset_text if not cfg.text_model else TextCfg(
         kind="hf", name=cfg.text_model, pooling=preset_text.pooling, width=_hf_width(cfg.text_model))
