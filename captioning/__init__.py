@@ -1,0 +1,1 @@
+"""Audio captioning: caption metrics (``captioning.metrics``)."""
