@@ -85,23 +85,32 @@ def _random_codec(model, seed: int) -> None:
     """Give the (unpretrained) model random but usable codebooks.
 
     ``encodec_model_24khz(pretrained=False)`` builds codebooks of zeros awaiting k-means, so every code would
-    be 0. We draw each codebook from a seeded normal distribution with the scale of the encoder's output, so
-    that tests see varied codes in [0, 1024).
+    be 0. Like a k-means initialisation, each codebook is drawn (seeded) from the residual vectors that the
+    random encoder produces on probe signals, so tests see varied codes in [0, 1024).
     """
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
-        # scale of the encoder output on a short noise probe
-        probe = torch.randn(1, 1, CODEC_SAMPLE_RATE // 10, generator=g) * 0.1
-        emb = model.encoder(probe)  # (1, D, T)
-        scale = float(emb.std()) or 1.0
-        for i, layer in enumerate(model.quantizer.vq.layers):
+        # probe signals: noise and tones at several loudnesses, so the codebooks cover the encoder's range
+        n = CODEC_SAMPLE_RATE // 8
+        t = torch.arange(n) / CODEC_SAMPLE_RATE
+        probes = []
+        for k, amp in enumerate((0.01, 0.05, 0.2, 0.6)):
+            freq = 110.0 * 2 ** (k + torch.rand(1, generator=g).item() * 2)
+            probes.append(amp * torch.randn(n, generator=g))
+            probes.append(amp * torch.sin(2 * math.pi * freq * t) + 0.1 * amp * torch.randn(n, generator=g))
+        emb = model.encoder(torch.stack(probes)[:, None])  # (P, D, T)
+        residual = emb.transpose(1, 2).reshape(-1, emb.shape[1])  # (N, D)
+        for layer in model.quantizer.vq.layers:
             cb = layer._codebook
-            # later codebooks quantise residuals, which shrink: mimic that with a geometric decay
-            embed = torch.randn(cb.embed.shape, generator=g) * scale * (0.7 ** i)
+            size = cb.embed.shape[0]
+            pick = torch.randint(0, residual.shape[0], (size,), generator=g)
+            jitter = torch.randn(cb.embed.shape, generator=g) * 0.5 * residual.std(dim=0, keepdim=True)
+            embed = residual[pick] + jitter
             cb.embed.copy_(embed)
             cb.embed_avg.copy_(embed)
             cb.cluster_size.fill_(1.0)
             cb.inited.fill_(1.0)
+            residual = residual - cb.dequantize(cb.quantize(residual))  # later codebooks see the residual
 
 
 def load_codec(source: str | Path = "pretrained", bandwidth: float = DEFAULT_BANDWIDTH, device: str | torch.device = "cpu",

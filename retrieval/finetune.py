@@ -32,7 +32,8 @@ from tqdm.auto import tqdm
 import m2dclap
 from m2dclap.clap import ContrastiveLoss
 from m2dclap.data.manifest import Record, apply_exclusions, read_exclusion_list
-from m2dclap.train.loop import TrainState, lr_at, param_groups, resume_and_track, save_checkpoint
+from m2dclap.train.loop import (TrainState, lr_at, optimizer_step, param_groups, resume_and_track,
+                                save_checkpoint)
 
 from .datasets import load_dataset
 from .metrics import caption_retrieval
@@ -355,13 +356,8 @@ def run_epochs(cfg: FinetuneCfg, accelerator, model, optimizer, loader, ds: Capt
             with accelerator.accumulate(model):
                 loss = batch_loss(model, batch, loss_fn, inner.sample_rate)
                 accelerator.backward(loss)
-                if accelerator.sync_gradients and cfg.clip_grad > 0:
-                    accelerator.clip_grad_norm_(params, cfg.clip_grad)
                 lr = lr_at(state.step, int(sched["total"]), int(sched["warmup"]), sched["peak"], sched["floor"])
-                for g in optimizer.param_groups:
-                    g["lr"] = lr
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
+                optimizer_step(accelerator, optimizer, params, cfg.clip_grad, lr)
             losses.append(float(loss.detach()))
             if not accelerator.sync_gradients:
                 continue

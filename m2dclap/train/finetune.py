@@ -41,7 +41,7 @@ from ..encoder import AudioEncoder, clip_features
 from ..m2d import take
 from ..model import M2DCLAP
 from .lars import LARS
-from .loop import (TrainState, fill_batch, lr_at, make_accelerator, param_groups,
+from .loop import (TrainState, fill_batch, lr_at, make_accelerator, optimizer_step, param_groups,
                    resume_and_track, save_checkpoint)
 
 log = logging.getLogger(__name__)
@@ -545,14 +545,9 @@ def _train_step(run: _Run, batch: dict[str, Any]) -> tuple[torch.Tensor, float]:
         x = spec_augment((x - run.norm[0]) / run.norm[1], cfg.freq_mask, cfg.time_mask)  # (B, 1, F, T)
         loss = F.binary_cross_entropy_with_logits(run.tagger(x).float(), y.float())
         acc.backward(loss)
-        if acc.sync_gradients and cfg.clip_grad > 0:
-            acc.clip_grad_norm_(run.tagger.parameters(), cfg.clip_grad)
         lr = lr_at(state.step, int(run.sched["total"]), int(run.sched["warmup"]), run.sched["peak"],
                    run.sched["floor"])
-        for g in run.optimizer.param_groups:
-            g["lr"] = lr
-        run.optimizer.step()
-        run.optimizer.zero_grad(set_to_none=True)
+        optimizer_step(acc, run.optimizer, run.tagger.parameters(), cfg.clip_grad, lr)
     return loss.detach(), lr
 
 

@@ -207,6 +207,18 @@ def save_checkpoint(accelerator: Accelerator, state: TrainState, out_dir: Path, 
     accelerator.wait_for_everyone()
 
 
+def optimizer_step(accelerator: Accelerator, optimizer: torch.optim.Optimizer, params, clip_grad: float,
+                   lr: float) -> None:
+    """Clip the gradient norm on the micro-batch that syncs gradients, set the scheduled learning rate, step
+    and clear the gradients (inside ``accelerator.accumulate``, Accelerate skips the step until the sync)."""
+    if accelerator.sync_gradients and clip_grad > 0:
+        accelerator.clip_grad_norm_(params, clip_grad)
+    for g in optimizer.param_groups:
+        g["lr"] = lr
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+
+
 def resume_and_track(accelerator: Accelerator, state: TrainState, out_dir: Path, resume: bool, run_name: str,
                      cfg: Any) -> None:
     """Load the latest complete checkpoint when resuming (the state object is restored with it), then
@@ -325,13 +337,8 @@ def run_epochs(cfg: TrainCfg, accelerator: Accelerator, trainer, optimizer, load
                 text = {"text_emb": batch["caption_emb"]} if cfg.stage == "1" else {"texts": batch["caption"]}
                 out = trainer(lms, positive_groups=groups, **text)
                 accelerator.backward(out["loss"])
-                if accelerator.sync_gradients and cfg.clip_grad > 0:
-                    accelerator.clip_grad_norm_(params, cfg.clip_grad)
                 lr = lr_at(state.step, int(sched["total"]), int(sched["warmup"]), sched["peak"], sched["floor"])
-                for g in optimizer.param_groups:
-                    g["lr"] = lr
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
+                optimizer_step(accelerator, optimizer, params, cfg.clip_grad, lr)
             for k, v in out.items():
                 running[k] = running.get(k, 0.0) + float(v.detach())
             running["n"] = running.get("n", 0) + 1

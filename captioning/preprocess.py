@@ -1,0 +1,240 @@
+"""Cache EnCodec tokens and CLAP audio embeddings per clip for EnCLAP-style captioning.
+
+    python -m captioning.preprocess --data MANIFEST --out DIR --clap m2d-clap --clap-checkpoint C \\
+        [--codec pretrained|random|PATH] [--split train|val|test ...]
+
+Writes, under DIR:
+
+* ``tokens/<id>.npy``: EnCodec tokens, int16, shape (16, T) (24 kHz model at 12 kbps, 75 frames/s);
+* ``clap/<clap-name>/<id>.npy``: the CLAP audio embedding, float32, shape (D,);
+* ``index.csv``: one row per cached clip: ``id, audio, split, frames, tokens, clap, caption_1..caption_K``
+  (paths relative to DIR); it is also a valid manifest of the suite;
+* ``errors.csv``: ``id, audio, error`` for clips that could not be read in this run (they are skipped);
+* ``preprocess.json``: the codec and CLAP used, so a later run can refuse to mix caches.
+
+The run is resumable: a clip whose outputs exist is not recomputed, and every file is written atomically.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import io
+import json
+import logging
+import re
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+
+from m2dclap import AudioError, load_audio
+from m2dclap.data.manifest import ManifestError, Record, read_manifest
+from m2dclap.fileio import atomic_write
+
+from .clap_backends import BackendError, ClapBackend, get_backend, list_backends
+from .codec import CODEC_SAMPLE_RATE, CodecError, encode_batch, load_codec
+
+log = logging.getLogger("captioning.preprocess")
+
+INDEX_NAME = "index.csv"
+ERRORS_NAME = "errors.csv"
+META_NAME = "preprocess.json"
+_UNSAFE = re.compile(r"[^A-Za-z0-9._-]")
+
+
+@dataclass
+class Paths:
+    tokens: Path
+    clap: Path
+
+
+def _safe_name(clip_id: str) -> str:
+    """A file name for a clip id (ids may hold '/' or spaces); distinct ids stay distinct."""
+    safe = _UNSAFE.sub("_", clip_id)
+    if safe != clip_id:
+        import hashlib
+        safe = f"{safe}-{hashlib.sha1(clip_id.encode()).hexdigest()[:8]}"
+    return safe
+
+
+def clip_paths(out: Path, clap_name: str, clip_id: str) -> Paths:
+    name = _safe_name(clip_id) + ".npy"
+    return Paths(tokens=out / "tokens" / name, clap=out / "clap" / _safe_name(clap_name) / name)
+
+
+def _save_npy(path: Path, array: np.ndarray) -> None:
+    buf = io.BytesIO()
+    np.save(buf, array)
+    with atomic_write(path, "wb") as f:
+        f.write(buf.getvalue())
+
+
+def _check_meta(out: Path, meta: dict) -> None:
+    """Refuse to add to a cache made with another codec or CLAP; record the settings on first use."""
+    path = out / META_NAME
+    if path.is_file():
+        old = json.loads(path.read_text(encoding="utf-8"))
+        for key in ("codec", "bandwidth"):
+            if old.get(key) != meta.get(key):
+                raise ValueError(f"{out}: the cached tokens were made with {key}={old.get(key)!r}, this run uses "
+                                 f"{meta.get(key)!r}; use another --out folder")
+        claps = old.get("clap", {})
+        name = meta["clap_name"]
+        if name in claps and claps[name] != meta["clap"]:
+            raise ValueError(f"{out}: the cached {name} embeddings were made with {claps[name]!r}, this run uses "
+                             f"{meta['clap']!r}; use another --out folder")
+        claps[name] = meta["clap"]
+        new = {**old, "clap": claps}
+    else:
+        new = {"codec": meta["codec"], "bandwidth": meta["bandwidth"], "clap": {meta["clap_name"]: meta["clap"]}}
+    with atomic_write(path, "w") as f:
+        f.write(json.dumps(new, indent=1, sort_keys=True) + "\n")
+
+
+def preprocess(records: Sequence[Record], out: str | Path, codec, clap: ClapBackend, codec_source: str,
+               bandwidth: float, batch_size: int = 8, progress: bool = True) -> dict:
+    """Cache tokens and embeddings for ``records`` under ``out``; return counts and the errors."""
+    from tqdm.auto import tqdm
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    _check_meta(out, {"codec": codec_source, "bandwidth": float(bandwidth), "clap_name": clap.name,
+                      "clap": json.loads(json.dumps(clap.describe(), default=str))})
+    stats = {"clips": len(records), "tokens_computed": 0, "clap_computed": 0, "skipped": 0, "errors": []}
+    todo = []
+    for rec in records:
+        p = clip_paths(out, clap.name, rec.id)
+        if p.tokens.is_file() and p.clap.is_file():
+            stats["skipped"] += 1
+        else:
+            todo.append((rec, p))
+
+    bar = tqdm(total=len(records), initial=stats["skipped"], desc="preprocess", unit="clip",
+               disable=not progress, file=sys.stderr)
+    try:
+        for start in range(0, len(todo), batch_size):
+            batch = todo[start:start + batch_size]
+            waves, good = [], []
+            for rec, p in batch:
+                try:
+                    waves.append(load_audio(rec.audio, sample_rate=CODEC_SAMPLE_RATE))
+                    good.append((rec, p))
+                except AudioError as e:
+                    log.warning("skipping %s: %s", rec.audio, e)
+                    bar.write(f"skipping {rec.audio}: {e}", file=sys.stderr)
+                    stats["errors"].append({"id": rec.id, "audio": str(rec.audio), "error": str(e)})
+            need_tok = [i for i, (_, p) in enumerate(good) if not p.tokens.is_file()]
+            if need_tok:
+                model = codec.get() if isinstance(codec, _LazyCodec) else codec
+                codes = encode_batch(model, [waves[i] for i in need_tok], CODEC_SAMPLE_RATE)
+                for i, c in zip(need_tok, codes):
+                    if int(c.min()) < 0 or int(c.max()) >= 1024:
+                        raise CodecError(f"{good[i][0].audio}: codec produced codes outside [0, 1024)")
+                    _save_npy(good[i][1].tokens, c.numpy().astype(np.int16))
+                    stats["tokens_computed"] += 1
+            need_clap = [i for i, (_, p) in enumerate(good) if not p.clap.is_file()]
+            if need_clap:
+                emb = clap.embed_audio([waves[i] for i in need_clap], CODEC_SAMPLE_RATE)
+                for i, e in zip(need_clap, emb):
+                    _save_npy(good[i][1].clap, e.numpy().astype(np.float32))
+                    stats["clap_computed"] += 1
+            bar.update(len(batch))
+    finally:
+        bar.close()
+
+    _write_index(out, records, clap.name)
+    _write_errors(out, stats["errors"])
+    return stats
+
+
+def _write_index(out: Path, records: Sequence[Record], clap_name: str) -> None:
+    rows = []
+    for rec in records:
+        p = clip_paths(out, clap_name, rec.id)
+        if not (p.tokens.is_file() and p.clap.is_file()):
+            continue
+        frames = int(np.load(p.tokens, mmap_mode="r").shape[1])
+        rows.append((rec, frames, p))
+    k = max((len(r.captions) for r, _, _ in rows), default=0)
+    with atomic_write(out / INDEX_NAME, "w") as f:
+        w = csv.writer(f)
+        w.writerow(["id", "audio", "split", "frames", "tokens", "clap"] + [f"caption_{i + 1}" for i in range(k)])
+        for rec, frames, p in rows:
+            w.writerow([rec.id, str(rec.audio), rec.split or "", frames, p.tokens.relative_to(out).as_posix(),
+                        p.clap.relative_to(out).as_posix()] + rec.captions + [""] * (k - len(rec.captions)))
+
+
+def _write_errors(out: Path, errors: list[dict]) -> None:
+    with atomic_write(out / ERRORS_NAME, "w") as f:
+        w = csv.DictWriter(f, fieldnames=["id", "audio", "error"])
+        w.writeheader()
+        w.writerows(errors)
+
+
+class _LazyCodec:
+    """Loads the codec on first use, so a resumed run with every clip cached never loads it."""
+
+    def __init__(self, source: str, bandwidth: float, device: str):
+        if str(source) not in ("pretrained", "random") and not Path(source).expanduser().exists():
+            load_codec(source, bandwidth=bandwidth, device="cpu")  # raises a CodecError naming the file
+        self.source, self.bandwidth, self.device, self._codec = source, bandwidth, device, None
+
+    def get(self):
+        if self._codec is None:
+            self._codec = load_codec(self.source, bandwidth=self.bandwidth, device=self.device)
+        return self._codec
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m captioning.preprocess",
+        description="Cache, per clip of a manifest, EnCodec tokens (24 kHz model, 12 kbps: int16 (16, T) at "
+                    "75 frames/s) and the CLAP audio embedding (float32 (D,)) for EnCLAP-style captioning. "
+                    "Resumable: clips already cached are skipped. Unreadable audio files are reported, listed "
+                    f"in DIR/{ERRORS_NAME} and skipped (exit status 1); DIR/{INDEX_NAME} lists the cached clips.")
+    p.add_argument("--data", required=True, metavar="MANIFEST", help="the suite's .csv/.jsonl manifest")
+    p.add_argument("--out", required=True, metavar="DIR", help="cache folder (created if missing)")
+    p.add_argument("--clap", default="m2d-clap", help=f"CLAP backend (known: {', '.join(list_backends())})")
+    p.add_argument("--clap-checkpoint", metavar="C", help="the CLAP checkpoint: a folder, file or registered name")
+    p.add_argument("--codec", default="pretrained", metavar="pretrained|random|PATH",
+                   help="EnCodec weights: 'pretrained' (downloads encodec_24khz-d7cc33bc.th into the torch hub "
+                        "cache), a folder or file holding it, or 'random' (seeded random weights, tests only)")
+    p.add_argument("--bandwidth", type=float, default=12.0, help="EnCodec bandwidth in kbps (12 -> 16 codebooks)")
+    p.add_argument("--split", nargs="+", choices=["train", "val", "test"],
+                   help="only these splits of the manifest (default: all clips)")
+    p.add_argument("--batch-size", type=int, default=8, help="clips loaded and encoded together")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        if args.split:
+            records = [r for s in dict.fromkeys(args.split) for r in read_manifest(args.data, split=s)]
+        else:
+            records = read_manifest(args.data)
+        kwargs = {"device": args.device}
+        if args.clap_checkpoint is not None:
+            kwargs["checkpoint"] = args.clap_checkpoint
+        clap = get_backend(args.clap, **kwargs)
+        codec = _LazyCodec(args.codec, args.bandwidth, args.device)
+        stats = preprocess(records, args.out, codec, clap, codec_source=str(args.codec), bandwidth=args.bandwidth,
+                           batch_size=args.batch_size, progress=not args.no_progress)
+    except (ManifestError, BackendError, CodecError, ValueError, OSError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    n_err = len(stats["errors"])
+    print(f"{stats['clips']} clip(s): {stats['tokens_computed']} token file(s) and {stats['clap_computed']} "
+          f"embedding(s) computed, {stats['skipped']} already cached, {n_err} unreadable"
+          + (f" (listed in {Path(args.out) / ERRORS_NAME})" if n_err else ""))
+    return 1 if n_err else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
