@@ -1,0 +1,110 @@
+"""Caption audio files with a trained EnCLAP checkpoint.
+
+    python -m captioning.caption AUDIO... --checkpoint C [--clap-checkpoint CC] [--codec SRC]
+
+``C`` is an epoch checkpoint folder (``checkpoints/epoch_NNN``) or a training run folder (its best checkpoint
+by the selection metric is used). The codec tokens and the CLAP embedding are computed on the fly with the
+codec and CLAP recorded in the checkpoint's ``captioning.json`` (override with ``--codec`` /
+``--clap-checkpoint``). Prints ``file<TAB>caption`` per file.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+
+from .train import CKPT_META, RUN_META
+
+
+def resolve_checkpoint(path: str | Path) -> Path:
+    """An epoch checkpoint folder from a checkpoint folder or a run folder (its best checkpoint)."""
+    path = Path(path)
+    if (path / "enclap_config.json").is_file():
+        return path
+    meta = path / RUN_META
+    if meta.is_file():
+        best = json.loads(meta.read_text()).get("top_checkpoints") or []
+        if best:
+            return path / "checkpoints" / best[0]["checkpoint"]
+    raise FileNotFoundError(f"{path}: neither an EnCLAP checkpoint (enclap_config.json) nor a training run "
+                            f"with checkpoints ({RUN_META})")
+
+
+def feature_settings(ckpt: Path) -> dict:
+    meta = ckpt / CKPT_META
+    return json.loads(meta.read_text()) if meta.is_file() else {}
+
+
+class Captioner:
+    """Model + codec + CLAP, rebuilt from a checkpoint's recorded settings."""
+
+    def __init__(self, checkpoint, clap_checkpoint=None, codec=None, clap=None, device="cpu"):
+        from .clap_backends import get_backend
+        from .codec import load_codec
+        from .model import EnClapCaptioner
+
+        self.ckpt = resolve_checkpoint(checkpoint)
+        self.settings = feature_settings(self.ckpt)
+        self.device = device
+        self.model = EnClapCaptioner.from_pretrained(self.ckpt).to(device).eval()
+        codec_src = codec or self.settings.get("codec") or "pretrained"
+        self.codec = load_codec(codec_src, bandwidth=float(self.settings.get("bandwidth") or 12.0), device=device)
+        clap_name = clap or self.settings.get("clap") or "m2d-clap"
+        cc = clap_checkpoint or self.settings.get("clap_checkpoint")
+        self.clap = get_backend(clap_name, **({"checkpoint": cc} if cc else {}), device=device)
+
+    @torch.no_grad()
+    def caption_waves(self, waves: Sequence[torch.Tensor], sample_rate: int, batch_size: int = 8, **gen) -> list[str]:
+        from .codec import encode_batch
+        from .data import PAD_CODE
+
+        out = []
+        for s in range(0, len(waves), batch_size):
+            chunk = waves[s:s + batch_size]
+            codes = [c[:, : self.model.max_frames] for c in encode_batch(self.codec, chunk, sample_rate)]
+            T = max(c.shape[1] for c in codes)
+            tokens = torch.full((len(codes), codes[0].shape[0], T), PAD_CODE, dtype=torch.long)
+            mask = torch.zeros(len(codes), T, dtype=torch.bool)
+            for b, c in enumerate(codes):
+                tokens[b, :, : c.shape[1]], mask[b, : c.shape[1]] = c, True
+            clap = self.clap.embed_audio(list(chunk), sample_rate)
+            out += self.model.generate(tokens.to(self.device), mask.to(self.device), clap.to(self.device), **gen)
+        return out
+
+    def caption_files(self, files: Sequence[str | Path], **gen) -> list[str]:
+        from m2dclap import load_audio
+
+        from .codec import CODEC_SAMPLE_RATE
+
+        waves = [load_audio(f, sample_rate=CODEC_SAMPLE_RATE) for f in files]
+        return self.caption_waves(waves, CODEC_SAMPLE_RATE, **gen)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m captioning.caption", description=__doc__.split("\n\n")[0])
+    p.add_argument("audio", nargs="+", metavar="AUDIO")
+    p.add_argument("--checkpoint", required=True, metavar="C", help="epoch checkpoint or training run folder")
+    p.add_argument("--clap-checkpoint", help="override the CLAP checkpoint recorded in the checkpoint")
+    p.add_argument("--clap", help="override the CLAP backend recorded in the checkpoint")
+    p.add_argument("--codec", help="override the EnCodec weights recorded (pretrained|random|PATH)")
+    p.add_argument("--num-beams", type=int)
+    p.add_argument("--max-length", type=int)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    args = p.parse_args(argv)
+    try:
+        cap = Captioner(args.checkpoint, args.clap_checkpoint, args.codec, args.clap, args.device)
+        texts = cap.caption_files(args.audio, num_beams=args.num_beams, max_length=args.max_length)
+    except Exception as e:  # noqa: BLE001 - a CLI: report and exit
+        print(f"error: {type(e).__name__}: {e}", file=sys.stderr)
+        return 2
+    for f, t in zip(args.audio, texts):
+        print(f"{f}\t{t}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

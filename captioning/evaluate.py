@@ -1,0 +1,215 @@
+"""Score captions: a trained checkpoint (or a training run's top checkpoints) on a split, or CSV files.
+
+    python -m captioning.evaluate --checkpoint C [--data MANIFEST|INDEX] [--split test] [--out RESULT.json]
+    python -m captioning.evaluate --predictions P.csv --references R.csv [--out RESULT.json]
+
+Every available metric is computed: BLEU-1..4, METEOR, ROUGE-L, CIDEr-D (PTB tokenisation; Java needed), plus
+SPICE and SPIDEr when the Stanford CoreNLP 3.6.0 jars are installed (otherwise they are listed as unavailable,
+never estimated). ``C`` may be an epoch checkpoint or a training run folder; for a run, each of its top
+checkpoints (by the validation selection metric, 5 by default as in EnCLAP) is scored and the table gives the
+mean and the 95% interval (Student t) over them, as in the paper's Table IX.
+
+``--data`` is a preprocess ``index.csv`` (or its folder), whose cached tokens and CLAP embeddings are used, or
+a manifest, whose audio is encoded on the fly with the codec and CLAP recorded in the checkpoint. For a run
+folder without ``--data`` the run's own cache is used.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import math
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+
+from .train import RUN_META
+
+METRIC_ORDER = ("bleu_1", "bleu_2", "bleu_3", "bleu_4", "meteor", "rouge_l", "cider_d", "spice", "spider")
+
+
+def available_metrics() -> tuple[list[str], dict[str, str]]:
+    """Metrics that can run here, and the reason for each that cannot."""
+    from .metrics import MetricUnavailableError, java_binary, missing_spice_files
+
+    ok, why = ["bleu", "rouge_l", "cider_d"], {}
+    try:
+        java_binary()
+        ok.insert(1, "meteor")
+    except MetricUnavailableError as e:
+        why["meteor"] = str(e)
+    missing = missing_spice_files()
+    if missing or "meteor" in why:
+        reason = why.get("meteor") or f"missing Stanford CoreNLP 3.6.0 jars: {', '.join(map(str, missing))}"
+        why["spice"] = why["spider"] = reason
+    else:
+        ok += ["spice", "spider"]
+    return ok, why
+
+
+def score(preds: dict, refs: dict, java: bool = True) -> tuple[dict, dict]:
+    """Every available metric; ``java=False``: BLEU, ROUGE-L and CIDEr-D on normalised text (no Java)."""
+    from .metrics import evaluate_captions
+
+    if java:
+        metrics, why = available_metrics()
+    else:
+        metrics = ["bleu", "rouge_l", "cider_d"]
+        why = {m: "--no-java" for m in ("meteor", "spice", "spider")}
+    tokenize = "meteor" in metrics  # Java present: the standard PTB tokenisation
+    if not tokenize:
+        from .data import normalize_caption
+        preds = {k: normalize_caption(v) for k, v in preds.items()}
+        refs = {k: [normalize_caption(r) for r in v] for k, v in refs.items()}
+        why["ptb_tokenization"] = "normalised text instead of the PTB tokenizer (no Java)"
+    return evaluate_captions(preds, refs, metrics=metrics, tokenize=tokenize), why
+
+
+def t_interval(values: Sequence[float]) -> tuple[float, float]:
+    """Mean and the half-width of the 95% Student-t interval (0 for a single value)."""
+    n = len(values)
+    mean = sum(values) / n
+    if n < 2:
+        return mean, 0.0
+    from scipy import stats
+
+    sd = math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1))
+    return mean, float(stats.t.ppf(0.975, n - 1) * sd / math.sqrt(n))
+
+
+@torch.no_grad()
+def predict_checkpoint(ckpt: Path, data: str | Path, split: str | None, device: str = "cpu",
+                       batch_size: int = 16, max_clips: int | None = None) -> tuple[dict, dict]:
+    """Predictions and references for ``split`` of ``data`` (a preprocess index or a manifest)."""
+    from torch.utils.data import DataLoader
+
+    from .caption import Captioner
+    from .data import CaptionDataset, make_collate, read_index
+    from .model import EnClapCaptioner
+    from .train import predict
+
+    data = Path(data)
+    index = data / "index.csv" if data.is_dir() else data
+    is_index = index.is_file() and "tokens" in index.open(encoding="utf-8").readline().split(",")
+    if is_index:
+        model = EnClapCaptioner.from_pretrained(ckpt).to(device).eval()
+        clips = [c for c in read_index(index, split) if c.captions][:max_clips]
+        loader = DataLoader(CaptionDataset(clips, training=False, max_frames=model.max_frames),
+                            batch_size=batch_size, collate_fn=make_collate(None))
+        return predict(model, loader, device)
+    from m2dclap.data.manifest import read_manifest
+
+    records = [r for r in read_manifest(data, split=split) if r.captions][:max_clips]
+    cap = Captioner(ckpt, device=device)
+    texts = cap.caption_files([r.audio for r in records])
+    return {r.id: t for r, t in zip(records, texts)}, {r.id: list(r.captions) for r in records}
+
+
+def write_predictions(path: Path, preds: dict) -> None:
+    with open(path, "w", newline="", encoding="utf-8") as f:
+        w = csv.writer(f)
+        w.writerow(["file_name", "caption"])
+        w.writerows(preds.items())
+
+
+def format_table(rows: list[tuple[str, dict]], columns: Sequence[str]) -> str:
+    head = f"{'':<16}" + "".join(f"{c:>16}" for c in columns)
+    lines = [head]
+    for name, vals in rows:
+        cells = []
+        for c in columns:
+            v = vals.get(c)
+            cells.append(f"{'n/a':>16}" if v is None else (f"{v[0]:>9.4f}±{v[1]:<6.4f}" if isinstance(v, tuple)
+                                                          else f"{v:>16.4f}"))
+        lines.append(f"{name:<16}" + "".join(cells))
+    return "\n".join(lines)
+
+
+def evaluate_run_or_checkpoint(checkpoint: str | Path, data=None, split: str = "test", device: str = "cpu",
+                               max_clips: int | None = None, save_predictions: Path | None = None,
+                               java: bool = True) -> dict:
+    """Scores per checkpoint and, for a run, the mean and 95% interval over its top checkpoints."""
+    path = Path(checkpoint)
+    run_meta = json.loads((path / RUN_META).read_text()) if (path / RUN_META).is_file() else None
+    if run_meta is not None:
+        ckpts = [path / "checkpoints" / t["checkpoint"] for t in run_meta.get("top_checkpoints", [])]
+        ckpts = [c for c in ckpts if c.is_dir()]
+        if not ckpts:
+            raise FileNotFoundError(f"{path}: the run has no kept checkpoints")
+        data = data or run_meta.get("index")
+    else:
+        from .caption import resolve_checkpoint
+        ckpts = [resolve_checkpoint(path)]
+    if data is None:
+        raise ValueError("--data is needed for a single checkpoint")
+    result = {"checkpoints": {}, "split": split, "data": str(data),
+              "selection_metric": run_meta.get("selection_metric") if run_meta else None}
+    for ck in ckpts:
+        preds, refs = predict_checkpoint(ck, data, split, device, max_clips=max_clips)
+        if not preds:
+            raise ValueError(f"{data}: no captioned clips in split {split!r}")
+        scores, why = score(preds, refs, java)
+        result["checkpoints"][ck.name] = scores
+        result["unavailable"] = why
+        result["n_clips"] = len(preds)
+        if save_predictions is not None:
+            save_predictions.mkdir(parents=True, exist_ok=True)
+            write_predictions(save_predictions / f"{ck.name}-{split}.csv", preds)
+    names = sorted({m for s in result["checkpoints"].values() for m in s}, key=lambda m: METRIC_ORDER.index(m)
+                   if m in METRIC_ORDER else 99)
+    result["metrics"] = names
+    if len(ckpts) > 1 or run_meta is not None:
+        result["summary"] = {m: dict(zip(("mean", "ci95"), t_interval([s[m] for s in result["checkpoints"].values()])))
+                             for m in names}
+    return result
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m captioning.evaluate", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__.split("\n\n", 1)[1])
+    g = p.add_mutually_exclusive_group(required=True)
+    g.add_argument("--checkpoint", metavar="C", help="epoch checkpoint or training run folder")
+    g.add_argument("--predictions", metavar="P.csv", help="file_name,caption")
+    p.add_argument("--references", metavar="R.csv", help="file_name,caption_1..caption_N (with --predictions)")
+    p.add_argument("--data", "--dataset", dest="data", metavar="MANIFEST|INDEX")
+    p.add_argument("--split", default="test")
+    p.add_argument("--max-clips", type=int)
+    p.add_argument("--out", metavar="RESULT.json", help="write the scores as JSON here")
+    p.add_argument("--save-predictions", metavar="DIR", help="write each checkpoint's captions as CSV here")
+    p.add_argument("--no-java", action="store_true",
+                   help="only BLEU, ROUGE-L and CIDEr-D, on normalised text (no Java, no PTB tokenizer)")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    args = p.parse_args(argv)
+    try:
+        if args.predictions:
+            if not args.references:
+                p.error("--predictions needs --references")
+            from .metrics import read_predictions_csv, read_references_csv
+
+            scores, why = score(read_predictions_csv(args.predictions), read_references_csv(args.references),
+                               not args.no_java)
+            result = {"checkpoints": {Path(args.predictions).name: scores}, "unavailable": why,
+                      "metrics": [m for m in METRIC_ORDER if m in scores]}
+        else:
+            result = evaluate_run_or_checkpoint(args.checkpoint, args.data, args.split, args.device, args.max_clips,
+                                                Path(args.save_predictions) if args.save_predictions else None,
+                                                not args.no_java)
+    except (FileNotFoundError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    rows = [(n, s) for n, s in result["checkpoints"].items()]
+    if "summary" in result:
+        rows.append(("mean ± 95% CI", {m: (v["mean"], v["ci95"]) for m, v in result["summary"].items()}))
+    print(format_table(rows, result["metrics"]))
+    for m, why in result.get("unavailable", {}).items():
+        print(f"{m}: unavailable ({why})")
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps(result, indent=1) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,388 @@
+"""Train the EnCLAP captioner on cached EnCodec tokens + CLAP embeddings.
+
+    python -m captioning.train --clap m2d-clap [--clap-checkpoint C] [--dataset MANIFEST ...] [--bart NAME|tiny]
+        [--output-dir DIR] [--epochs 15] [--lr LR] [--batch-size B] [--resume] [--max-steps N]
+
+Runs under ``accelerate launch`` too (``split_batches``: the batch size is the global batch, as in EnCLAP).
+
+EnCLAP's settings: AdamW (weight decay 0.01, none on biases and LayerNorm), ``inverse_sqrt`` schedule with
+linear warm-up, gradient clipping 1.0, 15 epochs, validation every epoch. The paper's peak learning rates are
+6e-6 (AudioCaps) and 4e-6 (Clotho) for ``facebook/bart-base``; the offline ``tiny`` BART (random init) uses
+a larger default. Checkpoints are selected by validation SPIDEr in EnCLAP; SPICE needs the CoreNLP jars,
+which are not available offline, so this trainer selects by **CIDEr-D** and says so in the log and in
+``run.json``. The top 5 epoch checkpoints by the selection metric are kept.
+
+With no ``--dataset`` it trains on the embedded synthetic corpus: it generates the corpus, preprocesses it
+(EnCodec with *random* weights unless the published weights are in the torch hub cache, since they cannot be
+downloaded offline; the default M2D-CLAP checkpoint ``runs/default/stage2/model``), and trains a tiny BART
+with a word-level tokenizer built from the training captions, on CPU in minutes.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import os
+import shutil
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .data import (
+    CaptionDataset,
+    build_word_tokenizer,
+    make_collate,
+    normalize_caption,
+    read_index,
+)
+
+log = logging.getLogger("captioning.train")
+
+RUN_META = "run.json"
+CKPT_META = "captioning.json"
+STATE_DIR = "state"
+DEFAULT_CLAP_CHECKPOINT = Path("runs/default/stage2/model")
+SELECTION_METRIC = "cider_d"
+TOP_K = 5
+
+# tiny BART for offline CPU runs (the vocabulary size is filled in from the word-level tokenizer)
+TINY_BART = {
+    "d_model": 128, "encoder_layers": 2, "decoder_layers": 2, "encoder_attention_heads": 4,
+    "decoder_attention_heads": 4, "encoder_ffn_dim": 256, "decoder_ffn_dim": 256, "max_position_embeddings": 1024,
+    "dropout": 0.1, "attention_dropout": 0.0, "activation_dropout": 0.0, "bos_token_id": 0, "pad_token_id": 1,
+    "eos_token_id": 2, "decoder_start_token_id": 2, "forced_bos_token_id": 0, "forced_eos_token_id": 2,
+}
+
+
+# --------------------------------------------------------------------------------------------- schedule
+def inverse_sqrt_lr(step: int, peak: float, warmup: int, timescale: int | None = None) -> float:
+    """Hugging Face ``get_inverse_sqrt_schedule``: linear warm-up over ``warmup`` steps, then
+    ``peak / sqrt((step + timescale - warmup) / timescale)``; ``timescale`` defaults to ``warmup`` (or 10000)."""
+    if timescale is None:
+        timescale = warmup or 10_000
+    if step < warmup:
+        return peak * step / max(1, warmup)
+    shift = timescale - warmup
+    return peak / math.sqrt((step + shift) / timescale)
+
+
+def param_groups(model: torch.nn.Module, weight_decay: float = 0.01) -> list[dict]:
+    """EnCLAP / HF Trainer groups: weight decay except on biases and LayerNorm weights."""
+    decay, no_decay = [], []
+    norms = {n for n, m in model.named_modules() if isinstance(m, torch.nn.LayerNorm)}
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        owner = name.rsplit(".", 1)[0]
+        (no_decay if name.endswith("bias") or owner in norms else decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+# ------------------------------------------------------------------------------------------------- data
+def _auto_codec() -> str:
+    from .codec import CHECKPOINT_NAME, _hub_dir
+
+    if (_hub_dir() / CHECKPOINT_NAME).is_file():
+        return "pretrained"
+    log.warning("the EnCodec 24 kHz weights are not in the torch hub cache and cannot be downloaded offline: "
+                "using EnCodec with seeded RANDOM weights (its tokens carry little information; the CLAP "
+                "embedding does the work). Pass --codec pretrained or --codec PATH when the weights are available.")
+    return "random"
+
+
+def prepare_cache(args) -> tuple[Path, dict]:
+    """Return (index.csv, preprocess info): an existing preprocess index, or preprocess a manifest (the
+    embedded corpus when no dataset is given) into ``OUTPUT_DIR/cache``."""
+    from . import preprocess as pp
+    from .clap_backends import get_backend
+
+    datasets = list(args.dataset or [])
+    if len(datasets) == 1 and Path(datasets[0]).name == pp.INDEX_NAME or (
+            len(datasets) == 1 and (Path(datasets[0]) / pp.INDEX_NAME).is_file()):
+        index = Path(datasets[0])
+        index = index / pp.INDEX_NAME if index.is_dir() else index
+        meta = json.loads((index.parent / pp.META_NAME).read_text()) if (index.parent / pp.META_NAME).is_file() else {}
+        clap_meta = meta.get("clap", {}).get(args.clap, {})
+        return index, {"codec": meta.get("codec"), "bandwidth": meta.get("bandwidth", 12.0), "clap": args.clap,
+                       "clap_checkpoint": clap_meta.get("checkpoint", args.clap_checkpoint),
+                       "clap_dim": clap_meta.get("dim"), "cache": str(index.parent)}
+
+    from m2dclap.data.manifest import read_manifest
+
+    if not datasets:
+        from m2dclap.data.synthetic import default_corpus_dir, generate_corpus
+
+        corpus_dir = Path(args.corpus_dir) if args.corpus_dir else default_corpus_dir()
+        if not args.corpus_dir and args.n_clips != 2000:  # never regenerate the shared default corpus
+            corpus_dir = corpus_dir.with_name(f"{corpus_dir.name}-n{args.n_clips}")
+        datasets = [str(generate_corpus(corpus_dir, n_clips=args.n_clips, seed=0))]
+        log.info("no --dataset: using the embedded synthetic corpus %s", datasets[0])
+    clap_ckpt = args.clap_checkpoint
+    if args.clap == "m2d-clap" and clap_ckpt is None:
+        clap_ckpt = str(DEFAULT_CLAP_CHECKPOINT)
+        if not DEFAULT_CLAP_CHECKPOINT.exists():
+            raise FileNotFoundError(
+                f"no --clap-checkpoint given and the default M2D-CLAP checkpoint {DEFAULT_CLAP_CHECKPOINT} is missing; "
+                "make it with `accelerate launch scripts/pretrain.py` (the default pretraining run) or pass "
+                "--clap-checkpoint C")
+    codec_source = args.codec if args.codec != "auto" else _auto_codec()
+    records = [r for d in datasets for r in read_manifest(d)]
+    cache = Path(args.output_dir) / "cache"
+    clap = get_backend(args.clap, **({"checkpoint": clap_ckpt} if clap_ckpt is not None else {}))
+    codec = pp._LazyCodec(codec_source, 12.0, "cuda" if torch.cuda.is_available() else "cpu")
+    stats = pp.preprocess(records, cache, codec, clap, codec_source=codec_source, bandwidth=12.0,
+                          progress=not args.no_progress)
+    if stats["errors"]:
+        log.warning("%d clip(s) could not be read (listed in %s)", len(stats["errors"]), cache / pp.ERRORS_NAME)
+    return cache / pp.INDEX_NAME, {"codec": codec_source, "bandwidth": 12.0, "clap": args.clap,
+                                   "clap_checkpoint": str(Path(clap_ckpt).resolve()) if clap_ckpt and Path(clap_ckpt).exists() else clap_ckpt,
+                                   "clap_dim": clap.dim, "cache": str(cache)}
+
+
+# ------------------------------------------------------------------------------------------- validation
+@torch.no_grad()
+def predict(model, loader, device, num_beams=None, max_length=None) -> tuple[dict, dict]:
+    """Captions and references for every clip of ``loader`` (an evaluation ``CaptionDataset`` loader)."""
+    model.eval()
+    preds, refs = {}, {}
+    for batch in loader:
+        texts = model.generate(batch["tokens"].to(device), batch["token_mask"].to(device), batch["clap"].to(device),
+                               num_beams=num_beams, max_length=max_length)
+        for i, t, r in zip(batch["id"], texts, batch["captions"]):
+            preds[i], refs[i] = t, r
+    return preds, refs
+
+
+def score_fast(preds: dict, refs: dict, metrics=("cider_d",)) -> dict:
+    """Scores on normalised text without PTB tokenisation (no Java): the per-epoch validation score."""
+    from .metrics import evaluate_captions
+
+    p = {k: normalize_caption(v) for k, v in preds.items()}
+    r = {k: [normalize_caption(x) for x in v if normalize_caption(x)] for k, v in refs.items()}
+    return evaluate_captions(p, r, metrics=metrics, tokenize=False)
+
+
+# ------------------------------------------------------------------------------------------------ train
+def _atomic_json(path: Path, obj) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=1, sort_keys=True, default=str) + "\n")
+    os.replace(tmp, path)
+
+
+def update_top_k(ckpt_root: Path, history: list[dict], k: int = TOP_K, metric: str = SELECTION_METRIC) -> list[dict]:
+    """Keep the ``k`` epoch checkpoints with the highest ``metric`` (ties: the earlier epoch); delete the rest."""
+    scored = [h for h in history if h.get("checkpoint") and metric in h]
+    ranked = sorted(scored, key=lambda h: (-h[metric], h["epoch"]))
+    keep = {h["checkpoint"] for h in ranked[:k]}
+    for d in ckpt_root.glob("epoch_*"):
+        if d.name not in keep:
+            shutil.rmtree(d, ignore_errors=True)
+    return [{"epoch": h["epoch"], "checkpoint": h["checkpoint"], metric: h[metric]} for h in ranked[:k]]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m captioning.train", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--clap", default="m2d-clap", help="CLAP backend (default m2d-clap)")
+    p.add_argument("--clap-checkpoint", metavar="C", help=f"CLAP checkpoint (default for m2d-clap: {DEFAULT_CLAP_CHECKPOINT})")
+    p.add_argument("--dataset", nargs="+", metavar="MANIFEST",
+                   help="manifest(s) with train/val/test splits, or one preprocess index.csv / cache folder; "
+                        "default: the embedded synthetic corpus")
+    p.add_argument("--codec", default="auto", metavar="auto|pretrained|random|PATH",
+                   help="EnCodec weights for preprocessing (auto: the published weights if cached, else random)")
+    p.add_argument("--n-clips", type=int, default=2000, help="size of the embedded corpus (no --dataset)")
+    p.add_argument("--corpus-dir", help="where the embedded corpus lives (default: m2dclap's cache)")
+    p.add_argument("--bart", default="tiny", metavar="NAME|tiny",
+                   help="BART: 'tiny' (random init, word-level tokenizer from the training captions; offline) or "
+                        "a Hugging Face name / folder such as facebook/bart-base")
+    p.add_argument("--output-dir", default="runs/captioning/default")
+    p.add_argument("--epochs", type=int, default=15)
+    p.add_argument("--lr", type=float, help="peak learning rate (default: 6e-6 for a pretrained BART as the "
+                                            "paper's AudioCaps run, use 4e-6 for Clotho; 5e-4 for tiny)")
+    p.add_argument("--warmup", type=int, help="warm-up steps (default: 2000 for a pretrained BART as EnCLAP's "
+                                              "AudioCaps config; 10%% of the run, at most 1000, for tiny)")
+    p.add_argument("--batch-size", type=int, default=16, help="global batch size (EnCLAP AudioCaps base: 16)")
+    p.add_argument("--weight-decay", type=float, default=0.01)
+    p.add_argument("--clip-grad", type=float, default=1.0)
+    p.add_argument("--max-steps", type=int, help="stop after this many optimiser steps (the epoch is then "
+                                                 "validated and checkpointed)")
+    p.add_argument("--max-val", type=int, help="validate on at most this many clips")
+    p.add_argument("--val-beams", type=int, default=None, help="beam size for validation (default: the model's 4)")
+    p.add_argument("--top-k", type=int, default=TOP_K)
+    p.add_argument("--seed", type=int, default=1115)
+    p.add_argument("--resume", action="store_true", help="continue from OUTPUT_DIR/state")
+    p.add_argument("--num-workers", type=int, default=0)
+    p.add_argument("--no-progress", action="store_true")
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        return train(args)
+    except (FileNotFoundError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+def train(args) -> int:
+    from accelerate import Accelerator
+    from accelerate.utils import DataLoaderConfiguration, set_seed
+    from torch.utils.data import DataLoader
+
+    from .model import EnClapCaptioner, EnClapCfg
+
+    out = Path(args.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    has_gpu = torch.cuda.is_available()
+    acc = Accelerator(cpu=not has_gpu, dataloader_config=DataLoaderConfiguration(split_batches=True))
+    set_seed(args.seed)
+    meta_path = out / RUN_META
+    old_meta = json.loads(meta_path.read_text()) if (args.resume and meta_path.is_file()) else None
+
+    feat_path = out / "features.json"
+    if acc.is_main_process:
+        index, feat = prepare_cache(args)
+        _atomic_json(feat_path, {"index": str(index), **feat})
+    acc.wait_for_everyone()
+    if not acc.is_main_process:  # the main process made the cache: only read what it recorded
+        feat = json.loads(feat_path.read_text())
+        index = Path(feat.pop("index"))
+    train_clips = read_index(index, "train")
+    val_clips = read_index(index, "val")
+    if not train_clips:
+        raise ValueError(f"{index}: no clips in the train split")
+    if not val_clips:
+        raise ValueError(f"{index}: no clips in the val split (validation selects the checkpoints)")
+    if args.max_val:
+        val_clips = val_clips[: args.max_val]
+    clap_dim = int(np.load(train_clips[0].clap).shape[0])
+
+    tiny = args.bart == "tiny"
+    if args.resume and (out / STATE_DIR / "model").is_dir():
+        model = EnClapCaptioner.from_pretrained(out / STATE_DIR / "model")
+    elif tiny:
+        tok = build_word_tokenizer([c for clip in train_clips for c in clip.captions])
+        cfg = EnClapCfg(bart_name="tiny", bart_config={**TINY_BART, "vocab_size": len(tok)}, clap_dim=clap_dim)
+        model = EnClapCaptioner(cfg, tokenizer=tok)
+    else:
+        model = EnClapCaptioner(EnClapCfg(bart_name=args.bart, clap_dim=clap_dim))
+    lr = args.lr if args.lr is not None else (5e-4 if tiny else 6e-6)
+
+    train_ds = CaptionDataset(train_clips, training=True, max_frames=model.max_frames, seed=args.seed)
+    val_ds = CaptionDataset(val_clips, training=False, max_frames=model.max_frames)
+    loader = DataLoader(train_ds, batch_size=args.batch_size, shuffle=True, drop_last=False,
+                        collate_fn=make_collate(model.tokenize_captions), num_workers=args.num_workers,
+                        generator=torch.Generator().manual_seed(args.seed))
+    val_loader = DataLoader(val_ds, batch_size=32, shuffle=False, collate_fn=make_collate(None))
+    steps_per_epoch = math.ceil(len(train_ds) / args.batch_size)
+    total = steps_per_epoch * args.epochs if args.max_steps is None else min(args.max_steps, steps_per_epoch * args.epochs)
+    warmup = args.warmup if args.warmup is not None else (min(1000, max(1, total // 10)) if tiny else 2000)
+    optimizer = torch.optim.AdamW(param_groups(model, args.weight_decay), lr=lr)
+    model, optimizer, loader = acc.prepare(model, optimizer, loader)
+    raw = acc.unwrap_model(model)
+
+    state = {"epoch": 0, "step": 0, "history": []}
+    if args.resume and (out / STATE_DIR / "state.json").is_file():
+        state = json.loads((out / STATE_DIR / "state.json").read_text())
+        optimizer.load_state_dict(torch.load(out / STATE_DIR / "optimizer.pt", map_location="cpu", weights_only=True))
+        log.info("resumed from %s: epoch %d done, step %d", out / STATE_DIR, state["epoch"], state["step"])
+    elif args.resume:
+        log.info("--resume: no state in %s, starting from scratch", out / STATE_DIR)
+
+    meta = {
+        "task": "captioning", "model": "EnCLAP", "bart": args.bart, "selection_metric": SELECTION_METRIC,
+        "selection_note": "EnCLAP selects by validation SPIDEr; SPICE needs the Stanford CoreNLP 3.6.0 jars, which "
+                          "are not available offline, so checkpoints are selected by validation CIDEr-D "
+                          "(normalised text, no PTB tokenisation)",
+        "top_k": args.top_k, "lr": lr, "warmup": warmup, "schedule": "inverse_sqrt", "optimizer": "AdamW",
+        "weight_decay": args.weight_decay, "clip_grad": args.clip_grad, "batch_size": args.batch_size,
+        "epochs": args.epochs, "max_steps": args.max_steps, "seed": args.seed, "index": str(Path(index).resolve()),
+        **{f"features_{k}": v for k, v in feat.items()},
+        "codec_note": ("EnCodec with seeded random weights (published weights not available offline)"
+                       if feat.get("codec") == "random" else "published EnCodec 24 kHz weights"),
+        "n_train": len(train_ds), "n_val": len(val_ds), "steps_per_epoch": steps_per_epoch, "total_steps": total,
+    }
+    if old_meta:
+        meta["started"] = old_meta.get("started")
+    meta.setdefault("started", time.strftime("%Y-%m-%dT%H:%M:%S"))
+    log.info("checkpoint selection metric: CIDEr-D (SPIDEr needs SPICE's CoreNLP jars, unavailable offline); "
+             "keeping the top %d epochs", args.top_k)
+    log.info("%d train / %d val clips, %d steps per epoch, %d steps, peak lr %g, warm-up %d", len(train_ds),
+             len(val_ds), steps_per_epoch, total, lr, warmup)
+
+    ckpt_root = out / "checkpoints"
+    ckpt_root.mkdir(exist_ok=True)
+    feat_meta = {"codec": feat.get("codec"), "bandwidth": feat.get("bandwidth", 12.0), "clap": feat.get("clap"),
+                 "clap_checkpoint": feat.get("clap_checkpoint")}
+    done = args.max_steps is not None and state["step"] >= args.max_steps
+    while state["epoch"] < args.epochs and not done:
+        epoch = state["epoch"] + 1
+        train_ds.set_epoch(epoch)
+        if hasattr(loader, "set_epoch"):
+            loader.set_epoch(epoch)
+        model.train()
+        t0, losses = time.time(), []
+        for batch in loader:
+            lr_now = inverse_sqrt_lr(state["step"] + 1, lr, warmup)
+            outd = model(batch["tokens"], batch["token_mask"], batch["clap"], batch["labels"])
+            acc.backward(outd["loss"])
+            if args.clip_grad > 0:
+                acc.clip_grad_norm_(model.parameters(), args.clip_grad)
+            for g in optimizer.param_groups:
+                g["lr"] = lr_now
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            state["step"] += 1
+            losses.append(float(outd["loss"].detach()))
+            if args.max_steps is not None and state["step"] >= args.max_steps:
+                done = True
+                break
+        state["epoch"] = epoch
+        if acc.is_main_process:
+            preds, refs = predict(raw, val_loader, acc.device, num_beams=args.val_beams)
+            scores = score_fast(preds, refs)
+            entry = {"epoch": epoch, "step": state["step"], "train_loss": sum(losses) / max(1, len(losses)),
+                     "seconds": round(time.time() - t0, 1), **scores, "checkpoint": f"epoch_{epoch:03d}"}
+            ck = ckpt_root / entry["checkpoint"]
+            raw.save_pretrained(ck)
+            _atomic_json(ck / CKPT_META, {**feat_meta, "epoch": epoch, "step": state["step"],
+                                          "val": {k: v for k, v in scores.items()}, "selection_metric": SELECTION_METRIC})
+            state["history"].append(entry)
+            top = update_top_k(ckpt_root, state["history"], args.top_k)
+            log.info("epoch %d: step %d, train loss %.4f, val CIDEr-D (selection metric) %.4f, e.g. %r",
+                     epoch, state["step"], entry["train_loss"], scores["cider_d"], next(iter(preds.values()), ""))
+            # resumable state: written to a temporary folder, then swapped in
+            tmp = out / (STATE_DIR + ".tmp")
+            shutil.rmtree(tmp, ignore_errors=True)
+            raw.save_pretrained(tmp / "model")
+            torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+            _atomic_json(tmp / "state.json", state)
+            old = out / (STATE_DIR + ".old")
+            shutil.rmtree(old, ignore_errors=True)
+            if (out / STATE_DIR).exists():
+                os.replace(out / STATE_DIR, old)
+            os.replace(tmp, out / STATE_DIR)
+            shutil.rmtree(old, ignore_errors=True)
+            meta.update({"history": state["history"], "top_checkpoints": top,
+                         "best_checkpoint": str(ckpt_root / top[0]["checkpoint"]) if top else None,
+                         "epochs_done": epoch, "steps_done": state["step"]})
+            _atomic_json(meta_path, meta)
+        acc.wait_for_everyone()
+    if acc.is_main_process:
+        log.info("done: %d epoch(s), %d step(s); top checkpoints by CIDEr-D: %s", state["epoch"], state["step"],
+                 [(t["checkpoint"], round(t[SELECTION_METRIC], 4)) for t in meta.get("top_checkpoints", [])])
+        print(json.dumps({"output_dir": str(out), "best_checkpoint": meta.get("best_checkpoint"),
+                          "selection_metric": SELECTION_METRIC,
+                          "top": meta.get("top_checkpoints", [])}, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,188 @@
+"""Captioning training, CLIs and helpers: a tiny end-to-end run (train -> checkpoint -> caption -> evaluate),
+resume, top-k retention, the data pipeline and the most-frequent-caption baseline."""
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+pytest.importorskip("encodec", reason="the encodec package is not installed")
+
+import m2dclap
+from captioning import caption as cap_cli
+from captioning import evaluate as eval_cli
+from captioning import train as tr
+from captioning.data import (
+    CachedClip,
+    CaptionDataset,
+    build_word_tokenizer,
+    collate,
+    most_frequent_caption,
+    normalize_caption,
+)
+from m2dclap.data.synthetic import generate_corpus
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    """A tiny training run on 24 clips: 3 epochs of 3 steps, stopped at step 7, keeping the top 2."""
+    torch.set_num_threads(1)
+    root = tmp_path_factory.mktemp("captrain")
+    torch.manual_seed(0)
+    clap = m2dclap.M2DCLAP(m2dclap.get_model_config("tiny", **{"text.kind": "none"}))
+    m2dclap.save_pretrained(clap, root / "clap")
+    manifest = generate_corpus(root / "corpus", n_clips=24, seed=3)
+    out = root / "run"
+    argv = ["--dataset", str(manifest), "--clap-checkpoint", str(root / "clap"), "--codec", "random",
+            "--output-dir", str(out), "--epochs", "3", "--batch-size", "8", "--max-steps", "7", "--top-k", "2",
+            "--val-beams", "1", "--no-progress", "--lr", "1e-3"]
+    assert tr.main(argv) == 0
+    first = json.loads((out / tr.RUN_META).read_text())
+    return {"root": root, "out": out, "manifest": manifest, "argv": argv, "first": first}
+
+
+def test_train_writes_checkpoints_metadata_and_keeps_top_k(run):
+    meta = run["first"]
+    assert meta["selection_metric"] == "cider_d" and "SPICE" in meta["selection_note"]
+    assert meta["features_codec"] == "random" and meta["features_clap"] == "m2d-clap"
+    hist = meta["history"]
+    assert [h["epoch"] for h in hist] == [1, 2, 3] and [h["step"] for h in hist] == [3, 6, 7]
+    assert all(np.isfinite(h["train_loss"]) and 0 <= h["cider_d"] for h in hist)
+    kept = sorted(d.name for d in (run["out"] / "checkpoints").iterdir())
+    ranked = sorted(hist, key=lambda h: (-h["cider_d"], h["epoch"]))[:2]
+    assert kept == sorted(h["checkpoint"] for h in ranked)
+    assert [t["checkpoint"] for t in meta["top_checkpoints"]] == [h["checkpoint"] for h in ranked]
+    ck = run["out"] / "checkpoints" / kept[0]
+    info = json.loads((ck / tr.CKPT_META).read_text())
+    assert info["codec"] == "random" and info["clap"] == "m2d-clap" and Path(info["clap_checkpoint"]).exists()
+
+
+def test_caption_cli_prints_one_caption_per_file(run, capsys):
+    audio = sorted((run["manifest"].parent / "audio").glob("*.wav"))[:2]
+    assert cap_cli.main([str(a) for a in audio] + ["--checkpoint", str(run["out"]), "--num-beams", "1",
+                                                   "--max-length", "8"]) == 0
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.strip()]
+    assert len(lines) == 2 and [line.split("\t")[0] for line in lines] == [str(a) for a in audio]
+    # on-the-fly features equal the cached ones: same caption as from the cache
+    c = cap_cli.Captioner(run["out"])
+    from captioning.data import read_index
+    clip = next(x for x in read_index(run["first"]["index"]) if x.id == audio[0].stem)
+    cached_tok = torch.from_numpy(np.load(clip.tokens).astype(np.int64))
+    from m2dclap import load_audio
+    wave = load_audio(audio[0], sample_rate=24000)
+    from captioning.codec import encode_tokens
+    assert torch.equal(encode_tokens(c.codec, wave, 24000), cached_tok)
+
+
+def test_evaluate_run_gives_mean_and_interval_and_json(run, tmp_path, capsys):
+    out = tmp_path / "res.json"
+    assert eval_cli.main(["--checkpoint", str(run["out"]), "--split", "test", "--out", str(out),
+                          "--save-predictions", str(tmp_path / "preds"), "--no-java"]) == 0
+    res = json.loads(out.read_text())
+    assert res["unavailable"]["meteor"] == "--no-java"
+    assert len(res["checkpoints"]) == 2 and "cider_d" in res["summary"] and "bleu_4" in res["metrics"]
+    vals = [s["cider_d"] for s in res["checkpoints"].values()]
+    assert res["summary"]["cider_d"]["mean"] == pytest.approx(sum(vals) / 2)
+    assert "mean ± 95% CI" in capsys.readouterr().out
+    # predictions/references CSV path agrees with the checkpoint path
+    pred_csv = next((tmp_path / "preds").glob("*.csv"))
+    refs = tmp_path / "refs.csv"
+    from captioning.data import read_index
+    clips = {c.id: c for c in read_index(run["first"]["index"], "test")}
+    with open(refs, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["file_name"] + [f"caption_{i}" for i in range(1, 6)])
+        for cid, c in clips.items():
+            w.writerow([cid] + c.captions)
+    assert eval_cli.main(["--predictions", str(pred_csv), "--references", str(refs), "--out", str(tmp_path / "p.json"),
+                          "--no-java"]) == 0
+    again = json.loads((tmp_path / "p.json").read_text())
+    name = pred_csv.name.split("-")[0]
+    assert next(iter(again["checkpoints"].values()))["cider_d"] == pytest.approx(res["checkpoints"][name]["cider_d"])
+
+
+def test_resume_continues_from_saved_state(run):
+    argv = [a for a in run["argv"]]
+    argv[argv.index("--epochs") + 1] = "4"
+    argv[argv.index("--max-steps") + 1] = "9"
+    assert tr.main(argv + ["--resume"]) == 0
+    meta = json.loads((run["out"] / tr.RUN_META).read_text())
+    hist = meta["history"]
+    assert [h["epoch"] for h in hist] == [1, 2, 3, 4] and hist[-1]["step"] == 9
+    assert hist[:3] == run["first"]["history"]  # earlier epochs untouched, not retrained
+    assert len(list((run["out"] / "checkpoints").iterdir())) == 2
+
+
+def test_update_top_k_deletes_the_rest(tmp_path):
+    hist = [{"epoch": e, "checkpoint": f"epoch_{e:03d}", "cider_d": s} for e, s in
+            [(1, 0.1), (2, 0.5), (3, 0.3), (4, 0.5), (5, 0.05)]]
+    for h in hist:
+        (tmp_path / h["checkpoint"]).mkdir()
+    top = tr.update_top_k(tmp_path, hist, k=3)
+    assert [t["epoch"] for t in top] == [2, 4, 3]  # ties: earlier epoch first
+    assert sorted(d.name for d in tmp_path.iterdir()) == ["epoch_002", "epoch_003", "epoch_004"]
+
+
+def test_inverse_sqrt_schedule_and_no_decay_groups():
+    assert tr.inverse_sqrt_lr(0, 1.0, 10) == 0.0
+    assert tr.inverse_sqrt_lr(5, 1.0, 10) == pytest.approx(0.5)
+    assert tr.inverse_sqrt_lr(10, 1.0, 10) == pytest.approx(1.0)
+    assert tr.inverse_sqrt_lr(40, 1.0, 10) == pytest.approx(0.5)  # 1/sqrt(40/10)
+    m = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.LayerNorm(4), torch.nn.Linear(4, 2))
+    decay, no = tr.param_groups(m, 0.01)
+    assert decay["weight_decay"] == 0.01 and no["weight_decay"] == 0.0
+    assert {id(p) for p in decay["params"]} == {id(m[0].weight), id(m[2].weight)}
+    assert len(no["params"]) == 4  # two biases, LayerNorm weight and bias
+
+
+def test_most_frequent_caption_and_baseline_score():
+    clips = [CachedClip(str(i), "train", Path("t"), Path("c"), caps) for i, caps in enumerate(
+        [["A dog barks.", "a cat meows"], ["a dog barks", "rain falls"], ["Rain falls", "a DOG barks!"]])]
+    assert most_frequent_caption(clips) == "a dog barks"
+    assert normalize_caption("A  DOG, barks!") == "a dog barks"
+    from captioning.train import score_fast
+    refs = {"x": ["a dog barks loudly", "a dog is barking"], "y": ["rain falls on a roof", "heavy rain"],
+            "z": ["a dog barks", "dog barking"]}
+    const = score_fast({k: "a dog barks" for k in refs}, refs)["cider_d"]
+    exact = score_fast({"x": "a dog barks loudly", "y": "rain falls on a roof", "z": "a dog barks"}, refs)["cider_d"]
+    assert 0 <= const < exact
+
+
+def test_dataset_crop_caption_draw_and_collate(tmp_path):
+    clips = []
+    for i, T in enumerate((50, 20)):
+        np.save(tmp_path / f"t{i}.npy", np.random.default_rng(i).integers(0, 1024, (16, T)).astype(np.int16))
+        np.save(tmp_path / f"c{i}.npy", np.ones(8, np.float32) * i)
+        clips.append(CachedClip(str(i), "train", tmp_path / f"t{i}.npy", tmp_path / f"c{i}.npy",
+                                [f"cap {i} {j}" for j in range(5)]))
+    ds = CaptionDataset(clips, training=True, max_frames=30, seed=0)
+    seen = set()
+    for e in range(8):
+        ds.set_epoch(e)
+        it = ds[0]
+        assert it["tokens"].shape == (16, 30)
+        seen.add(it["caption"])
+    assert len(seen) > 1  # a different caption draw per epoch
+    ds.set_epoch(3)
+    assert ds[0]["caption"] == ds[0]["caption"]  # deterministic per epoch
+    full = np.load(tmp_path / "t0.npy")
+    ev = CaptionDataset(clips, training=False, max_frames=30)
+    assert torch.equal(ev[0]["tokens"], torch.from_numpy(full[:, :30].astype(np.int64)))  # truncate from start
+    b = collate([ev[0], ev[1]])
+    assert b["tokens"].shape == (2, 16, 30) and (b["tokens"][1, :, 20:] == 1024).all()
+    assert b["token_mask"].sum(1).tolist() == [30, 20] and b["clap"].shape == (2, 8)
+    tok = build_word_tokenizer(["A dog barks.", "rain falls"])
+    ids = tok(["a dog barks"])["input_ids"][0]
+    assert ids[0] == 0 and ids[-1] == 2 and 3 not in ids
