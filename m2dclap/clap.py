@@ -7,7 +7,6 @@ from functools import partial
 from typing import Sequence
 
 import torch
-import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
@@ -264,7 +263,3 @@ def multi_positive_loss(logits: torch.Tensor, groups: torch.Tensor) -> torch.Ten
     loss_a = -(target * logits.log_softmax(1)).sum(1).mean()
     loss_t = -(target * logits.T.log_softmax(1)).sum(1).mean()
     return (loss_a + loss_t) / 2
-
-
-def is_distributed() -> bool:
-    return dist.is_available() and dist.is_initialized()

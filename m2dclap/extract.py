@@ -244,19 +244,6 @@ def parse_features(spec: str | Sequence[str]) -> tuple[str, ...]:
     return tuple(k for k in FEATURE_KINDS if k in names)
 
 
-def cast_model(model: torch.nn.Module, dtype: torch.dtype) -> torch.nn.Module:
-    """``model.to(dtype)``, keeping the log-mel normalisation statistics in float32.
-
-    ``norm_stats`` is a buffer, so a plain cast rounds it (bfloat16 turns (-7.1, 4.2) into
-    (-7.09375, 4.1875)) and shifts every input of the frontend, which otherwise stays in float32.
-    """
-    stats = model.norm_stats.detach().clone() if hasattr(model, "norm_stats") else None
-    model.to(dtype)
-    if stats is not None:
-        model.norm_stats = stats.to(model.norm_stats.device)
-    return model
-
-
 def _prepare_out_dir(model, out_dir: Path, kinds: tuple[str, ...], checkpoint: str | None,
                      overwrite: bool) -> tuple[dict, dict]:
     """Check ``meta.json`` against this run, write the new one, return the previous (index, errors) rows."""
@@ -345,7 +332,7 @@ def extract_features(model, items: Sequence[AudioItem], out_dir: str | Path,
     """Write the requested features of ``items`` under ``out_dir`` (layout in ``LAYOUT``).
 
     Args:
-        model: an :class:`m2dclap.M2DCLAP`, already on its device and in its dtype (see ``cast_model``).
+        model: an :class:`m2dclap.M2DCLAP`, already on its device and in its dtype (``model.to(dtype)`` keeps the frontend and statistics in float32).
         items: from :func:`find_audio_files`.
         features: kinds among ``clip``, ``frame``, ``clap`` (or ``all``).
         batch_size: files per model call.
@@ -521,7 +508,7 @@ def _main(args: argparse.Namespace) -> int:
         print("m2dclap-extract: error: --device cuda but no CUDA device is available", file=sys.stderr)
         return 2
     try:
-        model = cast_model(load(args.checkpoint, device=device), DTYPES[args.dtype])
+        model = load(args.checkpoint, device=device).to(DTYPES[args.dtype])
     except CheckpointError as e:
         print(f"m2dclap-extract: error: {e}", file=sys.stderr)
         return 2

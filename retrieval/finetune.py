@@ -33,7 +33,7 @@ import m2dclap
 from m2dclap.clap import ContrastiveLoss
 from m2dclap.data.manifest import Record, apply_exclusions, read_exclusion_list
 from m2dclap.train.loop import (TrainState, lr_at, optimizer_step, param_groups, resume_and_track,
-                                save_checkpoint)
+                                save_checkpoint, start_run)
 
 from .datasets import load_dataset
 from .metrics import caption_retrieval
@@ -262,23 +262,9 @@ class Progress:
 
 
 # ------------------------------------------------------------------------------------------------ train
-def make_accelerator(cfg: FinetuneCfg, out_dir: Path):
-    """The pretraining loop's accelerator (CPU explicitly when there is no GPU, optional TensorBoard)."""
-    from m2dclap.train.loop import make_accelerator as pretrain_accelerator
-
-    return pretrain_accelerator(cfg, out_dir)
-
-
 def finetune(cfg: FinetuneCfg, resume: bool = False) -> dict[str, Any]:
     """Run the fine-tuning; returns the summary (also written to ``OUTPUT/summary.json``)."""
-    from accelerate.utils import set_seed
-
-    out_dir = Path(cfg.output_dir)
-    accelerator = make_accelerator(cfg, out_dir)
-    set_seed(cfg.seed)
-    if accelerator.is_main_process:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        (out_dir / "finetune_config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
+    accelerator, out_dir = start_run(cfg, "finetune_config.json")
     model = m2dclap.load(cfg.checkpoint)
     model.set_trainable(audio_encoder=cfg.train_audio_encoder, audio_proj=True, text=not cfg.freeze_text)
     train_sets, val_sets = read_sets(cfg, cfg.train, TRAIN_SPLITS), read_sets(cfg, cfg.val, VAL_SPLITS)

@@ -23,6 +23,16 @@ def minilm() -> str:
     return minilm_path()
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """One intra-op thread for modules of tiny models (opt in with ``pytest.mark.usefixtures``): on a shared
+    2-core machine two spinning OpenMP threads made their steps 5-10x slower; results are the same."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 def tone(seconds: float, sr: int = 16000, freq: float = 440.0, seed: int = 0) -> torch.Tensor:
     """A harmonic tone with a little noise: a real-like test signal."""
     t = np.arange(int(seconds * sr)) / sr

@@ -12,7 +12,7 @@ import soundfile as sf
 import torch
 
 import m2dclap
-from m2dclap.extract import ExtractError, cast_model, extract_features, find_audio_files, main
+from m2dclap.extract import ExtractError, extract_features, find_audio_files, main
 
 GOOD = ["a.wav", "b.wav", "stereo.wav", "sub/c.wav"]
 BAD = ["corrupt.wav", "empty.wav", "nan.wav"]
@@ -195,7 +195,7 @@ def test_resume_after_kill_matches_uninterrupted_run(model, data, tmp_path, monk
 def test_bfloat16_outputs_float32_and_refuses_mixing(model, data, tmp_path):
     items = [i for i in find_audio_files([data]) if i.file in ("a.wav", "b.wav")]
     stats = model.norm_stats.clone()
-    bf16 = cast_model(copy.deepcopy(model), torch.bfloat16)
+    bf16 = copy.deepcopy(model).to(torch.bfloat16)
     assert bf16.dtype == torch.bfloat16
     assert torch.equal(bf16.norm_stats, stats) and bf16.norm_stats.dtype == torch.float32
     out = tmp_path / "bf16"

@@ -24,14 +24,7 @@ FAST = dict(input_size="80x208", batch_size=4, epochs=2, warmup_epochs=0.5, chec
             tracker="none")
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """These tensors are tiny: a second intra-op thread only adds synchronisation (10 ms per op when the
-    machine is busy)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

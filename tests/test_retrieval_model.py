@@ -28,14 +28,7 @@ from retrieval.cache import EmbeddingCache
 N_TRAIN, N_VAL = 48, 24  # of 100 clips; the other 28 are the test split
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """One intra-op thread: on a shared 2-core machine, two spinning OpenMP threads competing with other
-    processes made the fine-tuning steps 5-10x slower (same figures either way)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

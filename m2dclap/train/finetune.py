@@ -41,7 +41,7 @@ from ..encoder import AudioEncoder, clip_features
 from ..m2d import take
 from ..model import M2DCLAP
 from .lars import LARS
-from .loop import (TrainState, fill_batch, lr_at, make_accelerator, optimizer_step, param_groups,
+from .loop import (TrainState, fill_batch, lr_at, optimizer_step, param_groups, start_run,
                    resume_and_track, save_checkpoint)
 
 log = logging.getLogger(__name__)
@@ -467,12 +467,7 @@ def finetune(cfg: FinetuneCfg, resume: bool = False) -> dict[str, Any]:
 
     if not cfg.init or not cfg.data:
         raise ValueError("stage 1.1 needs the stage-1 model (--init) and a labelled manifest (--data)")
-    out_dir = Path(cfg.output_dir)
-    accelerator = make_accelerator(cfg, out_dir)
-    set_seed(cfg.seed)
-    if accelerator.is_main_process:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        (out_dir / "finetune_config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
+    accelerator, out_dir = start_run(cfg, "finetune_config.json")
     model = load(cfg.init)
     if cfg.input_size[0] != model.cfg.frontend.n_mels:
         raise ValueError(f"input_size {cfg.input_size} does not match the model's {model.cfg.frontend.n_mels} mels")

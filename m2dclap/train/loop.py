@@ -133,7 +133,8 @@ def lr_at(step: int, total: int, warmup: int, peak: float, floor: float) -> floa
 
 
 # ------------------------------------------------------------------------------------------------- data
-def build_datasets(cfg: TrainCfg, model: M2DCLAP, manifest: Path) -> tuple[AudioCaptionDataset, int]:
+def build_datasets(cfg: TrainCfg, model: M2DCLAP, manifest: Path,
+                   caption_embeddings: dict | None = None) -> tuple[AudioCaptionDataset, int]:
     records = read_manifest(manifest, split="train")
     if not records:  # a manifest without a split column trains on everything
         records = [r for r in read_manifest(manifest) if r.split in (None, "train")]
@@ -142,7 +143,7 @@ def build_datasets(cfg: TrainCfg, model: M2DCLAP, manifest: Path) -> tuple[Audio
         log.info("excluded %d clips listed in %s", removed, cfg.exclude)
     if not records:
         raise ValueError(f"{manifest}: no training clips")
-    emb = load_caption_embeddings(cfg.captions) if cfg.stage == "1" else None
+    emb = caption_embeddings if cfg.stage == "1" else None
     crop = int(round(cfg.crop_seconds * model.sample_rate / model.cfg.frontend.hop_length))
     ds = AudioCaptionDataset(records, model.cfg.frontend, crop, training=True, caption_embeddings=emb,
                              on_bad_audio=cfg.on_bad_audio, seed=cfg.seed)
@@ -252,23 +253,29 @@ def make_accelerator(cfg: TrainCfg, out_dir: Path) -> Accelerator:
                        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True))
 
 
-def train(cfg: TrainCfg, manifest: str | Path, resume: bool = False) -> dict[str, Any]:
-    """Run one stage; returns a summary (steps, losses, skipped clips, output paths)."""
+def start_run(cfg: Any, config_name: str) -> tuple[Accelerator, Path]:
+    """The accelerator of a run, the seed set, and its resolved config written into ``cfg.output_dir``."""
     out_dir = Path(cfg.output_dir)
     accelerator = make_accelerator(cfg, out_dir)
     set_seed(cfg.seed)
     if accelerator.is_main_process:
         out_dir.mkdir(parents=True, exist_ok=True)
-        (out_dir / "train_config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
-    caption_dim = None
+        (out_dir / config_name).write_text(json.dumps(cfg.to_dict(), indent=2))
+    return accelerator, out_dir
+
+
+def train(cfg: TrainCfg, manifest: str | Path, resume: bool = False) -> dict[str, Any]:
+    """Run one stage; returns a summary (steps, losses, skipped clips, output paths)."""
+    accelerator, out_dir = start_run(cfg, "train_config.json")
+    caption_emb, caption_dim = None, None
     if cfg.stage == "1":
         if not cfg.captions:
             raise ValueError("stage 1 needs pre-computed caption embeddings: --captions FILE "
                              "(make them with scripts/embed_captions.py)")
-        first = next(iter(load_caption_embeddings(cfg.captions).values()))
-        caption_dim = first.shape[-1]
+        caption_emb = load_caption_embeddings(cfg.captions)  # read once: the file can hold millions of clips
+        caption_dim = next(iter(caption_emb.values())).shape[-1]
     model = build_model(cfg, caption_dim)
-    ds, crop = build_datasets(cfg, model, Path(manifest))
+    ds, crop = build_datasets(cfg, model, Path(manifest), caption_emb)
     extend_input_frames(model, crop)
     if cfg.stage == "1" and not cfg.init:
         with torch.no_grad():
