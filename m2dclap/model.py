@@ -133,7 +133,10 @@ class M2DCLAP(nn.Module):
         Equal-length clips share one frontend call; the chunks of all clips, whatever their lengths, are
         grouped by chunk length and encoded together.
         """
-        waves = self.prepare_audio(audio, sample_rate)
+        return self._encode_waves(self.prepare_audio(audio, sample_rate))
+
+    def _encode_waves(self, waves: list[torch.Tensor]) -> list[torch.Tensor]:
+        """Prepared (checked, resampled) waveforms -> patch features per clip."""
         lms: list[torch.Tensor | None] = [None] * len(waves)
         by_len: dict[int, list[int]] = {}
         for i, w in enumerate(waves):
@@ -184,7 +187,7 @@ class M2DCLAP(nn.Module):
         waves = self.prepare_audio(audio, sample_rate)
         outs = []
         for start in range(0, len(waves), batch_size):
-            patches = self._patches(waves[start:start + batch_size], self.sample_rate)
+            patches = self._encode_waves(waves[start:start + batch_size])  # already checked once
             outs.append(self.project_audio(patches))
         emb = torch.cat(outs)
         return F.normalize(emb, dim=-1) if normalize else emb
