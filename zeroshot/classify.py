@@ -12,6 +12,7 @@ Unreadable files are reported on stderr and skipped; the exit status is then 1.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import sys
 from pathlib import Path
@@ -19,7 +20,7 @@ from typing import Sequence
 
 from m2dclap import CheckpointError
 
-from ._cli import cli_logging, load_model, resolve_device
+from ._cli import cli_error, cli_logging, load_model, resolve_device
 from .classifier import ZeroShotClassifier
 from .templates import TemplateError, as_template_list
 
@@ -65,9 +66,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _main(args: argparse.Namespace) -> int:
-    def fail(msg: str) -> int:
-        print(f"{PROG}: error: {msg}", file=sys.stderr)
-        return 2
+    fail = functools.partial(cli_error, PROG)
 
     try:
         if args.top < 1:

@@ -15,6 +15,7 @@ for multi-label tasks; needs matplotlib).
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import logging
 import sys
@@ -26,7 +27,7 @@ import numpy as np
 from m2dclap import CheckpointError
 
 from . import metrics
-from ._cli import cli_logging, load_model, resolve_device
+from ._cli import cli_error, cli_logging, load_model, resolve_device
 from .classifier import FilePredictions, ZeroShotClassifier
 from .datasets import DATASETS, DatasetError, ZeroShotDataset, load_dataset
 from .templates import TemplateError, as_template_list
@@ -302,9 +303,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _main(args: argparse.Namespace) -> int:
-    def fail(msg: str) -> int:
-        print(f"{PROG}: error: {msg}", file=sys.stderr)
-        return 2
+    fail = functools.partial(cli_error, PROG)
 
     if args.batch_size < 1:
         return fail(f"--batch-size must be at least 1, got {args.batch_size}")
