@@ -28,13 +28,13 @@ class _TqdmHandler(logging.StreamHandler):
             self.handleError(record)
 
 
-@contextlib.contextmanager
 def cli_error(prog: str, msg: str) -> int:
     """Print ``prog: error: msg`` on stderr and return the usage/data error exit code 2."""
     print(f"{prog}: error: {msg}", file=sys.stderr)
     return 2
 
 
+@contextlib.contextmanager
 def cli_logging(quiet: bool) -> Iterator[None]:
     """INFO (or WARNING with ``quiet``) messages of ``zeroshot`` and ``m2dclap`` on stderr while a CLI runs."""
     handler = _TqdmHandler(sys.stderr)
