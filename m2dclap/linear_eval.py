@@ -35,6 +35,8 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from .audio import AudioError, load_audio
+from .metrics import average_precision  # noqa: F401  (part of this module's API)
+from .metrics import mean_average_precision as shared_map
 from .data.manifest import (LABEL_SEP, SPLITS, ManifestError, Record, _csv_rows, _jsonl_rows,
                             atomic_write_text, read_manifest)
 
@@ -52,30 +54,13 @@ class LinearEvalError(ValueError):
 # ---------------------------------------------------------------------------------------------------
 # Metrics
 # ---------------------------------------------------------------------------------------------------
-def average_precision(y_true: np.ndarray, y_score: np.ndarray) -> float:
-    """AP of one class: sum over thresholds of (R_n - R_{n-1}) P_n, tied scores forming one threshold
-    (scikit-learn's ``average_precision_score``). NaN when ``y_true`` has no positive."""
-    y_true = np.asarray(y_true, dtype=bool)
-    n_pos = int(y_true.sum())
-    if n_pos == 0:
-        return math.nan
-    order = np.argsort(-np.asarray(y_score, dtype=np.float64), kind="mergesort")
-    score, hit = np.asarray(y_score, dtype=np.float64)[order], y_true[order]
-    last_of_tie = np.r_[np.diff(score) != 0, True]  # the last index of each run of equal scores
-    tp = np.cumsum(hit)[last_of_tie]
-    n_ranked = (np.arange(len(score)) + 1)[last_of_tie]
-    precision, recall = tp / n_ranked, tp / n_pos
-    return float(np.sum(np.diff(np.r_[0.0, recall]) * precision))
-
-
 def mean_average_precision(y_true: np.ndarray, y_score: np.ndarray) -> tuple[float, np.ndarray]:
     """Macro mAP of (N, C) multi-hot targets and scores over the classes that have a positive.
 
     Returns ``(mAP, per_class_ap)``; classes without a positive have AP NaN and are left out of the mean.
     """
-    ap = np.array([average_precision(y_true[:, c], y_score[:, c]) for c in range(y_true.shape[1])])
-    scored = ~np.isnan(ap)
-    return (float(ap[scored].mean()) if scored.any() else math.nan), ap
+    mean, ap, _ = shared_map(y_true, y_score, no_positive="exclude")
+    return mean, ap
 
 
 def score_predictions(y_true: np.ndarray, y_score: np.ndarray) -> float:

@@ -37,6 +37,7 @@ from tqdm.auto import tqdm
 from ..config import FrontendCfg, coerce_like
 from ..data.datasets import AudioCaptionDataset, collate
 from ..data.manifest import LABEL_SEP, ManifestError, Record, read_manifest
+from .. import metrics
 from ..encoder import AudioEncoder, clip_features
 from ..m2d import take
 from ..model import M2DCLAP
@@ -207,24 +208,15 @@ def mixup(lms: torch.Tensor, targets: torch.Tensor, alpha: float, log_mixup_exp:
 
 # ------------------------------------------------------------------------------------------------ metric
 def average_precision(scores: torch.Tensor, target: torch.Tensor) -> float:
-    """AP of one class: sum over distinct score thresholds of (R_k - R_{k-1}) * P_k (tied scores form one
-    threshold, as scikit-learn's ``average_precision_score``). NaN when the class has no positive."""
-    order = scores.double().argsort(descending=True, stable=True)
-    s, t = scores.double()[order], target.double()[order]
-    if t.sum() == 0:
-        return float("nan")
-    last = torch.ones_like(s, dtype=torch.bool)
-    last[:-1] = s[1:] != s[:-1]  # the last clip of each run of tied scores closes a threshold
-    tp, fp = t.cumsum(0)[last], (1 - t).cumsum(0)[last]
-    precision, recall = tp / (tp + fp), tp / tp[-1]
-    return float((torch.diff(recall, prepend=recall.new_zeros(1)) * precision).sum())
+    """AP of one class (scikit-learn's definition, ties form one threshold); NaN without a positive."""
+    return metrics.average_precision(target.cpu().numpy(), scores.double().cpu().numpy())
 
 
 def mean_average_precision(scores: torch.Tensor, targets: torch.Tensor) -> tuple[float, list[float]]:
     """Macro mAP of (N, C) scores against (N, C) 0/1 targets over the classes with a positive; per-class APs."""
-    aps = [average_precision(scores[:, c], targets[:, c] > 0.5) for c in range(scores.shape[1])]
-    valid = [a for a in aps if a == a]
-    return (sum(valid) / len(valid) if valid else float("nan")), aps
+    mean, aps, _ = metrics.mean_average_precision((targets > 0.5).cpu().numpy(), scores.double().cpu().numpy(),
+                                                  no_positive="exclude")
+    return mean, [float(a) for a in aps]
 
 
 # ------------------------------------------------------------------------------------------------- model
