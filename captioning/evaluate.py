@@ -4,8 +4,8 @@
     python -m captioning.evaluate --predictions P.csv --references R.csv [--out RESULT.json]
 
 Every available metric is computed: BLEU-1..4, METEOR, ROUGE-L, CIDEr-D (PTB tokenisation; Java needed), plus
-SPICE and SPIDEr when the Stanford CoreNLP 3.6.0 jars are installed (otherwise they are listed as unavailable,
-never estimated). ``C`` may be an epoch checkpoint or a training run folder; for a run, each of its top
+SPICE and SPIDEr when the Stanford CoreNLP 3.6.0 jars are installed, and SBERT-sim, FER, FENSE and SPIDEr-FL
+when the FENSE models are on this machine (otherwise they are listed as unavailable, never estimated). ``C`` may be an epoch checkpoint or a training run folder; for a run, each of its top
 checkpoints (by the validation selection metric, 5 by default as in EnCLAP) is scored and the table gives the
 mean and the 95% interval (Student t) over them, as in the paper's Table IX.
 
@@ -25,46 +25,32 @@ from pathlib import Path
 
 import torch
 
+from .metrics import MetricUnavailableError, add_fense_arguments, available_metrics, fense_options
 from .train import RUN_META
 
-METRIC_ORDER = ("bleu_1", "bleu_2", "bleu_3", "bleu_4", "meteor", "rouge_l", "cider_d", "spice", "spider")
+METRIC_ORDER = ("bleu_1", "bleu_2", "bleu_3", "bleu_4", "meteor", "rouge_l", "cider_d", "spice", "spider",
+                "sbert_sim", "fer", "fense", "spider_fl")
 
 
-def available_metrics() -> tuple[list[str], dict[str, str]]:
-    """Metrics that can run here, and the reason for each that cannot."""
-    from .metrics import MetricUnavailableError, java_binary, missing_spice_files
-
-    ok, why = ["bleu", "rouge_l", "cider_d"], {}
-    try:
-        java_binary()
-        ok.insert(1, "meteor")
-    except MetricUnavailableError as e:
-        why["meteor"] = str(e)
-    missing = missing_spice_files()
-    if missing or "meteor" in why:
-        reason = why.get("meteor") or f"missing Stanford CoreNLP 3.6.0 jars: {', '.join(map(str, missing))}"
-        why["spice"] = why["spider"] = reason
-    else:
-        ok += ["spice", "spider"]
-    return ok, why
-
-
-def score(preds: dict, refs: dict, java: bool = True) -> tuple[dict, dict]:
-    """Every available metric; ``java=False``: BLEU, ROUGE-L and CIDEr-D on normalised text (no Java)."""
+def score(preds: dict, refs: dict, java: bool = True, available: tuple | None = None) -> tuple[dict, dict]:
+    """Every available metric; ``java=False``: BLEU, ROUGE-L, CIDEr-D (and the FENSE family when its models
+    are here) on normalised text, no Java. ``available``: :func:`captioning.metrics.available_metrics`'s
+    answer, when the caller scores several prediction sets (it loads the FENSE models once)."""
     from .metrics import evaluate_captions
 
-    if java:
-        metrics, why = available_metrics()
-    else:
-        metrics = ["bleu", "rouge_l", "cider_d"]
-        why = {m: "--no-java" for m in ("meteor", "spice", "spider")}
+    metrics, why, scorer = available or available_metrics()
+    metrics, why = list(metrics), dict(why)
+    if not java:
+        for m in ("meteor", "spice", "spider", "spider_fl"):
+            why[m] = "--no-java"
+        metrics = [m for m in metrics if m not in why]
     tokenize = "meteor" in metrics  # Java present: the standard PTB tokenisation
     if not tokenize:
         from .data import normalize_caption
         preds = {k: normalize_caption(v) for k, v in preds.items()}
         refs = {k: [normalize_caption(r) for r in v] for k, v in refs.items()}
         why["ptb_tokenization"] = "normalised text instead of the PTB tokenizer (no Java)"
-    return evaluate_captions(preds, refs, metrics=metrics, tokenize=tokenize), why
+    return evaluate_captions(preds, refs, metrics=metrics, tokenize=tokenize, fense=scorer), why
 
 
 def t_interval(values: Sequence[float]) -> tuple[float, float]:
@@ -129,7 +115,7 @@ def format_table(rows: list[tuple[str, dict]], columns: Sequence[str]) -> str:
 
 def evaluate_run_or_checkpoint(checkpoint: str | Path, data=None, split: str = "test", device: str = "cpu",
                                max_clips: int | None = None, save_predictions: Path | None = None,
-                               java: bool = True) -> dict:
+                               java: bool = True, fense_options: dict | None = None) -> dict:
     """Scores per checkpoint and, for a run, the mean and 95% interval over its top checkpoints."""
     path = Path(checkpoint)
     run_meta = json.loads((path / RUN_META).read_text()) if (path / RUN_META).is_file() else None
@@ -146,11 +132,13 @@ def evaluate_run_or_checkpoint(checkpoint: str | Path, data=None, split: str = "
         raise ValueError("--data is needed for a single checkpoint")
     result = {"checkpoints": {}, "split": split, "data": str(data),
               "selection_metric": run_meta.get("selection_metric") if run_meta else None}
+    available = available_metrics(fense_options)
+    result["fense_models"] = available[2].models if available[2] is not None else None
     for ck in ckpts:
         preds, refs = predict_checkpoint(ck, data, split, device, max_clips=max_clips)
         if not preds:
             raise ValueError(f"{data}: no captioned clips in split {split!r}")
-        scores, why = score(preds, refs, java)
+        scores, why = score(preds, refs, java, available)
         result["checkpoints"][ck.name] = scores
         result["unavailable"] = why
         result["n_clips"] = len(preds)
@@ -181,6 +169,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--no-java", action="store_true",
                    help="only BLEU, ROUGE-L and CIDEr-D, on normalised text (no Java, no PTB tokenizer)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    add_fense_arguments(p)
     args = p.parse_args(argv)
     try:
         if args.predictions:
@@ -188,15 +177,17 @@ def main(argv: Sequence[str] | None = None) -> int:
                 p.error("--predictions needs --references")
             from .metrics import read_predictions_csv, read_references_csv
 
+            available = available_metrics(fense_options(args, args.device))
             scores, why = score(read_predictions_csv(args.predictions), read_references_csv(args.references),
-                               not args.no_java)
+                                not args.no_java, available)
             result = {"checkpoints": {Path(args.predictions).name: scores}, "unavailable": why,
+                      "fense_models": available[2].models if available[2] is not None else None,
                       "metrics": [m for m in METRIC_ORDER if m in scores]}
         else:
             result = evaluate_run_or_checkpoint(args.checkpoint, args.data, args.split, args.device, args.max_clips,
                                                 Path(args.save_predictions) if args.save_predictions else None,
-                                                not args.no_java)
-    except (FileNotFoundError, ValueError) as e:
+                                                not args.no_java, fense_options(args, args.device))
+    except (FileNotFoundError, ValueError, MetricUnavailableError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     rows = [(n, s) for n, s in result["checkpoints"].items()]

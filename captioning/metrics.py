@@ -1,4 +1,4 @@
-"""Caption metrics: PTB tokenisation, BLEU-1..4, METEOR, ROUGE-L, CIDEr-D, SPICE and SPIDEr.
+"""Caption metrics: PTB tokenisation, BLEU-1..4, METEOR, ROUGE-L, CIDEr-D, SPICE, SPIDEr, FENSE, SPIDEr-FL.
 
 The definitions are those of the coco-caption toolkit as packaged in ``pycocoevalcap`` 1.2, which is
 what the audio-captioning literature (and ``aac-metrics``) report:
@@ -18,7 +18,9 @@ what the audio-captioning literature (and ``aac-metrics``) report:
   online machine. Without them, asking for SPICE or SPIDEr raises :class:`MetricUnavailableError`
   naming the missing files. SPIDEr = (CIDEr-D + SPICE) / 2, per clip and for the corpus.
 
-FENSE and SPIDEr-FL are not implemented here.
+FENSE, SBERT-sim, FER and SPIDEr-FL (:mod:`captioning.fense`) need the Sentence-BERT model and the FENSE
+error-detector checkpoint on this machine; they are computed on the same PTB-tokenised text as aac-metrics
+does (the DCASE 2024 evaluation). Without those models they raise :class:`MetricUnavailableError`.
 
 All jars are run from this module with an explicit classpath and a private temporary directory, so
 nothing is written inside the installed package (except by ``download``, which installs the CoreNLP
@@ -51,6 +53,8 @@ __all__ = [
     "DEFAULT_METRICS",
     "PUNCTUATIONS",
     "MetricUnavailableError",
+    "FENSE_METRICS",
+    "available_metrics",
     "evaluate_captions",
     "ptb_tokenize",
     "meteor_score",
@@ -62,9 +66,9 @@ __all__ = [
     "main",
 ]
 
-ALL_METRICS = ("bleu", "meteor", "rouge_l", "cider_d", "spice", "spider")
+FENSE_METRICS = ("sbert_sim", "fer", "fense", "spider_fl")
+ALL_METRICS = ("bleu", "meteor", "rouge_l", "cider_d", "spice", "spider") + FENSE_METRICS
 DEFAULT_METRICS = ALL_METRICS
-JAVA_METRICS = ("meteor", "spice", "spider")
 
 # punctuation tokens removed after PTB tokenisation (coco-caption's list)
 PUNCTUATIONS = frozenset(["''", "'", "``", "`", "-LRB-", "-RRB-", "-LCB-", "-RCB-",
@@ -338,26 +342,66 @@ def _normalise_metrics(metrics: Iterable[str] | str) -> list[str]:
     return out
 
 
+def available_metrics(fense_options: Mapping | None = None, fense: bool = True):
+    """What can run here: ``(metrics, {metric: reason it cannot}, FenseScorer or None)``.
+
+    ``fense_options``: keyword arguments of :meth:`captioning.fense.FenseScorer.load` (``sbert``,
+    ``echecker``, ``echecker_bert``, ``device``); the scorer is loaded here (a few seconds) so that the caller
+    can pass it on. ``fense=False`` leaves the FENSE metrics out without looking for their models.
+    """
+    ok, why = ["bleu", "rouge_l", "cider_d"], {}
+    try:
+        java_binary()
+        ok.insert(1, "meteor")
+    except MetricUnavailableError as e:
+        why["meteor"] = str(e)
+    missing = missing_spice_files()
+    if missing or "meteor" in why:
+        why["spice"] = why["spider"] = why.get("meteor") or (
+            f"missing Stanford CoreNLP 3.6.0 jars: {', '.join(map(str, missing))} (`{DOWNLOAD_COMMAND} --only spice`)")
+    else:
+        ok += ["spice", "spider"]
+    scorer = None
+    if not fense:
+        why.update({m: "not requested" for m in FENSE_METRICS})
+    else:
+        from .fense import FenseScorer
+
+        try:
+            scorer = FenseScorer.load(**dict(fense_options or {}))
+            ok += [m for m in FENSE_METRICS if m != "spider_fl" or "spider" in ok]
+            if "spider" not in ok:
+                why["spider_fl"] = why["spider"]
+        except MetricUnavailableError as e:
+            why.update({m: str(e) for m in FENSE_METRICS})
+    return ok, why, scorer
+
+
 def evaluate_captions(predictions: Mapping[Hashable, str],
                       references: Mapping[Hashable, Sequence[str]],
                       metrics: Iterable[str] | str = DEFAULT_METRICS,
-                      *, tokenize: bool = True, return_per_clip: bool = False):
+                      *, tokenize: bool = True, return_per_clip: bool = False, fense=None):
     """Score predicted captions against reference captions.
 
     ``predictions``: {clip id: caption}; ``references``: {clip id: [caption, ...]} with the same ids.
     ``metrics``: any of ``bleu`` (gives ``bleu_1``..``bleu_4``), ``meteor``, ``rouge_l``, ``cider_d``,
-    ``spice``, ``spider``. ``tokenize=False`` skips PTB tokenisation (for text that is already
-    tokenised, lowercased and without punctuation; BLEU/ROUGE-L/CIDEr-D then need no Java).
+    ``spice``, ``spider``, ``sbert_sim``, ``fer``, ``fense``, ``spider_fl``. ``tokenize=False`` skips PTB
+    tokenisation (for text that is already tokenised, lowercased and without punctuation; BLEU/ROUGE-L/CIDEr-D
+    then need no Java). ``fense``: a loaded :class:`captioning.fense.FenseScorer` (default: load one with the
+    default models when a FENSE metric is asked for).
 
     Returns ``{metric: corpus score}``; with ``return_per_clip=True`` returns
     ``(corpus, per_clip)`` where ``per_clip[metric][clip id]`` is the clip's score (every metric has
     per-clip values; the corpus METEOR and BLEU are *not* means of them).
-    Raises :class:`MetricUnavailableError` (before any work) when SPICE/SPIDEr or Java are unavailable.
+    Raises :class:`MetricUnavailableError` (before any work) when Java, SPICE's jars or the FENSE models are
+    unavailable.
     """
     ids = _validate(predictions, references)
     wanted = _normalise_metrics(metrics)
-    need_spice = "spice" in wanted or "spider" in wanted
-    need_cider = "cider_d" in wanted or "spider" in wanted
+    need_fense = any(m in wanted for m in FENSE_METRICS)
+    need_spider = "spider" in wanted or "spider_fl" in wanted
+    need_spice = "spice" in wanted or need_spider
+    need_cider = "cider_d" in wanted or need_spider
     # fail fast, before any Java process starts
     if need_spice:
         _require_spice()
@@ -365,6 +409,10 @@ def evaluate_captions(predictions: Mapping[Hashable, str],
         java_binary()
     if need_cider and len(ids) < 2:
         raise ValueError("CIDEr-D (and SPIDEr) need at least 2 clips: document frequencies come from the corpus")
+    if need_fense and fense is None:
+        from .fense import FenseScorer
+
+        fense = FenseScorer.load()
 
     cands = [_clean_line(predictions[i]) for i in ids]
     refs = [[_clean_line(r) for r in references[i]] for i in ids]
@@ -406,9 +454,18 @@ def evaluate_captions(predictions: Mapping[Hashable, str],
     if need_spice:
         total, values = spice_score(cands, refs)
         put("spice", total, values)
-    if "spider" in wanted:
+    if need_spider:
         sp = [(per["cider_d"][i] + per["spice"][i]) / 2 for i in ids]
         put("spider", (corpus["cider_d"] + corpus["spice"]) / 2, sp)
+    if need_fense:
+        from .fense import penalise
+
+        f = fense.score(cands, refs)
+        for name in ("sbert_sim", "fer", "fense"):
+            put(name, f[name].mean(), f[name])
+        if "spider_fl" in wanted:
+            fl = penalise([per["spider"][i] for i in ids], f["error_prob"], fense.threshold, fense.penalty)
+            put("spider_fl", fl.mean(), fl)
     # only report what was asked for (spider may have needed cider_d / spice internally)
     keep = {m for m in wanted if m != "bleu"} | ({f"bleu_{n}" for n in range(1, 5)} if "bleu" in wanted else set())
     corpus = {k: v for k, v in corpus.items() if k in keep}
@@ -470,27 +527,49 @@ input formats (UTF-8 CSV with a header row):
   references:  file_name,caption_1,caption_2,...,caption_N   one row per clip; empty cells are skipped
   ('file_path' is accepted in place of 'file_name'.) Every clip must appear in both files.
 
-metrics: bleu (bleu_1..bleu_4), meteor, rouge_l, cider_d, spice, spider
-  PTB tokenisation, METEOR and SPICE need Java. SPICE and SPIDEr also need the Stanford CoreNLP 3.6.0
-  jars: `{DOWNLOAD_COMMAND}` installs them (internet needed); without them pass e.g.
-  --metrics bleu meteor rouge_l cider_d
+metrics: bleu (bleu_1..bleu_4), meteor, rouge_l, cider_d, spice, spider, sbert_sim, fer, fense, spider_fl
+  Without --metrics every metric that can run here is computed and the others are listed with the reason.
+  PTB tokenisation, METEOR and SPICE need Java. SPICE and SPIDEr also need the Stanford CoreNLP 3.6.0 jars.
+  FENSE, SBERT-sim, FER and SPIDEr-FL need Sentence-BERT paraphrase-TinyBERT-L6-v2 and the FENSE error
+  detector (echecker_clotho_audiocaps_base.ckpt) with its BERT tokenizer, from folders or the local caches.
 
 other command:
-  {DOWNLOAD_COMMAND} [--dir SPICE_DIR]   fetch the CoreNLP 3.6.0 jars for SPICE
+  {DOWNLOAD_COMMAND} [--only spice|fense] [--dir SPICE_DIR]
+      fetch the CoreNLP 3.6.0 jars for SPICE and the FENSE models (internet needed)
 """
 
 
 def _download_main(argv: list[str]) -> int:
-    p = argparse.ArgumentParser(prog="python -m captioning.metrics download",
-                                description="Download the Stanford CoreNLP 3.6.0 jars SPICE needs (~390 MB).")
+    p = argparse.ArgumentParser(prog=DOWNLOAD_COMMAND,
+                                description="Download what SPICE (Stanford CoreNLP 3.6.0 jars, ~390 MB zip) and "
+                                            "FENSE (Sentence-BERT, error detector, BERT tokenizer) need.")
+    p.add_argument("--only", choices=("spice", "fense"), help="fetch only this part (default: both)")
     p.add_argument("--dir", default=None, help="SPICE folder (default: $CAPTION_METRICS_SPICE_DIR or pycocoevalcap's spice/)")
     args = p.parse_args(argv)
     try:
-        download_spice_models(args.dir)
+        if args.only in (None, "spice"):
+            download_spice_models(args.dir)
+        if args.only in (None, "fense"):
+            from .fense import download_fense_models
+
+            print("FENSE models ready:", ", ".join(download_fense_models()))
     except MetricUnavailableError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
     return 0
+
+
+def add_fense_arguments(p: argparse.ArgumentParser) -> None:
+    """The FENSE model options shared by the caption CLIs."""
+    g = p.add_argument_group("FENSE models (default: $CAPTION_METRICS_* or the published names, local copies only)")
+    g.add_argument("--sbert", metavar="NAME|DIR", help="Sentence-BERT (default paraphrase-TinyBERT-L6-v2)")
+    g.add_argument("--echecker", metavar="NAME|CKPT", help="error detector (default echecker_clotho_audiocaps_base)")
+    g.add_argument("--echecker-bert", metavar="NAME|DIR",
+                   help="tokenizer/config of the echecker's BERT (default: the model_type in the checkpoint)")
+
+
+def fense_options(args: argparse.Namespace, device: str = "cpu") -> dict:
+    return {"sbert": args.sbert, "echecker": args.echecker, "echecker_bert": args.echecker_bert, "device": device}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -498,28 +577,42 @@ def main(argv: Sequence[str] | None = None) -> int:
     if argv and argv[0] == "download":
         return _download_main(argv[1:])
     p = argparse.ArgumentParser(prog="python -m captioning.metrics",
-                                description="Score predicted captions against references (coco-caption metrics).",
+                                description="Score predicted captions against references (coco-caption metrics, "
+                                            "SPIDEr, FENSE, SPIDEr-FL).",
                                 epilog=_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--predictions", required=True, help="CSV: file_name,caption")
     p.add_argument("--references", required=True, help="CSV: file_name,caption_1..caption_N")
-    p.add_argument("--metrics", nargs="+", default=list(DEFAULT_METRICS), help=f"default: {' '.join(DEFAULT_METRICS)}")
+    p.add_argument("--metrics", nargs="+", help="default: every metric that can run here")
     p.add_argument("--out", default=None, help="write {'corpus': ..., 'per_clip': ...} JSON here")
     p.add_argument("--no-tokenize", action="store_true", help="skip PTB tokenisation (text already tokenised)")
+    add_fense_arguments(p)
     args = p.parse_args(argv)
+    why: dict[str, str] = {}
     try:
         preds = read_predictions_csv(args.predictions)
         refs = read_references_csv(args.references)
-        corpus, per = evaluate_captions(preds, refs, args.metrics, tokenize=not args.no_tokenize,
-                                        return_per_clip=True)
+        if args.metrics:
+            wanted, scorer = args.metrics, None
+            if any(m in FENSE_METRICS for m in _normalise_metrics(wanted)):
+                from .fense import FenseScorer
+
+                scorer = FenseScorer.load(**fense_options(args))
+        else:
+            wanted, why, scorer = available_metrics(fense_options(args))
+        corpus, per = evaluate_captions(preds, refs, wanted, tokenize=not args.no_tokenize,
+                                        return_per_clip=True, fense=scorer)
     except (MetricUnavailableError, ValueError, TypeError, OSError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     for k, v in corpus.items():
-        print(f"{k:8s} {v:.6f}")
+        print(f"{k:9s} {v:.6f}")
+    for k, reason in why.items():
+        print(f"{k:9s} unavailable: {reason}")
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps({"n_clips": len(preds), "corpus": corpus, "per_clip": per}, indent=2),
-                                  encoding="utf-8")
+        result = {"n_clips": len(preds), "corpus": corpus, "per_clip": per, "unavailable": why,
+                  "fense_models": scorer.models if scorer is not None else None}
+        Path(args.out).write_text(json.dumps(result, indent=2), encoding="utf-8")
     return 0
 
 
