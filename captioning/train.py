@@ -1,16 +1,18 @@
 """Train the EnCLAP captioner on cached EnCodec tokens + CLAP embeddings.
 
-    python -m captioning.train --clap m2d-clap [--clap-checkpoint C] [--dataset MANIFEST ...] [--bart NAME|tiny]
+    python -m captioning.train --clap m2d-clap [--clap-checkpoint C]
+        [--dataset audiocaps|clotho --data-root DIR | --dataset MANIFEST ...] [--bart NAME|tiny]
         [--output-dir DIR] [--epochs 15] [--lr LR] [--batch-size B] [--resume] [--max-steps N]
 
 Runs under ``accelerate launch`` too (``split_batches``: the batch size is the global batch, as in EnCLAP).
 
 EnCLAP's settings: AdamW (weight decay 0.01, none on biases and LayerNorm), ``inverse_sqrt`` schedule with
-linear warm-up, gradient clipping 1.0, 15 epochs, validation every epoch. The paper's peak learning rates are
-6e-6 (AudioCaps) and 4e-6 (Clotho) for ``facebook/bart-base``; the offline ``tiny`` BART (random init) uses
-a larger default. Checkpoints are selected by validation SPIDEr in EnCLAP; SPICE needs the CoreNLP jars,
-which are not available offline, so this trainer selects by **CIDEr-D** and says so in the log and in
-``run.json``. The top 5 epoch checkpoints by the selection metric are kept.
+linear warm-up, gradient clipping 1.0, 15 epochs, validation every epoch. ``--dataset audiocaps`` and
+``--dataset clotho`` read the public layouts under ``--data-root`` and take the paper's peak learning rates,
+6e-6 and 4e-6 for ``facebook/bart-base``, with the warm-up (2000, 1000) and global batch (16, 64) of EnCLAP's
+base configurations; the offline ``tiny`` BART (random init) uses a larger default. The top 5 epoch
+checkpoints by validation SPIDEr are kept, as in EnCLAP. SPICE needs the Stanford CoreNLP 3.6.0 jars; where
+they are missing the checkpoints are ranked by validation CIDEr-D instead, and the log and ``run.json`` say so.
 
 With no ``--dataset`` it trains on the embedded synthetic corpus: it generates the corpus, preprocesses it
 (EnCodec with *random* weights unless the published weights are in the torch hub cache, since they cannot be
@@ -33,6 +35,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .metrics import MetricUnavailableError
 from .data import (
     CaptionDataset,
     build_word_tokenizer,
@@ -47,8 +50,15 @@ RUN_META = "run.json"
 CKPT_META = "captioning.json"
 STATE_DIR = "state"
 DEFAULT_CLAP_CHECKPOINT = Path("runs/default/stage2/model")
-SELECTION_METRIC = "cider_d"
+SELECTION_METRICS = ("auto", "spider", "cider_d")
 TOP_K = 5
+
+# EnCLAP's base configurations (cfg/audiocaps/base.yaml, cfg/clotho/base.yaml: warm-up steps, global batch)
+# with the paper's peak learning rates (section IV-C3: 6e-6 AudioCaps, 4e-6 Clotho); flags override them
+DATASET_PRESETS = {
+    "audiocaps": {"lr": 6e-6, "warmup": 2000, "batch_size": 16},
+    "clotho": {"lr": 4e-6, "warmup": 1000, "batch_size": 64},
+}
 
 # tiny BART for offline CPU runs (the vocabulary size is filled in from the word-level tokenizer)
 TINY_BART = {
@@ -84,6 +94,40 @@ def param_groups(model: torch.nn.Module, weight_decay: float = 0.01) -> list[dic
 
 
 # ------------------------------------------------------------------------------------------------- data
+def dataset_preset(args) -> str | None:
+    """``audiocaps`` or ``clotho`` when ``--dataset`` names one of them, else None."""
+    ds = args.dataset or []
+    return ds[0] if len(ds) == 1 and ds[0] in DATASET_PRESETS else None
+
+
+def apply_presets(args) -> None:
+    """Fill the unset ``--bart``, ``--batch-size``, ``--lr`` and ``--warmup`` from the dataset preset."""
+    preset = DATASET_PRESETS.get(dataset_preset(args) or "", {})
+    if args.bart is None:  # the offline demo trains a tiny BART; real datasets get the paper's bart-base
+        args.bart = "tiny" if not args.dataset else "facebook/bart-base"
+    for name, default in (("batch_size", 16), ("lr", None), ("warmup", None)):
+        if getattr(args, name) is None:
+            setattr(args, name, preset.get(name, default))
+
+
+def read_named_dataset(name: str, root: str | None, audio_pattern: str | None = None) -> list:
+    """Records of the train/val/test splits of AudioCaps or Clotho v2.1 under ``root``."""
+    from m2dclap.data.public import AUDIOCAPS_PATTERN, read_audiocaps, read_clotho
+
+    if not root:
+        raise ValueError(f"--dataset {name} needs --data-root (the folder holding the {name} CSV files and audio)")
+    records = []
+    for split in ("train", "val", "test"):
+        res = (read_clotho(root, split) if name == "clotho"
+               else read_audiocaps(root, split, pattern=audio_pattern or AUDIOCAPS_PATTERN))
+        log.info("%s: %d clips on disk, %d listed but missing", res.source, len(res.records), len(res.missing))
+        if not res.records and split != "test":
+            raise FileNotFoundError(f"{res.source}: none of the {res.n_listed} listed clips is on disk "
+                                    "(check --data-root and, for AudioCaps, --audio-pattern)")
+        records += res.records
+    return records
+
+
 def _auto_codec() -> str:
     from .codec import CHECKPOINT_NAME, _hub_dir
 
@@ -131,7 +175,9 @@ def prepare_cache(args) -> tuple[Path, dict]:
                 "make it with `accelerate launch scripts/pretrain.py` (the default pretraining run) or pass "
                 "--clap-checkpoint C")
     codec_source = args.codec if args.codec != "auto" else _auto_codec()
-    records = [r for d in datasets for r in read_manifest(d)]
+    preset = dataset_preset(args)
+    records = (read_named_dataset(preset, args.data_root, args.audio_pattern) if preset
+               else [r for d in datasets for r in read_manifest(d)])
     cache = Path(args.output_dir) / "cache"
     clap = get_backend(args.clap, **({"checkpoint": clap_ckpt} if clap_ckpt is not None else {}))
     codec = pp._LazyCodec(codec_source, 12.0, "cuda" if torch.cuda.is_available() else "cpu")
@@ -167,6 +213,30 @@ def score_fast(preds: dict, refs: dict, metrics=("cider_d",)) -> dict:
     return evaluate_captions(p, r, metrics=metrics, tokenize=False)
 
 
+def choose_selection_metric(requested: str) -> tuple[str, str]:
+    """(metric, why): EnCLAP ranks checkpoints by validation SPIDEr, which needs SPICE's CoreNLP jars."""
+    from .metrics import MetricUnavailableError, available_metrics
+
+    ok, why, _ = available_metrics(fense=False)
+    if requested == "spider" and "spider" not in ok:
+        raise MetricUnavailableError(f"--selection-metric spider: {why['spider']}")
+    if requested == "cider_d":
+        return "cider_d", "validation CIDEr-D (normalised text, no PTB tokenisation), chosen by --selection-metric"
+    if "spider" in ok:
+        return "spider", "validation SPIDEr (PTB tokenisation, CIDEr-D + SPICE) as in EnCLAP"
+    return "cider_d", ("EnCLAP selects by validation SPIDEr, but SPICE cannot run here (" + why["spider"] + "); "
+                       "checkpoints are selected by validation CIDEr-D (normalised text, no PTB tokenisation)")
+
+
+def validation_scores(preds: dict, refs: dict, metric: str) -> dict:
+    """The per-epoch validation scores: SPIDEr as EnCLAP computes it, or the Java-free CIDEr-D."""
+    if metric == "spider":
+        from .metrics import evaluate_captions
+
+        return evaluate_captions(preds, refs, ["cider_d", "spice", "spider"], tokenize=True)
+    return score_fast(preds, refs)
+
+
 # ------------------------------------------------------------------------------------------------ train
 def _atomic_json(path: Path, obj) -> None:
     tmp = path.with_suffix(path.suffix + ".tmp")
@@ -174,7 +244,7 @@ def _atomic_json(path: Path, obj) -> None:
     os.replace(tmp, path)
 
 
-def update_top_k(ckpt_root: Path, history: list[dict], k: int = TOP_K, metric: str = SELECTION_METRIC) -> list[dict]:
+def update_top_k(ckpt_root: Path, history: list[dict], k: int = TOP_K, metric: str = "cider_d") -> list[dict]:
     """Keep the ``k`` epoch checkpoints with the highest ``metric`` (ties: the earlier epoch); delete the rest."""
     scored = [h for h in history if h.get("checkpoint") and metric in h]
     ranked = sorted(scored, key=lambda h: (-h[metric], h["epoch"]))
@@ -190,30 +260,39 @@ def build_parser() -> argparse.ArgumentParser:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--clap", default="m2d-clap", help="CLAP backend (default m2d-clap)")
     p.add_argument("--clap-checkpoint", metavar="C", help=f"CLAP checkpoint (default for m2d-clap: {DEFAULT_CLAP_CHECKPOINT})")
-    p.add_argument("--dataset", nargs="+", metavar="MANIFEST",
-                   help="manifest(s) with train/val/test splits, or one preprocess index.csv / cache folder; "
-                        "default: the embedded synthetic corpus")
+    p.add_argument("--dataset", nargs="+", metavar="audiocaps|clotho|MANIFEST",
+                   help="audiocaps or clotho (with --data-root; the paper's learning rate and EnCLAP's warm-up and "
+                        "batch), manifest(s) with train/val/test splits, or one preprocess index.csv / cache "
+                        "folder; default: the embedded synthetic corpus")
+    p.add_argument("--data-root", metavar="DIR", help="the AudioCaps or Clotho v2.1 folder (CSV files and audio)")
+    p.add_argument("--audio-pattern", metavar="PATTERN",
+                   help="AudioCaps audio file names, e.g. 'Y{youtube_id}.wav' (default '{youtube_id}.wav')")
     p.add_argument("--codec", default="auto", metavar="auto|pretrained|random|PATH",
                    help="EnCodec weights for preprocessing (auto: the published weights if cached, else random)")
     p.add_argument("--n-clips", type=int, default=2000, help="size of the embedded corpus (no --dataset)")
     p.add_argument("--corpus-dir", help="where the embedded corpus lives (default: m2dclap's cache)")
-    p.add_argument("--bart", default="tiny", metavar="NAME|tiny",
+    p.add_argument("--bart", metavar="NAME|tiny",
                    help="BART: 'tiny' (random init, word-level tokenizer from the training captions; offline) or "
-                        "a Hugging Face name / folder such as facebook/bart-base")
+                        "a Hugging Face name / folder (default: tiny on the embedded corpus, facebook/bart-base "
+                        "with --dataset)")
     p.add_argument("--output-dir", default="runs/captioning/default")
     p.add_argument("--epochs", type=int, default=15)
-    p.add_argument("--lr", type=float, help="peak learning rate (default: 6e-6 for a pretrained BART as the "
-                                            "paper's AudioCaps run, use 4e-6 for Clotho; 5e-4 for tiny)")
-    p.add_argument("--warmup", type=int, help="warm-up steps (default: 2000 for a pretrained BART as EnCLAP's "
-                                              "AudioCaps config; 10%% of the run, at most 1000, for tiny)")
-    p.add_argument("--batch-size", type=int, default=16, help="global batch size (EnCLAP AudioCaps base: 16)")
+    p.add_argument("--lr", type=float, help="peak learning rate (default: the paper's 6e-6 for audiocaps and other "
+                                            "datasets, 4e-6 for clotho; 5e-4 for tiny)")
+    p.add_argument("--warmup", type=int, help="warm-up steps (default: EnCLAP's 2000 for audiocaps and other "
+                                              "datasets, 1000 for clotho; 10%% of the run, at most 1000, for tiny)")
+    p.add_argument("--batch-size", type=int, help="global batch size (default: EnCLAP's 16 for audiocaps and other "
+                                                  "datasets, 64 for clotho)")
     p.add_argument("--weight-decay", type=float, default=0.01)
     p.add_argument("--clip-grad", type=float, default=1.0)
     p.add_argument("--max-steps", type=int, help="stop after this many optimiser steps (the epoch is then "
                                                  "validated and checkpointed)")
     p.add_argument("--max-val", type=int, help="validate on at most this many clips")
     p.add_argument("--val-beams", type=int, default=None, help="beam size for validation (default: the model's 4)")
-    p.add_argument("--top-k", type=int, default=TOP_K)
+    p.add_argument("--top-k", type=int, default=TOP_K, help=f"epoch checkpoints kept (default {TOP_K})")
+    p.add_argument("--selection-metric", choices=SELECTION_METRICS, default="auto",
+                   help="validation metric that ranks the checkpoints: spider as EnCLAP (needs Java and SPICE's "
+                        "CoreNLP jars), cider_d, or auto (spider when SPICE can run, else cider_d)")
     p.add_argument("--seed", type=int, default=1115)
     p.add_argument("--resume", action="store_true", help="continue from OUTPUT_DIR/state")
     p.add_argument("--num-workers", type=int, default=0)
@@ -225,8 +304,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
+        apply_presets(args)
         return train(args)
-    except (FileNotFoundError, ValueError) as e:
+    except (FileNotFoundError, ValueError, MetricUnavailableError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
 
@@ -245,6 +325,10 @@ def train(args) -> int:
     set_seed(args.seed)
     meta_path = out / RUN_META
     old_meta = json.loads(meta_path.read_text()) if (args.resume and meta_path.is_file()) else None
+    requested = args.selection_metric
+    if old_meta and requested == "auto":  # a resumed run keeps ranking by the metric it started with
+        requested = old_meta.get("selection_metric", requested)
+    selection, selection_note = choose_selection_metric(requested)
 
     feat_path = out / "features.json"
     if acc.is_main_process:
@@ -297,10 +381,8 @@ def train(args) -> int:
         log.info("--resume: no state in %s, starting from scratch", out / STATE_DIR)
 
     meta = {
-        "task": "captioning", "model": "EnCLAP", "bart": args.bart, "selection_metric": SELECTION_METRIC,
-        "selection_note": "EnCLAP selects by validation SPIDEr; SPICE needs the Stanford CoreNLP 3.6.0 jars, which "
-                          "are not available offline, so checkpoints are selected by validation CIDEr-D "
-                          "(normalised text, no PTB tokenisation)",
+        "task": "captioning", "model": "EnCLAP", "bart": args.bart, "selection_metric": selection,
+        "selection_note": selection_note, "dataset": args.dataset, "data_root": args.data_root,
         "top_k": args.top_k, "lr": lr, "warmup": warmup, "schedule": "inverse_sqrt", "optimizer": "AdamW",
         "weight_decay": args.weight_decay, "clip_grad": args.clip_grad, "batch_size": args.batch_size,
         "epochs": args.epochs, "max_steps": args.max_steps, "seed": args.seed, "index": str(Path(index).resolve()),
@@ -312,8 +394,8 @@ def train(args) -> int:
     if old_meta:
         meta["started"] = old_meta.get("started")
     meta.setdefault("started", time.strftime("%Y-%m-%dT%H:%M:%S"))
-    log.info("checkpoint selection metric: CIDEr-D (SPIDEr needs SPICE's CoreNLP jars, unavailable offline); "
-             "keeping the top %d epochs", args.top_k)
+    (log.info if selection == "spider" or args.selection_metric == "cider_d" else log.warning)(
+        "checkpoint selection: %s; keeping the top %d epochs", selection_note, args.top_k)
     log.info("%d train / %d val clips, %d steps per epoch, %d steps, peak lr %g, warm-up %d", len(train_ds),
              len(val_ds), steps_per_epoch, total, lr, warmup)
 
@@ -347,17 +429,18 @@ def train(args) -> int:
         state["epoch"] = epoch
         if acc.is_main_process:
             preds, refs = predict(raw, val_loader, acc.device, num_beams=args.val_beams)
-            scores = score_fast(preds, refs)
+            scores = validation_scores(preds, refs, selection)
             entry = {"epoch": epoch, "step": state["step"], "train_loss": sum(losses) / max(1, len(losses)),
                      "seconds": round(time.time() - t0, 1), **scores, "checkpoint": f"epoch_{epoch:03d}"}
             ck = ckpt_root / entry["checkpoint"]
             raw.save_pretrained(ck)
             _atomic_json(ck / CKPT_META, {**feat_meta, "epoch": epoch, "step": state["step"],
-                                          "val": {k: v for k, v in scores.items()}, "selection_metric": SELECTION_METRIC})
+                                          "val": dict(scores), "selection_metric": selection})
             state["history"].append(entry)
-            top = update_top_k(ckpt_root, state["history"], args.top_k)
-            log.info("epoch %d: step %d, train loss %.4f, val CIDEr-D (selection metric) %.4f, e.g. %r",
-                     epoch, state["step"], entry["train_loss"], scores["cider_d"], next(iter(preds.values()), ""))
+            top = update_top_k(ckpt_root, state["history"], args.top_k, selection)
+            log.info("epoch %d: step %d, train loss %.4f, val %s (selection metric) %.4f, e.g. %r",
+                     epoch, state["step"], entry["train_loss"], selection, scores[selection],
+                     next(iter(preds.values()), ""))
             # resumable state: written to a temporary folder, then swapped in
             tmp = out / (STATE_DIR + ".tmp")
             shutil.rmtree(tmp, ignore_errors=True)
@@ -376,10 +459,10 @@ def train(args) -> int:
             _atomic_json(meta_path, meta)
         acc.wait_for_everyone()
     if acc.is_main_process:
-        log.info("done: %d epoch(s), %d step(s); top checkpoints by CIDEr-D: %s", state["epoch"], state["step"],
-                 [(t["checkpoint"], round(t[SELECTION_METRIC], 4)) for t in meta.get("top_checkpoints", [])])
+        log.info("done: %d epoch(s), %d step(s); top checkpoints by %s: %s", state["epoch"], state["step"], selection,
+                 [(t["checkpoint"], round(t[selection], 4)) for t in meta.get("top_checkpoints", [])])
         print(json.dumps({"output_dir": str(out), "best_checkpoint": meta.get("best_checkpoint"),
-                          "selection_metric": SELECTION_METRIC,
+                          "selection_metric": selection,
                           "top": meta.get("top_checkpoints", [])}, indent=1))
     return 0
 

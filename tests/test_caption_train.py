@@ -42,7 +42,7 @@ def run(tmp_path_factory):
     out = root / "run"
     argv = ["--dataset", str(manifest), "--clap-checkpoint", str(root / "clap"), "--codec", "random",
             "--output-dir", str(out), "--epochs", "3", "--batch-size", "8", "--max-steps", "7", "--top-k", "2",
-            "--val-beams", "1", "--no-progress", "--lr", "1e-3"]
+            "--val-beams", "1", "--no-progress", "--lr", "1e-3", "--bart", "tiny"]
     assert tr.main(argv) == 0
     first = json.loads((out / tr.RUN_META).read_text())
     return {"root": root, "out": out, "manifest": manifest, "argv": argv, "first": first}
@@ -181,3 +181,69 @@ def test_dataset_crop_caption_draw_and_collate(tmp_path):
     tok = build_word_tokenizer(["A dog barks.", "rain falls"])
     ids = tok(["a dog barks"])["input_ids"][0]
     assert ids[0] == 0 and ids[-1] == 2 and 3 not in ids
+
+
+def _fake_clotho(root: Path, n: dict[str, int]) -> Path:
+    """A Clotho v2.1 layout (captions CSVs + one audio folder per split) with 1-s generated clips."""
+    import soundfile as sf
+
+    rng = np.random.default_rng(0)
+    words = ["a dog barks", "rain falls", "a bell rings", "a car passes"]
+    for split, count in n.items():
+        (root / split).mkdir(parents=True)
+        with open(root / f"clotho_captions_{split}.csv", "w", newline="") as f:
+            w = csv.writer(f)
+            w.writerow(["file_name"] + [f"caption_{i}" for i in range(1, 6)])
+            for i in range(count):
+                name = f"{split}_{i}.wav"
+                sf.write(root / split / name, (0.1 * rng.standard_normal(16000)).astype(np.float32), 16000)
+                w.writerow([name] + [f"{words[i % 4]} {j}" for j in range(5)])
+    return root
+
+
+def test_dataset_presets_fill_only_unset_flags():
+    args = tr.build_parser().parse_args(["--dataset", "clotho", "--data-root", "x"])
+    tr.apply_presets(args)
+    assert (args.lr, args.warmup, args.batch_size, args.bart) == (4e-6, 1000, 64, "facebook/bart-base")
+    args = tr.build_parser().parse_args(["--dataset", "audiocaps", "--lr", "1e-5", "--bart", "tiny"])
+    tr.apply_presets(args)
+    assert (args.lr, args.warmup, args.batch_size, args.bart) == (1e-5, 2000, 16, "tiny")
+    args = tr.build_parser().parse_args([])
+    tr.apply_presets(args)
+    assert (args.lr, args.warmup, args.batch_size, args.bart) == (None, None, 16, "tiny")
+
+
+def test_named_dataset_needs_root_and_audio(tmp_path):
+    with pytest.raises(ValueError, match="--data-root"):
+        tr.read_named_dataset("clotho", None)
+    root = _fake_clotho(tmp_path / "clotho", {"development": 2, "validation": 1, "evaluation": 1})
+    recs = tr.read_named_dataset("clotho", str(root))
+    assert [r.split for r in recs] == ["train", "train", "val", "test"] and len(recs[0].captions) == 5
+    for wav in (root / "validation").glob("*.wav"):
+        wav.unlink()
+    with pytest.raises(FileNotFoundError, match="validation.*none of the 1 listed clips"):
+        tr.read_named_dataset("clotho", str(root))
+
+
+def test_train_on_clotho_layout(run, tmp_path):
+    root = _fake_clotho(tmp_path / "clotho", {"development": 6, "validation": 2, "evaluation": 2})
+    out = tmp_path / "run"
+    assert tr.main(["--dataset", "clotho", "--data-root", str(root), "--bart", "tiny", "--clap-checkpoint",
+                    str(run["root"] / "clap"), "--codec", "random", "--output-dir", str(out), "--epochs", "1",
+                    "--batch-size", "3", "--val-beams", "1", "--no-progress"]) == 0
+    meta = json.loads((out / tr.RUN_META).read_text())
+    assert meta["dataset"] == ["clotho"] and meta["lr"] == 4e-6 and meta["warmup"] == 1000
+    assert (meta["n_train"], meta["n_val"], meta["steps_done"]) == (6, 2, 2)
+
+
+def test_selection_metric_falls_back_to_cider_without_spice(monkeypatch):
+    from captioning import metrics as M
+
+    monkeypatch.setattr(M, "available_metrics", lambda fense=True: (["bleu", "cider_d"], {"spider": "no jars"}, None))
+    metric, note = tr.choose_selection_metric("auto")
+    assert metric == "cider_d" and "no jars" in note and "SPIDEr" in note
+    with pytest.raises(M.MetricUnavailableError, match="no jars"):
+        tr.choose_selection_metric("spider")
+    monkeypatch.setattr(M, "available_metrics", lambda fense=True: (["cider_d", "spice", "spider"], {}, None))
+    assert tr.choose_selection_metric("auto")[0] == "spider"
+    assert tr.choose_selection_metric("cider_d")[0] == "cider_d"
