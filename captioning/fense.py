@@ -136,8 +136,9 @@ def _hf_load(load, source: str, what: str, **kwargs):
         return load(source, local_files_only=True, **kwargs)
     except (OSError, ValueError) as exc:
         raise MetricUnavailableError(
-            f"{what} {source!r} is not available locally ({type(exc).__name__}: {str(exc).splitlines()[0][:160]}). Run "
-            f"`{DOWNLOAD_COMMAND}` on a machine with internet access, or pass a folder holding it") from exc
+            f"{what} {source!r} is not available locally ({type(exc).__name__}: "
+            f"{str(exc).splitlines()[0][:160]}). Run `{DOWNLOAD_COMMAND}` on a machine with internet access, "
+            "or pass a folder holding it") from exc
 
 
 def load_echecker(name_or_path: str | os.PathLike | None = None, bert: str | os.PathLike | None = None,
@@ -168,7 +169,10 @@ def load_echecker(name_or_path: str | os.PathLike | None = None, bert: str | os.
     model = ErrorDetector(config, int(states["num_classes"]), str(states["model_type"]))
     state = dict(states["state_dict"])
     state.pop("encoder.embeddings.position_ids", None)  # a buffer in transformers < 4.31, not a weight
-    missing, unexpected = model.load_state_dict(state, strict=False)
+    try:
+        missing, unexpected = model.load_state_dict(state, strict=False)
+    except RuntimeError as exc:  # shape mismatches
+        raise ValueError(f"{path}: does not fit a {source} error detector: {str(exc)[:300]}") from None
     if missing or unexpected:
         raise ValueError(f"{path}: does not fit a {source} error detector (missing {missing[:5]}, "
                          f"unexpected {unexpected[:5]})")
