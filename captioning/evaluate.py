@@ -1,17 +1,19 @@
 """Score captions: a trained checkpoint (or a training run's top checkpoints) on a split, or CSV files.
 
-    python -m captioning.evaluate --checkpoint C [--data MANIFEST|INDEX] [--split test] [--out RESULT.json]
+    python -m captioning.evaluate --checkpoint C [--dataset audiocaps|clotho --data-root DIR | --dataset MANIFEST|INDEX]
+        [--split test] [--out RESULT.json]
     python -m captioning.evaluate --predictions P.csv --references R.csv [--out RESULT.json]
 
-Every available metric is computed: BLEU-1..4, METEOR, ROUGE-L, CIDEr-D (PTB tokenisation; Java needed), plus
-SPICE and SPIDEr when the Stanford CoreNLP 3.6.0 jars are installed, and SBERT-sim, FER, FENSE and SPIDEr-FL
-when the FENSE models are on this machine (otherwise they are listed as unavailable, never estimated). ``C`` may be an epoch checkpoint or a training run folder; for a run, each of its top
-checkpoints (by the validation selection metric, 5 by default as in EnCLAP) is scored and the table gives the
-mean and the 95% interval (Student t) over them, as in the paper's Table IX.
+Every available metric is computed: BLEU-1..4, METEOR, ROUGE-L, CIDEr-D (PTB tokenisation; Java needed),
+plus SPICE and SPIDEr when the Stanford CoreNLP 3.6.0 jars are installed, and SBERT-sim, FER, FENSE and
+SPIDEr-FL when the FENSE models are on this machine (otherwise they are listed as unavailable, never
+estimated). ``C`` may be an epoch checkpoint or a training run folder; for a run, each of its top checkpoints
+(by the validation selection metric, 5 by default as in EnCLAP) is scored and the table gives the mean and the
+95% interval (Student t) over them, as in the paper's Table IX.
 
-``--data`` is a preprocess ``index.csv`` (or its folder), whose cached tokens and CLAP embeddings are used, or
-a manifest, whose audio is encoded on the fly with the codec and CLAP recorded in the checkpoint. For a run
-folder without ``--data`` the run's own cache is used.
+``--dataset`` is a preprocess ``index.csv`` (or its folder), whose cached tokens and CLAP embeddings are used;
+a manifest, or ``audiocaps`` / ``clotho`` under ``--data-root``, whose audio is encoded on the fly with the
+codec and CLAP recorded in the checkpoint. For a run folder without ``--dataset`` the run's own cache is used.
 """
 from __future__ import annotations
 
@@ -25,7 +27,13 @@ from pathlib import Path
 
 import torch
 
-from .metrics import MetricUnavailableError, add_fense_arguments, available_metrics, fense_options
+from .metrics import (
+    MetricUnavailableError,
+    add_fense_arguments,
+    available_metrics,
+    fense_options,
+    unavailable_lines,
+)
 from .train import RUN_META
 
 METRIC_ORDER = ("bleu_1", "bleu_2", "bleu_3", "bleu_4", "meteor", "rouge_l", "cider_d", "spice", "spider",
@@ -67,8 +75,10 @@ def t_interval(values: Sequence[float]) -> tuple[float, float]:
 
 @torch.no_grad()
 def predict_checkpoint(ckpt: Path, data: str | Path, split: str | None, device: str = "cpu",
-                       batch_size: int = 16, max_clips: int | None = None) -> tuple[dict, dict]:
-    """Predictions and references for ``split`` of ``data`` (a preprocess index or a manifest)."""
+                       batch_size: int = 16, max_clips: int | None = None, data_root: str | None = None,
+                       audio_pattern: str | None = None) -> tuple[dict, dict]:
+    """Predictions and references for ``split`` of ``data``: a preprocess index, a manifest, or ``audiocaps`` /
+    ``clotho`` (the public layout under ``data_root``)."""
     from torch.utils.data import DataLoader
 
     from .caption import Captioner
@@ -76,8 +86,7 @@ def predict_checkpoint(ckpt: Path, data: str | Path, split: str | None, device: 
     from .model import EnClapCaptioner
     from .train import predict
 
-    data = Path(data)
-    index = data / "index.csv" if data.is_dir() else data
+    index = Path(data) / "index.csv" if Path(data).is_dir() else Path(data)
     is_index = index.is_file() and "tokens" in index.open(encoding="utf-8").readline().split(",")
     if is_index:
         model = EnClapCaptioner.from_pretrained(ckpt).to(device).eval()
@@ -87,7 +96,13 @@ def predict_checkpoint(ckpt: Path, data: str | Path, split: str | None, device: 
         return predict(model, loader, device)
     from m2dclap.data.manifest import read_manifest
 
-    records = [r for r in read_manifest(data, split=split) if r.captions][:max_clips]
+    from .train import DATASET_PRESETS, read_named_split
+
+    if str(data) in DATASET_PRESETS:
+        records = read_named_split(str(data), data_root, split or "test", audio_pattern).records
+    else:
+        records = read_manifest(data, split=split)
+    records = [r for r in records if r.captions][:max_clips]
     cap = Captioner(ckpt, device=device)
     texts = cap.caption_files([r.audio for r in records])
     return {r.id: t for r, t in zip(records, texts)}, {r.id: list(r.captions) for r in records}
@@ -115,7 +130,8 @@ def format_table(rows: list[tuple[str, dict]], columns: Sequence[str]) -> str:
 
 def evaluate_run_or_checkpoint(checkpoint: str | Path, data=None, split: str = "test", device: str = "cpu",
                                max_clips: int | None = None, save_predictions: Path | None = None,
-                               java: bool = True, fense_options: dict | None = None) -> dict:
+                               java: bool = True, fense_options: dict | None = None,
+                               data_root: str | None = None, audio_pattern: str | None = None) -> dict:
     """Scores per checkpoint and, for a run, the mean and 95% interval over its top checkpoints."""
     path = Path(checkpoint)
     run_meta = json.loads((path / RUN_META).read_text()) if (path / RUN_META).is_file() else None
@@ -135,7 +151,8 @@ def evaluate_run_or_checkpoint(checkpoint: str | Path, data=None, split: str = "
     available = available_metrics(fense_options)
     result["fense_models"] = available[2].models if available[2] is not None else None
     for ck in ckpts:
-        preds, refs = predict_checkpoint(ck, data, split, device, max_clips=max_clips)
+        preds, refs = predict_checkpoint(ck, data, split, device, max_clips=max_clips, data_root=data_root,
+                                         audio_pattern=audio_pattern)
         if not preds:
             raise ValueError(f"{data}: no captioned clips in split {split!r}")
         scores, why = score(preds, refs, java, available)
@@ -161,7 +178,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     g.add_argument("--checkpoint", metavar="C", help="epoch checkpoint or training run folder")
     g.add_argument("--predictions", metavar="P.csv", help="file_name,caption")
     p.add_argument("--references", metavar="R.csv", help="file_name,caption_1..caption_N (with --predictions)")
-    p.add_argument("--data", "--dataset", dest="data", metavar="MANIFEST|INDEX")
+    p.add_argument("--data", "--dataset", dest="data", metavar="audiocaps|clotho|MANIFEST|INDEX",
+                   help="audiocaps or clotho (with --data-root), a manifest, or a preprocess index.csv / cache folder "
+                        "(default for a run: its own cache)")
+    p.add_argument("--data-root", metavar="DIR", help="the AudioCaps or Clotho v2.1 folder (CSV files and audio)")
+    p.add_argument("--audio-pattern", metavar="PATTERN", help="AudioCaps audio file names (default '{youtube_id}.wav')")
     p.add_argument("--split", default="test")
     p.add_argument("--max-clips", type=int)
     p.add_argument("--out", metavar="RESULT.json", help="write the scores as JSON here")
@@ -186,7 +207,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         else:
             result = evaluate_run_or_checkpoint(args.checkpoint, args.data, args.split, args.device, args.max_clips,
                                                 Path(args.save_predictions) if args.save_predictions else None,
-                                                not args.no_java, fense_options(args, args.device))
+                                                not args.no_java, fense_options(args, args.device),
+                                                args.data_root, args.audio_pattern)
     except (FileNotFoundError, ValueError, MetricUnavailableError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -194,8 +216,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if "summary" in result:
         rows.append(("mean ± 95% CI", {m: (v["mean"], v["ci95"]) for m, v in result["summary"].items()}))
     print(format_table(rows, result["metrics"]))
-    for m, why in result.get("unavailable", {}).items():
-        print(f"{m}: unavailable ({why})")
+    for line in unavailable_lines(result.get("unavailable", {})):
+        print(line)
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(json.dumps(result, indent=1) + "\n")

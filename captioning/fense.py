@@ -16,10 +16,11 @@ The original FENSE code scored the echecker batch of a corpus of at most 32 sent
 does). As in aac-metrics (the DCASE 2024 evaluation), :func:`captioning.metrics.evaluate_captions` passes
 PTB-tokenised text to these metrics; the original FENSE code used raw text.
 
-The models are never downloaded at evaluation time and never substituted: the Sentence-BERT model, the
-echecker checkpoint and the BERT tokenizer/config it names are looked up locally (a path, or the Hugging
-Face / FENSE caches) and a missing one raises :class:`MetricUnavailableError` naming it.
-``python -m captioning.metrics download --only fense`` fetches all three on a machine with internet access.
+The models are never substituted. The Sentence-BERT model and the BERT tokenizer/config the echecker names
+come from a folder, the local Hugging Face cache or (unless ``HF_HUB_OFFLINE`` is set) the hub; the echecker
+checkpoint from a path or the FENSE cache folder. A missing one raises :class:`MetricUnavailableError`
+naming it. ``python -m captioning.metrics download --only fense`` fetches all three (the echecker
+sha256-checked) on a machine with internet access.
 
 Environment variables: ``CAPTION_METRICS_SBERT`` (Sentence-BERT name or folder),
 ``CAPTION_METRICS_ECHECKER`` (echecker ``.ckpt`` path or name), ``CAPTION_METRICS_ECHECKER_BERT`` (folder or
@@ -130,15 +131,26 @@ def resolve_echecker(name_or_path: str | os.PathLike | None = None) -> Path:
     return path
 
 
+def _hf_offline() -> bool:
+    return os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
+
+
 def _hf_load(load, source: str, what: str, **kwargs):
-    """``load(source)`` (a ``from_pretrained``) from a folder or the local Hugging Face cache only."""
+    """``load(source)`` (a ``from_pretrained``): a folder or the local Hugging Face cache first, then the hub
+    unless ``HF_HUB_OFFLINE`` is set."""
     try:
         return load(source, local_files_only=True, **kwargs)
     except (OSError, ValueError) as exc:
-        raise MetricUnavailableError(
-            f"{what} {source!r} is not available locally ({type(exc).__name__}: "
-            f"{str(exc).splitlines()[0][:160]}). Run `{DOWNLOAD_COMMAND}` on a machine with internet access, "
-            "or pass a folder holding it") from exc
+        error = exc
+    if not _hf_offline() and not Path(source).exists():
+        log.info("%s %r is not cached: fetching it from the Hugging Face hub", what, source)
+        try:
+            return load(source, **kwargs)
+        except (OSError, ValueError) as exc:
+            error = exc
+    raise MetricUnavailableError(
+        f"{what} {source!r} is not available ({type(error).__name__}: {str(error).splitlines()[0][:160]}). Run "
+        f"`{DOWNLOAD_COMMAND}` on a machine with internet access, or pass a folder holding it") from error
 
 
 def load_echecker(name_or_path: str | os.PathLike | None = None, bert: str | os.PathLike | None = None,

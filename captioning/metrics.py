@@ -559,6 +559,14 @@ def _download_main(argv: list[str]) -> int:
     return 0
 
 
+def unavailable_lines(why: Mapping[str, str]) -> list[str]:
+    """One line per distinct reason: ``"spice, spider: unavailable (reason)"``."""
+    by_reason: dict[str, list[str]] = {}
+    for metric, reason in why.items():
+        by_reason.setdefault(reason, []).append(metric)
+    return [f"{', '.join(metrics)}: unavailable ({reason})" for reason, metrics in by_reason.items()]
+
+
 def add_fense_arguments(p: argparse.ArgumentParser) -> None:
     """The FENSE model options shared by the caption CLIs."""
     g = p.add_argument_group("FENSE models (default: $CAPTION_METRICS_* or the published names, local copies only)")
@@ -606,8 +614,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     for k, v in corpus.items():
         print(f"{k:9s} {v:.6f}")
-    for k, reason in why.items():
-        print(f"{k:9s} unavailable: {reason}")
+    for line in unavailable_lines(why):
+        print(line)
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         result = {"n_clips": len(preds), "corpus": corpus, "per_clip": per, "unavailable": why,

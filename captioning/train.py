@@ -110,17 +110,23 @@ def apply_presets(args) -> None:
             setattr(args, name, preset.get(name, default))
 
 
-def read_named_dataset(name: str, root: str | None, audio_pattern: str | None = None) -> list:
-    """Records of the train/val/test splits of AudioCaps or Clotho v2.1 under ``root``."""
+def read_named_split(name: str, root: str | Path | None, split: str, audio_pattern: str | None = None):
+    """``ReadResult`` of one split (train/val/test) of AudioCaps or Clotho v2.1 under ``root``."""
     from m2dclap.data.public import AUDIOCAPS_PATTERN, read_audiocaps, read_clotho
 
     if not root:
         raise ValueError(f"--dataset {name} needs --data-root (the folder holding the {name} CSV files and audio)")
+    res = (read_clotho(root, split) if name == "clotho"
+           else read_audiocaps(root, split, pattern=audio_pattern or AUDIOCAPS_PATTERN))
+    log.info("%s: %d clips on disk, %d listed but missing", res.source, len(res.records), len(res.missing))
+    return res
+
+
+def read_named_dataset(name: str, root: str | Path | None, audio_pattern: str | None = None) -> list:
+    """Records of the train/val/test splits of AudioCaps or Clotho v2.1 under ``root``."""
     records = []
     for split in ("train", "val", "test"):
-        res = (read_clotho(root, split) if name == "clotho"
-               else read_audiocaps(root, split, pattern=audio_pattern or AUDIOCAPS_PATTERN))
-        log.info("%s: %d clips on disk, %d listed but missing", res.source, len(res.records), len(res.missing))
+        res = read_named_split(name, root, split, audio_pattern)
         if not res.records and split != "test":
             raise FileNotFoundError(f"{res.source}: none of the {res.n_listed} listed clips is on disk "
                                     "(check --data-root and, for AudioCaps, --audio-pattern)")

@@ -199,6 +199,9 @@ class LogMelSpectrogram(nn.Module):
 
 def normalize_lms(lms: torch.Tensor, norm_stats: Sequence[float] | torch.Tensor) -> torch.Tensor:
     """Scalar standardisation ``(lms - mean) / std`` with the checkpoint's statistics."""
+    if isinstance(norm_stats, torch.Tensor):  # stays on the device: no host sync per batch on a GPU
+        stats = norm_stats.to(lms.device, lms.dtype)
+        return (lms - stats[0]) / stats[1]
     mean, std = (float(v) for v in norm_stats)
     return (lms - mean) / std
 

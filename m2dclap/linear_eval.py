@@ -37,7 +37,7 @@ from tqdm.auto import tqdm
 from .audio import AudioError, load_audio
 from .metrics import average_precision  # noqa: F401  (part of this module's API)
 from .metrics import mean_average_precision as shared_map
-from .data.manifest import (LABEL_SEP, SPLITS, ManifestError, Record, _csv_rows, _jsonl_rows,
+from .data.manifest import (LABEL_SEP, SPLITS, ManifestError, Record, manifest_rows,
                             atomic_write_text, read_manifest)
 
 log = logging.getLogger(__name__)
@@ -191,7 +191,7 @@ class Task:
 
 def _raw_column(path: Path, column: str) -> list[Any]:
     """The raw cells of ``column``, one per record in ``read_manifest`` order (same row skipping)."""
-    rows = _csv_rows(path) if path.suffix.lower() == ".csv" else _jsonl_rows(path)
+    rows = manifest_rows(path)
     values, seen = [], False
     for _, row in rows:
         seen = seen or column in row
@@ -202,7 +202,7 @@ def _raw_column(path: Path, column: str) -> list[Any]:
 
 
 def _columns(path: Path) -> list[str]:
-    rows = _csv_rows(path) if path.suffix.lower() == ".csv" else _jsonl_rows(path)
+    rows = manifest_rows(path)
     cols: dict[str, None] = {}
     for _, row in rows:
         cols.update(dict.fromkeys(row))

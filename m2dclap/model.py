@@ -121,7 +121,7 @@ class M2DCLAP(nn.Module):
         wave = wave.to(self.device, torch.float32)
         with torch.autocast(self.device.type, enabled=False):
             lms = self.frontend(wave if wave.dim() == 2 else wave[None])
-        return normalize_lms(lms, self.norm_stats.tolist()).unsqueeze(1)  # (B, F, T) -> (B, 1, F, T)
+        return normalize_lms(lms, self.norm_stats).unsqueeze(1)  # (B, F, T) -> (B, 1, F, T)
 
     def encode_lms(self, lms: torch.Tensor) -> torch.Tensor:
         """Normalised log-mel (B, 1, F, T), any T -> patch features (B, F', T', D) in float32."""

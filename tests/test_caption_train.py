@@ -4,6 +4,10 @@ from __future__ import annotations
 
 import csv
 import json
+import os
+import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -247,3 +251,38 @@ def test_selection_metric_falls_back_to_cider_without_spice(monkeypatch):
     monkeypatch.setattr(M, "available_metrics", lambda fense=True: (["cider_d", "spice", "spider"], {}, None))
     assert tr.choose_selection_metric("auto")[0] == "spider"
     assert tr.choose_selection_metric("cider_d")[0] == "cider_d"
+
+
+LAUNCHER = Path(sys.executable).parent / "accelerate"
+
+
+@pytest.mark.skipif(not LAUNCHER.exists() and shutil.which("accelerate") is None,
+                    reason="the accelerate launcher is not installed")
+def test_train_under_accelerate_launch_with_two_processes(run, tmp_path):
+    """Two CPU processes on the run's feature cache: the batch is the global batch (split_batches), the main
+    process alone validates and writes checkpoints."""
+    out = tmp_path / "ddp"
+    index = run["first"]["index"]
+    n_train = run["first"]["n_train"]
+    cmd = [str(LAUNCHER) if LAUNCHER.exists() else "accelerate", "launch", "--multi_gpu", "--num_processes", "2",
+           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "captioning.train",
+           "--dataset", index, "--bart", "tiny", "--output-dir", str(out), "--epochs", "1", "--batch-size", "8",
+           "--val-beams", "1", "--no-progress", "--lr", "1e-3"]
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(Path(__file__).resolve().parents[1]))
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    meta = json.loads((out / tr.RUN_META).read_text())
+    assert meta["steps_done"] == -(-n_train // 8) and len(meta["history"]) == 1
+    assert proc.stderr.count("epoch 1: step") == 1  # logged by the main process only
+    assert [d.name for d in (out / "checkpoints").iterdir()] == ["epoch_001"]
+
+
+def test_evaluate_on_clotho_layout(run, tmp_path):
+    root = _fake_clotho(tmp_path / "clotho", {"evaluation": 3})
+    ck = next((run["out"] / "checkpoints").iterdir())
+    out = tmp_path / "res.json"
+    assert eval_cli.main(["--checkpoint", str(ck), "--dataset", "clotho", "--data-root", str(root), "--split",
+                          "evaluation", "--out", str(out), "--no-java"]) == 0
+    res = json.loads(out.read_text())
+    assert res["n_clips"] == 3 and "cider_d" in res["checkpoints"][ck.name]
+    assert eval_cli.main(["--checkpoint", str(ck), "--dataset", "clotho", "--split", "test", "--no-java"]) == 2

@@ -173,7 +173,7 @@ def test_cli_lists_unavailable_fense(tmp_path, monkeypatch, capsys):
     rc = M.main(["--predictions", str(tmp_path / "p.csv"), "--references", str(tmp_path / "r.csv"), "--no-tokenize",
                  "--out", str(tmp_path / "o.json")])
     out = capsys.readouterr().out
-    assert rc == 0 and "cider_d" in out and "fense     unavailable" in out
+    assert rc == 0 and "cider_d" in out and "sbert_sim, fer, fense, spider_fl: unavailable (" in out
     assert "fense" in json.loads((tmp_path / "o.json").read_text())["unavailable"]
     rc = M.main(["--predictions", str(tmp_path / "p.csv"), "--references", str(tmp_path / "r.csv"), "--no-tokenize",
                  "--metrics", "fense"])
@@ -194,3 +194,20 @@ def test_matches_aac_metrics_fense(scorer_factory):
     np.testing.assert_allclose(sents["sbert_sim"].numpy(), ours["sbert_sim"], atol=1e-5)
     np.testing.assert_array_equal(sents["fer"].numpy(), ours["fer"])
     assert float(corpus["fense"]) == pytest.approx(ours["fense"].mean(), abs=1e-5)
+
+
+def test_hf_models_come_from_the_hub_only_when_online(monkeypatch):
+    calls = []
+
+    def load(source, local_files_only=False):
+        calls.append(local_files_only)
+        if local_files_only:
+            raise OSError("not in the cache")
+        return "model"
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(M.MetricUnavailableError, match="not in the cache"):
+        FE._hf_load(load, "org/name", "the model")
+    assert calls == [True]
+    monkeypatch.delenv("HF_HUB_OFFLINE")
+    assert FE._hf_load(load, "org/name", "the model") == "model" and calls == [True, True, False]

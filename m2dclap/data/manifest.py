@@ -59,14 +59,7 @@ def read_manifest(path: str | Path, split: str | None = None) -> list[Record]:
         split = _normalise_split(split, f"read_manifest({path}, split={split!r})")
     if not path.is_file():
         raise ManifestError(f"{path}: no such manifest file")
-    suffix = path.suffix.lower()
-    if suffix == ".csv":
-        rows = _csv_rows(path)
-    elif suffix == ".jsonl":
-        rows = _jsonl_rows(path)
-    else:
-        raise ManifestError(f"{path}: unknown manifest extension {path.suffix!r}; use .csv or .jsonl")
-
+    rows = manifest_rows(path)
     records: list[Record] = []
     first_line: dict[str, int] = {}
     for line, row in rows:
@@ -79,6 +72,18 @@ def read_manifest(path: str | Path, split: str | None = None) -> list[Record]:
     if split is not None:
         records = [r for r in records if r.split == split]
     return records
+
+
+def manifest_rows(path: str | Path) -> Iterable[tuple[int, dict[str, Any]]]:
+    """The raw rows of a ``.csv`` or ``.jsonl`` manifest as ``(line number, {column: cell})``, header checked;
+    :func:`read_manifest` builds its records from them (for columns it does not interpret, e.g. labels)."""
+    path = Path(path)
+    suffix = path.suffix.lower()
+    if suffix == ".csv":
+        return _csv_rows(path)
+    if suffix == ".jsonl":
+        return _jsonl_rows(path)
+    raise ManifestError(f"{path}: unknown manifest extension {path.suffix!r}; use .csv or .jsonl")
 
 
 def _csv_rows(path: Path) -> Iterable[tuple[int, dict[str, Any]]]:
