@@ -113,6 +113,16 @@ def _make_bart(cfg: EnClapCfg):
     return BartForConditionalGeneration.from_pretrained(cfg.bart_name)
 
 
+def _encoder_mask(enc, h: torch.Tensor, attn: torch.Tensor) -> tuple[torch.Tensor | None, dict]:
+    """The BART encoder's attention mask for ``attn`` (B, L) in the form its layers take, and the extra layer
+    arguments, on transformers 5 and on 4.x (installed beside aac-metrics, whose msclap needs transformers < 5)."""
+    try:
+        from transformers.masking_utils import create_bidirectional_mask
+    except ImportError:  # transformers 4.x
+        return enc._update_full_mask(attn, h), {"layer_head_mask": None}
+    return create_bidirectional_mask(config=enc.config, inputs_embeds=h, attention_mask=attn), {}
+
+
 class EnClapCaptioner(nn.Module):
     """EnCLAP: BART whose encoder reads summed per-codebook EnCodec embeddings and a projected CLAP vector."""
 
@@ -186,8 +196,6 @@ class EnClapCaptioner(nn.Module):
 
     def encode(self, tokens, token_mask, clap, mcm_mask: torch.Tensor | None = None):
         """Encoder last hidden state (B, T+3, d) and attention mask; ``mcm_mask`` (B, K, T) codes -> mask id."""
-        from transformers.masking_utils import create_bidirectional_mask
-
         tokens, token_mask = self._check(tokens, token_mask)
         if mcm_mask is not None:
             tokens = tokens.masked_fill(mcm_mask[..., : tokens.shape[-1]].to(tokens.device), self.codec_pad_id)
@@ -197,11 +205,11 @@ class EnClapCaptioner(nn.Module):
         pos = torch.cat([torch.zeros_like(pos[:, :1]), pos[:, :-1]], dim=1)
         h = enc.layernorm_embedding(x + pos)
         h = F.dropout(h, p=enc.dropout, training=self.training)
-        mask = create_bidirectional_mask(config=enc.config, inputs_embeds=h, attention_mask=attn)
+        mask, extra = _encoder_mask(enc, h, attn)
         for layer in enc.layers:
             if self.training and enc.layerdrop > 0 and torch.rand(()) < enc.layerdrop:
                 continue
-            h = layer(h, mask)
+            h = layer(h, mask, **extra)
             if isinstance(h, tuple):
                 h = h[0]
         return h, attn
