@@ -281,16 +281,17 @@ def build_parser() -> argparse.ArgumentParser:
                    help="BART: 'tiny' (random init, word-level tokenizer from the training captions; offline) or "
                         "a Hugging Face name / folder (default: tiny on the embedded corpus, facebook/bart-base "
                         "with --dataset)")
-    p.add_argument("--output-dir", default="runs/captioning/default")
-    p.add_argument("--epochs", type=int, default=15)
+    p.add_argument("--output-dir", default="runs/captioning/default", metavar="DIR",
+                   help="run folder: cache/, checkpoints/ (top epochs), state/ (resume), run.json")
+    p.add_argument("--epochs", type=int, default=15, help="training epochs (EnCLAP and the paper: 15)")
     p.add_argument("--lr", type=float, help="peak learning rate (default: the paper's 6e-6 for audiocaps and other "
                                             "datasets, 4e-6 for clotho; 5e-4 for tiny)")
     p.add_argument("--warmup", type=int, help="warm-up steps (default: EnCLAP's 2000 for audiocaps and other "
                                               "datasets, 1000 for clotho; 10%% of the run, at most 1000, for tiny)")
     p.add_argument("--batch-size", type=int, help="global batch size (default: EnCLAP's 16 for audiocaps and other "
                                                   "datasets, 64 for clotho)")
-    p.add_argument("--weight-decay", type=float, default=0.01)
-    p.add_argument("--clip-grad", type=float, default=1.0)
+    p.add_argument("--weight-decay", type=float, default=0.01, help="AdamW weight decay, none on biases and norms")
+    p.add_argument("--clip-grad", type=float, default=1.0, help="gradient-norm clipping (0: off)")
     p.add_argument("--max-steps", type=int, help="stop after this many optimiser steps (the epoch is then "
                                                  "validated and checkpointed)")
     p.add_argument("--max-val", type=int, help="validate on at most this many clips")
@@ -299,10 +300,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--selection-metric", choices=SELECTION_METRICS, default="auto",
                    help="validation metric that ranks the checkpoints: spider as EnCLAP (needs Java and SPICE's "
                         "CoreNLP jars), cider_d, or auto (spider when SPICE can run, else cider_d)")
-    p.add_argument("--seed", type=int, default=1115)
+    p.add_argument("--seed", type=int, default=1115, help="random seed (EnCLAP's 1115)")
     p.add_argument("--resume", action="store_true", help="continue from OUTPUT_DIR/state")
-    p.add_argument("--num-workers", type=int, default=0)
-    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--num-workers", type=int, default=0, help="DataLoader workers")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars (preprocessing)")
     return p
 
 
