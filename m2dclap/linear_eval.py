@@ -3,7 +3,10 @@
     python -m m2dclap.linear_eval --checkpoint CKPT --data manifest.csv --out results.json --cache feats/
 
 Each clip of the manifest becomes its clip feature z'' (``model.audio_features(...)['clip']``, (F'*D,), 3840-d
-for ViT-B), extracted once and cached. The features are standardised with the train split's mean and
+for ViT-B), extracted once and cached. As in EVAR (paper IV-A: "we randomly cropped or zero-padded the average
+audio length"), every clip is first cut to one unit length: a random crop (seeded per clip) when longer, zeros
+appended when shorter. The unit is the mean duration of the manifest's clips unless ``--unit-seconds`` says
+otherwise (``0`` keeps every clip whole; the encoder then averages over its chunks). The features are standardised with the train split's mean and
 standard deviation and a single linear layer is trained on them with Adam (lr 3e-5) for up to 200 epochs;
 the epoch with the best validation score is kept (early stopping, patience 20) and scored on the test split.
 
@@ -42,7 +45,7 @@ from .data.manifest import (LABEL_SEP, SPLITS, ManifestError, Record, manifest_r
 
 log = logging.getLogger(__name__)
 
-CACHE_VERSION = 1  # bump when the cached features change meaning
+CACHE_VERSION = 2  # bump when the cached features change meaning (2: unit-length crop/pad)
 VAL_FRACTION = 0.1  # of train, carved out when the manifest has no val split
 _SPLIT_ALIASES = {"valid": "val", "validation": "val"}  # as the manifest reader
 
@@ -301,9 +304,10 @@ def _stat(p: Path) -> list[Any]:
         return ["missing"]
 
 
-def cache_key(checkpoint: str | Path, manifest: str | Path, records: Sequence[Record]) -> str:
+def cache_key(checkpoint: str | Path, manifest: str | Path, records: Sequence[Record],
+              unit_seconds: float | None = None, seed: int = 0) -> str:
     """A hash of the checkpoint (its files' paths, sizes and times, or its registered name), the manifest's
-    bytes and location, and the size and time of every audio file it lists."""
+    bytes and location, the size and time of every audio file it lists, and the crop settings."""
     ckpt = Path(checkpoint)
     if ckpt.exists():
         files = [ckpt] if ckpt.is_file() else sorted(f for f in ckpt.rglob("*") if f.is_file())
@@ -314,7 +318,8 @@ def cache_key(checkpoint: str | Path, manifest: str | Path, records: Sequence[Re
     manifest = Path(manifest)
     body = {"version": CACHE_VERSION, "checkpoint": ckpt_id, "manifest": str(manifest.resolve()),
             "manifest_sha256": hashlib.sha256(manifest.read_bytes()).hexdigest(),
-            "audio": [_stat(Path(r.audio)) for r in records]}
+            "audio": [_stat(Path(r.audio)) for r in records],
+            "unit_seconds": round(unit_seconds, 6) if unit_seconds else None, "crop_seed": seed if unit_seconds else None}
     return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()[:20]
 
 
@@ -345,6 +350,33 @@ def save_cache(path: Path, feats: Features) -> None:
                  bad_reasons=np.array([b[1] for b in feats.bad], dtype=str))
 
 
+def mean_duration(records: Sequence[Record]) -> float | None:
+    """Mean duration in seconds of the records' audio files that can be read (header only where possible)."""
+    import soundfile as sf
+
+    total, n = 0.0, 0
+    for rec in records:
+        try:
+            info = sf.info(str(rec.audio))
+            seconds = info.frames / info.samplerate
+        except (RuntimeError, OSError, ValueError):
+            try:
+                seconds = len(load_audio(rec.audio, 16000)) / 16000
+            except (AudioError, OSError):
+                continue  # reported when its features are extracted
+        total, n = total + seconds, n + 1
+    return total / n if n else None
+
+
+def fit_to_unit(wave: torch.Tensor, unit: int, rng: np.random.Generator) -> torch.Tensor:
+    """EVAR's unit-length input: a random ``unit``-sample crop of a longer clip, zeros appended to a shorter."""
+    n = wave.shape[-1]
+    if n > unit:
+        start = int(rng.integers(0, n - unit + 1))
+        return wave[start:start + unit]
+    return F.pad(wave, (0, unit - n)) if n < unit else wave
+
+
 @torch.no_grad()
 def _encode(model, waves: list[torch.Tensor]) -> list[np.ndarray | str]:
     """Clip features of a batch; when the batch fails, each clip is retried alone so one bad clip fails alone."""
@@ -358,8 +390,10 @@ def _encode(model, waves: list[torch.Tensor]) -> list[np.ndarray | str]:
 
 
 def extract_clip_features(model, records: Sequence[Record], batch_size: int = 16,
-                          progress: bool | None = None) -> Features:
-    """z'' of every record, ``batch_size`` clips per model call; unreadable clips are logged and listed."""
+                          progress: bool | None = None, unit_samples: int | None = None, seed: int = 0) -> Features:
+    """z'' of every record, ``batch_size`` clips per model call; unreadable clips are logged and listed.
+    ``unit_samples``: cut every clip to this length first (:func:`fit_to_unit`, crop seeded by ``seed`` and the
+    clip's position)."""
     model.eval()
     ids, rows, bad = [], [], []
 
@@ -374,10 +408,13 @@ def extract_clip_features(model, records: Sequence[Record], batch_size: int = 16
         batch.clear()
 
     batch: list[tuple[Record, torch.Tensor]] = []
-    for rec in tqdm(records, desc="extracting clip features", unit="clip",
-                    disable=None if progress is None else not progress, dynamic_ncols=True):
+    for i, rec in enumerate(tqdm(records, desc="extracting clip features", unit="clip",
+                                 disable=None if progress is None else not progress, dynamic_ncols=True)):
         try:
-            batch.append((rec, load_audio(rec.audio, model.sample_rate)))
+            wave = load_audio(rec.audio, model.sample_rate)
+            if unit_samples:
+                wave = fit_to_unit(wave, unit_samples, np.random.default_rng([seed, i]))
+            batch.append((rec, wave))
         except (AudioError, OSError) as e:
             reason = str(e) if isinstance(e, AudioError) else f"{rec.audio}: cannot read ({e})"
             log.warning("skipping %s", reason)
@@ -391,24 +428,30 @@ def extract_clip_features(model, records: Sequence[Record], batch_size: int = 16
 
 def clip_features(checkpoint: str | Path, manifest: str | Path, records: Sequence[Record],
                   cache_dir: str | Path | None = None, batch_size: int = 16, device: str | None = None,
-                  progress: bool | None = None) -> tuple[Features, dict[str, Any]]:
-    """Features of ``records`` from the cache when present, else extracted (and cached when ``cache_dir``)."""
-    info: dict[str, Any] = {"cache": None, "cache_hit": False, "extract_seconds": 0.0}
+                  progress: bool | None = None, unit_seconds: float | str | None = "auto",
+                  seed: int = 0) -> tuple[Features, dict[str, Any]]:
+    """Features of ``records`` from the cache when present, else extracted (and cached when ``cache_dir``).
+    ``unit_seconds``: ``"auto"`` (the records' mean duration), a number of seconds, or None/0 (whole clips)."""
+    from .checkpoint import load
+
+    if unit_seconds == "auto":
+        unit_seconds = mean_duration(records)
+    unit_seconds = float(unit_seconds) if unit_seconds else None
+    info: dict[str, Any] = {"cache": None, "cache_hit": False, "extract_seconds": 0.0, "unit_seconds": unit_seconds}
     cache = None
     if cache_dir is not None:
-        cache = Path(cache_dir) / f"clip-{cache_key(checkpoint, manifest, records)}.npz"
+        cache = Path(cache_dir) / f"clip-{cache_key(checkpoint, manifest, records, unit_seconds, seed)}.npz"
         info["cache"] = str(cache)
         feats = load_cache(cache)
         if feats is not None:
             log.info("using cached clip features %s", cache)
             info["cache_hit"] = True
             return feats, info
-    from .checkpoint import load
-
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     model = load(checkpoint, device=device, audio_only=True)
+    unit_samples = round(unit_seconds * model.sample_rate) if unit_seconds else None
     t0 = time.perf_counter()
-    feats = extract_clip_features(model, records, batch_size, progress)
+    feats = extract_clip_features(model, records, batch_size, progress, unit_samples, seed)
     info["extract_seconds"] = round(time.perf_counter() - t0, 3)
     if cache is not None:
         save_cache(cache, feats)
@@ -440,10 +483,13 @@ def chance_level(y_train: np.ndarray, y_test: np.ndarray) -> float:
 def linear_eval(checkpoint: str | Path, manifest: str | Path, label_column: str = "labels",
                 split_column: str = "split", batch_size: int = 16, epochs: int = 200, patience: int = 20,
                 lr: float = 3e-5, probe_batch_size: int = 200, cache_dir: str | Path | None = None,
-                seed: int = 0, device: str | None = None, progress: bool | None = None) -> dict[str, Any]:
-    """Linear evaluation of ``checkpoint``'s clip features on ``manifest``; returns the result dict."""
+                seed: int = 0, device: str | None = None, progress: bool | None = None,
+                unit_seconds: float | str | None = "auto") -> dict[str, Any]:
+    """Linear evaluation of ``checkpoint``'s clip features on ``manifest``; returns the result dict.
+    ``unit_seconds``: the clips' common length (``"auto"``: their mean duration; None or 0: whole clips)."""
     task = read_task(manifest, label_column, split_column)
-    feats, info = clip_features(checkpoint, manifest, task.records, cache_dir, batch_size, device, progress)
+    feats, info = clip_features(checkpoint, manifest, task.records, cache_dir, batch_size, device, progress,
+                                unit_seconds, seed)
     have = set(feats.ids)
     bad_ids = {r.id for r in task.records if r.id not in have}
     check_splits(task, manifest, bad_ids)
@@ -491,7 +537,8 @@ def format_result(result: dict[str, Any]) -> str:
     """One line: the metric, its chance level, the epochs, the split sizes and the skipped files."""
     val = " (carved from train)" if result["val_from_train"] else ""
     bad = f"; {result['n_bad']} unreadable file(s) skipped" if result["n_bad"] else ""
-    return (f"linear eval {result['metric']} {result['value']:.4f} (chance {result['chance']:.4f}); "
+    unit = f"; clips cut to {result['unit_seconds']:.2f} s" if result.get("unit_seconds") else ""
+    return (f"linear eval {result['metric']} {result['value']:.4f} (chance {result['chance']:.4f}){unit}; "
             f"epochs run {result['epochs_run']}, best epoch {result['best_epoch']}; "
             f"train {result['n_train']} / val {result['n_val']}{val} / test {result['n_test']}{bad}")
 
@@ -520,7 +567,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, default=None, metavar="JSON", help="write the full result here")
     p.add_argument("--cache", type=Path, default=None, metavar="DIR",
                    help="keep the extracted features here (one .npz per checkpoint and manifest) and reuse them")
-    p.add_argument("--seed", type=int, default=0, help="seed of the layer's init, batch order and val carving")
+    p.add_argument("--unit-seconds", default="auto", metavar="auto|S",
+                   help="cut every clip to this length first, random crop or zeros appended, as EVAR does "
+                        "(default auto: the mean clip duration of the manifest; 0: whole clips)")
+    p.add_argument("--seed", type=int, default=0,
+                   help="seed of the crops, the layer's init, the batch order and the val carving")
     p.add_argument("--device", choices=["cpu", "cuda"], default=None, help="default: cuda when available")
     p.add_argument("--quiet", "-q", action="store_true", help="only warnings; no progress bar")
     return p
@@ -534,13 +585,21 @@ def main(argv: Sequence[str] | None = None) -> int:
             parser.error(f"--{name.replace('_', '-')} must be at least 1")
     if args.patience < 1 or args.lr <= 0:
         parser.error("--patience must be at least 1 and --lr positive")
+    if args.unit_seconds != "auto":
+        try:
+            args.unit_seconds = float(args.unit_seconds)
+        except ValueError:
+            parser.error(f"--unit-seconds must be 'auto' or a number of seconds, not {args.unit_seconds!r}")
+        if args.unit_seconds < 0:
+            parser.error("--unit-seconds must not be negative")
     logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO, format="%(levelname)s: %(message)s")
     from .checkpoint import CheckpointError
 
     try:
         result = linear_eval(args.checkpoint, args.data, args.label_column, args.split_column, args.batch_size,
                              args.epochs, args.patience, args.lr, args.probe_batch_size, args.cache, args.seed,
-                             args.device, progress=False if args.quiet else None)
+                             args.device, progress=False if args.quiet else None,
+                             unit_seconds=args.unit_seconds)
     except (LinearEvalError, ManifestError, CheckpointError, FileNotFoundError) as e:
         print(f"linear_eval: error: {e}", file=sys.stderr)
         return 2

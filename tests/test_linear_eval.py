@@ -203,3 +203,44 @@ def test_unlabelled_rows_are_left_out(corpus, checkpoint, tmp_path):
     assert task.n_unlabelled == 1 and task.n_no_split == 1
     assert records[0].id not in task.labels and records[1].id not in task.labels
     assert len(task.labels) == len(records) - 2
+
+
+# ------------------------------------------------------------------------------------ unit-length inputs
+def test_fit_to_unit_crops_randomly_and_pads_with_zeros():
+    import torch
+
+    wave = torch.arange(10, dtype=torch.float32)
+    padded = le.fit_to_unit(wave, 14, np.random.default_rng(0))
+    assert padded.tolist() == list(range(10)) + [0, 0, 0, 0]
+    starts = {int(le.fit_to_unit(wave, 4, np.random.default_rng(s))[0]) for s in range(40)}
+    assert starts == set(range(7))  # every start 0..n-unit is reachable
+    crop = le.fit_to_unit(wave, 4, np.random.default_rng(3))
+    assert crop.tolist() == list(range(int(crop[0]), int(crop[0]) + 4))
+    assert le.fit_to_unit(wave, 10, np.random.default_rng(0)) is wave
+
+
+def test_unit_length_is_the_mean_duration_and_matches_manual_cuts(corpus, checkpoint, tmp_path):
+    import soundfile as sf
+
+    records = read_manifest(corpus)[:6]
+    durations = [sf.info(str(r.audio)).duration for r in records]
+    assert le.mean_duration(records) == pytest.approx(np.mean(durations))
+    model = m2dclap.load(checkpoint, audio_only=True)
+    unit = round(0.7 * model.sample_rate)
+    feats = le.extract_clip_features(model, records, batch_size=4, progress=False, unit_samples=unit, seed=5)
+    for i in (0, 5):
+        wave = le.fit_to_unit(m2dclap.load_audio(records[i].audio, model.sample_rate), unit,
+                              np.random.default_rng([5, i]))
+        alone = model.audio_features([wave], sample_rate=model.sample_rate)["clip"][0].detach().numpy()
+        np.testing.assert_allclose(feats.clip[i], alone, rtol=1e-4, atol=1e-5)
+
+
+def test_unit_seconds_option_reaches_the_result_and_the_cache_key(corpus, checkpoint, tmp_path):
+    cache = tmp_path / "cache"
+    rc, auto = run(checkpoint, corpus, tmp_path, "--cache", str(cache))
+    assert rc == 0 and auto["unit_seconds"] == pytest.approx(le.mean_duration(read_manifest(corpus)))
+    rc, whole = run(checkpoint, corpus, tmp_path, "--cache", str(cache), "--unit-seconds", "0")
+    assert rc == 0 and whole["unit_seconds"] is None and not whole["cache_hit"]
+    assert len(list(cache.iterdir())) == 2
+    with pytest.raises(SystemExit):
+        le.main(["--checkpoint", str(checkpoint), "--data", str(corpus), "--unit-seconds", "long"])
