@@ -625,4 +625,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    # run the package's module, not this __main__ copy: captioning.fense raises captioning.metrics'
+    # MetricUnavailableError, which the copy's except clauses would not recognise
+    from captioning.metrics import main as _main
+
+    sys.exit(_main())
