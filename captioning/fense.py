@@ -255,6 +255,9 @@ class FenseScorer:
         """Per-clip ``sbert_sim``, ``error_prob``, ``fer`` (0/1) and ``fense``."""
         if len(candidates) != len(references):
             raise ValueError(f"{len(candidates)} candidates but {len(references)} reference lists")
+        empty = [i for i, refs in enumerate(references) if not refs]
+        if empty:
+            raise ValueError(f"candidate(s) {empty[:10]} have no references")
         sim = self.similarity(candidates, references)
         p = self.error_probs(candidates)[:, -1]  # the "error" head
         return {"sbert_sim": sim, "error_prob": p, "fer": (p > self.threshold).astype(np.float64),

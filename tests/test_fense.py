@@ -211,3 +211,11 @@ def test_hf_models_come_from_the_hub_only_when_online(monkeypatch):
     assert calls == [True]
     monkeypatch.delenv("HF_HUB_OFFLINE")
     assert FE._hf_load(load, "org/name", "the model") == "model" and calls == [True, True, False]
+
+
+def test_score_needs_references_for_every_candidate():
+    s = FE.FenseScorer(None, None, None)
+    with pytest.raises(ValueError, match=r"candidate\(s\) \[1\] have no references"):
+        s.score(["a", "b"], [["x"], []])
+    with pytest.raises(ValueError, match="2 candidates but 1"):
+        s.score(["a", "b"], [["x"]])
