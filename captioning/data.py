@@ -62,30 +62,47 @@ def read_index(path: str | Path, split: str | Sequence[str] | None = None) -> li
     return out
 
 
-class CaptionDataset(Dataset):
-    """Items ``{"id", "tokens" (16, T) long, "clap" (D,) float, "caption" str, "captions" list[str]}``."""
+CAPTION_SAMPLING = ("all", "one")
 
-    def __init__(self, clips: Sequence[CachedClip], training: bool, max_frames: int = MAX_FRAMES, seed: int = 0):
+
+class CaptionDataset(Dataset):
+    """Items ``{"id", "tokens" (16, T) long, "clap" (D,) float, "caption" str, "captions" list[str]}``.
+
+    Training items are ``(clip, caption)`` pairs, every caption once per epoch, as EnCLAP's training CSVs have
+    one row per caption (``captions="all"``), or one item per clip with a caption drawn per epoch
+    (``captions="one"``); clips longer than ``max_frames`` get a random crop per item and epoch. Evaluation
+    items are clips (first ``max_frames`` frames, every reference caption).
+    """
+
+    def __init__(self, clips: Sequence[CachedClip], training: bool, max_frames: int = MAX_FRAMES, seed: int = 0,
+                 captions: str = "all"):
+        if captions not in CAPTION_SAMPLING:
+            raise ValueError(f"captions must be one of {CAPTION_SAMPLING}, not {captions!r}")
         self.clips = [c for c in clips if (c.captions or not training)]
         if training and not self.clips:
             raise ValueError("no training clips with captions")
         self.training, self.max_frames, self.seed = training, int(max_frames), int(seed)
+        self.sampling = captions if training else "one"
+        # (clip index, caption index or -1 for "draw one")
+        self.items = ([(ci, k) for ci, c in enumerate(self.clips) for k in range(len(c.captions))]
+                      if self.sampling == "all" else [(ci, -1) for ci in range(len(self.clips))])
         self.epoch = 0
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = int(epoch)
 
     def __len__(self) -> int:
-        return len(self.clips)
+        return len(self.items)
 
     def __getitem__(self, i: int) -> dict:
-        c = self.clips[i]
+        ci, k = self.items[i]
+        c = self.clips[ci]
         tokens = torch.from_numpy(np.load(c.tokens).astype(np.int64))
         clap = torch.from_numpy(np.load(c.clap).astype(np.float32))
         T = tokens.shape[1]
         if self.training:
             rng = np.random.default_rng([self.seed, self.epoch, i])
-            caption = c.captions[int(rng.integers(len(c.captions)))]
+            caption = c.captions[k] if k >= 0 else c.captions[int(rng.integers(len(c.captions)))]
             if T > self.max_frames:
                 start = int(rng.integers(T - self.max_frames + 1))
                 tokens = tokens[:, start:start + self.max_frames]

@@ -37,6 +37,7 @@ import torch
 
 from .metrics import MetricUnavailableError
 from .data import (
+    CAPTION_SAMPLING,
     CaptionDataset,
     build_word_tokenizer,
     make_collate,
@@ -105,6 +106,8 @@ def apply_presets(args) -> None:
     preset = DATASET_PRESETS.get(dataset_preset(args) or "", {})
     if args.bart is None:  # the offline demo trains a tiny BART; real datasets get the paper's bart-base
         args.bart = "tiny" if not args.dataset else "facebook/bart-base"
+    if args.caption_sampling is None:  # the demo keeps its 15 epochs in minutes: one caption per clip and epoch
+        args.caption_sampling = "one" if not args.dataset else "all"
     for name, default in (("batch_size", 16), ("lr", None), ("warmup", None)):
         if getattr(args, name) is None:
             setattr(args, name, preset.get(name, default))
@@ -292,6 +295,10 @@ def build_parser() -> argparse.ArgumentParser:
                                                   "datasets, 64 for clotho)")
     p.add_argument("--weight-decay", type=float, default=0.01, help="AdamW weight decay, none on biases and norms")
     p.add_argument("--clip-grad", type=float, default=1.0, help="gradient-norm clipping (0: off)")
+    p.add_argument("--caption-sampling", choices=CAPTION_SAMPLING,
+                   help="all: every (clip, caption) pair once per epoch, as EnCLAP's one-row-per-caption training "
+                        "CSVs (default with --dataset); one: one caption per clip, drawn per epoch (default on "
+                        "the embedded corpus, whose 15 epochs then take minutes)")
     p.add_argument("--max-steps", type=int, help="stop after this many optimiser steps (the epoch is then "
                                                  "validated and checkpointed)")
     p.add_argument("--max-val", type=int, help="validate on at most this many clips")
@@ -366,7 +373,8 @@ def train(args) -> int:
         model = EnClapCaptioner(EnClapCfg(bart_name=args.bart, clap_dim=clap_dim))
     lr = args.lr if args.lr is not None else (5e-4 if tiny else 6e-6)
 
-    train_ds = CaptionDataset(train_clips, training=True, max_frames=model.max_frames, seed=args.seed)
+    train_ds = CaptionDataset(train_clips, training=True, max_frames=model.max_frames, seed=args.seed,
+                              captions=args.caption_sampling)
     val_ds = CaptionDataset(val_clips, training=False, max_frames=model.max_frames)
     loader = DataLoader(train_ds, batch_size=args.batch_size, shuffle=True, drop_last=False,
                         collate_fn=make_collate(model.tokenize_captions), num_workers=args.num_workers,
@@ -396,15 +404,17 @@ def train(args) -> int:
         **{f"features_{k}": v for k, v in feat.items()},
         "codec_note": ("EnCodec with seeded random weights (published weights not available offline)"
                        if feat.get("codec") == "random" else "published EnCodec 24 kHz weights"),
-        "n_train": len(train_ds), "n_val": len(val_ds), "steps_per_epoch": steps_per_epoch, "total_steps": total,
+        "n_train": len(train_ds), "n_train_clips": len(train_ds.clips), "caption_sampling": args.caption_sampling,
+        "n_val": len(val_ds), "steps_per_epoch": steps_per_epoch, "total_steps": total,
     }
     if old_meta:
         meta["started"] = old_meta.get("started")
     meta.setdefault("started", time.strftime("%Y-%m-%dT%H:%M:%S"))
     (log.info if selection == "spider" or args.selection_metric == "cider_d" else log.warning)(
         "checkpoint selection: %s; keeping the top %d epochs", selection_note, args.top_k)
-    log.info("%d train / %d val clips, %d steps per epoch, %d steps, peak lr %g, warm-up %d", len(train_ds),
-             len(val_ds), steps_per_epoch, total, lr, warmup)
+    log.info("%d training items (%d clips, caption sampling %r) / %d val clips, %d steps per epoch, %d steps, "
+             "peak lr %g, warm-up %d", len(train_ds), len(train_ds.clips), args.caption_sampling, len(val_ds),
+             steps_per_epoch, total, lr, warmup)
 
     ckpt_root = out / "checkpoints"
     ckpt_root.mkdir(exist_ok=True)

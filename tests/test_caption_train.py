@@ -46,7 +46,7 @@ def run(tmp_path_factory):
     out = root / "run"
     argv = ["--dataset", str(manifest), "--clap-checkpoint", str(root / "clap"), "--codec", "random",
             "--output-dir", str(out), "--epochs", "3", "--batch-size", "8", "--max-steps", "7", "--top-k", "2",
-            "--val-beams", "1", "--no-progress", "--lr", "1e-3", "--bart", "tiny"]
+            "--val-beams", "1", "--no-progress", "--lr", "1e-3", "--bart", "tiny", "--caption-sampling", "one"]
     assert tr.main(argv) == 0
     first = json.loads((out / tr.RUN_META).read_text())
     return {"root": root, "out": out, "manifest": manifest, "argv": argv, "first": first}
@@ -166,7 +166,7 @@ def test_dataset_crop_caption_draw_and_collate(tmp_path):
         np.save(tmp_path / f"c{i}.npy", np.ones(8, np.float32) * i)
         clips.append(CachedClip(str(i), "train", tmp_path / f"t{i}.npy", tmp_path / f"c{i}.npy",
                                 [f"cap {i} {j}" for j in range(5)]))
-    ds = CaptionDataset(clips, training=True, max_frames=30, seed=0)
+    ds = CaptionDataset(clips, training=True, max_frames=30, seed=0, captions="one")
     seen = set()
     for e in range(8):
         ds.set_epoch(e)
@@ -209,12 +209,14 @@ def test_dataset_presets_fill_only_unset_flags():
     args = tr.build_parser().parse_args(["--dataset", "clotho", "--data-root", "x"])
     tr.apply_presets(args)
     assert (args.lr, args.warmup, args.batch_size, args.bart) == (4e-6, 1000, 64, "facebook/bart-base")
+    assert args.caption_sampling == "all"
     args = tr.build_parser().parse_args(["--dataset", "audiocaps", "--lr", "1e-5", "--bart", "tiny"])
     tr.apply_presets(args)
     assert (args.lr, args.warmup, args.batch_size, args.bart) == (1e-5, 2000, 16, "tiny")
     args = tr.build_parser().parse_args([])
     tr.apply_presets(args)
     assert (args.lr, args.warmup, args.batch_size, args.bart) == (None, None, 16, "tiny")
+    assert args.caption_sampling == "one"
 
 
 def test_named_dataset_needs_root_and_audio(tmp_path):
@@ -237,7 +239,9 @@ def test_train_on_clotho_layout(run, tmp_path):
                     "--batch-size", "3", "--val-beams", "1", "--no-progress"]) == 0
     meta = json.loads((out / tr.RUN_META).read_text())
     assert meta["dataset"] == ["clotho"] and meta["lr"] == 4e-6 and meta["warmup"] == 1000
-    assert (meta["n_train"], meta["n_val"], meta["steps_done"]) == (6, 2, 2)
+    # every (clip, caption) pair once per epoch, as EnCLAP: 6 clips x 5 captions, batch 3
+    assert (meta["n_train"], meta["n_train_clips"], meta["n_val"], meta["steps_done"]) == (30, 6, 2, 10)
+    assert meta["caption_sampling"] == "all"
 
 
 def test_selection_metric_falls_back_to_cider_without_spice(monkeypatch):
@@ -267,7 +271,7 @@ def test_train_under_accelerate_launch_with_two_processes(run, tmp_path):
     cmd = [str(LAUNCHER) if LAUNCHER.exists() else "accelerate", "launch", "--multi_gpu", "--num_processes", "2",
            "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "captioning.train",
            "--dataset", index, "--bart", "tiny", "--output-dir", str(out), "--epochs", "1", "--batch-size", "8",
-           "--val-beams", "1", "--no-progress", "--lr", "1e-3"]
+           "--val-beams", "1", "--no-progress", "--lr", "1e-3", "--caption-sampling", "one"]
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(Path(__file__).resolve().parents[1]))
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -286,3 +290,23 @@ def test_evaluate_on_clotho_layout(run, tmp_path):
     res = json.loads(out.read_text())
     assert res["n_clips"] == 3 and "cider_d" in res["checkpoints"][ck.name]
     assert eval_cli.main(["--checkpoint", str(ck), "--dataset", "clotho", "--split", "test", "--no-java"]) == 2
+
+
+def test_every_caption_once_per_epoch(tmp_path):
+    clips = []
+    for i, (T, n) in enumerate(((50, 3), (20, 2))):
+        np.save(tmp_path / f"t{i}.npy", np.random.default_rng(i).integers(0, 1024, (16, T)).astype(np.int16))
+        np.save(tmp_path / f"c{i}.npy", np.ones(8, np.float32))
+        clips.append(CachedClip(str(i), "train", tmp_path / f"t{i}.npy", tmp_path / f"c{i}.npy",
+                                [f"cap {i} {j}" for j in range(n)]))
+    ds = CaptionDataset(clips, training=True, max_frames=30, seed=0)
+    assert len(ds) == 5
+    starts = set()
+    for epoch in range(4):
+        ds.set_epoch(epoch)
+        items = [ds[i] for i in range(len(ds))]
+        assert sorted(it["caption"] for it in items) == sorted(c for clip in clips for c in clip.captions)
+        starts.add(tuple(it["tokens"][0, 0].item() for it in items[:3]))
+    assert len(starts) > 1  # the long clip's crop changes with the epoch
+    with pytest.raises(ValueError, match="captions must be one of"):
+        CaptionDataset(clips, training=True, captions="some")
