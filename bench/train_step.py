@@ -20,10 +20,11 @@ process on CPU (everything: Python, torch, weights, optimiser state, activations
 ``torch.cuda.max_memory_allocated`` on CUDA, where the step runs under bf16 autocast (fp32 weights).
 The figure is the median of ``--steps`` timed steps after ``--warmup`` untimed ones.
 
-The last section gives the memory of the contrastive logits for the paper's global batch of 2048 on 4
-processes: each process gathers all 2048 audio and text features and computes the full 2048x2048 float32
-logits (paper Eq. 3-4, ``m2dclap.clap.ContrastiveLoss``), so the cost does not shrink with more processes.
-The formula is checked against real measurements at smaller global batches.
+The last section gives the memory of the contrastive logits (paper Eq. 3-4, ``m2dclap.clap.ContrastiveLoss``)
+for the paper's global batch of 2048 on 4 processes. Each process gathers all 2048 audio and text features;
+by default it then computes only its own rows, two (512, 2048) blocks (``local_loss``); with
+``local_loss=False`` it computes the full 2048x2048 logits, as the official code does, whatever the number of
+processes. Both are measured at smaller global batches (one process's share of a 4-process run) and scaled.
 """
 from __future__ import annotations
 
@@ -178,29 +179,39 @@ def print_steps(rows: list[dict[str, Any]]) -> None:
 # ---------------------------------------------------------------------------------------------------
 # Contrastive logits
 # ---------------------------------------------------------------------------------------------------
-def logits_formula_mib(n: int) -> float:
-    """The full (n, n) float32 logits plus the gradients of its two softmaxes (audio->text over rows,
-    text->audio over columns): 3 matrices of n^2 float32."""
-    return 3 * n * n * 4 / MiB
+def logits_formula_mib(rows: int, n: int) -> float:
+    """The logit rows a process computes, (rows, n) float32 for each direction (audio->text, text->audio),
+    plus their softmax gradients; for the full matrix (rows = n) the two directions share one (n, n) matrix:
+    3 matrices of n^2 float32, else 4 blocks of rows x n."""
+    return (3 if rows == n else 4) * rows * n * 4 / MiB
 
 
-def measure_logits(n: int, dim: int, device: str) -> dict[str, float]:
-    """Real memory of ``ContrastiveLoss`` forward + backward on n gathered (n, dim) feature pairs.
+def measure_logits(n: int, dim: int, device: str, procs: int = 1) -> dict[str, float]:
+    """Real memory of one process's contrastive loss, forward + backward, on n gathered (n, dim) feature pairs:
+    the full (n, n) logits when ``procs`` is 1, else the process's n / procs rows (the local loss).
 
     The allocator's trace (``torch.profiler`` with ``profile_memory``) is replayed in time order: ``peak`` is
-    the most memory live at once above the inputs, ``nn_live`` the most (n, n) float32 buffers live at once;
-    ``saved`` is what autograd keeps from forward to backward (saved-tensor hooks, (n, n) tensors only).
-    Buffers are told apart by size, so ``n`` must differ from ``dim``.
+    the most memory live at once above the inputs, ``blocks_live`` the most logit-sized float32 buffers live at
+    once; ``saved`` is what autograd keeps from forward to backward (saved-tensor hooks, logit-sized tensors
+    only). Buffers are told apart by size, so the logit block must differ in size from the feature tensors.
     """
-    if n == dim:
-        raise ValueError(f"global batch {n} equals the feature width: pick another size")
+    rows = n // procs
+    if dim in (n, rows):
+        raise ValueError(f"global batch {n} (rows {rows}) meets the feature width {dim}: pick another size")
+    import torch.nn.functional as F
     from torch.profiler import ProfilerActivity, profile
 
-    from m2dclap.clap import ContrastiveLoss
+    from m2dclap.clap import ContrastiveLoss, contrastive_rows
 
     dev = torch.device(device)
-    loss_fn = ContrastiveLoss()
     scale = torch.tensor(2.659, device=dev, requires_grad=True)  # log(1/0.07)
+
+    def loss_of(a: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        if procs == 1:
+            return ContrastiveLoss()(a, t, scale.exp())["contrastive_loss"]
+        a, t = F.normalize(a, dim=-1), F.normalize(t, dim=-1)  # as ContrastiveLoss, then this process's rows
+        m = a.shape[0] // procs
+        return contrastive_rows(scale.exp() * a[:m] @ t.T, scale.exp() * t[:m] @ a.T, 0)
 
     def features(m: int) -> tuple[torch.Tensor, torch.Tensor]:
         g = torch.Generator().manual_seed(m)
@@ -208,12 +219,13 @@ def measure_logits(n: int, dim: int, device: str) -> dict[str, float]:
         return a, torch.randn(m, dim, generator=g).to(dev).requires_grad_()
 
     a, t = features(64)
-    loss_fn(a, t, scale.exp())["contrastive_loss"].backward()  # load the kernels before measuring
+    loss_of(a, t).backward()  # load the kernels before measuring
     a, t = features(n)
+    block = rows * n * 4
     saved: dict[int, int] = {}
 
     def pack(x: torch.Tensor) -> torch.Tensor:
-        if tuple(x.shape) == (n, n):
+        if x.numel() * x.element_size() == block:
             saved[x.untyped_storage().data_ptr()] = x.untyped_storage().nbytes()
         return x
 
@@ -227,23 +239,22 @@ def measure_logits(n: int, dim: int, device: str) -> dict[str, float]:
     try:
         with profile(activities=activities, profile_memory=True, acc_events=True) as prof:
             with torch.autograd.graph.saved_tensors_hooks(pack, lambda x: x):
-                loss = loss_fn(a, t, scale.exp())["contrastive_loss"]
+                loss = loss_of(a, t)
             loss.backward()
             if dev.type == "cuda":
                 torch.cuda.synchronize()
     finally:
         os.dup2(stderr, 2)
-    matrix = n * n * 4
-    live = peak = nn = nn_peak = 0
+    live = peak = nb = nb_peak = 0
     for e in sorted(prof.profiler.kineto_results.events(), key=lambda e: e.start_ns()):
         if e.name() == "[memory]" and str(e.device_type()).lower().endswith(dev.type):
             live += e.nbytes()
             peak = max(peak, live)
-            if abs(e.nbytes()) == matrix:
-                nn += 1 if e.nbytes() > 0 else -1
-                nn_peak = max(nn_peak, nn)
-    out = {"n": n, "matrix_mib": matrix / MiB, "saved_mib": sum(saved.values()) / MiB, "peak_mib": peak / MiB,
-           "nn_live": nn_peak, "formula_mib": logits_formula_mib(n)}
+            if abs(e.nbytes()) == block:
+                nb += 1 if e.nbytes() > 0 else -1
+                nb_peak = max(nb_peak, nb)
+    out = {"n": n, "rows": rows, "block_mib": block / MiB, "saved_mib": sum(saved.values()) / MiB,
+           "peak_mib": peak / MiB, "blocks_live": nb_peak, "formula_mib": logits_formula_mib(rows, n)}
     if dev.type == "cuda":
         out["cuda_peak_mib"] = (torch.cuda.max_memory_allocated() - base) / MiB
     return out
@@ -251,32 +262,28 @@ def measure_logits(n: int, dim: int, device: str) -> dict[str, float]:
 
 def logits_section(sizes: list[int], dim: int, device: str) -> None:
     n, procs = 2048, 4
-    matrix = n * n * 4 / MiB
     print(f"\n== contrastive logits: global batch {n} on {procs} processes ({n // procs} each) ==")
-    print(f"each process gathers all {n} audio and text features (autograd-aware all_gather) and computes "
-          f"the full {n}x{n} float32 logits of Eq. 3-4, whatever the number of processes.")
-    print(f"formula: logits {n}x{n} x 4 B = {matrix:.0f} MiB, plus the gradients of the audio->text and "
-          f"text->audio softmaxes, {matrix:.0f} MiB each: 3 x {n}^2 x 4 B = {logits_formula_mib(n):.0f} MiB "
-          f"per process, {procs * logits_formula_mib(n):.0f} MiB over the {procs} processes")
-    print(f"measured on {device} with {dim}-d features (allocator trace of one forward + backward of "
-          "ContrastiveLoss; 'saved' = (n, n) tensors autograd keeps for backward; 'n x n live' = most (n, n) "
-          "buffers alive at once; 'peak' = most memory alive at once, (n, dim) feature copies included):")
-    print(f"{'global n':>8s} {'n^2 x 4 B':>10s} {'formula':>10s} {'saved':>16s} {'n x n live':>18s} {'peak':>10s}"
+    print(f"each process gathers all {n} audio and text features (autograd-aware all_gather); with the local "
+          f"loss (default) it computes its {n // procs} rows against all {n} columns in both directions, "
+          f"with local_loss=False the full {n}x{n} logits. Measured on {device} with {dim}-d features "
+          "(allocator trace of one forward + backward; 'saved' = logit blocks autograd keeps for backward; "
+          "'live' = most logit blocks alive at once; 'peak' = most memory alive at once, feature copies included):")
+    print(f"{'mode':>12s} {'global n':>8s} {'block':>9s} {'formula':>9s} {'saved':>15s} {'live':>16s} {'peak':>10s}"
           + (f" {'cuda peak':>10s}" if device == "cuda" else ""))
-    worst = 0
-    for size in sizes:
-        m = in_fresh_process(measure_logits, size, dim, device)
-        worst = max(worst, m["nn_live"])
-        print(f"{size:8d} {m['matrix_mib']:8.1f} M {m['formula_mib']:8.1f} M "
-              f"{m['saved_mib']:8.1f} M ({m['saved_mib'] / m['matrix_mib']:.0f}x) "
-              f"{m['nn_live'] * m['matrix_mib']:8.1f} M ({m['nn_live']}x) {m['peak_mib']:8.1f} M"
-              + (f" {m['cuda_peak_mib']:8.1f} M" if "cuda_peak_mib" in m else ""))
-    feat = 3 * n * dim * 4 / MiB
-    print(f"-> the formula's 3 matrices undercount: the forward keeps both log-softmax outputs and the "
-          f"backward adds a gradient pair, {worst} (n, n) buffers at once. At {n}: {worst} x {matrix:.0f} = "
-          f"{worst * matrix:.0f} MiB per process (formula {logits_formula_mib(n):.0f} MiB), "
-          f"{procs * worst * matrix:.0f} MiB over {procs} processes, plus about {feat:.0f} MiB of "
-          f"({n}, {dim}) feature copies.")
+    per_process = {}
+    for mode, p in (("full", 1), (f"local/{procs}", procs)):
+        for size in sizes:
+            m = in_fresh_process(measure_logits, size, dim, device, p)
+            live = m["blocks_live"] * m["block_mib"]
+            per_process[mode] = live / (size * m["rows"]) * n * (n // p)  # scales with rows x columns
+            print(f"{mode:>12s} {size:8d} {m['block_mib']:7.1f} M {m['formula_mib']:7.1f} M "
+                  f"{m['saved_mib']:7.1f} M ({m['saved_mib'] / m['block_mib']:.0f}x) "
+                  f"{live:8.1f} M ({m['blocks_live']}x) {m['peak_mib']:8.1f} M"
+                  + (f" {m['cuda_peak_mib']:8.1f} M" if "cuda_peak_mib" in m else ""))
+    print(f"-> at a global batch of {n} on {procs} processes, logit buffers alive at once per process: "
+          + ", ".join(f"{mode} {mib:.0f} MiB" for mode, mib in per_process.items())
+          + f" (scaled from the largest measured size; plus about {3 * n * dim * 4 / MiB:.0f} MiB of "
+          f"({n}, {dim}) feature copies).")
 
 
 # ---------------------------------------------------------------------------------------------------

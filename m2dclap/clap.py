@@ -228,38 +228,55 @@ def gather_features(audio: torch.Tensor, text: torch.Tensor, world_size: int,
 class ContrastiveLoss(nn.Module):
     """Symmetric NT-Xent of paper Eq. 3-4 over the global batch.
 
-    Every process computes the loss on the full gathered logits (labels 0..N-1). With gradients gathered
-    autograd-aware and DDP averaging gradients over processes, the result equals one process on the global
-    batch. The official code instead gathers without autograd, which scales the CLAP gradient by
-    1/world_size; we do not reproduce that.
+    With several processes each one computes only its own rows of the logits (open_clip's ``local_loss``):
+    its audio against every gathered text and its texts against every gathered audio, two (n, N) blocks
+    instead of the (N, N) matrix, so memory and compute per process shrink with the number of processes. The
+    processes' rows together are the rows of the global loss; with the autograd-aware gather (whose backward
+    sums the gradients of every copy into the owner) and DDP's gradient average, the gradients equal one
+    process on the global batch, and the value returned is the global loss (one all-reduce of a scalar).
+    ``local_loss=False`` computes the full (N, N) logits on every process, as the official code does. The
+    official code also gathers without autograd, which scales the CLAP gradient by 1/world_size; we do not
+    reproduce that.
     """
 
-    def __init__(self, world_size: int = 1, rank: int = 0):
+    def __init__(self, world_size: int = 1, rank: int = 0, local_loss: bool = True):
         super().__init__()
-        self.world_size, self.rank = world_size, rank
+        self.world_size, self.rank, self.local_loss = world_size, rank, local_loss
 
     def forward(self, audio: torch.Tensor, text: torch.Tensor, logit_scale: torch.Tensor,
                 positive_groups: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
-        audio, text = gather_features(audio.float(), text.float(), self.world_size, self.rank)
+        a_loc, t_loc = F.normalize(audio.float(), dim=-1), F.normalize(text.float(), dim=-1)  # (n, D)
+        a_all, t_all = gather_features(a_loc, t_loc, self.world_size, self.rank)  # (N, D)
+        groups_all = positive_groups
         if positive_groups is not None and self.world_size > 1:
             from torch.distributed.nn.functional import all_gather
 
-            positive_groups = torch.cat(all_gather(positive_groups), dim=0)
-        a, t = F.normalize(audio, dim=-1), F.normalize(text, dim=-1)
-        logits = logit_scale.float() * a @ t.T  # S_mn / tau, (N, N)
-        if positive_groups is None:
-            labels = torch.arange(logits.shape[0], device=logits.device)
-            loss = (F.cross_entropy(logits, labels) + F.cross_entropy(logits.T, labels)) / 2
-        else:
-            loss = multi_positive_loss(logits, positive_groups)
-        return {"contrastive_loss": loss}
+            groups_all = torch.cat(all_gather(positive_groups), dim=0)
+        scale = logit_scale.float()
+        if self.world_size == 1 or not self.local_loss:
+            logits = scale * a_all @ t_all.T  # S_mn / tau, (N, N)
+            return {"contrastive_loss": contrastive_rows(logits, logits.T, 0, groups_all, groups_all)}
+        n = a_loc.shape[0]  # every process holds n rows (all_gather needs equal shards)
+        rows = contrastive_rows(scale * a_loc @ t_all.T, scale * t_loc @ a_all.T,  # (n, N) each
+                                self.rank * n, positive_groups, groups_all)
+        import torch.distributed as dist
+
+        total = rows.detach().clone()
+        dist.all_reduce(total)
+        # value: the global loss (mean over processes); gradient: this process's rows
+        return {"contrastive_loss": rows + (total / self.world_size - rows.detach())}
 
 
-def multi_positive_loss(logits: torch.Tensor, groups: torch.Tensor) -> torch.Tensor:
-    """Eq. 4 where items sharing a group id (the same clip twice in a batch) are all positives:
-    each row's target is uniform over its positives."""
-    pos = (groups[:, None] == groups[None, :]).float()
+def contrastive_rows(audio_rows: torch.Tensor, text_rows: torch.Tensor, offset: int,
+                     groups: torch.Tensor | None = None, groups_all: torch.Tensor | None = None) -> torch.Tensor:
+    """Eq. 3-4 on some rows of the logits: ``audio_rows`` (n, N) = audio items offset..offset+n against every
+    text, ``text_rows`` (n, N) = the same items' texts against every audio. Positives are the diagonal, or
+    every item sharing the row's group id when ``groups`` ((n,) ids of the rows, ``groups_all`` (N,))."""
+    if groups is None:
+        labels = torch.arange(offset, offset + audio_rows.shape[0], device=audio_rows.device)
+        return (F.cross_entropy(audio_rows, labels) + F.cross_entropy(text_rows, labels)) / 2
+    pos = (groups[:, None] == groups_all[None, :]).float()  # (n, N)
     target = pos / pos.sum(1, keepdim=True)
-    loss_a = -(target * logits.log_softmax(1)).sum(1).mean()
-    loss_t = -(target * logits.T.log_softmax(1)).sum(1).mean()
+    loss_a = -(target * audio_rows.log_softmax(1)).sum(1).mean()
+    loss_t = -(target * text_rows.log_softmax(1)).sum(1).mean()
     return (loss_a + loss_t) / 2

@@ -11,7 +11,36 @@ import torch
 from accelerate import Accelerator
 
 import m2dclap
+from m2dclap.clap import ContrastiveLoss
 from m2dclap.m2d import M2DCLAPPretrainer
+
+
+def loss_modes(acc: Accelerator) -> dict:
+    """ContrastiveLoss alone, local rows and full logits, with and without positive groups: this process's
+    loss value and feature gradients against one process on the global batch. The gather's backward sums the
+    gradient of every copy of a feature into its owner, so each process's feature gradient is world_size
+    times the single-process one (DDP's average over processes then restores the scale of the parameters)."""
+    g = torch.Generator().manual_seed(2)
+    a, t = torch.randn(8, 16, generator=g), torch.randn(8, 16, generator=g)
+    groups = torch.tensor([0, 1, 2, 0, 3, 4, 2, 5])  # clips 0 and 2 twice, in both halves
+    scale = torch.tensor(7.0)
+    n = 8 // acc.num_processes
+    part = slice(acc.process_index * n, (acc.process_index + 1) * n)
+    out = {}
+    for local in (True, False):
+        for use_groups in (False, True):
+            ref_a, ref_t = a.clone().requires_grad_(), t.clone().requires_grad_()
+            ref = ContrastiveLoss()(ref_a, ref_t, scale, groups if use_groups else None)["contrastive_loss"]
+            ref.backward()
+            la, lt = a[part].clone().requires_grad_(), t[part].clone().requires_grad_()
+            loss = ContrastiveLoss(acc.num_processes, acc.process_index, local_loss=local)(
+                la, lt, scale, groups[part] if use_groups else None)["contrastive_loss"]
+            loss.backward()
+            grad_diff = max((la.grad / acc.num_processes - ref_a.grad[part]).abs().max().item(),
+                            (lt.grad / acc.num_processes - ref_t.grad[part]).abs().max().item())
+            out[f"local={local},groups={use_groups}"] = {"loss_diff": abs(loss.item() - ref.item()),
+                                                         "grad_diff": grad_diff}
+    return out
 
 
 def main(out_path: str) -> None:
@@ -26,6 +55,7 @@ def main(out_path: str) -> None:
     # of the split batches equal to the global batch's.
     trainer = M2DCLAPPretrainer(model, mask_ratio=0.0, lambda_m2d=0.0, lambda_clap=1.0,
                                 world_size=acc.num_processes, rank=acc.process_index)
+    modes = loss_modes(acc)
     trainer = acc.prepare(trainer)
     n = 8 // acc.num_processes
     part = slice(acc.process_index * n, (acc.process_index + 1) * n)
@@ -42,7 +72,7 @@ def main(out_path: str) -> None:
         scale = max(ref[k].abs().max().item() for k in ref)
         json.dump({"world": acc.num_processes, "loss": out["loss"].item(), "ref_loss": ref_out["loss"].item(),
                    "max_grad_diff": max(diffs.values()), "grad_scale": scale, "n_params": len(ref), "allclose_1e-5": close,
-                   "missing": sorted(set(ref) - set(grads))}, open(out_path, "w"))
+                   "missing": sorted(set(ref) - set(grads)), "loss_modes": modes}, open(out_path, "w"))
     acc.wait_for_everyone()
 
 

@@ -28,3 +28,7 @@ def test_two_processes_equal_one(tmp_path):
     assert abs(res["loss"] - res["ref_loss"]) < 1e-5
     # Measured: loss difference 2e-7, largest gradient difference 9.8e-6 on gradients up to 10 (relative 1e-6).
     assert res["allclose_1e-5"] and res["max_grad_diff"] < 1e-4, res
+    # the loss alone: local rows (the default) and full logits, with and without repeated clips
+    assert len(res["loss_modes"]) == 4
+    for mode, diff in res["loss_modes"].items():
+        assert diff["loss_diff"] < 1e-5 and diff["grad_diff"] < 1e-6, (mode, diff)
