@@ -309,6 +309,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "CoreNLP jars), cider_d, or auto (spider when SPICE can run, else cider_d)")
     p.add_argument("--seed", type=int, default=1115, help="random seed (EnCLAP's 1115)")
     p.add_argument("--resume", action="store_true", help="continue from OUTPUT_DIR/state")
+    p.add_argument("--mixed-precision", choices=("no", "fp16", "bf16"),
+                   help="autocast for the training steps (default: accelerate's configuration or launch flag, "
+                        "else no); bf16 runs on CPUs too, fp16 needs a GPU")
     p.add_argument("--num-workers", type=int, default=0, help="DataLoader workers")
     p.add_argument("--no-progress", action="store_true", help="no progress bars (preprocessing)")
     return p
@@ -335,7 +338,8 @@ def train(args) -> int:
     out = Path(args.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     has_gpu = torch.cuda.is_available()
-    acc = Accelerator(cpu=not has_gpu, dataloader_config=DataLoaderConfiguration(split_batches=True))
+    acc = Accelerator(cpu=not has_gpu, mixed_precision=args.mixed_precision,
+                      dataloader_config=DataLoaderConfiguration(split_batches=True))
     set_seed(args.seed)
     meta_path = out / RUN_META
     old_meta = json.loads(meta_path.read_text()) if (args.resume and meta_path.is_file()) else None
@@ -400,6 +404,7 @@ def train(args) -> int:
         "selection_note": selection_note, "dataset": args.dataset, "data_root": args.data_root,
         "top_k": args.top_k, "lr": lr, "warmup": warmup, "schedule": "inverse_sqrt", "optimizer": "AdamW",
         "weight_decay": args.weight_decay, "clip_grad": args.clip_grad, "batch_size": args.batch_size,
+        "mixed_precision": acc.mixed_precision, "processes": acc.num_processes,
         "epochs": args.epochs, "max_steps": args.max_steps, "seed": args.seed, "index": str(Path(index).resolve()),
         **{f"features_{k}": v for k, v in feat.items()},
         "codec_note": ("EnCodec with seeded random weights (published weights not available offline)"

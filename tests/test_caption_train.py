@@ -310,3 +310,19 @@ def test_every_caption_once_per_epoch(tmp_path):
     assert len(starts) > 1  # the long clip's crop changes with the epoch
     with pytest.raises(ValueError, match="captions must be one of"):
         CaptionDataset(clips, training=True, captions="some")
+
+
+def test_bf16_training_steps_on_cpu(run, tmp_path):
+    from accelerate.state import AcceleratorState
+
+    out = tmp_path / "bf16"
+    AcceleratorState._reset_state()  # the earlier in-process runs fixed the precision of accelerate's singleton
+    try:
+        assert tr.main(["--dataset", run["first"]["index"], "--bart", "tiny", "--output-dir", str(out), "--epochs",
+                        "1", "--max-steps", "2", "--batch-size", "4", "--val-beams", "1", "--max-val", "4",
+                        "--no-progress", "--mixed-precision", "bf16", "--caption-sampling", "one"]) == 0
+    finally:
+        AcceleratorState._reset_state()
+    meta = json.loads((out / tr.RUN_META).read_text())
+    assert meta["mixed_precision"] == "bf16" and meta["steps_done"] == 2
+    assert np.isfinite(meta["history"][0]["train_loss"])
