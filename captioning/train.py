@@ -264,6 +264,19 @@ def update_top_k(ckpt_root: Path, history: list[dict], k: int = TOP_K, metric: s
     return [{"epoch": h["epoch"], "checkpoint": h["checkpoint"], metric: h[metric]} for h in ranked[:k]]
 
 
+def recover_state(out: Path) -> None:
+    """A run killed while swapping in its new resumable state has no ``state/``: take the new state when it
+    was written completely (``state.json`` is written last), else the previous one."""
+    if (out / STATE_DIR).is_dir():
+        return
+    for name in (STATE_DIR + ".tmp", STATE_DIR + ".old"):
+        if (out / name / "state.json").is_file():
+            os.replace(out / name, out / STATE_DIR)
+            log.warning("%s: recovered the resumable state from %s (the run was stopped while saving it)",
+                        out, name)
+            return
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m captioning.train", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -341,6 +354,9 @@ def train(args) -> int:
     acc = Accelerator(cpu=not has_gpu, mixed_precision=args.mixed_precision,
                       dataloader_config=DataLoaderConfiguration(split_batches=True))
     set_seed(args.seed)
+    if args.resume and acc.is_main_process:
+        recover_state(out)
+    acc.wait_for_everyone()
     meta_path = out / RUN_META
     old_meta = json.loads(meta_path.read_text()) if (args.resume and meta_path.is_file()) else None
     requested = args.selection_metric

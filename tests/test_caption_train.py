@@ -326,3 +326,19 @@ def test_bf16_training_steps_on_cpu(run, tmp_path):
     meta = json.loads((out / tr.RUN_META).read_text())
     assert meta["mixed_precision"] == "bf16" and meta["steps_done"] == 2
     assert np.isfinite(meta["history"][0]["train_loss"])
+
+
+def test_recover_state_after_a_kill_during_the_swap(tmp_path):
+    # killed after state/ became state.old and before state.tmp became state/: the complete new state wins
+    for name, epoch in (("state.old", 1), ("state.tmp", 2)):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "state.json").write_text(json.dumps({"epoch": epoch}))
+    tr.recover_state(tmp_path)
+    assert json.loads((tmp_path / "state" / "state.json").read_text())["epoch"] == 2
+    # a half-written new state (no state.json yet): the previous one
+    other = tmp_path / "b"
+    (other / "state.tmp").mkdir(parents=True)
+    (other / "state.old").mkdir()
+    (other / "state.old" / "state.json").write_text(json.dumps({"epoch": 1}))
+    tr.recover_state(other)
+    assert json.loads((other / "state" / "state.json").read_text())["epoch"] == 1
