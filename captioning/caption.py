@@ -84,26 +84,66 @@ class Captioner:
         return self.caption_waves(waves, CODEC_SAMPLE_RATE, **gen)
 
 
+def expand_inputs(paths: Sequence[str | Path]) -> list[Path]:
+    """Files as given; a folder contributes its audio files (recursively, sorted)."""
+    from m2dclap.data.public import AUDIO_EXTENSIONS
+
+    out: list[Path] = []
+    for p in map(Path, paths):
+        if p.is_dir():
+            out += sorted(f for f in p.rglob("*") if f.suffix.lower() in AUDIO_EXTENSIONS and f.is_file())
+        else:
+            out.append(p)
+    return out
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m captioning.caption", description=__doc__.split("\n\n")[0])
-    p.add_argument("audio", nargs="+", metavar="AUDIO")
+    p = argparse.ArgumentParser(prog="python -m captioning.caption", description=__doc__.split("\n\n")[0],
+                                epilog="Unreadable files are reported on stderr and skipped (exit status 1); the "
+                                       "others are captioned.")
+    p.add_argument("audio", nargs="+", metavar="AUDIO", help="audio files or folders of audio files")
     p.add_argument("--checkpoint", required=True, metavar="C", help="epoch checkpoint or training run folder")
     p.add_argument("--clap-checkpoint", help="override the CLAP checkpoint recorded in the checkpoint")
     p.add_argument("--clap", help="override the CLAP backend recorded in the checkpoint")
     p.add_argument("--codec", help="override the EnCodec weights recorded (pretrained|random|PATH)")
-    p.add_argument("--num-beams", type=int)
-    p.add_argument("--max-length", type=int)
+    p.add_argument("--num-beams", type=int, help="beam size (default: the model's 4)")
+    p.add_argument("--max-length", type=int, help="longest caption in tokens (default: the model's 50)")
+    p.add_argument("--batch-size", type=int, default=8, help="clips per generation call (default 8)")
+    p.add_argument("--out", metavar="CSV", help="also write file_name,caption here (the format captioning.evaluate "
+                                                "--predictions reads)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = p.parse_args(argv)
+    from m2dclap import AudioError, load_audio
+
+    from .codec import CODEC_SAMPLE_RATE
+
     try:
         cap = Captioner(args.checkpoint, args.clap_checkpoint, args.codec, args.clap, args.device)
-        texts = cap.caption_files(args.audio, num_beams=args.num_beams, max_length=args.max_length)
     except Exception as e:  # noqa: BLE001 - a CLI: report and exit
         print(f"error: {type(e).__name__}: {e}", file=sys.stderr)
         return 2
-    for f, t in zip(args.audio, texts):
+    files, waves, bad = [], [], 0
+    for f in expand_inputs(args.audio):
+        try:
+            waves.append(load_audio(f, sample_rate=CODEC_SAMPLE_RATE))
+            files.append(f)
+        except (AudioError, OSError) as e:
+            print(f"skipped {f}: {e}", file=sys.stderr)
+            bad += 1
+    texts = cap.caption_waves(waves, CODEC_SAMPLE_RATE, batch_size=args.batch_size, num_beams=args.num_beams,
+                              max_length=args.max_length) if waves else []
+    for f, t in zip(files, texts):
         print(f"{f}\t{t}")
-    return 0
+    if args.out:
+        import csv
+
+        from m2dclap.fileio import atomic_write
+
+        with atomic_write(Path(args.out), "w") as fh:
+            w = csv.writer(fh)
+            w.writerow(["file_name", "caption"])
+            w.writerows((f.name, t) for f, t in zip(files, texts))
+    return 1 if bad else 0
 
 
 if __name__ == "__main__":

@@ -342,3 +342,19 @@ def test_recover_state_after_a_kill_during_the_swap(tmp_path):
     (other / "state.old" / "state.json").write_text(json.dumps({"epoch": 1}))
     tr.recover_state(other)
     assert json.loads((other / "state" / "state.json").read_text())["epoch"] == 1
+
+
+def test_caption_cli_skips_bad_files_and_writes_csv(run, tmp_path, capsys):
+    folder = tmp_path / "clips"
+    folder.mkdir()
+    for a in sorted((run["manifest"].parent / "audio").glob("*.wav"))[:2]:
+        shutil.copy(a, folder / a.name)
+    (folder / "broken.wav").write_bytes(b"RIFF but not audio")
+    out = tmp_path / "preds.csv"
+    rc = cap_cli.main([str(folder), "--checkpoint", str(run["out"]), "--num-beams", "1", "--max-length", "8",
+                       "--out", str(out)])
+    captured = capsys.readouterr()
+    assert rc == 1 and "skipped" in captured.err and "broken.wav" in captured.err
+    assert len([line for line in captured.out.splitlines() if line.strip()]) == 2
+    from captioning.metrics import read_predictions_csv
+    assert sorted(read_predictions_csv(out)) == sorted(p.name for p in folder.glob("*.wav") if p.name != "broken.wav")
