@@ -382,9 +382,10 @@ def _end_of_epoch(cfg: FinetuneCfg, accelerator, model, val_sets, state: TrainSt
                                   val_t2a_map10=score)
     accelerator.log({"val_t2a_mAP@10": score, "train_loss": train_loss}, step=state.step)
     info = log.info if accelerator.is_main_process else log.debug
-    info("epoch %d: train loss %.4f, validation T2A mAP@10 %.2f%s", state.epoch, train_loss, 100 * score,
-             " (best so far, saved)" if improved else f" (best {100 * progress.best_score:.2f} at epoch "
-                                                      f"{progress.best_epoch})")
+    loss = f"train loss {train_loss:.4f}" if math.isfinite(train_loss) else "before training"
+    info("epoch %d: %s, validation T2A mAP@10 %.2f%s", state.epoch, loss, 100 * score,
+         " (best so far, saved)" if improved else f" (best {100 * progress.best_score:.2f} at epoch "
+                                                  f"{progress.best_epoch})")
     if checkpoint:
         save_checkpoint(accelerator, state, Path(cfg.output_dir), cfg.keep_checkpoints)
 
