@@ -284,6 +284,7 @@ def download_fense_models(echecker: str = DEFAULT_ECHECKER, sbert: str = SBERT_M
         try:
             urlretrieve(url, part)
         except (URLError, OSError) as exc:
+            part.unlink(missing_ok=True)
             raise MetricUnavailableError(f"could not download {url}: {exc}") from exc
         if _sha256(part) != sha:
             part.unlink()
