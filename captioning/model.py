@@ -16,6 +16,7 @@ Follows EnCLAP (``jaeyeonkim99/EnCLAP``, ``modeling/enclap_bart.py`` and ``data/
 """
 from __future__ import annotations
 
+import functools
 import json
 import math
 from dataclasses import asdict, dataclass
@@ -113,14 +114,23 @@ def _make_bart(cfg: EnClapCfg):
     return BartForConditionalGeneration.from_pretrained(cfg.bart_name)
 
 
-def _encoder_mask(enc, h: torch.Tensor, attn: torch.Tensor) -> tuple[torch.Tensor | None, dict]:
-    """The BART encoder's attention mask for ``attn`` (B, L) in the form its layers take, and the extra layer
-    arguments, on transformers 5 and on 4.x (installed beside aac-metrics, whose msclap needs transformers < 5)."""
+@functools.cache
+def _bidirectional_mask_fn():
+    """transformers 5's mask builder, or None on 4.x (resolved once, not per forward)."""
     try:
         from transformers.masking_utils import create_bidirectional_mask
     except ImportError:  # transformers 4.x
+        return None
+    return create_bidirectional_mask
+
+
+def _encoder_mask(enc, h: torch.Tensor, attn: torch.Tensor) -> tuple[torch.Tensor | None, dict]:
+    """The BART encoder's attention mask for ``attn`` (B, L) in the form its layers take, and the extra layer
+    arguments, on transformers 5 and on 4.x (installed beside aac-metrics, whose msclap needs transformers < 5)."""
+    build = _bidirectional_mask_fn()
+    if build is None:
         return enc._update_full_mask(attn, h), {"layer_head_mask": None}
-    return create_bidirectional_mask(config=enc.config, inputs_embeds=h, attention_mask=attn), {}
+    return build(config=enc.config, inputs_embeds=h, attention_mask=attn), {}
 
 
 class EnClapCaptioner(nn.Module):
