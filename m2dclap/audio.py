@@ -48,8 +48,6 @@ def load_audio(path: str | Path, sample_rate: int | None = None) -> torch.Tensor
         raise AudioError(f"{path}: cannot decode audio ({_first_line(e)}); "
                          "the file is corrupt, truncated or of an unknown format") from None
     _check_not_truncated(path, data.shape[0])
-    if data.shape[0] == 0:
-        raise AudioError(f"{path}: contains zero samples")
     wave = torch.from_numpy(np.ascontiguousarray(data.mean(axis=1)))  # (T, C) -> (T,)
     check_waveform(wave, str(path))
     if sample_rate is not None and sr != sample_rate:

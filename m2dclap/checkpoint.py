@@ -211,9 +211,9 @@ def _load_official(path: Path, device: str | torch.device, text_name: str | None
         sd = {k: v for k, v in sd.items() if not k.startswith("text_proj.")}
     log.info("%s: official %s layout, config %s", path, layout, cfg)
     model = M2DCLAP(cfg, pretrained_text=not text_sd)
-    state = {}
+    state, encoder_keys = {}, set(model.encoder.state_dict())
     for k, v in sd.items():
-        if k in model.encoder.state_dict():
+        if k in encoder_keys:
             state["encoder." + k] = v
         elif k.startswith("audio_proj.") or k.startswith("text_proj.") or k in ("norm_stats", "logit_scale"):
             state[k] = v

@@ -19,10 +19,9 @@ from .clap import SentenceTextEncoder
 from .config import TextCfg
 from .data.capemb import save_caption_embeddings
 from .data.manifest import read_manifest
+from .fileio import atomic_write
 
 log = logging.getLogger(__name__)
-
-NV_EMBED = "nvidia/NV-Embed-v2"
 
 
 def sentence_model_cfg(name: str) -> TextCfg:
@@ -39,7 +38,9 @@ def embed_captions(manifest: str | Path, out: str | Path, model_name: str = "all
     if not records:
         raise ValueError(f"{manifest}: no captions to embed")
     out = Path(out)
-    key = hashlib.sha1(json.dumps([model_name, str(Path(manifest).resolve()), split, len(records)]).encode()).hexdigest()[:12]
+    # part n covers records n*batch_size ..: the batch size is part of what a resumed run must share
+    key = hashlib.sha1(json.dumps([model_name, str(Path(manifest).resolve()), split, len(records),
+                                   batch_size]).encode()).hexdigest()[:12]
     parts = out.with_name(out.name + f".parts-{key}")
     parts.mkdir(parents=True, exist_ok=True)
     encoder = SentenceTextEncoder(sentence_model_cfg(model_name))
@@ -50,10 +51,9 @@ def embed_captions(manifest: str | Path, out: str | Path, model_name: str = "all
             continue  # done before a restart
         texts = [c for r in chunk for c in r.captions]
         emb = encoder(texts).cpu().numpy().astype(np.float16)
-        tmp = part.with_suffix(".tmp.npz")
-        np.savez(tmp, ids=np.array([r.id for r in chunk]), counts=np.array([len(r.captions) for r in chunk]),
-                 emb=emb)
-        tmp.replace(part)
+        with atomic_write(part) as f:  # hidden temporary name: a killed write never matches the glob below
+            np.savez(f, ids=np.array([r.id for r in chunk]), counts=np.array([len(r.captions) for r in chunk]),
+                     emb=emb)
     result: dict[str, np.ndarray] = {}
     for part in sorted(parts.glob("[0-9]*.npz")):
         with np.load(part, allow_pickle=False) as z:  # our own parts: plain arrays only

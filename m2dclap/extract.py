@@ -29,7 +29,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from .audio import AUDIO_EXTENSIONS, AudioError, load_audio
+from .audio import AUDIO_EXTENSIONS, AudioError, _first_line, load_audio
 from .fileio import atomic_write
 
 log = logging.getLogger(__name__)
@@ -301,8 +301,8 @@ def compute_features(model, waves: Sequence[torch.Tensor], kinds: tuple[str, ...
     ``clap`` reuses the patch features of that pass (``project_audio``), as ``encode_audio`` does.
     Every dict also holds ``n_frames``.
     """
-    feats = model.audio_features(list(waves), sample_rate=model.sample_rate)
-    clap = model.project_audio(feats["patches"]) if "clap" in kinds else None
+    feats = model.audio_features(list(waves), sample_rate=model.sample_rate, clap="clap" in kinds)
+    clap = feats.get("clap")
     out = []
     for j in range(len(waves)):
         frame = feats["frame"][j]  # (T', F'*D)
@@ -313,16 +313,15 @@ def compute_features(model, waves: Sequence[torch.Tensor], kinds: tuple[str, ...
     return out
 
 
-def _compute_safe(model, waves: list[torch.Tensor], kinds) -> list[dict | str]:
+def compute_features_safe(model, waves: list[torch.Tensor], kinds) -> list[dict | str]:
     """``compute_features``, retried clip by clip when the batch fails, so one bad clip fails alone."""
     try:
         return compute_features(model, waves, kinds)
     except (RuntimeError, ValueError) as e:
         if len(waves) == 1:
-            first = str(e).strip().splitlines()[:1]
-            return [f"feature extraction failed ({type(e).__name__}: {first[0] if first else 'no message'})"]
+            return [f"feature extraction failed ({type(e).__name__}: {_first_line(e)})"]
         log.info("a batch of %d failed (%s); retrying its files one by one", len(waves), e)
-        return [r for w in waves for r in _compute_safe(model, [w], kinds)]
+        return [r for w in waves for r in compute_features_safe(model, [w], kinds)]
 
 
 def extract_features(model, items: Sequence[AudioItem], out_dir: str | Path,
@@ -393,7 +392,7 @@ def _run(model, todo: list[AudioItem], out_dir: Path, kinds, batch_size: int, in
             results: dict[AudioItem, dict | str] = {
                 item: str(w) for item, w in zip(batch, loaded) if isinstance(w, AudioError)}
             if good:
-                computed = _compute_safe(model, [w for _, w in good], kinds)
+                computed = compute_features_safe(model, [w for _, w in good], kinds)
                 for (item, wave), res in zip(good, computed):
                     if isinstance(res, dict) and not all(np.isfinite(res[k]).all() for k in kinds):
                         res = f"{item.path}: the model produced NaN/Inf features (dtype {model.dtype})"

@@ -351,20 +351,16 @@ def save_cache(path: Path, feats: Features) -> None:
 
 
 def mean_duration(records: Sequence[Record]) -> float | None:
-    """Mean duration in seconds of the records' audio files that can be read (header only where possible)."""
+    """Mean duration in seconds of the records' audio files that can be read (from their headers)."""
     import soundfile as sf
 
     total, n = 0.0, 0
     for rec in records:
-        try:
+        try:  # load_audio decodes with soundfile too: a file whose header it cannot read is unreadable
             info = sf.info(str(rec.audio))
-            seconds = info.frames / info.samplerate
         except (RuntimeError, OSError, ValueError):
-            try:
-                seconds = len(load_audio(rec.audio, 16000)) / 16000
-            except (AudioError, OSError):
-                continue  # reported when its features are extracted
-        total, n = total + seconds, n + 1
+            continue  # reported when its features are extracted
+        total, n = total + info.frames / info.samplerate, n + 1
     return total / n if n else None
 
 
@@ -377,16 +373,17 @@ def fit_to_unit(wave: torch.Tensor, unit: int, rng: np.random.Generator) -> torc
     return F.pad(wave, (0, unit - n)) if n < unit else wave
 
 
-@torch.no_grad()
 def _encode(model, waves: list[torch.Tensor]) -> list[np.ndarray | str]:
-    """Clip features of a batch; when the batch fails, each clip is retried alone so one bad clip fails alone."""
-    try:
-        clip = model.audio_features(waves, sample_rate=model.sample_rate)["clip"].float().cpu().numpy()
-    except (RuntimeError, ValueError) as e:
-        if len(waves) == 1:
-            return [f"feature extraction failed ({type(e).__name__}: {str(e).strip().splitlines()[0]})"]
-        return [r for w in waves for r in _encode(model, [w])]
-    return [c if np.isfinite(c).all() else "the model produced NaN/Inf features" for c in clip]
+    """Clip features of a batch (a failing batch is retried clip by clip, as ``m2dclap.extract`` does)."""
+    from .extract import compute_features_safe
+
+    out = []
+    for r in compute_features_safe(model, waves, ("clip",)):
+        if isinstance(r, str) or np.isfinite(r["clip"]).all():
+            out.append(r if isinstance(r, str) else r["clip"])
+        else:
+            out.append("the model produced NaN/Inf features")
+    return out
 
 
 def extract_clip_features(model, records: Sequence[Record], batch_size: int = 16,

@@ -90,7 +90,7 @@ def _download_and_unzip(url: str, dest: Path) -> None:
             with zipfile.ZipFile(tmp.name) as zf:
                 for member in zf.namelist():  # refuse paths escaping the cache folder
                     target = (dest / member).resolve()
-                    if not str(target).startswith(str(dest.resolve())):
+                    if not target.is_relative_to(dest.resolve()):
                         raise OSError(f"unsafe path {member!r} in {url}")
                 zf.extractall(dest)
         finally:

@@ -261,8 +261,9 @@ def atomic_write_text(path: Path, text: str) -> None:
 
 # ----------------------------------------------------------------------------------------------- checks
 
-def check_files(records: Sequence[Record]) -> tuple[list[Record], list[Path]]:
-    """Split records into those whose file exists and the paths of the missing ones (logged as a warning)."""
+def check_files(records: Sequence[Record], warn: bool = True) -> tuple[list[Record], list[Path]]:
+    """Split records into those whose file exists and the paths of the missing ones (logged as a warning
+    unless ``warn`` is False, for callers that report them themselves)."""
     present: list[Record] = []
     missing: list[Path] = []
     for r in records:
@@ -270,7 +271,7 @@ def check_files(records: Sequence[Record]) -> tuple[list[Record], list[Path]]:
             present.append(r)
         else:
             missing.append(Path(r.audio))
-    if missing:
+    if missing and warn:
         shown = ", ".join(str(p) for p in missing[:5])
         more = f" and {len(missing) - 5} more" if len(missing) > 5 else ""
         log.warning("%d of %d audio file(s) missing: %s%s", len(missing), len(records), shown, more)

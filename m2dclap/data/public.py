@@ -24,11 +24,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ..audio import AUDIO_EXTENSIONS
 from .manifest import Record, check_files
 
 log = logging.getLogger(__name__)
 
-AUDIO_EXTENSIONS = (".wav", ".flac", ".ogg", ".mp3", ".aiff", ".aif")
 CLOTHO_SPLITS = {"development": "train", "validation": "val", "evaluation": "test"}
 _CLOTHO_ALIASES = {"dev": "development", "train": "development", "val": "validation", "valid": "validation",
                    "eval": "evaluation", "test": "evaluation"}
@@ -60,7 +60,7 @@ class ReadResult:
 
 
 def finish_records(records: list[Record], source: str, strict: bool) -> ReadResult:
-    present, missing = check_files(records)
+    present, missing = check_files(records, warn=False)  # reported below, with the source
     if missing:
         shown = "\n  ".join(str(p) for p in missing[:20])
         more = f"\n  ... and {len(missing) - 20} more" if len(missing) > 20 else ""
