@@ -51,8 +51,9 @@ def main(out_path: str) -> None:
     reference = copy.deepcopy(model)
     g = torch.Generator().manual_seed(1)
     lms, text = torch.randn(8, 1, 80, 64, generator=g), torch.randn(8, 48, generator=g)
-    # Mask ratio 0.7 with lambda_m2d 0: masking is random per sample; a per-sample generator keeps the masks
-    # of the split batches equal to the global batch's.
+    # Masking off (mask_ratio 0) and lambda_m2d 0: the batch's random masks are drawn per process, so a split
+    # batch would get other masks than the global one; without masking the two runs see the same tokens and
+    # only the gathering of the contrastive loss differs, which is what this checks.
     trainer = M2DCLAPPretrainer(model, mask_ratio=0.0, lambda_m2d=0.0, lambda_clap=1.0,
                                 world_size=acc.num_processes, rank=acc.process_index)
     modes = loss_modes(acc)

@@ -164,10 +164,8 @@ def test_logmel_is_not_trivially_close():
     base = LogMelSpectrogram(cfg)(wave)
     for changed in (FrontendCfg(f_min=0.0), FrontendCfg(hop_length=161), FrontendCfg(n_fft=512, win_length=400)):
         other = LogMelSpectrogram(changed)(wave)
-        if other.shape == base.shape:
-            assert (other - base).abs().max() > 1e-2
-        else:
-            assert other.shape != base.shape
+        n = min(other.shape[-1], base.shape[-1])  # another hop gives fewer frames: compare the common ones
+        assert (other[..., :n] - base[..., :n]).abs().max() > 1e-2
 
 
 # -- load_audio: working cases --------------------------------------------------------------------------

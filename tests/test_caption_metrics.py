@@ -135,7 +135,7 @@ def test_other_input_errors():
         M.evaluate_captions(PREDS, REFS, ["bertscore"], tokenize=False)
     with pytest.raises(ValueError, match="at least 2 clips"):
         M.evaluate_captions({"a": PREDS["a"]}, {"a": REFS["a"]}, ["cider_d"], tokenize=False)
-    with pytest.raises(TypeError):
+    with pytest.raises(TypeError, match="must be a list of strings"):
         M.evaluate_captions(PREDS, {"a": "a man speaks", "b": REFS["b"]}, ["bleu"], tokenize=False)
 
 

@@ -103,9 +103,10 @@ def test_frame_features_eq2_layout():
 def test_tiny_features_shapes_and_determinism(tiny):
     waves = torch.stack([tone(3.0, freq=300), tone(3.0, freq=900, seed=1)])
     feats = tiny.audio_features(waves)
-    n_frames = 3 * 16000 // 160 + 1  # 301 log-mel frames -> chunks of 128: 128 + 128 + 48 -> 8 + 8 + 3 patches
+    # 301 log-mel frames -> chunks of 128: 128 + 128 + 48 -> 8 + 8 + 3 patches
+    assert tiny.log_mel(waves).shape[-1] == 301
     assert feats["frame"].shape == (2, 19, 5 * 64) and feats["clip"].shape == (2, 320)
-    assert n_frames == 301 and feats["patches"].shape == (2, 5, 19, 64)
+    assert feats["patches"].shape == (2, 5, 19, 64)
     assert torch.isfinite(feats["clip"]).all()
     again = tiny.audio_features([waves[1], waves[0]])
     assert torch.allclose(again["clip"][0], feats["clip"][1], atol=1e-5)

@@ -122,7 +122,8 @@ def test_audio_matches_its_parameters(cls):
     """Pitch words order the spectral centroid, loud is louder than quiet, repetitions are countable."""
     pitches = sorted(synthetic._BY_NAME[cls].freqs, key=synthetic.PITCHES.index)
     cents = [_centroid(render_clip(_single(cls, p), SR, np.random.default_rng(1))) for p in pitches]
-    assert cents == sorted(cents)
+    assert len(pitches) >= 2 or cls == "rumble"  # rumble has one pitch: nothing to order
+    assert all(a < b for a, b in zip(cents, cents[1:]))
     rms = {lv: np.sqrt(np.mean(render_clip(_single(cls, pitches[0], lv), SR, np.random.default_rng(2)) ** 2))
            for lv in ("quiet", "loud")}
     assert 20 * np.log10(rms["loud"] / rms["quiet"]) > 10

@@ -41,7 +41,7 @@ def stage1(corpus, out: Path, **kw):
     return stage_config("1", **{**FAST, "captions": str(capemb), "output_dir": str(out), **kw})
 
 
-def test_stage1_runs_saves_and_resumes(corpus, tmp_path):
+def test_stage1_runs_saves_and_resumes(corpus, tmp_path, caplog):
     summary = train(stage1(corpus, tmp_path, max_steps=3), corpus[0])
     assert summary["steps"] == 3 and summary["skipped_clips"] == 0
     assert np.isfinite(summary["final_losses"]["m2d_loss"]) and np.isfinite(summary["final_losses"]["clap_loss"])
@@ -49,8 +49,9 @@ def test_stage1_runs_saves_and_resumes(corpus, tmp_path):
     assert model.cfg.text.kind == "sentence" and model.text_proj.in_features == 24
     assert model.norm_stats[1] > 0 and model.norm_stats.tolist() != [-7.1, 4.2]  # computed from the data
     assert json.loads((latest_checkpoint(tmp_path) / "state.json").read_text())["step"] == 3
-    resumed = train(stage1(corpus, tmp_path, max_steps=5), corpus[0], resume=True)
-    assert resumed["steps"] == 5
+    with caplog.at_level("INFO", logger="m2dclap.train.loop"):
+        resumed = train(stage1(corpus, tmp_path, max_steps=5), corpus[0], resume=True)
+    assert resumed["steps"] == 5 and "at step 3" in caplog.text  # continued, not restarted
     assert json.loads((tmp_path / "train_config.json").read_text())["max_steps"] == 5
 
 
@@ -87,9 +88,11 @@ def test_kill_9_then_resume_equals_uninterrupted(corpus, tmp_path):
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert not (tmp_path / "b" / "model").exists()
-    again = subprocess.run(_cli(corpus, tmp_path / "b", 8, resume=True), capture_output=True, text=True, env=env,
-                           timeout=300)
+    killed_at = json.loads((latest_checkpoint(tmp_path / "b") / "state.json").read_text())["step"]
+    again = subprocess.run(_cli(corpus, tmp_path / "b", 8, resume=True) + ["-v"], capture_output=True, text=True,
+                           env=env, timeout=300)
     assert again.returncode == 0, again.stderr[-2000:]
+    assert f"at step {killed_at}" in again.stderr  # resumed from the checkpoint, not restarted
     a = m2dclap.load(tmp_path / "a" / "model").state_dict()
     b = m2dclap.load(tmp_path / "b" / "model").state_dict()
     assert json.loads((tmp_path / "b" / "summary.json").read_text())["steps"] == 8
@@ -127,7 +130,7 @@ def test_bad_clip_skip_and_fail(corpus, tmp_path):
     write_manifest(records, tmp_path / "bad.csv")
     summary = train(stage1(corpus, tmp_path / "skip", max_steps=5), tmp_path / "bad.csv")
     assert summary["skipped_clips"] >= 1
-    with pytest.raises(Exception, match="broken.wav"):
+    with pytest.raises(m2dclap.AudioError, match="broken.wav"):
         train(stage1(corpus, tmp_path / "fail", max_steps=5, on_bad_audio="fail"), tmp_path / "bad.csv")
 
 
@@ -148,7 +151,25 @@ def test_embed_captions_official_form_and_resume(corpus, tmp_path, minilm):
 
 
 def test_unknown_stage_and_missing_captions(corpus, tmp_path):
-    with pytest.raises(KeyError, match="1.1"):
+    with pytest.raises(KeyError, match=r"unknown stage '1\.1'"):
         stage_config("1.1")
     with pytest.raises(ValueError, match="--captions"):
         train(stage_config("1", **{**FAST, "output_dir": str(tmp_path)}), corpus[0])
+
+
+def test_split_records_never_trains_on_other_splits():
+    from m2dclap.data.manifest import Record, split_records
+
+    rows = [Record("a", "a.wav", split="val"), Record("b", "b.wav", split="test"), Record("c", "c.wav")]
+    train_rows, val_rows = split_records(rows)
+    assert [r.id for r in train_rows] == ["c"] and [r.id for r in val_rows] == ["a"]
+    train_rows, _ = split_records(rows + [Record("d", "d.wav", split="train")])
+    assert [r.id for r in train_rows] == ["d"]
+
+
+def test_default_run_refuses_stage_only_options(capsys):
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
+    import pretrain
+
+    assert pretrain.main(["--data", "m.csv", "--init", "x"]) == 2
+    assert "--data, --init need --stage" in capsys.readouterr().err
