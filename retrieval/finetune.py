@@ -106,8 +106,9 @@ def read_sets(cfg: FinetuneCfg, spec: str, splits: dict[str, str]) -> list[tuple
         if name not in roots:  # a manifest file, optionally manifest.csv:split
             path, split = (name, split) if Path(name).suffix.lower() in (".csv", ".jsonl") else (item, "")
             data = load_dataset("manifest", path, split or splits["manifest"])
-            if not data.records and not split:  # a manifest without a split column: all of it
+            if not data.records and not split:  # no such split: the rows without a split, never other splits'
                 data = load_dataset("manifest", path, "")
+                data = dataclasses.replace(data, records=[r for r in data.records if r.split is None])
             label = Path(path).stem
         else:
             data = load_dataset(name, roots[name] or None, split or splits[name],

@@ -23,16 +23,17 @@ def build_parser() -> argparse.ArgumentParser:
                     "embedded synthetic corpus (generated and cached on first use): stage 1 (M2D + CLAP on "
                     "pre-computed MiniLM caption embeddings) then stage 2 (CLAP with a trainable text encoder and "
                     "a frozen audio encoder), evaluates on the held-out test split and prints a report. "
-                    "With --stage it runs one stage with the paper's hyper-parameters, each overridable.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                    "With --stage it runs one stage with the paper's hyper-parameters, each overridable.")
     p.add_argument("--stage", choices=sorted(STAGES) + [FINETUNE_STAGE],
                    help="run one stage (omit for the default pipeline); --stage 1.1 (AudioSet fine-tuning) takes "
                         "the options of python -m m2dclap.train.finetune")
     p.add_argument("--resume", action="store_true",
-                   help="continue from the latest complete checkpoint in --output-dir (default pipeline: reuse "
-                        "finished stages and resume the unfinished one)")
-    p.add_argument("--fresh", action="store_true", help="default pipeline: ignore earlier results")
-    p.add_argument("--n-clips", type=int, default=2000, help="default pipeline: size of the synthetic corpus")
+                   help="with --stage: continue from the latest complete checkpoint in --output-dir (the default "
+                        "pipeline always reuses finished stages and resumes the unfinished one unless --fresh)")
+    p.add_argument("--fresh", action="store_true",
+                   help="default pipeline: ignore earlier results (stages and caption embeddings)")
+    p.add_argument("--n-clips", type=int, default=2000,
+                   help="default pipeline: size of the synthetic corpus (default 2000)")
     p.add_argument("-v", "--verbose", action="store_true", help="log every logged step")
     cfg_fields = p.add_argument_group("training options (any TrainCfg field; defaults are the stage preset's)")
     helps = _field_help()
@@ -102,8 +103,13 @@ def _default(args, overrides) -> int:
     from m2dclap.train.pipeline import default_run
 
     out = overrides.pop("output_dir", "runs/default")
+    own = sorted(k for k in ("data", "init", "captions") if k in overrides)
+    if own:  # the default run makes its corpus, caption embeddings and stage-2 initialisation itself
+        raise ValueError(f"--{', --'.join(own)} {'needs' if len(own) == 1 else 'need'} --stage; the default "
+                         "run uses the embedded corpus")
+    seed = int(overrides.pop("seed", 0))  # seeds the corpus too
     per_stage = {"1": dict(overrides), "2": dict(overrides)}
-    result = default_run(out, n_clips=args.n_clips, resume=not args.fresh, stage_overrides=per_stage)
+    result = default_run(out, n_clips=args.n_clips, seed=seed, resume=not args.fresh, stage_overrides=per_stage)
     print(result["text"])
     print(f"model: {result['model']}  (load it with m2dclap.load)\nreport: {Path(out) / 'report.json'}")
     return 0
@@ -114,9 +120,9 @@ def _one_stage(args, overrides) -> int:
     from m2dclap.train import stage_config
     from m2dclap.train.loop import train
 
-    data = overrides.pop("data", None) or str(generate_corpus(default_corpus_dir()))
-    cfg = stage_config(args.stage, **overrides)
-    summary = train(cfg, data, resume=args.resume)
+    overrides["data"] = overrides.get("data") or str(generate_corpus(default_corpus_dir()))
+    cfg = stage_config(args.stage, **overrides)  # the resolved config records the manifest
+    summary = train(cfg, cfg.data, resume=args.resume)
     print(json.dumps(summary, indent=2))
     return 0
 

@@ -261,6 +261,13 @@ def atomic_write_text(path: Path, text: str) -> None:
 
 # ----------------------------------------------------------------------------------------------- checks
 
+def split_records(records: Sequence[Record]) -> tuple[list[Record], list[Record]]:
+    """(train, val): the ``train`` split (or the rows without a split if none is marked train) and ``val``.
+    Rows of other splits never train."""
+    train = [r for r in records if r.split == "train"] or [r for r in records if r.split is None]
+    return train, [r for r in records if r.split == "val"]
+
+
 def check_files(records: Sequence[Record], warn: bool = True) -> tuple[list[Record], list[Path]]:
     """Split records into those whose file exists and the paths of the missing ones (logged as a warning
     unless ``warn`` is False, for callers that report them themselves)."""

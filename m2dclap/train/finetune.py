@@ -36,7 +36,7 @@ from tqdm.auto import tqdm
 
 from ..config import FrontendCfg, coerce_like
 from ..data.datasets import AudioCaptionDataset, collate
-from ..data.manifest import LABEL_SEP, ManifestError, Record, read_manifest
+from ..data.manifest import LABEL_SEP, ManifestError, Record, read_manifest, split_records
 from .. import metrics
 from ..encoder import AudioEncoder, clip_features
 from ..m2d import take
@@ -397,12 +397,6 @@ def collate_tagging(batch: Sequence[dict[str, Any]]) -> dict[str, Any]:
     out["target"] = torch.stack([b["target"] for b in good]) if good else None
     out["valid"] = torch.tensor([bool(b["valid"]) for b in good], dtype=torch.bool)
     return out
-
-
-def split_records(records: Sequence[Record]) -> tuple[list[Record], list[Record]]:
-    """(train, val): the ``train`` split (or the rows without a split if none is marked train) and ``val``."""
-    train = [r for r in records if r.split == "train"] or [r for r in records if r.split is None]
-    return train, [r for r in records if r.split == "val"]
 
 
 # ------------------------------------------------------------------------------------------------- train

@@ -26,7 +26,7 @@ from ..audio import compute_norm_stats
 from ..config import TextCfg, get_model_config
 from ..data.capemb import load_caption_embeddings
 from ..data.datasets import AudioCaptionDataset, collate
-from ..data.manifest import apply_exclusions, read_exclusion_list, read_manifest
+from ..data.manifest import apply_exclusions, read_exclusion_list, read_manifest, split_records
 from ..layers import sincos_2d_pos_embed
 from ..m2d import M2DCLAPPretrainer, ema_momentum
 from ..model import M2DCLAP
@@ -135,9 +135,7 @@ def lr_at(step: int, total: int, warmup: int, peak: float, floor: float) -> floa
 # ------------------------------------------------------------------------------------------------- data
 def build_datasets(cfg: TrainCfg, model: M2DCLAP, manifest: Path,
                    caption_embeddings: dict | None = None) -> tuple[AudioCaptionDataset, int]:
-    records = read_manifest(manifest, split="train")
-    if not records:  # a manifest without a split column trains on everything
-        records = [r for r in read_manifest(manifest) if r.split in (None, "train")]
+    records, _ = split_records(read_manifest(manifest))  # no train split: the rows without a split
     if cfg.exclude:
         records, removed = apply_exclusions(records, read_exclusion_list(cfg.exclude))
         log.info("excluded %d clips listed in %s", removed, cfg.exclude)
@@ -301,7 +299,8 @@ def train(cfg: TrainCfg, manifest: str | Path, resume: bool = False) -> dict[str
     resume_and_track(accelerator, state, out_dir, resume, f"stage{cfg.stage}", cfg)
     sched = dict(total=total, warmup=warmup, peak=peak_lr, floor=cfg.min_lr)
     history = run_epochs(cfg, accelerator, trainer, optimizer, loader, ds, state, sched)
-    save_checkpoint(accelerator, state, out_dir, cfg.keep_checkpoints)
+    if state.step % cfg.checkpoint_every:  # else the loop has just saved this step
+        save_checkpoint(accelerator, state, out_dir, cfg.keep_checkpoints)
     summary = {"stage": cfg.stage, "steps": state.step, "skipped_clips": state.skipped, "peak_lr": peak_lr,
                "effective_batch": eff_batch, "final_losses": history[-1] if history else {}}
     if accelerator.is_main_process:
@@ -346,8 +345,8 @@ def run_epochs(cfg: TrainCfg, accelerator: Accelerator, trainer, optimizer, load
                 accelerator.backward(out["loss"])
                 lr = lr_at(state.step, int(sched["total"]), int(sched["warmup"]), sched["peak"], sched["floor"])
                 optimizer_step(accelerator, optimizer, params, cfg.clip_grad, lr)
-            for k, v in out.items():
-                running[k] = running.get(k, 0.0) + float(v.detach())
+            for k, v in out.items():  # summed on the device: a host sync only when a line is logged
+                running[k] = running.get(k, 0.0) + v.detach()
             running["n"] = running.get("n", 0) + 1
             if not accelerator.sync_gradients:
                 continue
@@ -356,7 +355,7 @@ def run_epochs(cfg: TrainCfg, accelerator: Accelerator, trainer, optimizer, load
             state.step += 1
             bar.update(1)
             if state.step % cfg.log_every == 0 or state.step == sched["total"]:
-                logs = {k: v / running["n"] for k, v in running.items() if k != "n"}
+                logs = {k: float(v) / running["n"] for k, v in running.items() if k != "n"}
                 logs.update(lr=lr, step=state.step, epoch=state.epoch, samples_per_s=
                             running["n"] * cfg.batch_size * accelerator.num_processes / max(time.time() - t0, 1e-9))
                 history.append(logs)

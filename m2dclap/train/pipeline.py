@@ -41,8 +41,9 @@ def default_run(output_dir: str | Path = "runs/default", n_clips: int = 2000, se
 
     out = Path(output_dir)
     manifest = generate_corpus(default_corpus_dir(), n_clips=n_clips, seed=seed)
-    captions = out / "captions-minilm-train.npy"  # stage 1 reads the training split only
-    if not captions.exists():
+    # stage 1 reads the training split only; the corpus's size and seed decide its captions
+    captions = out / f"captions-minilm-train-n{n_clips}-s{seed}.npy"
+    if not captions.exists() or not resume:
         embed_captions(manifest, captions, "all-MiniLM-L6-v2", split="train")
     stage_overrides = stage_overrides or {}
     summaries = {}
@@ -54,8 +55,9 @@ def default_run(output_dir: str | Path = "runs/default", n_clips: int = 2000, se
             log.info("stage %s already complete in %s", stage, stage_dir)
             summaries[stage] = json.loads(done.read_text())
         else:
-            opts = dict(DEFAULT_RUN[stage], output_dir=str(stage_dir), seed=seed, init=prev,
-                        captions=str(captions) if stage == "1" else "", **stage_overrides.get(stage, {}))
+            opts = {**DEFAULT_RUN[stage], "output_dir": str(stage_dir), "seed": seed, "init": prev,
+                    "captions": str(captions) if stage == "1" else "", "data": str(manifest),
+                    **stage_overrides.get(stage, {})}
             summaries[stage] = train(stage_config(stage, **opts), manifest, resume=resume)
         prev = str(stage_dir / "model")
     model = load(prev)
