@@ -74,7 +74,7 @@ def test_caption_cli_prints_one_caption_per_file(run, capsys):
                                                    "--max-length", "8"]) == 0
     lines = [line for line in capsys.readouterr().out.splitlines() if line.strip()]
     assert len(lines) == 2 and [line.split("\t")[0] for line in lines] == [str(a) for a in audio]
-    # on-the-fly features equal the cached ones: same caption as from the cache
+    # the on-the-fly codec tokens equal the cached ones
     c = cap_cli.Captioner(run["out"])
     from captioning.data import read_index
     clip = next(x for x in read_index(run["first"]["index"]) if x.id == audio[0].stem)

@@ -5,7 +5,7 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
-from ..config import coerce_like
+from ..config import apply_overrides
 
 
 @dataclass
@@ -68,10 +68,4 @@ def stage_config(stage: str, **overrides: Any) -> TrainCfg:
     if stage not in STAGES:
         raise KeyError(f"unknown stage {stage!r}; available: {', '.join(STAGES)} "
                        "(stage 1.1: python -m m2dclap.train.finetune, or scripts/pretrain.py --stage 1.1)")
-    cfg = TrainCfg(stage=stage, **STAGES[stage])
-    names = {f.name for f in dataclasses.fields(TrainCfg)}
-    for key, value in overrides.items():
-        if key not in names:
-            raise KeyError(f"unknown training option {key!r}")
-        setattr(cfg, key, coerce_like(getattr(cfg, key), value, key))
-    return cfg
+    return apply_overrides(TrainCfg(stage=stage, **STAGES[stage]), overrides)

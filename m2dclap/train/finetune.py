@@ -34,7 +34,7 @@ from accelerate.utils import set_seed
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
-from ..config import FrontendCfg, coerce_like
+from ..config import FrontendCfg, apply_overrides
 from ..data.datasets import AudioCaptionDataset, collate
 from ..data.manifest import LABEL_SEP, ManifestError, Record, read_manifest, split_records
 from .. import metrics
@@ -100,12 +100,7 @@ class FinetuneCfg:
 
 def finetune_config(**overrides: Any) -> FinetuneCfg:
     """The AS2M defaults with CLI-style overrides (strings are converted to the field types), checked."""
-    cfg = FinetuneCfg()
-    names = {f.name for f in dataclasses.fields(FinetuneCfg)}
-    for key, value in overrides.items():
-        if key not in names:
-            raise KeyError(f"unknown fine-tuning option {key!r}")
-        setattr(cfg, key, coerce_like(getattr(cfg, key), value, key))
+    cfg = apply_overrides(FinetuneCfg(), overrides)
     if cfg.optimizer not in ("lars", "sgd", "adamw"):
         raise ValueError(f"optimizer must be lars, sgd or adamw, got {cfg.optimizer!r}")
     if cfg.pooling not in ("auto", "tokens", "frames"):
