@@ -40,11 +40,6 @@ def num_codebooks(bandwidth: float = DEFAULT_BANDWIDTH) -> int:
     return int(1000 * bandwidth // (CODEC_FRAME_RATE * 10))
 
 
-def num_frames(num_samples_24k: int) -> int:
-    """Codec frames for a 24 kHz waveform of ``num_samples_24k`` samples."""
-    return math.ceil(num_samples_24k / CODEC_HOP)
-
-
 def _encodec():
     try:
         import encodec

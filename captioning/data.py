@@ -1,8 +1,9 @@
 """Captioning datasets over the ``captioning.preprocess`` cache (``index.csv`` + ``tokens/`` + ``clap/``).
 
-* Training (EnCLAP ``data/collator.py`` style): one item per clip; each epoch draws one of the clip's captions
-  at random (seeded by epoch and clip index, so runs are reproducible and resumable) and takes a random crop
-  of at most ``max_frames`` codec frames (1021 for BART's 1024 positions).
+* Training (EnCLAP ``data/collator.py`` style): one item per (clip, caption) pair, every caption once per
+  epoch (or, with ``captions="one"``, one item per clip with a caption drawn per epoch), each with a random
+  crop of at most ``max_frames`` codec frames (1021 for BART's 1024 positions), seeded by epoch and item so
+  runs are reproducible and resumable.
 * Evaluation: the first ``max_frames`` frames (EnCLAP truncates from the start) and every reference caption.
 
 ``collate`` pads tokens with the codec pad id 1024 to (B, 16, T_max), returns the right-padded

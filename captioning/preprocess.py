@@ -35,7 +35,7 @@ from m2dclap.data.manifest import ManifestError, Record, read_manifest
 from m2dclap.fileio import atomic_write
 
 from .clap_backends import BackendError, ClapBackend, get_backend, list_backends
-from .codec import CODEC_SAMPLE_RATE, CodecError, encode_batch, load_codec
+from .codec import CODEBOOK_SIZE, CODEC_SAMPLE_RATE, DEFAULT_BANDWIDTH, CodecError, encode_batch, load_codec
 
 log = logging.getLogger("captioning.preprocess")
 
@@ -131,8 +131,8 @@ def preprocess(records: Sequence[Record], out: str | Path, codec, clap: ClapBack
                 model = codec.get() if isinstance(codec, _LazyCodec) else codec
                 codes = encode_batch(model, [waves[i] for i in need_tok], CODEC_SAMPLE_RATE)
                 for i, c in zip(need_tok, codes):
-                    if int(c.min()) < 0 or int(c.max()) >= 1024:
-                        raise CodecError(f"{good[i][0].audio}: codec produced codes outside [0, 1024)")
+                    if int(c.min()) < 0 or int(c.max()) >= CODEBOOK_SIZE:
+                        raise CodecError(f"{good[i][0].audio}: codec produced codes outside [0, {CODEBOOK_SIZE})")
                     _save_npy(good[i][1].tokens, c.numpy().astype(np.int16))
                     stats["tokens_computed"] += 1
             need_clap = [i for i, (_, p) in enumerate(good) if not p.clap.is_file()]
@@ -202,7 +202,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--codec", default="pretrained", metavar="pretrained|random|PATH",
                    help="EnCodec weights: 'pretrained' (downloads encodec_24khz-d7cc33bc.th into the torch hub "
                         "cache), a folder or file holding it, or 'random' (seeded random weights, tests only)")
-    p.add_argument("--bandwidth", type=float, default=12.0, help="EnCodec bandwidth in kbps (12 -> 16 codebooks)")
+    p.add_argument("--bandwidth", type=float, default=DEFAULT_BANDWIDTH,
+                   help=f"EnCodec bandwidth in kbps (default {DEFAULT_BANDWIDTH:g} -> 16 codebooks)")
     p.add_argument("--split", nargs="+", choices=["train", "val", "test"],
                    help="only these splits of the manifest (default: all clips)")
     p.add_argument("--batch-size", type=int, default=8, help="clips loaded and encoded together")

@@ -35,6 +35,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .codec import DEFAULT_BANDWIDTH
 from .metrics import MetricUnavailableError
 from .data import (
     CAPTION_SAMPLING,
@@ -161,7 +162,7 @@ def prepare_cache(args) -> tuple[Path, dict]:
         index = index / pp.INDEX_NAME if index.is_dir() else index
         meta = json.loads((index.parent / pp.META_NAME).read_text()) if (index.parent / pp.META_NAME).is_file() else {}
         clap_meta = meta.get("clap", {}).get(args.clap, {})
-        return index, {"codec": meta.get("codec"), "bandwidth": meta.get("bandwidth", 12.0), "clap": args.clap,
+        return index, {"codec": meta.get("codec"), "bandwidth": meta.get("bandwidth", DEFAULT_BANDWIDTH), "clap": args.clap,
                        "clap_checkpoint": clap_meta.get("checkpoint", args.clap_checkpoint),
                        "clap_dim": clap_meta.get("dim"), "cache": str(index.parent)}
 
@@ -189,12 +190,12 @@ def prepare_cache(args) -> tuple[Path, dict]:
                else [r for d in datasets for r in read_manifest(d)])
     cache = Path(args.output_dir) / "cache"
     clap = get_backend(args.clap, **({"checkpoint": clap_ckpt} if clap_ckpt is not None else {}))
-    codec = pp._LazyCodec(codec_source, 12.0, "cuda" if torch.cuda.is_available() else "cpu")
-    stats = pp.preprocess(records, cache, codec, clap, codec_source=codec_source, bandwidth=12.0,
+    codec = pp._LazyCodec(codec_source, DEFAULT_BANDWIDTH, "cuda" if torch.cuda.is_available() else "cpu")
+    stats = pp.preprocess(records, cache, codec, clap, codec_source=codec_source, bandwidth=DEFAULT_BANDWIDTH,
                           progress=not args.no_progress)
     if stats["errors"]:
         log.warning("%d clip(s) could not be read (listed in %s)", len(stats["errors"]), cache / pp.ERRORS_NAME)
-    return cache / pp.INDEX_NAME, {"codec": codec_source, "bandwidth": 12.0, "clap": args.clap,
+    return cache / pp.INDEX_NAME, {"codec": codec_source, "bandwidth": DEFAULT_BANDWIDTH, "clap": args.clap,
                                    "clap_checkpoint": str(Path(clap_ckpt).resolve()) if clap_ckpt and Path(clap_ckpt).exists() else clap_ckpt,
                                    "clap_dim": clap.dim, "cache": str(cache)}
 
@@ -439,7 +440,7 @@ def train(args) -> int:
 
     ckpt_root = out / "checkpoints"
     ckpt_root.mkdir(exist_ok=True)
-    feat_meta = {"codec": feat.get("codec"), "bandwidth": feat.get("bandwidth", 12.0), "clap": feat.get("clap"),
+    feat_meta = {"codec": feat.get("codec"), "bandwidth": feat.get("bandwidth", DEFAULT_BANDWIDTH), "clap": feat.get("clap"),
                  "clap_checkpoint": feat.get("clap_checkpoint")}
     done = args.max_steps is not None and state["step"] >= args.max_steps
     while state["epoch"] < args.epochs and not done:

@@ -14,8 +14,8 @@ display names of the labels where the raw labels are codes (AudioSet MIDs, CREMA
                   class_labels_indices.csv, audio file names from a pattern ("audio/{ytid}.wav")
     manifest      the suite's CSV/JSONL manifest with a label column
 
-As EVAR does, the folds of ESC-50 and US8K are pooled (every clip is a test clip once) and the single-split
-tasks use their test/eval split. Audio files that do not exist are listed in ``missing`` and logged; with
+As EVAR does, the folds of ESC-50 and US8K are pooled (every clip is a test clip once); the tasks with an
+official split use their test/eval split, and GTZAN and CREMA-D without ``--split-file`` use every clip. Audio files that do not exist are listed in ``missing`` and logged; with
 ``strict=True`` they are an error. Malformed metadata raises :class:`DatasetError` naming the file and line.
 """
 from __future__ import annotations
@@ -30,7 +30,8 @@ from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 
-from m2dclap.data.manifest import read_manifest
+from m2dclap.audio import AUDIO_EXTENSIONS
+from m2dclap.data.manifest import manifest_rows, read_manifest
 
 from .templates import CREMAD_NAMES, CREMAD_SENTENCES, read_class_labels_indices
 
@@ -38,7 +39,6 @@ log = logging.getLogger(__name__)
 
 NSYNTH_FAMILIES = ("bass", "brass", "flute", "guitar", "keyboard", "mallet", "organ", "reed", "string",
                    "synth_lead", "vocal")  # instrument_family 0..10; the test split lacks synth_lead
-AUDIO_EXTENSIONS = (".wav", ".flac", ".ogg", ".mp3", ".au", ".aiff", ".aif")
 DATASETS = ("esc50", "us8k", "gtzan", "nsynth", "cremad", "fsd50k", "audioset", "manifest")
 
 
@@ -373,22 +373,17 @@ def read_audioset(root: str | Path, segments: str | Path = "eval_segments.csv",
     return ZeroShotDataset("audioset", present, classes, True, "audioset", names, missing)
 
 
-def _extra_label_column(path: Path, column: str) -> dict[str, str]:
-    """{record id: cell} of ``column`` in a manifest (ids as ``read_manifest`` makes them)."""
-    out: dict[str, str] = {}
-    found = False
-    if path.suffix.lower() == ".jsonl":
-        with open(path, encoding="utf-8-sig") as f:
-            rows = [(n, json.loads(t)) for n, t in enumerate(f, start=1) if t.strip()]
-    else:
-        rows = list(_csv_rows(path, ("audio",)))
-    for line, row in rows:
-        found = found or column in row
-        value = row.get(column)
-        rec_id = str(row.get("id") or "").strip() or Path(str(row["audio"]).strip()).stem
-        out[rec_id] = ";".join(value) if isinstance(value, list) else ("" if value is None else str(value))
-    if not found:
+def _label_cells(path: Path, column: str, records: Sequence) -> dict[str, list[str]]:
+    """{record id: labels} from ``column`` of a manifest, one raw row per record (``manifest_rows`` yields the
+    rows ``read_manifest`` made ``records`` from, in the same order)."""
+    rows = [row for _, row in manifest_rows(path)]
+    if not any(column in row for row in rows):
         raise DatasetError(f"{path}: no column {column!r}")
+    out = {}
+    for rec, row in zip(records, rows):
+        value = row.get(column)
+        parts = value if isinstance(value, list) else ("" if value is None else str(value)).split(";")
+        out[rec.id] = [str(p).strip() for p in parts if str(p).strip()]
     return out
 
 
@@ -409,8 +404,7 @@ def read_manifest_dataset(manifest: str | Path, label_column: str = "labels", sp
     except ValueError as e:
         raise DatasetError(str(e)) from None
     if label_column != "labels":
-        cells = _extra_label_column(manifest, label_column)
-        labels_of = {r.id: [p.strip() for p in cells.get(r.id, "").split(";") if p.strip()] for r in records}
+        labels_of = _label_cells(manifest, label_column, records)
     else:
         labels_of = {r.id: list(r.labels) for r in records}
     multi = task == "multi" or (task == "auto" and any(len(v) > 1 for v in labels_of.values()))

@@ -3,19 +3,17 @@ and macro mAP (multi-label tasks, the paper's AS/FSD columns of Table VII).
 
 Average precision follows scikit-learn's ``average_precision_score`` exactly (EVAR calls it): the
 precision-recall curve is taken at every distinct score (tied scores form one step) and
-AP = sum_n (R_n - R_{n-1}) P_n, with no interpolation. A class without a positive clip gets AP 0, as in
-scikit-learn (which also warns); :func:`mean_average_precision` reports those classes so they can be spotted.
+AP = sum_n (R_n - R_{n-1}) P_n, with no interpolation. A class without a positive clip has no AP (NaN); the
+macro mean counts it as 0, as scikit-learn does (which also warns), and :func:`mean_average_precision`
+reports those classes so they can be spotted.
 """
 from __future__ import annotations
 
-import logging
 from typing import Sequence
 
 import numpy as np
 
 from m2dclap.metrics import average_precision, mean_average_precision  # noqa: F401  (re-exported)
-
-log = logging.getLogger(__name__)
 
 
 def _as_2d(scores) -> np.ndarray:
