@@ -76,13 +76,27 @@ class Captioner:
             out += self.model.generate(tokens.to(self.device), mask.to(self.device), clap.to(self.device), **gen)
         return out
 
-    def caption_files(self, files: Sequence[str | Path], **gen) -> list[str]:
-        from m2dclap import load_audio
+    def caption_files(self, files: Sequence[str | Path], batch_size: int = 8,
+                      **gen) -> tuple[list[str | None], list[tuple[Path, str]]]:
+        """(caption or None per file, [(file, why it could not be read)]); audio is loaded a batch at a time."""
+        from m2dclap import AudioError, load_audio
 
         from .codec import CODEC_SAMPLE_RATE
 
-        waves = [load_audio(f, sample_rate=CODEC_SAMPLE_RATE) for f in files]
-        return self.caption_waves(waves, CODEC_SAMPLE_RATE, **gen)
+        texts: list[str | None] = [None] * len(files)
+        bad: list[tuple[Path, str]] = []
+        for s in range(0, len(files), batch_size):
+            waves, where = [], []
+            for i in range(s, min(s + batch_size, len(files))):
+                try:
+                    waves.append(load_audio(files[i], sample_rate=CODEC_SAMPLE_RATE))
+                    where.append(i)
+                except (AudioError, OSError) as e:
+                    bad.append((Path(files[i]), str(e)))
+            if waves:
+                for i, t in zip(where, self.caption_waves(waves, CODEC_SAMPLE_RATE, batch_size=batch_size, **gen)):
+                    texts[i] = t
+        return texts, bad
 
 
 def expand_inputs(paths: Sequence[str | Path]) -> list[Path]:
@@ -114,36 +128,23 @@ def main(argv: Sequence[str] | None = None) -> int:
                                                 "--predictions reads)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = p.parse_args(argv)
-    from m2dclap import AudioError, load_audio
-
-    from .codec import CODEC_SAMPLE_RATE
-
     try:
         cap = Captioner(args.checkpoint, args.clap_checkpoint, args.codec, args.clap, args.device)
     except Exception as e:  # noqa: BLE001 - a CLI: report and exit
         print(f"error: {type(e).__name__}: {e}", file=sys.stderr)
         return 2
-    files, waves, bad = [], [], 0
-    for f in expand_inputs(args.audio):
-        try:
-            waves.append(load_audio(f, sample_rate=CODEC_SAMPLE_RATE))
-            files.append(f)
-        except (AudioError, OSError) as e:
-            print(f"skipped {f}: {e}", file=sys.stderr)
-            bad += 1
-    texts = cap.caption_waves(waves, CODEC_SAMPLE_RATE, batch_size=args.batch_size, num_beams=args.num_beams,
-                              max_length=args.max_length) if waves else []
-    for f, t in zip(files, texts):
+    files = expand_inputs(args.audio)
+    texts, bad = cap.caption_files(files, batch_size=args.batch_size, num_beams=args.num_beams,
+                                   max_length=args.max_length)
+    for f, why in bad:
+        print(f"skipped {f}: {why}", file=sys.stderr)
+    done = [(f, t) for f, t in zip(files, texts) if t is not None]
+    for f, t in done:
         print(f"{f}\t{t}")
     if args.out:
-        import csv
+        from .metrics import write_predictions
 
-        from m2dclap.fileio import atomic_write
-
-        with atomic_write(Path(args.out), "w") as fh:
-            w = csv.writer(fh)
-            w.writerow(["file_name", "caption"])
-            w.writerows((f.name, t) for f, t in zip(files, texts))
+        write_predictions(args.out, {f.name: t for f, t in done})
     return 1 if bad else 0
 
 

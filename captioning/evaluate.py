@@ -18,10 +18,10 @@ codec and CLAP recorded in the checkpoint. For a run folder without ``--dataset`
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import math
 import sys
+import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -33,6 +33,7 @@ from .metrics import (
     available_metrics,
     fense_options,
     unavailable_lines,
+    write_predictions,
 )
 from .train import RUN_META
 
@@ -73,29 +74,27 @@ def t_interval(values: Sequence[float]) -> tuple[float, float]:
     return mean, float(stats.t.ppf(0.975, n - 1) * sd / math.sqrt(n))
 
 
-@torch.no_grad()
-def predict_checkpoint(ckpt: Path, data: str | Path, split: str | None, device: str = "cpu",
-                       batch_size: int = 16, max_clips: int | None = None, data_root: str | None = None,
-                       audio_pattern: str | None = None) -> tuple[dict, dict]:
-    """Predictions and references for ``split`` of ``data``: a preprocess index, a manifest, or ``audiocaps`` /
-    ``clotho`` (the public layout under ``data_root``)."""
-    from torch.utils.data import DataLoader
+def is_index(data: str | Path) -> bool:
+    """Whether ``data`` is a preprocess index (``index.csv`` or a folder holding one), not a manifest."""
+    from .preprocess import INDEX_NAME
 
-    from .caption import Captioner
-    from .data import CaptionDataset, make_collate, read_index
-    from .model import EnClapCaptioner
-    from .train import predict
+    path = Path(data)
+    return (path / INDEX_NAME).is_file() if path.is_dir() else path.name == INDEX_NAME and path.is_file()
 
-    index = Path(data) / "index.csv" if Path(data).is_dir() else Path(data)
-    is_index = index.is_file() and "tokens" in index.open(encoding="utf-8").readline().split(",")
-    if is_index:
-        model = EnClapCaptioner.from_pretrained(ckpt).to(device).eval()
-        clips = [c for c in read_index(index, split) if c.captions][:max_clips]
-        loader = DataLoader(CaptionDataset(clips, training=False, max_frames=model.max_frames),
-                            batch_size=batch_size, collate_fn=make_collate(None))
-        return predict(model, loader, device)
+
+def cache_features(ckpt: Path, data: str | Path, split: str | None, out: Path, device: str = "cpu",
+                   max_clips: int | None = None, data_root: str | None = None,
+                   audio_pattern: str | None = None) -> Path:
+    """Codec tokens and CLAP embeddings of the captioned clips of ``split`` of a manifest or of ``audiocaps`` /
+    ``clotho`` (under ``data_root``), computed once into the preprocess cache ``out`` with the codec and CLAP
+    recorded in ``ckpt`` (every checkpoint of a run records the same); returns its index. An unreadable clip
+    is an error: a scored split must not silently shrink."""
     from m2dclap.data.manifest import read_manifest
 
+    from . import preprocess as pp
+    from .caption import feature_settings
+    from .clap_backends import get_backend
+    from .codec import DEFAULT_BANDWIDTH
     from .train import DATASET_PRESETS, read_named_split
 
     if str(data) in DATASET_PRESETS:
@@ -103,16 +102,36 @@ def predict_checkpoint(ckpt: Path, data: str | Path, split: str | None, device: 
     else:
         records = read_manifest(data, split=split)
     records = [r for r in records if r.captions][:max_clips]
-    cap = Captioner(ckpt, device=device)
-    texts = cap.caption_files([r.audio for r in records])
-    return {r.id: t for r, t in zip(records, texts)}, {r.id: list(r.captions) for r in records}
+    settings = feature_settings(ckpt)
+    codec_src = settings.get("codec") or "pretrained"
+    bandwidth = float(settings.get("bandwidth") or DEFAULT_BANDWIDTH)
+    cc = settings.get("clap_checkpoint")
+    clap = get_backend(settings.get("clap") or "m2d-clap", **({"checkpoint": cc} if cc else {}), device=device)
+    stats = pp.preprocess(records, out, pp._LazyCodec(codec_src, bandwidth, device), clap, codec_source=codec_src,
+                          bandwidth=bandwidth, progress=False)
+    if stats["errors"]:
+        shown = "; ".join(e["error"] if e["audio"] in e["error"] else f"{e['audio']}: {e['error']}"
+                          for e in stats["errors"][:5])
+        raise ValueError(f"{data}: {len(stats['errors'])} clip(s) of split {split!r} cannot be read: {shown}")
+    return out / pp.INDEX_NAME
 
 
-def write_predictions(path: Path, preds: dict) -> None:
-    with open(path, "w", newline="", encoding="utf-8") as f:
-        w = csv.writer(f)
-        w.writerow(["file_name", "caption"])
-        w.writerows(preds.items())
+@torch.no_grad()
+def predict_checkpoint(ckpt: Path, index: str | Path, split: str | None, device: str = "cpu",
+                       batch_size: int = 16, max_clips: int | None = None) -> tuple[dict, dict]:
+    """Predictions and references for the captioned clips of ``split`` of a preprocess ``index``."""
+    from torch.utils.data import DataLoader
+
+    from .data import CaptionDataset, make_collate, read_index
+    from .model import EnClapCaptioner
+    from .train import predict
+
+    model = EnClapCaptioner.from_pretrained(ckpt).to(device).eval()
+    clips = [c for c in read_index(index, split) if c.captions][:max_clips]
+    loader = DataLoader(CaptionDataset(clips, training=False, max_frames=model.max_frames),
+                        batch_size=batch_size, collate_fn=make_collate(None))
+    return predict(model, loader, device)
+
 
 
 def format_table(rows: list[tuple[str, dict]], columns: Sequence[str]) -> str:
@@ -150,18 +169,23 @@ def evaluate_run_or_checkpoint(checkpoint: str | Path, data=None, split: str = "
               "selection_metric": run_meta.get("selection_metric") if run_meta else None}
     available = available_metrics(fense_options)
     result["fense_models"] = available[2].models if available[2] is not None else None
-    for ck in ckpts:
-        preds, refs = predict_checkpoint(ck, data, split, device, max_clips=max_clips, data_root=data_root,
-                                         audio_pattern=audio_pattern)
-        if not preds:
-            raise ValueError(f"{data}: no captioned clips in split {split!r}")
-        scores, why = score(preds, refs, java, available)
-        result["checkpoints"][ck.name] = scores
-        result["unavailable"] = why
-        result["n_clips"] = len(preds)
-        if save_predictions is not None:
-            save_predictions.mkdir(parents=True, exist_ok=True)
-            write_predictions(save_predictions / f"{ck.name}-{split}.csv", preds)
+    with tempfile.TemporaryDirectory(prefix="caption-eval-") as tmp:
+        if is_index(data):
+            index, index_split = data, split
+        else:  # a cache of just this split's clips
+            index = cache_features(ckpts[0], data, split, Path(tmp), device, max_clips, data_root, audio_pattern)
+            index_split = None
+        for ck in ckpts:  # the features are shared; each checkpoint only decodes
+            preds, refs = predict_checkpoint(ck, index, index_split, device, max_clips=max_clips)
+            if not preds:
+                raise ValueError(f"{data}: no captioned clips in split {split!r}")
+            scores, why = score(preds, refs, java, available)
+            result["checkpoints"][ck.name] = scores
+            result["unavailable"] = why
+            result["n_clips"] = len(preds)
+            if save_predictions is not None:
+                save_predictions.mkdir(parents=True, exist_ok=True)
+                write_predictions(save_predictions / f"{ck.name}-{split}.csv", preds)
     names = sorted({m for s in result["checkpoints"].values() for m in s}, key=lambda m: METRIC_ORDER.index(m)
                    if m in METRIC_ORDER else 99)
     result["metrics"] = names
@@ -188,7 +212,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--out", metavar="RESULT.json", help="write the scores as JSON here")
     p.add_argument("--save-predictions", metavar="DIR", help="write each checkpoint's captions as CSV here")
     p.add_argument("--no-java", action="store_true",
-                   help="only BLEU, ROUGE-L and CIDEr-D, on normalised text (no Java, no PTB tokenizer)")
+                   help="no Java: BLEU, ROUGE-L, CIDEr-D (and SBERT-sim, FER, FENSE when their models are here) on "
+                        "normalised text instead of the PTB tokenizer; no METEOR, SPICE, SPIDEr, SPIDEr-FL")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     add_fense_arguments(p)
     args = p.parse_args(argv)

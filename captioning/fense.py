@@ -192,7 +192,8 @@ def load_echecker(name_or_path: str | os.PathLike | None = None, bert: str | os.
 
 
 def load_sbert(name_or_path: str | os.PathLike | None = None, device: str | torch.device = "cpu"):
-    """The Sentence-BERT model (default ``paraphrase-TinyBERT-L6-v2``), from a folder or the local cache."""
+    """The Sentence-BERT model (default ``paraphrase-TinyBERT-L6-v2``): a folder, the local cache, or the hub
+    unless ``HF_HUB_OFFLINE`` is set."""
     from sentence_transformers import SentenceTransformer
 
     source = str(name_or_path or os.environ.get("CAPTION_METRICS_SBERT") or SBERT_MODEL)

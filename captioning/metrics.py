@@ -503,6 +503,16 @@ def read_predictions_csv(path: str | os.PathLike) -> dict[str, str]:
     return out
 
 
+def write_predictions(path: str | os.PathLike, preds: Mapping[str, str]) -> None:
+    """{file_name: caption} -> the ``file_name,caption`` CSV :func:`read_predictions_csv` reads (atomically)."""
+    from m2dclap.fileio import atomic_write
+
+    with atomic_write(Path(path), "w") as f:
+        w = csv.writer(f)
+        w.writerow(["file_name", "caption"])
+        w.writerows(preds.items())
+
+
 def read_references_csv(path: str | os.PathLike) -> dict[str, list[str]]:
     """``file_name,caption_1,...,caption_N`` -> {file_name: [non-empty captions]}."""
     with open(path, newline="", encoding="utf-8") as f:
@@ -569,7 +579,8 @@ def unavailable_lines(why: Mapping[str, str]) -> list[str]:
 
 def add_fense_arguments(p: argparse.ArgumentParser) -> None:
     """The FENSE model options shared by the caption CLIs."""
-    g = p.add_argument_group("FENSE models (default: $CAPTION_METRICS_* or the published names, local copies only)")
+    g = p.add_argument_group("FENSE models (default: $CAPTION_METRICS_* or the published names; folders, the local caches, or the "
+        "Hugging Face hub unless HF_HUB_OFFLINE is set)")
     g.add_argument("--sbert", metavar="NAME|DIR", help="Sentence-BERT (default paraphrase-TinyBERT-L6-v2)")
     g.add_argument("--echecker", metavar="NAME|CKPT", help="error detector (default echecker_clotho_audiocaps_base)")
     g.add_argument("--echecker-bert", metavar="NAME|DIR",
