@@ -98,18 +98,17 @@ class CaptionDataset(Dataset):
     def __getitem__(self, i: int) -> dict:
         ci, k = self.items[i]
         c = self.clips[ci]
-        tokens = torch.from_numpy(np.load(c.tokens).astype(np.int64))
+        codes = np.load(c.tokens, mmap_mode="r")  # (16, T) int16: only the crop is read and converted
         clap = torch.from_numpy(np.load(c.clap).astype(np.float32))
-        T = tokens.shape[1]
+        T, start = codes.shape[1], 0
         if self.training:
             rng = np.random.default_rng([self.seed, self.epoch, i])
             caption = c.captions[k] if k >= 0 else c.captions[int(rng.integers(len(c.captions)))]
             if T > self.max_frames:
                 start = int(rng.integers(T - self.max_frames + 1))
-                tokens = tokens[:, start:start + self.max_frames]
         else:
-            caption = c.captions[0] if c.captions else ""
-            tokens = tokens[:, : self.max_frames]
+            caption = c.captions[0] if c.captions else ""  # evaluation truncates from the start
+        tokens = torch.from_numpy(codes[:, start:start + self.max_frames].astype(np.int64))
         return {"id": c.id, "tokens": tokens, "clap": clap, "caption": caption, "captions": list(c.captions)}
 
 

@@ -35,6 +35,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from m2dclap.fileio import atomic_write_text
+
 from .codec import DEFAULT_BANDWIDTH
 from .metrics import MetricUnavailableError
 from .data import (
@@ -248,10 +250,8 @@ def validation_scores(preds: dict, refs: dict, metric: str) -> dict:
 
 
 # ------------------------------------------------------------------------------------------------ train
-def _atomic_json(path: Path, obj) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=1, sort_keys=True, default=str) + "\n")
-    os.replace(tmp, path)
+def _write_json(path: Path, obj) -> None:
+    atomic_write_text(path, json.dumps(obj, indent=1, sort_keys=True, default=str) + "\n")
 
 
 def update_top_k(ckpt_root: Path, history: list[dict], k: int = TOP_K, metric: str = "cider_d") -> list[dict]:
@@ -368,7 +368,7 @@ def train(args) -> int:
     feat_path = out / "features.json"
     if acc.is_main_process:
         index, feat = prepare_cache(args)
-        _atomic_json(feat_path, {"index": str(index), **feat})
+        _write_json(feat_path, {"index": str(index), **feat})
     acc.wait_for_everyone()
     if not acc.is_main_process:  # the main process made the cache: only read what it recorded
         feat = json.loads(feat_path.read_text())
@@ -473,7 +473,7 @@ def train(args) -> int:
                      "seconds": round(time.time() - t0, 1), **scores, "checkpoint": f"epoch_{epoch:03d}"}
             ck = ckpt_root / entry["checkpoint"]
             raw.save_pretrained(ck)
-            _atomic_json(ck / CKPT_META, {**feat_meta, "epoch": epoch, "step": state["step"],
+            _write_json(ck / CKPT_META, {**feat_meta, "epoch": epoch, "step": state["step"],
                                           "val": dict(scores), "selection_metric": selection})
             state["history"].append(entry)
             top = update_top_k(ckpt_root, state["history"], args.top_k, selection)
@@ -485,7 +485,7 @@ def train(args) -> int:
             shutil.rmtree(tmp, ignore_errors=True)
             raw.save_pretrained(tmp / "model")
             torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
-            _atomic_json(tmp / "state.json", state)
+            _write_json(tmp / "state.json", state)
             old = out / (STATE_DIR + ".old")
             shutil.rmtree(old, ignore_errors=True)
             if (out / STATE_DIR).exists():
@@ -495,7 +495,7 @@ def train(args) -> int:
             meta.update({"history": state["history"], "top_checkpoints": top,
                          "best_checkpoint": str(ckpt_root / top[0]["checkpoint"]) if top else None,
                          "epochs_done": epoch, "steps_done": state["step"]})
-            _atomic_json(meta_path, meta)
+            _write_json(meta_path, meta)
         acc.wait_for_everyone()
     if acc.is_main_process:
         log.info("done: %d epoch(s), %d step(s); top checkpoints by %s: %s", state["epoch"], state["step"], selection,

@@ -30,3 +30,9 @@ def atomic_write(path: str | Path, mode: str = "wb") -> Iterator[IO]:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
         raise
+
+
+def atomic_write_text(path: str | Path, text: str) -> None:
+    """Write ``text`` (UTF-8) to a temporary file in the same folder, then rename it over ``path``."""
+    with atomic_write(path, "w") as f:
+        f.write(text)

@@ -23,6 +23,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
+from ..fileio import atomic_write_text  # noqa: F401  (re-exported: the callers' name for it)
+
 log = logging.getLogger(__name__)
 
 SPLITS = ("train", "val", "test")
@@ -249,14 +251,6 @@ def _relative(audio: Path, base: Path) -> str:
         return audio.relative_to(base).as_posix()
     except ValueError:
         return str(audio)
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    """Write ``text`` to a temporary file in the same folder, then rename it over ``path``."""
-    from ..fileio import atomic_write
-
-    with atomic_write(path, "w") as f:
-        f.write(text)
 
 
 # ----------------------------------------------------------------------------------------------- checks
