@@ -40,7 +40,7 @@ from tqdm.auto import tqdm
 from .audio import AudioError, load_audio
 from .metrics import average_precision  # noqa: F401  (part of this module's API)
 from .metrics import mean_average_precision as shared_map
-from .data.manifest import (LABEL_SEP, SPLITS, ManifestError, Record, manifest_rows,
+from .data.manifest import (SPLITS, ManifestError, Record, parse_labels, raw_columns,
                             atomic_write_text, read_manifest)
 
 log = logging.getLogger(__name__)
@@ -192,33 +192,6 @@ class Task:
         return [r.id for r in self.records if self.splits.get(r.id) == split and r.id in self.labels]
 
 
-def _raw_column(path: Path, column: str) -> list[Any]:
-    """The raw cells of ``column``, one per record in ``read_manifest`` order (same row skipping)."""
-    rows = manifest_rows(path)
-    values, seen = [], False
-    for _, row in rows:
-        seen = seen or column in row
-        values.append(row.get(column))
-    if not seen:
-        return []
-    return values
-
-
-def _columns(path: Path) -> list[str]:
-    rows = manifest_rows(path)
-    cols: dict[str, None] = {}
-    for _, row in rows:
-        cols.update(dict.fromkeys(row))
-    return list(cols)
-
-
-def _parse_labels(cell: Any) -> list[str]:
-    if cell is None:
-        return []
-    parts = cell if isinstance(cell, list) else str(cell).split(LABEL_SEP)
-    return [str(p).strip() for p in parts if str(p).strip()]
-
-
 def _parse_split(cell: Any, path: Path, rec: Record) -> str | None:
     if cell is None or not str(cell).strip():
         return None
@@ -235,16 +208,17 @@ def read_task(manifest: str | Path, label_column: str = "labels", split_column: 
     records = read_manifest(path)
     if not records:
         raise LinearEvalError(f"{path}: the manifest has no rows")
-    raw_labels, raw_splits = _raw_column(path, label_column), _raw_column(path, split_column)
-    for column, raw in ((label_column, raw_labels), (split_column, raw_splits)):
-        if not raw:
-            raise LinearEvalError(f"{path}: no {column!r} column (columns: {', '.join(_columns(path))}); "
+    raw, seen = raw_columns(path, (label_column, split_column))
+    raw_labels, raw_splits = raw[label_column], raw[split_column]
+    for column, cells in ((label_column, raw_labels), (split_column, raw_splits)):
+        if cells is None:
+            raise LinearEvalError(f"{path}: no {column!r} column (columns: {', '.join(seen)}); "
                                   f"name the {'label' if column == label_column else 'split'} column with "
                                   f"--{'label' if column == label_column else 'split'}-column")
     labels, splits = {}, {}
     n_unlabelled = n_no_split = 0
     for rec, lab_cell, split_cell in zip(records, raw_labels, raw_splits):
-        labs, split = _parse_labels(lab_cell), _parse_split(split_cell, path, rec)
+        labs, split = parse_labels(lab_cell), _parse_split(split_cell, path, rec)
         n_unlabelled += bool(split and not labs)
         n_no_split += bool(labs and not split)
         if labs and split:

@@ -31,7 +31,7 @@ from typing import Any, Callable, Iterator, Sequence
 import numpy as np
 
 from m2dclap.audio import AUDIO_EXTENSIONS
-from m2dclap.data.manifest import manifest_rows, read_manifest
+from m2dclap.data.manifest import parse_labels, raw_columns, read_manifest
 
 from .templates import CREMAD_NAMES, CREMAD_SENTENCES, read_class_labels_indices
 
@@ -373,20 +373,6 @@ def read_audioset(root: str | Path, segments: str | Path = "eval_segments.csv",
     return ZeroShotDataset("audioset", present, classes, True, "audioset", names, missing)
 
 
-def _label_cells(path: Path, column: str, records: Sequence) -> dict[str, list[str]]:
-    """{record id: labels} from ``column`` of a manifest, one raw row per record (``manifest_rows`` yields the
-    rows ``read_manifest`` made ``records`` from, in the same order)."""
-    rows = [row for _, row in manifest_rows(path)]
-    if not any(column in row for row in rows):
-        raise DatasetError(f"{path}: no column {column!r}")
-    out = {}
-    for rec, row in zip(records, rows):
-        value = row.get(column)
-        parts = value if isinstance(value, list) else ("" if value is None else str(value)).split(";")
-        out[rec.id] = [str(p).strip() for p in parts if str(p).strip()]
-    return out
-
-
 def read_manifest_dataset(manifest: str | Path, label_column: str = "labels", split: str | None = "test",
                           task: str = "auto", strict: bool = False) -> ZeroShotDataset:
     """A suite manifest: labels from ``label_column`` (``;``-separated), clips of ``split`` (None or ``"all"``:
@@ -404,7 +390,10 @@ def read_manifest_dataset(manifest: str | Path, label_column: str = "labels", sp
     except ValueError as e:
         raise DatasetError(str(e)) from None
     if label_column != "labels":
-        labels_of = _label_cells(manifest, label_column, records)
+        cells, _ = raw_columns(manifest, (label_column,))
+        if cells[label_column] is None:
+            raise DatasetError(f"{manifest}: no column {label_column!r}")
+        labels_of = {r.id: parse_labels(c) for r, c in zip(records, cells[label_column])}
     else:
         labels_of = {r.id: list(r.labels) for r in records}
     multi = task == "multi" or (task == "auto" and any(len(v) > 1 for v in labels_of.values()))

@@ -166,6 +166,24 @@ def _captions(row: dict[str, Any], where: str) -> list[str]:
     return captions
 
 
+def raw_columns(path: str | Path, columns: Sequence[str]) -> tuple[dict[str, list[Any] | None], list[str]]:
+    """The raw cells of ``columns``, one per record in :func:`read_manifest` order, in one pass over the file
+    (None for a column that no row has), and every column name seen (for messages)."""
+    cells: dict[str, list[Any]] = {c: [] for c in columns}
+    seen: dict[str, None] = {}
+    for _, row in manifest_rows(path):
+        seen.update(dict.fromkeys(row))
+        for c in columns:
+            cells[c].append(row.get(c))
+    return {c: (v if c in seen else None) for c, v in cells.items()}, list(seen)
+
+
+def parse_labels(cell: Any) -> list[str]:
+    """A labels cell of any column: ``;``-separated text or a JSONL list; blanks dropped."""
+    parts = cell if isinstance(cell, list) else ("" if cell is None else str(cell)).split(LABEL_SEP)
+    return [str(p).strip() for p in parts if str(p).strip()]
+
+
 def _labels(value: Any, where: str) -> list[str]:
     if value is None:
         return []

@@ -36,7 +36,7 @@ from tqdm.auto import tqdm
 
 from ..config import FrontendCfg, apply_overrides
 from ..data.datasets import AudioCaptionDataset, collate
-from ..data.manifest import LABEL_SEP, ManifestError, Record, read_manifest, split_records
+from ..data.manifest import ManifestError, Record, parse_labels, raw_columns, read_manifest, split_records
 from .. import metrics
 from ..encoder import AudioEncoder, clip_features
 from ..m2d import take
@@ -309,31 +309,12 @@ def read_labelled(manifest: str | Path, label_column: str = "labels") -> list[Re
     """Manifest records whose ``labels`` come from ``label_column`` (``;``-separated, or a JSONL list)."""
     records = read_manifest(manifest)
     if label_column != "labels":
-        cells = _column_cells(Path(manifest), label_column)
-        for rec, cell in zip(records, cells, strict=True):
-            rec.labels = _split_labels(cell)
+        cells, seen = raw_columns(manifest, (label_column,))
+        if cells[label_column] is None:
+            raise ManifestError(f"{manifest}: no {label_column!r} column for the labels (columns: {', '.join(seen)})")
+        for rec, cell in zip(records, cells[label_column], strict=True):
+            rec.labels = parse_labels(cell)
     return records
-
-
-def _column_cells(path: Path, column: str) -> list[Any]:
-    """The cells of one column, in the row order ``read_manifest`` uses (blank rows skipped)."""
-    import csv
-
-    if path.suffix.lower() == ".jsonl":
-        rows = [json.loads(t) for t in path.read_text(encoding="utf-8-sig").splitlines() if t.strip()]
-        return [row.get(column) for row in rows]
-    with open(path, newline="", encoding="utf-8-sig") as f:
-        reader = csv.reader(f)
-        header = [h.strip() for h in next(reader)]
-        if column not in header:
-            raise ManifestError(f"{path}: no {column!r} column for the labels (columns: {', '.join(header)})")
-        i = header.index(column)
-        return [row[i] for row in reader if row and any(c.strip() for c in row)]
-
-
-def _split_labels(cell: Any) -> list[str]:
-    parts = cell if isinstance(cell, list) else str(cell or "").split(LABEL_SEP)
-    return [str(p).strip() for p in parts if str(p).strip()]
 
 
 def class_list(train: Sequence[Record], classes_file: str = "") -> list[str]:
