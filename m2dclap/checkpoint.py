@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
 import pathlib
 import pickle
 import re
@@ -25,6 +24,7 @@ from typing import Any
 
 import torch
 
+from .clap import quiet_transformers
 from .config import EncoderCfg, FrontendCfg, ModelCfg, ProjectorCfg, TextCfg
 from .model import M2DCLAP
 
@@ -307,7 +307,7 @@ def load(path_or_name: str | Path, device: str | torch.device = "cpu", text_name
     """
     from .pretrained import list_pretrained, resolve
 
-    _quiet_transformers()
+    quiet_transformers()
     p = Path(path_or_name)
     if p.is_dir():
         if (p / "config.json").exists():
@@ -330,13 +330,3 @@ def load(path_or_name: str | Path, device: str | torch.device = "cpu", text_name
             return _load_ours(p.parent, device, audio_only)
         raise CheckpointError(f"{p}: a bare safetensors file needs its config.json beside it")
     return _load_official(p, device, text_name, input_size, audio_only)
-
-
-def _quiet_transformers() -> None:
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    try:
-        from transformers.utils import logging as hf_logging
-
-        hf_logging.set_verbosity_error()
-    except ImportError:  # transformers is a dependency; keep going without it for encoder-only use
-        pass

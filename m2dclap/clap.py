@@ -104,6 +104,15 @@ def resolve_text_model(name: str) -> str:
     return name
 
 
+def quiet_transformers() -> None:
+    """No tokenizer fork warnings, load reports or download bars from transformers."""
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+
+
 class HFTextEncoder(nn.Module):
     """A Hugging Face encoder with CLS pooling (BERT, official 'B') or masked-mean pooling (GTE, 'A').
 
@@ -121,11 +130,7 @@ class HFTextEncoder(nn.Module):
         super().__init__()
         from transformers import AutoConfig, AutoModel, AutoTokenizer
 
-        from transformers.utils import logging as hf_logging
-
-        os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-        hf_logging.set_verbosity_error()  # no load reports for the intentionally dropped pooler
-        hf_logging.disable_progress_bar()
+        quiet_transformers()  # no load reports for the intentionally dropped pooler
         self.cfg = cfg
         source = source or resolve_text_model(cfg.name)
         try:

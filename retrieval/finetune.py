@@ -331,7 +331,7 @@ def run_epochs(cfg: FinetuneCfg, accelerator, model, optimizer, loader, ds: Capt
         ds.set_epoch(state.epoch)
         loader.set_epoch(state.epoch)
         batches = accelerator.skip_first_batches(loader, state.batch_in_epoch) if state.batch_in_epoch else loader
-        losses = []
+        losses, since_log = [], []  # detached micro-batch losses: of the epoch, since the last log line
         for batch in batches:
             state.batch_in_epoch += 1
             state.skipped += len(batch["skipped"])
@@ -345,20 +345,22 @@ def run_epochs(cfg: FinetuneCfg, accelerator, model, optimizer, loader, ds: Capt
                 accelerator.backward(loss)
                 lr = lr_at(state.step, int(sched["total"]), int(sched["warmup"]), sched["peak"], sched["floor"])
                 optimizer_step(accelerator, optimizer, params, cfg.clip_grad, lr)
-            losses.append(float(loss.detach()))
+            losses.append(loss.detach())  # stays on the device: a host sync only when a line is logged
+            since_log.append(losses[-1])
             if not accelerator.sync_gradients:
                 continue
             inner.clamp_logit_scale()
             state.step += 1
             bar.update(1)
-            bar.set_postfix(loss=f"{losses[-1]:.4f}")
-            if state.step % cfg.log_every == 0:
-                accelerator.log({"loss": float(np.mean(losses[-cfg.log_every:])), "lr": lr}, step=state.step)
+            if state.step % cfg.log_every == 0:  # the mean over the micro-batches of the last log_every steps
+                recent, since_log = float(torch.stack(since_log).mean()), []
+                bar.set_postfix(loss=f"{recent:.4f}")
+                accelerator.log({"loss": recent, "lr": lr}, step=state.step)
             if cfg.checkpoint_every and state.step % cfg.checkpoint_every == 0:
                 save_checkpoint(accelerator, state, Path(cfg.output_dir), cfg.keep_checkpoints)
         state.epoch += 1
         state.batch_in_epoch = 0
-        mean_loss = float(np.mean(losses)) if losses else math.nan
+        mean_loss = float(torch.stack(losses).mean()) if losses else math.nan
         _end_of_epoch(cfg, accelerator, model, val_sets, state, progress, mean_loss)
     bar.close()
 

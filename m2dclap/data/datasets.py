@@ -104,10 +104,11 @@ class AudioCaptionDataset(Dataset):
         if path.suffix.lower() == ".npy":
             return self._load_lms_npy(path)
         wave = load_audio(path, self.cfg.sample_rate)  # (T,)
-        if wave.numel() <= self.cfg.n_fft // 2:  # the centred STFT's reflect padding needs more samples
-            raise AudioError(f"{path}: only {wave.numel()} sample(s) at {self.cfg.sample_rate} Hz, too short")
         with torch.no_grad():
-            return self.frontend(wave)  # (T,) -> (n_mels, frames)
+            try:
+                return self.frontend(wave)  # (T,) -> (n_mels, frames)
+            except AudioError as e:  # the frontend's own length check, with the file named
+                raise AudioError(f"{path}: {e}") from None
 
     def _load_lms_npy(self, path: Path) -> torch.Tensor:
         try:
