@@ -32,8 +32,8 @@ from tqdm.auto import tqdm
 import m2dclap
 from m2dclap.clap import ContrastiveLoss
 from m2dclap.data.manifest import Record, apply_exclusions, read_exclusion_list
-from m2dclap.train.loop import (TrainState, lr_at, optimizer_step, param_groups, resume_and_track,
-                                save_checkpoint, start_run)
+from m2dclap.train.loop import (TrainState, lr_at, optimizer_step, param_groups, repeat_rows,
+                                resume_and_track, save_checkpoint, start_run)
 
 from .datasets import load_dataset
 from .metrics import caption_retrieval
@@ -184,11 +184,7 @@ def refill(batch: dict[str, Any], size: int) -> dict[str, Any]:
     """Repeat good items up to ``size`` so every process gathers equal shapes; repeats share a group and are
     therefore positives of their originals, not negatives."""
     n = len(batch["waves"])
-    if n == size or n == 0:
-        return batch
-    idx = [i % n for i in range(size)]
-    return {"waves": [batch["waves"][i] for i in idx], "captions": [batch["captions"][i] for i in idx],
-            "groups": batch["groups"][idx], "skipped": batch["skipped"]}
+    return batch if n == size else repeat_rows(batch, size, n)
 
 
 # ------------------------------------------------------------------------------------------- validation

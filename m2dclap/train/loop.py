@@ -14,6 +14,7 @@ import os
 import shutil
 import time
 from pathlib import Path
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -154,16 +155,23 @@ def fresh_norm_stats(ds: AudioCaptionDataset, n: int) -> tuple[float, float]:
     return compute_norm_stats([it["lms"] for it in items if "lms" in it])
 
 
+def repeat_rows(batch: dict[str, Any], size: int, n: int, keep: Sequence[str] = ("skipped",)) -> dict[str, Any]:
+    """The batch with its ``n`` rows repeated cyclically up to ``size``: every tensor with ``n`` rows and every
+    list of ``n`` items, except the entries named in ``keep`` (per-batch, not per-row)."""
+    idx = torch.arange(size) % n
+    return {k: v if k in keep else
+            v[idx] if isinstance(v, torch.Tensor) and v.shape[:1] == (n,) else
+            [v[i] for i in idx.tolist()] if isinstance(v, list) and len(v) == n else v
+            for k, v in batch.items()}
+
+
 def fill_batch(batch: dict[str, Any], size: int) -> tuple[dict[str, Any], torch.Tensor | None]:
     """Refill a batch that lost bad clips back to ``size`` by repeating good ones, so every process
     gathers equal shapes; repeats are marked as positives of each other through their clip index."""
     n = batch["lms"].shape[0]
     if n == size:
         return batch, None
-    idx = torch.arange(size) % n
-    out = {k: (v[idx] if isinstance(v, torch.Tensor) and v.shape[:1] == (n,) else
-               [v[i] for i in idx.tolist()] if isinstance(v, list) and len(v) == n else v)
-           for k, v in batch.items()}
+    out = repeat_rows(batch, size, n)
     return out, out["index"] if isinstance(out["index"], torch.Tensor) else torch.tensor(out["index"])
 
 
