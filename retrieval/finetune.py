@@ -26,13 +26,13 @@ from typing import Any, Sequence
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import Dataset
 from tqdm.auto import tqdm
 
 import m2dclap
 from m2dclap.clap import ContrastiveLoss
 from m2dclap.data.manifest import Record, apply_exclusions, read_exclusion_list
-from m2dclap.train.loop import (TrainState, lr_at, optimizer_step, param_groups, repeat_rows,
+from m2dclap.train.loop import (TrainState, loader_and_optimizer, lr_at, optimizer_step, repeat_rows,
                                 resume_and_track, save_checkpoint, start_run)
 
 from .datasets import load_dataset
@@ -270,14 +270,8 @@ def finetune(cfg: FinetuneCfg, resume: bool = False) -> dict[str, Any]:
         records, removed = apply_exclusions(records, read_exclusion_list(cfg.exclude))
         log.info("excluded %d training clips listed in %s", removed, cfg.exclude)
     ds = CaptionedClips(records, model.sample_rate, cfg.crop_seconds, cfg.sample, cfg.seed, cfg.on_bad_audio)
-    loader = DataLoader(ds, batch_size=cfg.batch_size, shuffle=True, drop_last=True, collate_fn=collate,
-                        num_workers=cfg.num_workers, generator=torch.Generator().manual_seed(cfg.seed))
-    if len(loader) == 0:
-        raise ValueError(f"{len(ds)} training items are fewer than one batch of {cfg.batch_size}")
-    eff_batch = cfg.batch_size * cfg.grad_accum * accelerator.num_processes
-    peak = cfg.lr if cfg.lr > 0 else cfg.blr * eff_batch / 256
-    optimizer = torch.optim.AdamW(param_groups(model, cfg.weight_decay, model.no_weight_decay()), lr=peak,
-                                  betas=tuple(cfg.betas))
+    loader, optimizer, peak, eff_batch = loader_and_optimizer(
+        cfg, ds, collate, model, model.no_weight_decay(), accelerator.num_processes, "training items")
     model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
     state, progress = TrainState(), Progress()
     accelerator.register_for_checkpointing(state)

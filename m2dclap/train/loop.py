@@ -155,6 +155,21 @@ def fresh_norm_stats(ds: AudioCaptionDataset, n: int) -> tuple[float, float]:
     return compute_norm_stats([it["lms"] for it in items if "lms" in it])
 
 
+def loader_and_optimizer(cfg, ds, collate_fn, module: torch.nn.Module, no_weight_decay: set[str],
+                         num_processes: int, what: str = "training clips"):
+    """The shuffled training loader and AdamW of a contrastive run (pretraining, retrieval fine-tuning):
+    ``(loader, optimizer, peak lr, effective batch)``; the peak is ``lr`` or ``blr`` x effective batch / 256."""
+    loader = DataLoader(ds, batch_size=cfg.batch_size, shuffle=True, drop_last=True, collate_fn=collate_fn,
+                        num_workers=cfg.num_workers, generator=torch.Generator().manual_seed(cfg.seed))
+    if len(loader) == 0:
+        raise ValueError(f"{len(ds)} {what} are fewer than one batch of {cfg.batch_size}")
+    eff_batch = cfg.batch_size * cfg.grad_accum * num_processes
+    peak = cfg.lr if cfg.lr > 0 else cfg.blr * eff_batch / 256
+    optimizer = torch.optim.AdamW(param_groups(module, cfg.weight_decay, no_weight_decay), lr=peak,
+                                  betas=tuple(cfg.betas))
+    return loader, optimizer, peak, eff_batch
+
+
 def repeat_rows(batch: dict[str, Any], size: int, n: int, keep: Sequence[str] = ("skipped",)) -> dict[str, Any]:
     """The batch with its ``n`` rows repeated cyclically up to ``size``: every tensor with ``n`` rows and every
     list of ``n`` items, except the entries named in ``keep`` (per-batch, not per-row)."""
@@ -290,14 +305,8 @@ def train(cfg: TrainCfg, manifest: str | Path, resume: bool = False) -> dict[str
     model.set_trainable(audio_encoder=cfg.stage == "1", audio_proj=True, text=cfg.stage != "1")
     trainer = M2DCLAPPretrainer(model, cfg.mask_ratio, cfg.lambda_m2d, cfg.lambda_clap,
                                 accelerator.num_processes, accelerator.process_index)
-    loader = DataLoader(ds, batch_size=cfg.batch_size, shuffle=True, drop_last=True, collate_fn=collate,
-                        num_workers=cfg.num_workers, generator=torch.Generator().manual_seed(cfg.seed))
-    if len(loader) == 0:
-        raise ValueError(f"{len(ds)} training clips are fewer than one batch of {cfg.batch_size}")
-    eff_batch = cfg.batch_size * cfg.grad_accum * accelerator.num_processes
-    peak_lr = cfg.lr if cfg.lr > 0 else cfg.blr * eff_batch / 256
-    optimizer = torch.optim.AdamW(param_groups(trainer, cfg.weight_decay, model.no_weight_decay()),
-                                  lr=peak_lr, betas=tuple(cfg.betas))
+    loader, optimizer, peak_lr, eff_batch = loader_and_optimizer(
+        cfg, ds, collate, trainer, model.no_weight_decay(), accelerator.num_processes)
     trainer, optimizer, loader = accelerator.prepare(trainer, optimizer, loader)
     state = TrainState()
     accelerator.register_for_checkpointing(state)
