@@ -178,7 +178,7 @@ class LogMelSpectrogram(nn.Module):
         squeeze = wave.dim() == 1
         wave = wave.unsqueeze(0) if squeeze else wave  # (T,) -> (1, T)
         wave = wave.float()
-        need = self.cfg.n_fft // 2 + 1  # reflect padding of n_fft // 2 needs more samples than it pads
+        need = self.cfg.min_samples
         if wave.shape[-1] < need:
             raise AudioError(f"waveform of {wave.shape[-1]} samples is too short for the log-mel frontend: "
                              f"it needs at least {need} ({need / self.cfg.sample_rate * 1e3:.1f} ms)")

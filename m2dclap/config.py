@@ -25,6 +25,11 @@ class FrontendCfg:
     f_max: float = 8000.0  # highest mel edge (Hz)
     norm_stats: tuple[float, float] = (-7.1, 4.2)  # (mean, std) of the log-mel; the checkpoint's value wins
 
+    @property
+    def min_samples(self) -> int:
+        """Shortest waveform the frontend accepts: reflect padding of n_fft // 2 needs one sample more."""
+        return self.n_fft // 2 + 1
+
     @classmethod
     def p16k(cls, **kw: Any) -> "FrontendCfg":
         return cls(**kw)
