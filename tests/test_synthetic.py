@@ -90,7 +90,10 @@ def test_cache_reuse_and_regeneration(tmp_path, monkeypatch):
     generate_corpus(out, n_clips=8, seed=0)
     assert wav.read_bytes() == good and (out / ".complete").is_file()
 
-    generate_corpus(out, n_clips=5, seed=0)  # other parameters: regenerated, stale clips removed
+    with pytest.raises(synthetic.CorpusFolderError, match="8 clips"):  # another size: refused, untouched
+        generate_corpus(out, n_clips=5, seed=0)
+    assert len(manifest_mod.read_manifest(manifest)) == 8 and is_ours_complete(out, 8)
+    generate_corpus(out, n_clips=5, seed=0, force=True)  # forced: regenerated, stale clips removed
     assert len(manifest_mod.read_manifest(manifest)) == 5
     assert sorted(p.name for p in (out / "audio").iterdir()) == [f"syn_{i:05d}.wav" for i in range(5)]
 
@@ -98,6 +101,10 @@ def test_cache_reuse_and_regeneration(tmp_path, monkeypatch):
     assert not synthetic.is_complete(out, n_clips=5, seed=0)
     generate_corpus(out, n_clips=5, seed=0)
     assert (out / "audio" / "syn_00002.wav").is_file()
+
+
+def is_ours_complete(out, n):
+    return synthetic.is_complete(out, n_clips=n, seed=0)
 
 
 def _single(cls, pitch="mid", loudness="loud", reps=1, background="none", freq=None):

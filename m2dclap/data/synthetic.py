@@ -18,6 +18,7 @@ import io
 import json
 import logging
 import os
+import re
 import sys
 import time
 from dataclasses import dataclass
@@ -31,6 +32,7 @@ from .manifest import Record, atomic_write_text, write_manifest
 
 log = logging.getLogger(__name__)
 
+GENERATOR = "m2dclap.data.synthetic"  # recorded in corpus.json: marks a folder as a corpus of ours
 GENERATOR_VERSION = 1  # bump when the sounds or captions change, so cached corpora are regenerated
 N_CAPTIONS = 5  # paraphrases per clip (Clotho also has five)
 MANIFEST_NAME = "manifest.csv"
@@ -448,7 +450,7 @@ def assign_splits(primaries: Sequence[str], rng: np.random.Generator) -> list[st
 
 
 def _params(n_clips: int, seed: int, sample_rate: int) -> dict:
-    return {"generator": "m2dclap.data.synthetic", "version": GENERATOR_VERSION, "n_clips": n_clips,
+    return {"generator": GENERATOR, "version": GENERATOR_VERSION, "n_clips": n_clips,
             "seed": seed, "sample_rate": sample_rate, "n_captions": N_CAPTIONS}
 
 
@@ -456,19 +458,93 @@ def _clip_id(i: int) -> str:
     return f"syn_{i:05d}"
 
 
+class CorpusFolderError(ValueError):
+    """A folder that holds something other than a synthetic corpus of the requested parameters (nothing in it
+    is touched); the message names the folder and what it holds."""
+
+
+LOCK_NAME = ".lock"
+_OWN_NAMES = {MANIFEST_NAME, PARAMS_NAME, MARKER_NAME, LOCK_NAME, AUDIO_DIR}
+# hidden temporaries that an interrupted atomic write of ours (m2dclap.fileio) leaves behind
+_OWN_TMP = re.compile(r"^\.(manifest\.csv|corpus\.json|\.complete)\..+\.tmp$")
+_OWN_WAV = re.compile(r"^syn_\d{5,}\.wav$")
+
+
 def is_complete(out_dir: str | Path, n_clips: int = 2000, seed: int = 0, sample_rate: int = 16000) -> bool:
     """Whether ``out_dir`` holds a finished corpus made with these parameters."""
     out_dir = Path(out_dir)
-    marker, params_file = out_dir / MARKER_NAME, out_dir / PARAMS_NAME
-    if not (marker.is_file() and params_file.is_file() and (out_dir / MANIFEST_NAME).is_file()):
+    if not ((out_dir / MARKER_NAME).is_file() and (out_dir / MANIFEST_NAME).is_file()):
         return False
-    try:
-        if json.loads(params_file.read_text()) != _params(n_clips, seed, sample_rate):
-            return False
-    except (OSError, ValueError):
+    if _recorded_params(out_dir) != _params(n_clips, seed, sample_rate):
         return False
     audio = out_dir / AUDIO_DIR
     return all((audio / f"{_clip_id(i)}.wav").is_file() for i in range(n_clips))
+
+
+def _recorded_params(out_dir: Path) -> dict | None:
+    """The parameters a build of ours wrote first into ``corpus.json``; None if there is no such file of ours."""
+    try:
+        params = json.loads((out_dir / PARAMS_NAME).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return params if isinstance(params, dict) and params.get("generator") == GENERATOR else None
+
+
+def _foreign_entries(out_dir: Path) -> list[str]:
+    """What ``out_dir`` holds that a corpus build does not write ("name", "name/" for a folder)."""
+    found = []
+    for p in sorted(out_dir.iterdir()):
+        ours = p.name in _OWN_NAMES and p.is_dir() == (p.name == AUDIO_DIR)
+        if not (ours or (p.is_file() and _OWN_TMP.match(p.name))):
+            found.append(p.name + ("/" if p.is_dir() else ""))
+    audio = out_dir / AUDIO_DIR
+    if audio.is_dir():
+        found += [f"{AUDIO_DIR}/{p.name}" for p in sorted(audio.iterdir())
+                  if not (p.is_file() and _OWN_WAV.match(p.name))]
+    return found
+
+
+def _shown(names: Sequence[str], limit: int = 5) -> str:
+    return ", ".join(names[:limit]) + (f" and {len(names) - limit} more" if len(names) > limit else "")
+
+
+def _describe(params: dict) -> str:
+    return (f"{params.get('n_clips')} clips, seed {params.get('seed')}, {params.get('sample_rate')} Hz, "
+            f"generator version {params.get('version')}")
+
+
+def check_corpus_folder(out_dir: str | Path, n_clips: int = 2000, seed: int = 0, sample_rate: int = 16000,
+                        force: bool = False) -> bool:
+    """Whether ``out_dir`` may be used for the corpus of these parameters: True if it holds that corpus,
+    finished (reuse it, unless ``force``); False if a build may write into it (missing or empty folder, or an
+    interrupted build of ours with these parameters, or with ``force`` any corpus of ours). Anything else -- a
+    folder holding other files, a corpus of other parameters without ``force`` -- raises
+    :class:`CorpusFolderError`: a user's folder is never overwritten.
+    """
+    out_dir = Path(out_dir)
+    if not out_dir.exists():
+        return False
+    if not out_dir.is_dir():
+        raise CorpusFolderError(f"{out_dir}: not a folder; give a new or empty folder for the synthetic corpus")
+    wanted = _params(n_clips, seed, sample_rate)
+    if not force and is_complete(out_dir, n_clips, seed, sample_rate):
+        return True
+    recorded, foreign = _recorded_params(out_dir), _foreign_entries(out_dir)
+    if recorded is None:  # corpus.json is written first: without it nothing here is ours (but a lock)
+        held = foreign + sorted(n + "/" * (n == AUDIO_DIR) for n in _OWN_NAMES - {LOCK_NAME}
+                                if (out_dir / n).exists())
+        if held:
+            raise CorpusFolderError(f"{out_dir}: refusing to write the synthetic corpus into a folder that is not "
+                                    f"one: it holds {_shown(held)}; give a new or empty folder")
+        return False
+    if foreign:
+        raise CorpusFolderError(f"{out_dir}: holds a synthetic corpus and other files ({_shown(foreign)}); "
+                                f"refusing to rebuild it; move them away or give another folder")
+    if recorded != wanted and not force:
+        state = "finished" if (out_dir / MARKER_NAME).is_file() else "unfinished"
+        raise CorpusFolderError(f"{out_dir}: holds a {state} synthetic corpus of {_describe(recorded)}, not the "
+                                f"requested {_describe(wanted)}; give another folder, or --force to replace it")
+    return False
 
 
 @contextlib.contextmanager
@@ -479,7 +555,7 @@ def _folder_lock(out_dir: Path) -> Iterator[None]:
     except ImportError:  # Windows: no lock; generate on the main process only
         yield
         return
-    with open(out_dir / ".lock", "w") as f:
+    with open(out_dir / LOCK_NAME, "a") as f:
         fcntl.flock(f, fcntl.LOCK_EX)
         try:
             yield
@@ -491,9 +567,11 @@ def generate_corpus(out_dir: str | Path | None = None, n_clips: int = 2000, seed
                     sample_rate: int = 16000, force: bool = False) -> Path:
     """Write the corpus (``audio/*.wav`` + ``manifest.csv``) into ``out_dir``; return the manifest path.
 
-    If ``out_dir`` already holds a complete corpus made with the same parameters it is returned as is
-    (unless ``force``). A half-written corpus (no completion marker) or one made with other parameters is
-    regenerated; wav files of ours that the new corpus does not contain are removed.
+    A folder that holds the finished corpus of these parameters is returned as is (unless ``force``); a
+    missing or empty folder, or an interrupted build of these parameters, is built into. ``corpus.json`` (the
+    parameters) is written first and the ``.complete`` marker last, so an interrupted build is recognised as
+    ours and redone. Any other folder content raises :class:`CorpusFolderError` before anything is written
+    (see :func:`check_corpus_folder`); ``force`` rebuilds a corpus of ours made with other parameters.
     """
     if n_clips < 1:
         raise ValueError(f"n_clips must be >= 1, got {n_clips}")
@@ -502,17 +580,19 @@ def generate_corpus(out_dir: str | Path | None = None, n_clips: int = 2000, seed
     if sample_rate < 16000:
         raise ValueError(f"sample_rate must be >= 16000 Hz (the sounds reach 6.5 kHz), got {sample_rate}")
     out_dir = Path(out_dir) if out_dir is not None else default_corpus_dir()
-    out_dir.mkdir(parents=True, exist_ok=True)
     manifest = out_dir / MANIFEST_NAME
+    check_corpus_folder(out_dir, n_clips, seed, sample_rate, force)  # before the lock file is created
+    out_dir.mkdir(parents=True, exist_ok=True)
     with _folder_lock(out_dir):
-        if not force and is_complete(out_dir, n_clips, seed, sample_rate):
+        # again under the lock: another process may have finished (or begun) the corpus meanwhile
+        if check_corpus_folder(out_dir, n_clips, seed, sample_rate, force):
             log.info("using the cached synthetic corpus in %s", out_dir)
             return manifest
         (out_dir / MARKER_NAME).unlink(missing_ok=True)
+        atomic_write_text(out_dir / PARAMS_NAME, json.dumps(_params(n_clips, seed, sample_rate), indent=1))
         t0 = time.perf_counter()
         records = _write_clips(out_dir, n_clips, seed, sample_rate)
         write_manifest(records, manifest)
-        atomic_write_text(out_dir / PARAMS_NAME, json.dumps(_params(n_clips, seed, sample_rate), indent=1))
         atomic_write_text(out_dir / MARKER_NAME, "complete\n")
         log.info("wrote %d synthetic clips to %s in %.1f s", n_clips, out_dir, time.perf_counter() - t0)
     return manifest
@@ -563,13 +643,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         prog="python -m m2dclap.data.synthetic",
         description="Generate the embedded synthetic sound-and-caption corpus: 16-bit wav clips of 1.5-3.0 s "
                     "with 5 captions each, split 80/10/10 into train/val/test, and a manifest.csv. "
-                    "A folder that already holds the same corpus is left as it is.")
+                    "A folder that already holds the same corpus is left as it is; a folder holding anything else (other "
+                    "files, a corpus of other parameters) is refused with exit status 2.")
     parser.add_argument("--out", type=Path, default=None,
                         help=f"output folder (default: $M2DCLAP_DATA or {default_corpus_dir()})")
     parser.add_argument("--n-clips", type=int, default=2000, help="number of clips (default: 2000)")
     parser.add_argument("--seed", type=int, default=0, help="random seed; same seed, same corpus (default: 0)")
     parser.add_argument("--sample-rate", type=int, default=16000, help="sample rate in Hz (default: 16000)")
-    parser.add_argument("--force", action="store_true", help="regenerate even if the folder holds this corpus")
+    parser.add_argument("--force", action="store_true",
+                        help="regenerate a corpus of ours even if it is finished or was made with other parameters "
+                             "(a folder holding anything else is never written into)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     try:
