@@ -20,7 +20,6 @@ import json
 import logging
 import os
 import sys
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Iterator, Sequence
@@ -29,7 +28,8 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from .audio import AUDIO_EXTENSIONS, AudioError, _first_line, load_audio
+from .audio import AUDIO_EXTENSIONS, _first_line
+from .embed_files import AudioBatches, min_samples_of, report_skipped
 from .fileio import atomic_write
 
 log = logging.getLogger(__name__)
@@ -52,9 +52,12 @@ directly), without its extension: data/sub/a.wav found in data/ -> DIR/clip/sub/
 float32, whatever --dtype. Files whose outputs exist are skipped, so an interrupted run is finished by
 running the same command again.
 
-exit status: 0 when at least one file has its features (any failures are listed on stderr and in
-errors.csv), 1 when every file failed or none was found, 2 for usage errors (missing input, unreadable
-checkpoint, DIR written by another checkpoint or dtype, two files mapping to the same output)."""
+A file that cannot be decoded, is empty, holds NaN/Inf samples or is shorter than one STFT window is
+skipped: named on stderr and in errors.csv; the others are extracted.
+
+exit status: 0 when every file has its features, 1 when files were skipped (listed on stderr and in
+errors.csv) or none was found, 2 for usage errors (missing input, unreadable checkpoint, DIR an existing
+file or written by another checkpoint or dtype, two files mapping to the same output)."""
 
 
 class ExtractError(ValueError):
@@ -282,18 +285,6 @@ def _prepare_out_dir(model, out_dir: Path, kinds: tuple[str, ...], checkpoint: s
     return index, errors
 
 
-def _load_batch(items: Sequence[AudioItem], sample_rate: int) -> list[torch.Tensor | AudioError]:
-    out: list[torch.Tensor | AudioError] = []
-    for item in items:
-        try:
-            out.append(load_audio(item.path, sample_rate))
-        except AudioError as e:
-            out.append(e)
-        except OSError as e:  # permission denied and the like
-            out.append(AudioError(f"{item.path}: cannot read ({e.strerror or e})"))
-    return out
-
-
 @torch.no_grad()
 def compute_features(model, waves: Sequence[torch.Tensor], kinds: tuple[str, ...]) -> list[dict[str, np.ndarray]]:
     """One encoder pass over a batch of mono waveforms at the model's rate -> float32 arrays per clip.
@@ -375,35 +366,30 @@ def extract_features(model, items: Sequence[AudioItem], out_dir: str | Path,
 
 def _run(model, todo: list[AudioItem], out_dir: Path, kinds, batch_size: int, index: dict, errors: dict,
          summary: ExtractSummary, progress: bool | None) -> None:
-    """Load batch i+1 in a thread while the model works on batch i; record every file's outcome."""
-    batches = [todo[i:i + batch_size] for i in range(0, len(todo), batch_size)]
+    """Read batch i+1 (m2dclap.embed_files) while the model works on batch i; record every file's outcome."""
+    batches = AudioBatches([item.path for item in todo], model.sample_rate, min_samples_of(model), batch_size)
     bar = tqdm(total=summary.total, initial=summary.skipped, unit="file", desc="extract", file=sys.stderr,
                disable=None if progress is None else not progress, dynamic_ncols=True)
-    with bar, ThreadPoolExecutor(max_workers=1) as pool, \
-            open(out_dir / "index.csv", "a", newline="", encoding="utf-8") as index_f, \
+    with bar, open(out_dir / "index.csv", "a", newline="", encoding="utf-8") as index_f, \
             open(out_dir / "errors.csv", "a", newline="", encoding="utf-8") as errors_f:
         index_w, errors_w = csv.DictWriter(index_f, INDEX_FIELDS), csv.DictWriter(errors_f, ERROR_FIELDS)
-        pending = pool.submit(_load_batch, batches[0], model.sample_rate) if batches else None
-        for b, batch in enumerate(batches):
-            loaded = pending.result()
-            if b + 1 < len(batches):
-                pending = pool.submit(_load_batch, batches[b + 1], model.sample_rate)
-            good = [(item, w) for item, w in zip(batch, loaded) if isinstance(w, torch.Tensor)]
-            results: dict[AudioItem, dict | str] = {
-                item: str(w) for item, w in zip(batch, loaded) if isinstance(w, AudioError)}
-            if good:
-                computed = compute_features_safe(model, [w for _, w in good], kinds)
-                for (item, wave), res in zip(good, computed):
+        for batch in batches:
+            results: dict[int, dict | str] = dict(batch.skipped)
+            if batch.waves:
+                computed = compute_features_safe(model, batch.waves, kinds)
+                for i, wave, res in zip(batch.indices, batch.waves, computed):
                     if isinstance(res, dict) and not all(np.isfinite(res[k]).all() for k in kinds):
-                        res = f"{item.path}: the model produced NaN/Inf features (dtype {model.dtype})"
+                        res = f"{todo[i].path}: the model produced NaN/Inf features (dtype {model.dtype})"
                     if isinstance(res, dict):
                         res["duration_s"] = wave.shape[0] / model.sample_rate
-                    results[item] = res
-            for item in batch:  # input order, so the ledgers read in order
-                _record(item, results[item], out_dir, kinds, index, errors, index_w, errors_w, summary)
+                    else:  # read ones were logged by AudioBatches; these failed in the model
+                        log.warning("skipping %s", res if str(todo[i].path) in res else f"{todo[i].path}: {res}")
+                    results[i] = res
+            for i in sorted(results):  # input order, so the ledgers read in order
+                _record(todo[i], results[i], out_dir, kinds, index, errors, index_w, errors_w, summary)
             index_f.flush()
             errors_f.flush()
-            bar.update(len(batch))
+            bar.update(len(results))
             bar.set_postfix(failed=summary.failed, refresh=False)
 
 
@@ -418,7 +404,6 @@ def _record(item: AudioItem, res: dict | str, out_dir: Path, kinds, index: dict,
         summary.extracted += 1
     else:
         reason = res if str(item.path) in res else f"{item.path}: {res}"
-        log.warning("skipping %s", reason)
         err = {"file": item.file, "error": reason}
         errors[item.file] = err
         errors_w.writerow(err)  # the error before the index row: a failed row always has its reason
@@ -499,6 +484,9 @@ def _main(args: argparse.Namespace) -> int:
     except (FileNotFoundError, ExtractError) as e:
         print(f"m2dclap-extract: error: {e}", file=sys.stderr)
         return 2
+    if Path(args.out).exists() and not Path(args.out).is_dir():
+        print(f"m2dclap-extract: error: --out {args.out}: exists and is not a folder", file=sys.stderr)
+        return 2
     if not items:
         print(f"m2dclap-extract: no audio files found in {' '.join(args.inputs)}", file=sys.stderr)
         return 1
@@ -521,7 +509,8 @@ def _main(args: argparse.Namespace) -> int:
         print(f"m2dclap-extract: error: {e}", file=sys.stderr)
         return 2
     print(summary.line())
-    return 0 if summary.succeeded else 1
+    rc = report_skipped(summary.errors, log)
+    return rc if summary.succeeded else 1
 
 
 if __name__ == "__main__":

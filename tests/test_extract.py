@@ -77,7 +77,7 @@ def test_cli_extracts_reports_and_resumes(model, ckpt, data, tmp_path, capsys):
     out = tmp_path / "feats"
     rc = main([str(data), "--checkpoint", ckpt, "--out", str(out), "--batch-size", "3", "--features", "all"])
     captured = capsys.readouterr()
-    assert rc == 0
+    assert rc == 1  # files were skipped
     assert f"extracted 4 files, 3 failed (see {out / 'errors.csv'})" in captured.out
     for bad in BAD:  # every bad file is named on stderr, with a reason
         assert str(data / bad) in captured.err
@@ -118,7 +118,7 @@ def test_cli_extracts_reports_and_resumes(model, ckpt, data, tmp_path, capsys):
     (out / "clap" / "sub" / "c.npy").unlink()
     rc = main([str(data), "--checkpoint", ckpt, "--out", str(out), "--batch-size", "3"])
     captured = capsys.readouterr()
-    assert rc == 0 and "extracted 4 files (3 already done), 3 failed" in captured.out
+    assert rc == 1 and "extracted 4 files (3 already done), 3 failed" in captured.out
     after = _outputs(out)
     assert set(after) == set(before)
     changed = {k for k in after if after[k] != before.get(k)}
