@@ -20,7 +20,7 @@ import math
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterator, Sequence
+from typing import Callable, Iterator, Sequence, TextIO
 
 import torch
 from tqdm.auto import tqdm
@@ -138,11 +138,16 @@ class AudioBatches:
 
 
 def report_skipped(skipped: Sequence[tuple[str | Path, str]], logger: logging.Logger | None = None,
-                   what: str = "file") -> int:
-    """Log a summary naming every skipped file; return the exit code: 1 when any was skipped, else 0."""
+                   what: str = "file", stream: TextIO | None = None) -> int:
+    """Report every skipped file by name at the end of a run; return the exit code: 1 when any was skipped.
+
+    The list is logged as a warning, or printed on ``stream`` (a CLI's ``sys.stderr``, so it shows whatever
+    the logging setup)."""
     if not skipped:
         return 0
-    logger = logger or log
-    logger.warning("%d %s(s) skipped:\n  %s", len(skipped), what,
-                   "\n  ".join(r if str(p) in r else f"{p}: {r}" for p, r in skipped))
+    text = f"{len(skipped)} {what}(s) skipped:\n  " + "\n  ".join(r if str(p) in r else f"{p}: {r}" for p, r in skipped)
+    if stream is not None:
+        print(text, file=stream)
+    else:
+        (logger or log).warning("%s", text)
     return 1

@@ -509,7 +509,7 @@ def _main(args: argparse.Namespace) -> int:
         print(f"m2dclap-extract: error: {e}", file=sys.stderr)
         return 2
     print(summary.line())
-    rc = report_skipped(summary.errors, log)
+    rc = report_skipped(summary.errors, stream=sys.stderr)
     return rc if summary.succeeded else 1
 
 

@@ -35,9 +35,8 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 import torch.nn.functional as F
-from tqdm.auto import tqdm
 
-from .audio import AudioError, load_audio
+from .embed_files import AudioBatches, min_samples_of, report_skipped
 from .metrics import average_precision  # noqa: F401  (part of this module's API)
 from .metrics import mean_average_precision as shared_map
 from .data.manifest import (SPLITS, ManifestError, Record, parse_labels, raw_columns,
@@ -364,35 +363,24 @@ def extract_clip_features(model, records: Sequence[Record], batch_size: int = 16
                           progress: bool | None = None, unit_samples: int | None = None, seed: int = 0) -> Features:
     """z'' of every record, ``batch_size`` clips per model call; unreadable clips are logged and listed.
     ``unit_samples``: cut every clip to this length first (:func:`fit_to_unit`, crop seeded by ``seed`` and the
-    clip's position)."""
+    clip's position), so a clip shorter than one STFT window is padded, not skipped."""
     model.eval()
-    ids, rows, bad = [], [], []
-
-    def flush(batch: list[tuple[Record, torch.Tensor]]) -> None:
-        for (rec, _), res in zip(batch, _encode(model, [w for _, w in batch])):
+    ids, rows = [], []
+    fit = (lambda i, w: fit_to_unit(w, unit_samples, np.random.default_rng([seed, i]))) if unit_samples else None
+    batches = AudioBatches([r.audio for r in records], model.sample_rate, min_samples_of(model), batch_size,
+                           transform=fit, progress=progress, desc="extracting clip features")
+    bad: list[tuple[str, str]] = []
+    for batch in batches:
+        bad += [(str(records[i].audio), reason) for i, reason in batch.skipped]
+        if not batch.waves:
+            continue
+        for i, res in zip(batch.indices, _encode(model, batch.waves)):
             if isinstance(res, str):
-                log.warning("skipping %s: %s", rec.audio, res)
-                bad.append((str(rec.audio), res))
+                log.warning("skipping %s: %s", records[i].audio, res)
+                bad.append((str(records[i].audio), res))
             else:
-                ids.append(rec.id)
+                ids.append(records[i].id)
                 rows.append(res)
-        batch.clear()
-
-    batch: list[tuple[Record, torch.Tensor]] = []
-    for i, rec in enumerate(tqdm(records, desc="extracting clip features", unit="clip",
-                                 disable=None if progress is None else not progress, dynamic_ncols=True)):
-        try:
-            wave = load_audio(rec.audio, model.sample_rate)
-            if unit_samples:
-                wave = fit_to_unit(wave, unit_samples, np.random.default_rng([seed, i]))
-            batch.append((rec, wave))
-        except (AudioError, OSError) as e:
-            reason = str(e) if isinstance(e, AudioError) else f"{rec.audio}: cannot read ({e})"
-            log.warning("skipping %s", reason)
-            bad.append((str(rec.audio), reason))
-        if len(batch) == batch_size:
-            flush(batch)
-    flush(batch)
     dim = model.cfg.encoder.embed_dim * model.cfg.encoder.grid_size[0]
     return Features(ids, np.stack(rows).astype(np.float32) if rows else np.zeros((0, dim), np.float32), bad)
 
@@ -522,7 +510,10 @@ def build_parser() -> argparse.ArgumentParser:
         prog="python -m m2dclap.linear_eval",
         description="Linear evaluation of frozen M2D / M2D-CLAP clip features (paper IV-B1): standardised "
                     "clip features, one linear layer, Adam, early stopping on the val split, score on test. "
-                    "Accuracy for single-label tasks, macro mAP when any clip has several ';'-separated labels.")
+                    "Accuracy for single-label tasks, macro mAP when any clip has several ';'-separated labels. "
+                    "Clips that cannot be read (undecodable, empty, NaN/Inf, or too short when --unit-seconds 0) "
+                    "are skipped and named on stderr and in the result; the exit status is then 1 (0 when none "
+                    "was skipped, 2 for bad input).")
     p.add_argument("--checkpoint", "-c", required=True,
                    help="model: a save_pretrained folder, an official .pth file, or a registered pretrained name")
     p.add_argument("--data", required=True, metavar="MANIFEST", help="manifest (.csv or .jsonl) with splits")
@@ -578,10 +569,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         atomic_write_text(args.out, json.dumps(result, indent=2) + "\n")
     print(format_result(result))
-    for bad in result["bad_files"]:
-        reason = bad["error"] if bad["path"] in bad["error"] else f"{bad['path']}: {bad['error']}"
-        print(f"  skipped {reason}", file=sys.stderr)
-    return 0
+    # the figures leave these clips out: exit 1 so that a script notices
+    return report_skipped([(b["path"], b["error"]) for b in result["bad_files"]], what="clip",
+                          stream=sys.stderr)
 
 
 if __name__ == "__main__":

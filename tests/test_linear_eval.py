@@ -138,7 +138,7 @@ def test_main_multilabel_on_the_synthetic_corpus(corpus, checkpoint, tmp_path, c
 def test_main_single_label_carves_val_and_skips_bad_files(corpus, checkpoint, tmp_path, capsys):
     manifest = single_label_manifest(corpus, tmp_path / "single.csv", drop_val=True, bad=2)
     rc, res = run(checkpoint, manifest, tmp_path, "--seed", "7")
-    assert rc == 0
+    assert rc == 1  # clips were skipped
     assert res["task"] == "single-label" and res["metric"] == "accuracy"
     assert 0.0 <= res["value"] <= 1.0
     assert res["n_bad"] == 2 and {Path(b["path"]).name for b in res["bad_files"]} == {"junk_0.wav", "junk_1.wav"}
