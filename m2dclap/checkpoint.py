@@ -26,6 +26,7 @@ import torch
 
 from .clap import quiet_transformers
 from .config import EncoderCfg, FrontendCfg, ModelCfg, ProjectorCfg, TextCfg
+from .fileio import usual_permissions
 from .model import M2DCLAP
 
 log = logging.getLogger(__name__)
@@ -69,6 +70,7 @@ def save_pretrained(model: M2DCLAP, directory: str | Path, **metadata: Any) -> P
         if enc is not None and hasattr(enc, "tokenizer"):
             enc.tokenizer.save_pretrained(tmp / "text_encoder")
             enc.text_encoder.config.save_pretrained(tmp / "text_encoder")
+        usual_permissions(tmp)  # mkdtemp and safetensors make 0700/0600: respect the umask instead
         if directory.exists():
             old = directory.with_name(directory.name + ".old")
             shutil.rmtree(old, ignore_errors=True)

@@ -14,6 +14,16 @@ def _umask() -> int:
     return mask
 
 
+def usual_permissions(path: str | Path) -> None:
+    """Give ``path`` (and, for a folder, everything under it) the permissions a plain ``open``/``mkdir`` gives:
+    0666/0777 less the umask. ``mkstemp``/``mkdtemp`` and safetensors' ``save_file`` make private (0600/0700)
+    files and folders, which other users of a shared model folder could not read."""
+    path, mask = Path(path), _umask()
+    for p in [path, *(path.rglob("*") if path.is_dir() else [])]:
+        if not p.is_symlink():
+            os.chmod(p, (0o777 if p.is_dir() else 0o666) & ~mask)
+
+
 @contextlib.contextmanager
 def atomic_write(path: str | Path, mode: str = "wb") -> Iterator[IO]:
     """Open a temporary file beside ``path``; on success give it the usual permissions and rename it over
@@ -24,7 +34,7 @@ def atomic_write(path: str | Path, mode: str = "wb") -> Iterator[IO]:
     try:
         with os.fdopen(fd, mode, **({} if "b" in mode else {"newline": "", "encoding": "utf-8"})) as f:
             yield f
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp creates 0600 files
+        usual_permissions(tmp)
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(OSError):

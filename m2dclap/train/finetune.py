@@ -38,6 +38,7 @@ from ..config import FrontendCfg, apply_overrides
 from ..data.datasets import AudioCaptionDataset, collate
 from ..data.manifest import ManifestError, Record, parse_labels, raw_columns, read_manifest, split_records
 from .. import metrics
+from ..fileio import atomic_write_text, usual_permissions
 from ..encoder import AudioEncoder, clip_features
 from ..m2d import take
 from ..model import M2DCLAP
@@ -274,6 +275,7 @@ def save_finetuned(model: M2DCLAP, tagger: AudioTagger, classes: Sequence[str], 
     meta = {"classes": list(classes), "pooling": tagger.pooling, "in_features": tagger.head.fc.in_features,
             "input_size": list(model.cfg.encoder.input_size)}
     (Path(directory) / HEAD_META).write_text(json.dumps(meta, indent=2))
+    usual_permissions(Path(directory) / HEAD_WEIGHTS)  # safetensors writes 0600 files
     return Path(directory)
 
 
@@ -464,6 +466,10 @@ def finetune(cfg: FinetuneCfg, resume: bool = False) -> dict[str, Any]:
     sched = dict(total=horizon, stop=min(cfg.max_steps, horizon) if cfg.max_steps > 0 else horizon,
                  warmup=int(cfg.warmup_epochs * steps_per_epoch), peak=cfg.lr, floor=cfg.min_lr)
     resume_and_track(accelerator, state, out_dir, resume, "stage1.1", cfg)
+    finished = _finished_summary(cfg, state, sched, out_dir) if resume else None
+    if finished is not None:  # a no-op: the summary, model/ and best/ of the finished run stay as they are
+        accelerator.end_training()
+        return finished
     norm = model.norm_stats.detach().clone().to(accelerator.device)
     run = _Run(cfg, accelerator, model, tagger, optimizer, loader, val_loader, train_ds, classes, state, sched,
                norm)
@@ -473,6 +479,23 @@ def finetune(cfg: FinetuneCfg, resume: bool = False) -> dict[str, Any]:
         _validate(run, history)
     save_checkpoint(accelerator, state, out_dir, cfg.keep_checkpoints)
     return _finish(run, history, start)
+
+
+def _finished_summary(cfg: FinetuneCfg, state: FinetuneState, sched: dict[str, float], out_dir: Path
+                      ) -> dict[str, Any] | None:
+    """The summary of a run that a resume finds finished (nothing left to train and ``summary.json`` written
+    at that step), else None. Finishing again would overwrite it with an empty history."""
+    if state.step < sched["stop"] and state.epoch < cfg.epochs:
+        return None
+    try:
+        summary = json.loads((out_dir / "summary.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):  # killed before the summary: finish the run (model/ and summary.json)
+        return None
+    if not isinstance(summary, dict) or summary.get("steps") != state.step:
+        return None
+    log.warning("%s: the run already finished at step %d; nothing to resume (summary.json, model/ and best/ are "
+                "left as they are; raise --max-steps or --epochs to train further)", out_dir, state.step)
+    return {**summary, "already_finished": True}
 
 
 def _finish(run: _Run, history: list[dict[str, float]], start: int) -> dict[str, Any]:
@@ -488,7 +511,7 @@ def _finish(run: _Run, history: list[dict[str, float]], start: int) -> dict[str,
         save_finetuned(run.model, acc.unwrap_model(run.tagger), run.classes, out_dir / "model", steps=state.step)
         summary["model"] = str(out_dir / "model")
         summary["best"] = str(out_dir / "best") if state.best_step >= 0 else None
-        (out_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+        atomic_write_text(out_dir / "summary.json", json.dumps(summary, indent=2))
     acc.wait_for_everyone()
     acc.end_training()
     return summary
