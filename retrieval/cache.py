@@ -15,9 +15,8 @@ from typing import Sequence
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
 
-import m2dclap
+from m2dclap.embed_files import AudioBatches, min_samples_of
 from m2dclap.fileio import atomic_write
 
 log = logging.getLogger(__name__)
@@ -106,11 +105,11 @@ def embed_audio_files(model, paths: Sequence[str | Path], cache: EmbeddingCache 
                       batch_size: int = 32, progress: bool = True) -> tuple[torch.Tensor, list[tuple[int, str]]]:
     """CLAP audio embeddings (N, D) of whole files, cached per file.
 
-    Returns the embeddings (rows of unreadable files are NaN) and ``[(index, error message)]`` of the
-    unreadable files (``m2dclap.AudioError``).
+    Files are read through :class:`m2dclap.embed_files.AudioBatches`. Returns the embeddings (rows of skipped
+    files are NaN) and ``[(index, reason)]`` of the files that were skipped: undecodable, empty, NaN/Inf or
+    shorter than the frontend's window; each reason names the file.
     """
     rows: list[np.ndarray | None] = [None] * len(paths)
-    bad: list[tuple[int, str]] = []
     todo = []
     for i, p in enumerate(paths):
         emb = cache.get_audio(p) if cache is not None and Path(p).is_file() else None
@@ -120,31 +119,18 @@ def embed_audio_files(model, paths: Sequence[str | Path], cache: EmbeddingCache 
             todo.append(i)
     if todo:
         log.info("embedding %d audio file(s) (%d from the cache)", len(todo), len(paths) - len(todo))
-    batch_idx: list[int] = []
-    batch: list[torch.Tensor] = []
-
-    def flush() -> None:
-        if not batch:
-            return
-        emb = model.encode_audio(batch, model.sample_rate, batch_size=batch_size).float().cpu().numpy()
-        for j, i in enumerate(batch_idx):
-            rows[i] = emb[j]
-            if cache is not None:
-                cache.put_audio(paths[i], emb[j])
-        batch.clear()
-        batch_idx.clear()
-
-    for i in tqdm(todo, desc="embedding audio", unit="clip", disable=not progress or not todo):
-        try:
-            batch.append(m2dclap.load_audio(paths[i], model.sample_rate))
-        except m2dclap.AudioError as e:
-            log.warning("unreadable audio: %s", e)
-            bad.append((i, str(e)))
+    bad: list[tuple[int, str]] = []
+    batches = AudioBatches([paths[i] for i in todo], model.sample_rate, min_samples_of(model), batch_size,
+                           progress=progress and bool(todo), desc="embedding audio")
+    for batch in batches:
+        bad += [(todo[k], reason) for k, reason in batch.skipped]
+        if not batch.waves:
             continue
-        batch_idx.append(i)
-        if len(batch) == batch_size:
-            flush()
-    flush()
+        emb = model.encode_audio(batch.waves, model.sample_rate, batch_size=batch_size).float().cpu().numpy()
+        for j, k in enumerate(batch.indices):
+            rows[todo[k]] = emb[j]
+            if cache is not None:
+                cache.put_audio(paths[todo[k]], emb[j])
     dim = next((r.shape[-1] for r in rows if r is not None), 0)
     out = np.full((len(paths), dim), np.nan, dtype=np.float32)
     for i, r in enumerate(rows):

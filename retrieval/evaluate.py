@@ -23,6 +23,7 @@ import torch
 
 import m2dclap
 from m2dclap.data.manifest import Record, atomic_write_text
+from m2dclap.embed_files import report_skipped
 
 from .cache import EmbeddingCache, default_cache_dir, embed_audio_files, embed_texts
 from .datasets import DATASETS, MissingAudioError, ReadResult, load_dataset, read_relevance
@@ -47,15 +48,15 @@ def evaluate_records(model, records: Sequence[Record], protocol: str = "clap",
     """Embed the records' audio and captions with ``model`` and score retrieval in ``protocol``.
 
     ``relevance`` (DCASE 2025 annotations) adds a multi-positive text->audio evaluation with its own queries,
-    the relevant clips matched by file name. Unreadable clips are reported and left out (an error if
-    ``strict``).
+    the relevant clips matched by file name. Clips that cannot be used (undecodable, empty, NaN/Inf, shorter
+    than the frontend's window) are reported, left out and counted under ``skipped`` (an error if ``strict``).
     """
     if protocol not in PROTOCOLS:
         raise ValueError(f"unknown protocol {protocol!r}; use one of {', '.join(PROTOCOLS)}")
     t0 = time.perf_counter()
     audio, bad = embed_audio_files(model, [r.audio for r in records], cache, batch_size, progress)
     if bad and strict:
-        raise MissingAudioError("unreadable audio:\n  " + "\n  ".join(msg for _, msg in bad))
+        raise MissingAudioError("unusable audio:\n  " + "\n  ".join(msg for _, msg in bad))
     bad_rows = {i for i, _ in bad}
     kept = [i for i in range(len(records)) if i not in bad_rows]
     audio = audio[kept]
@@ -71,7 +72,8 @@ def evaluate_records(model, records: Sequence[Record], protocol: str = "clap",
                      "ties": "pessimistic (irrelevant items ranked first)", "scale": "fractions in [0, 1]",
                      "queries": QUERIES if relevance is None else {**QUERIES, "relevance": QUERIES_2025}},
         "n_clips": len(kept), "n_captions": len(captions),
-        "unreadable": {"count": len(bad), "files": [msg for _, msg in bad]},
+        # the figures are over the kept clips only: say how many were left out, and which
+        "skipped": {"count": len(bad), "files": [msg for _, msg in bad]},
     }
     if captions and len(kept):
         result.update(caption_retrieval(text, audio, torch.tensor(owner), protocol, block_bytes))
@@ -120,8 +122,8 @@ def format_table(result: dict[str, Any]) -> str:
     lines = [f"{result.get('dataset', '')} {result.get('split', '')}: {result['n_clips']} clips, "
              f"{result['n_captions']} captions, protocol {result['protocol']['name']}".strip()]
     missing = result.get("missing", {}).get("count", 0)
-    if missing or result["unreadable"]["count"]:
-        lines.append(f"left out: {missing} missing, {result['unreadable']['count']} unreadable clip(s)")
+    if missing or result["skipped"]["count"]:
+        lines.append(f"left out: {missing} missing, {result['skipped']['count']} skipped clip(s) (unusable audio)")
     lines.append(head)
     rows = [("text->audio", result.get("text_to_audio")), ("  chance", result.get("chance_text_to_audio")),
             ("audio->text", result.get("audio_to_text")), ("  chance", result.get("chance_audio_to_text"))]
@@ -157,7 +159,11 @@ def build_parser() -> argparse.ArgumentParser:
                "  python -m retrieval.evaluate --checkpoint CKPT --dataset clotho --root data/clotho "
                "--split evaluation --protocol dcase --relevance metadata_eval.csv\n"
                "  python -m retrieval.evaluate --checkpoint CKPT --dataset audiocaps --root data/audiocaps "
-               "--split test --audio-pattern 'Y{youtube_id}.wav'",
+               "--split test --audio-pattern 'Y{youtube_id}.wav'\n\n"
+               "Clips missing on disk or unusable (undecodable, empty, NaN/Inf, shorter than one STFT window) are "
+               "named on stderr, left out of the figures and counted in the JSON ('missing', 'skipped').\n"
+               "exit status: 0 every listed clip evaluated; 1 clips were left out (or, with --strict, missing or "
+               "unusable clips stopped the run); 2 bad input or usage (e.g. no captions to retrieve).",
         formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--checkpoint", required=True, help="a saved model folder, an official .pth file or a "
                                                             "pretrained name (m2dclap.load)")
@@ -174,7 +180,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--relevance", help="DCASE 2025 multi-positive annotations (query,audio_filenames); "
                                             "needs --protocol dcase")
     parser.add_argument("--out", help="JSON result (default: retrieval-DATASET-SPLIT-PROTOCOL.json)")
-    parser.add_argument("--strict", action="store_true", help="fail on missing or unreadable clips")
+    parser.add_argument("--strict", action="store_true", help="fail on missing or unusable clips")
     parser.add_argument("--batch-size", type=int, default=32, help="clips per encoder batch (default 32)")
     parser.add_argument("--cache-dir", default=str(default_cache_dir()), help="embedding cache (default %(default)s)")
     parser.add_argument("--no-cache", action="store_true", help="embed everything again, cache nothing")
@@ -206,6 +212,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"error: {data.source}: no clip to evaluate ({len(data.missing)} listed clips missing)",
               file=sys.stderr)
         return 1
+    if relevance is None and not any(r.captions for r in data.records):
+        print(f"error: {data.source}: no clip of split {split or 'all'!r} has a caption; nothing to retrieve "
+              "(fill the captions column, or give --relevance annotations with --protocol dcase)", file=sys.stderr)
+        return 2
     model = m2dclap.load(args.checkpoint, device=_device(args.device)).eval()
     cache = None if args.no_cache else EmbeddingCache(args.cache_dir, args.checkpoint)
     try:
@@ -224,7 +234,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     atomic_write_text(out, json.dumps(result, indent=2))
     print(format_table(result))
     print(f"wrote {out}")
-    return 0
+    # the figures leave the skipped clips out: exit 1 so that a script notices
+    left_out = [(str(p), f"{p}: missing") for p in data.missing] + [(m, m) for m in result["skipped"]["files"]]
+    return report_skipped(left_out, what="clip", stream=sys.stderr)
 
 
 if __name__ == "__main__":

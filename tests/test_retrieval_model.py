@@ -98,9 +98,9 @@ def test_evaluate_missing_clips_strict_and_2025_relevance(setup, tmp_path, capsy
         w.writerow(["a sound nobody recorded", str([names[7], names[8], "unknown.wav"])])
     base = ["--checkpoint", str(setup["ckpt"]), "--dataset", "manifest", "--root", str(manifest),
             "--split", "test", "--cache-dir", str(tmp_path / "cache")]
-    assert evaluate.main(base + ["--out", str(tmp_path / "clap.json")]) == 0
+    assert evaluate.main(base + ["--out", str(tmp_path / "clap.json")]) == 1  # a clip was left out
     assert evaluate.main(base + ["--out", str(tmp_path / "dcase.json"), "--protocol", "dcase",
-                                 "--relevance", str(tmp_path / "rel.csv")]) == 0
+                                 "--relevance", str(tmp_path / "rel.csv")]) == 1
     clap, dcase = (json.loads((tmp_path / f"{p}.json").read_text()) for p in ("clap", "dcase"))
     assert clap["missing"] == {"count": 1, "paths": [str(tmp_path / "gone.wav")]}
     assert "left out: 1 missing" in capsys.readouterr().out
