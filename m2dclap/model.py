@@ -58,7 +58,7 @@ class M2DCLAP(nn.Module):
         for name, value in keep.items():
             owner, attr = (self.frontend, name.split(".")[1]) if "." in name else (self, name)
             device = getattr(owner, attr).device
-            setattr(owner, attr, value.to(device=device, dtype=torch.float32))
+            setattr(owner, attr, value.to(device=device))  # own dtypes: float32, the window float64
         return self
 
     @property
