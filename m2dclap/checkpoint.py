@@ -24,8 +24,8 @@ from typing import Any
 
 import torch
 
-from .clap import quiet_transformers
-from .config import EncoderCfg, FrontendCfg, ModelCfg, ProjectorCfg, TextCfg
+from .clap import TextModelError, from_pretrained_local_first, quiet_transformers, text_model_errors
+from .config import ConfigError, EncoderCfg, FrontendCfg, ModelCfg, ProjectorCfg, TextCfg
 from .fileio import usual_permissions
 from .model import M2DCLAP
 
@@ -84,33 +84,56 @@ def save_pretrained(model: M2DCLAP, directory: str | Path, **metadata: Any) -> P
     return directory
 
 
-def _load_ours(folder: Path, device: str | torch.device, audio_only: bool = False) -> M2DCLAP:
+def _load_ours(folder: Path, device: str | torch.device, audio_only: bool = False,
+               text_name: str | None = None) -> M2DCLAP:
     from safetensors.torch import load_file
 
-    try:
-        meta = json.loads((folder / "config.json").read_text())
-    except json.JSONDecodeError as e:
-        raise CheckpointError(f"{folder / 'config.json'}: not valid JSON ({e})") from None
-    if meta.get("format") != FORMAT:
-        raise CheckpointError(f"{folder / 'config.json'}: not an m2dclap model folder (format={meta.get('format')!r})")
-    try:
-        cfg = ModelCfg.from_dict(meta["model"])
-    except (KeyError, ValueError, TypeError) as e:
-        raise CheckpointError(f"{folder / 'config.json'}: bad model config: {e}") from None
+    cfg = read_model_config(folder / "config.json")
     weights = folder / "model.safetensors"
     if not weights.exists():
         raise CheckpointError(f"{weights}: missing")
     try:
         state = load_file(str(weights))
     except Exception as e:  # safetensors raises its own error types
-        raise CheckpointError(f"{weights}: unreadable safetensors file ({e})") from None
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise CheckpointError(f"{weights}: not a readable safetensors file (truncated or another kind of "
+                              f"file: {reason})") from None
     text_src = folder / "text_encoder"
     if audio_only:
         cfg.text = TextCfg(kind="none")
         state = {k: v for k, v in state.items() if not k.startswith(("text_encoder.", "text_proj."))}
-    model = M2DCLAP(cfg, pretrained_text=False, text_source=str(text_src) if text_src.is_dir() else None)
+    # The saved tokenizer/config come first; text_name stands in when the folder has none.
+    source = str(text_src) if text_src.is_dir() else text_name
+    model = _build_model(cfg, weights, pretrained_text=False, text_source=source)
     _load_strict(model, state, weights)
     return model.to(device).eval()
+
+
+def read_model_config(path: Path) -> ModelCfg:
+    """The model config of a saved folder's ``config.json``, every field checked; errors name file and field."""
+    try:
+        meta = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{path}: not valid JSON ({e})") from None
+    except OSError as e:
+        raise CheckpointError(f"{path}: cannot be read ({e.strerror or e})") from None
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+        found = meta.get("format") if isinstance(meta, dict) else type(meta).__name__
+        raise CheckpointError(f"{path}: not an m2dclap model folder (format={found!r}, expected {FORMAT!r})")
+    if "model" not in meta:
+        raise CheckpointError(f"{path}: no 'model' section (the model config)")
+    try:
+        return ModelCfg.from_dict(meta["model"])
+    except ConfigError as e:
+        raise CheckpointError(f"{path}: {e}") from None
+
+
+def _build_model(cfg: ModelCfg, where: Path, **kwargs: Any) -> M2DCLAP:
+    """``M2DCLAP(cfg)``, with a text model that cannot be loaded reported against the checkpoint."""
+    try:
+        return M2DCLAP(cfg, **kwargs)
+    except TextModelError as e:
+        raise CheckpointError(f"{where}: {e}") from None
 
 
 def _load_strict(model: M2DCLAP, state: dict[str, torch.Tensor], where: Path) -> None:
@@ -136,18 +159,46 @@ def safe_torch_load(path: str | Path) -> Any:
     path = Path(path)
     if not path.exists():
         raise CheckpointError(f"{path}: no such file")
+    _check_torch_header(path)
     try:
         with torch.serialization.safe_globals(SAFE_GLOBALS):
             return torch.load(str(path), map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
         found = re.search(r"GLOBAL ([\w.]+)", str(e))
-        what = f"it references {found.group(1)}, " if found else ""
-        raise CheckpointError(f"{path}: refused to load: {what}which is not a tensor or an allowed type "
-                              "(argparse.Namespace, paths). The file is not a plain checkpoint and may be "
-                              "tampered with; it was not unpickled.") from None
+        if found is None:  # a damaged pickle stream, not a refused type
+            raise CheckpointError(f"{path}: not a PyTorch checkpoint (damaged or another kind of file: "
+                                  f"{_weights_only_reason(e)})") from None
+        raise CheckpointError(f"{path}: refused to load: it references {found.group(1)}, which is not a tensor "
+                              "or an allowed type (argparse.Namespace, paths). The file is not a plain checkpoint "
+                              "and may be tampered with; it was not unpickled.") from None
     except Exception as e:  # a damaged file can fail anywhere inside the unpickler (IndexError, KeyError...)
         reason = str(e).splitlines()[0] if str(e) else type(e).__name__
         raise CheckpointError(f"{path}: not a readable PyTorch checkpoint ({reason})") from None
+
+
+def _check_torch_header(path: Path) -> None:
+    """torch.save writes a zip archive (a pickle before torch 1.6); anything else is named as what it is."""
+    with open(path, "rb") as f:
+        head = f.read(16)
+    if head.startswith(b"PK") or head.startswith(b"\x80"):
+        return
+    if not head:
+        raise CheckpointError(f"{path}: not a PyTorch checkpoint (empty file)")
+    if len(head) >= 9 and head[8:9] == b"{":  # 8-byte little-endian header length, then JSON
+        raise CheckpointError(f"{path}: a safetensors file, not a PyTorch checkpoint; give the folder holding "
+                              "it with its config.json")
+    raise CheckpointError(f"{path}: not a PyTorch checkpoint (it is neither a zip archive nor a pickle; "
+                          f"it starts with {head[:8]!r})")
+
+
+def _weights_only_reason(e: Exception) -> str:
+    """The unpickler's own complaint inside torch's long weights_only message."""
+    lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+    for i, line in enumerate(lines):
+        if "WeightsUnpickler error" in line:
+            rest = line.split("WeightsUnpickler error:", 1)[1].strip()
+            return rest or (lines[i + 1] if i + 1 < len(lines) else line)
+    return lines[0] if lines else type(e).__name__
 
 
 def parse_official_name(name: str) -> dict[str, Any] | None:
@@ -189,12 +240,7 @@ def official_layout(sd: dict[str, Any]) -> str:
 
 def _load_official(path: Path, device: str | torch.device, text_name: str | None,
                    input_size: tuple[int, int] | None, audio_only: bool = False) -> M2DCLAP:
-    obj = safe_torch_load(path)
-    if not isinstance(obj, dict):
-        raise CheckpointError(f"{path}: holds a {type(obj).__name__}, not a checkpoint dictionary")
-    sd = obj.get("model", obj)
-    if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
-        raise CheckpointError(f"{path}: its 'model' entry is not a state dict of tensors")
+    sd = _state_dict_of(safe_torch_load(path), path)
     layout = official_layout(sd)
     if layout == "unknown":
         raise CheckpointError(f"{path}: not an M2D checkpoint: no 'patch_embed.proj.weight' or 'backbone.*' "
@@ -206,13 +252,15 @@ def _load_official(path: Path, device: str | torch.device, text_name: str | None
         sd = _strip(sd, "module.ar.runtime.backbone.")
     if "patch_embed.proj.weight" not in sd:
         raise CheckpointError(f"{path}: layout {layout!r} but no encoder weights (patch_embed.proj.weight)")
+    _check_encoder_tensors(sd, path)
 
-    cfg = _official_config(path, sd, input_size, text_name)
+    # Audio-only never looks at the text model, not even for its width: it may not be reachable.
+    cfg = _official_config(path, sd, input_size, None if audio_only else text_name)
     if audio_only:
         cfg.text, text_sd = TextCfg(kind="none"), {}
         sd = {k: v for k, v in sd.items() if not k.startswith("text_proj.")}
     log.info("%s: official %s layout, config %s", path, layout, cfg)
-    model = M2DCLAP(cfg, pretrained_text=not text_sd)
+    model = _build_model(cfg, path, pretrained_text=not text_sd)
     state, encoder_keys = {}, set(model.encoder.state_dict())
     for k, v in sd.items():
         if k in encoder_keys:
@@ -239,12 +287,47 @@ def _load_official(path: Path, device: str | torch.device, text_name: str | None
     return model.to(device).eval()
 
 
+def _state_dict_of(obj: Any, path: Path) -> dict[str, torch.Tensor]:
+    """The model state dict inside an official file (``{'model': sd, ...}`` or a bare state dict)."""
+    if not isinstance(obj, dict):
+        raise CheckpointError(f"{path}: not an M2D checkpoint: it holds a {type(obj).__name__}, "
+                              "not a dictionary of weights")
+    if {"state", "param_groups"} <= set(obj):
+        raise CheckpointError(f"{path}: not an M2D checkpoint: it is an optimizer state (state, param_groups)")
+    sd = obj.get("model", obj)
+    if not isinstance(sd, dict):
+        raise CheckpointError(f"{path}: not an M2D checkpoint: its 'model' entry is a {type(sd).__name__}")
+    others = [k for k, v in sd.items() if not isinstance(v, torch.Tensor)]
+    if others:
+        where = "its 'model' entry" if "model" in obj else "it"
+        raise CheckpointError(f"{path}: not an M2D checkpoint: {where} is not a state dict of tensors "
+                              f"(non-tensor entries: {[str(k) for k in others[:5]]})")
+    return sd
+
+
+def _check_encoder_tensors(sd: dict[str, torch.Tensor], path: Path) -> None:
+    """The encoder tensors the configuration is read from, with the shapes it assumes."""
+    need = {"patch_embed.proj.weight": 4, "pos_embed": 3}
+    for key, ndim in need.items():
+        if key not in sd:
+            raise CheckpointError(f"{path}: not a usable M2D checkpoint: missing key {key!r}")
+        if sd[key].dim() != ndim:
+            raise CheckpointError(f"{path}: {key} has shape {tuple(sd[key].shape)}; an M2D encoder's has "
+                                  f"{ndim} dimensions")
+    if not any(re.fullmatch(r"blocks\.\d+\..+", k) for k in sd):
+        raise CheckpointError(f"{path}: not a usable M2D checkpoint: no transformer blocks (blocks.N.*)")
+    if "norm_stats" in sd and tuple(sd["norm_stats"].shape) != (2,):
+        raise CheckpointError(f"{path}: norm_stats has shape {tuple(sd['norm_stats'].shape)}, expected (2,)")
+    if "audio_proj.sem_token" in sd and "audio_proj.sem_blocks.0.mlp.fc1.weight" not in sd:
+        raise CheckpointError(f"{path}: audio_proj.sem_token without its blocks (audio_proj.sem_blocks.0.*)")
+
+
 def _official_config(path: Path, sd: dict[str, torch.Tensor], input_size: tuple[int, int] | None,
                      text_name: str | None) -> ModelCfg:
     parsed = parse_official_name(path.parent.name) or parse_official_name(path.stem)
     w = sd["patch_embed.proj.weight"]  # (D, 1, pf, pt)
     D, patch = w.shape[0], (w.shape[2], w.shape[3])
-    depth = 1 + max(int(k.split(".")[1]) for k in sd if k.startswith("blocks."))
+    depth = 1 + max(int(m[1]) for k in sd if (m := re.match(r"blocks\.(\d+)\.", k)))
     n_tokens = sd["pos_embed"].shape[1] - 1
     sr = parsed["sr"] if parsed else "16k"
     frontend = FrontendCfg.p32k() if sr == "32k" else FrontendCfg.p16k()
@@ -259,7 +342,7 @@ def _official_config(path: Path, sd: dict[str, torch.Tensor], input_size: tuple[
     encoder = EncoderCfg(input_size=tuple(input_size), patch_size=patch, embed_dim=D, depth=depth,
                          num_heads=max(D // 64, 1))  # all released ViTs use 64-dim heads
     if "audio_proj.sem_token" in sd:
-        sem_depth = 1 + max(int(k.split(".")[2]) for k in sd if k.startswith("audio_proj.sem_blocks."))
+        sem_depth = 1 + max(int(m[1]) for k in sd if (m := re.match(r"audio_proj\.sem_blocks\.(\d+)\.", k)))
         ratio = sd["audio_proj.sem_blocks.0.mlp.fc1.weight"].shape[0] / D
         projector = ProjectorCfg(kind="transformer", depth=sem_depth, num_heads=1, mlp_ratio=ratio)
     elif "audio_proj.0.weight" in sd:
@@ -286,9 +369,19 @@ def _official_config(path: Path, sd: dict[str, torch.Tensor], input_size: tuple[
 
             from .clap import resolve_text_model
 
-            text.width = AutoConfig.from_pretrained(resolve_text_model(text_name)).hidden_size
-    return ModelCfg(name=parsed["model"] if parsed else path.stem, frontend=frontend, encoder=encoder,
-                    projector=projector, text=text)
+            source = resolve_text_model(text_name)
+            try:
+                with text_model_errors(text_name, source):
+                    text.width = from_pretrained_local_first(AutoConfig, source).hidden_size
+            except TextModelError as e:
+                raise CheckpointError(f"{path}: {e}") from None
+    cfg = ModelCfg(name=parsed["model"] if parsed else path.stem, frontend=frontend, encoder=encoder,
+                   projector=projector, text=text)
+    try:
+        return cfg.validate()
+    except ConfigError as e:
+        raise CheckpointError(f"{path}: the configuration read from the file and its folder name is not "
+                              f"usable: {e}") from None
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -302,18 +395,28 @@ def load(path_or_name: str | Path, device: str | torch.device = "cpu", text_name
         path_or_name: folder, ``.pth`` file, or a name from ``m2dclap.list_pretrained()``.
         device: where to put the model.
         text_name: replace the text model (hub name or local folder) named by an official checkpoint,
-            e.g. a local copy of ``bert-base-uncased``.
+            e.g. a local copy of ``bert-base-uncased``; for a saved folder without ``text_encoder/``, where
+            its tokenizer and config are read from. Ignored with ``audio_only``.
         input_size: (mels, frames) when an official file's folder name was changed.
         download: allow downloading a registered name's release zip into the cache.
-        audio_only: skip the text tower (no text model is loaded; ``encode_text`` is unavailable).
+        audio_only: skip the text tower: no text model is looked up, loaded or downloaded, so this works
+            offline whatever text model the checkpoint names; ``encode_text`` is unavailable.
+
+    Raises:
+        CheckpointError: a missing, unreadable or wrong kind of file, a bad ``config.json`` field, or a text
+            model that cannot be loaded (one line naming the file and the problem).
     """
     from .pretrained import list_pretrained, resolve
 
     quiet_transformers()
+    input_size = _checked_input_size(input_size)
+    if text_name is not None and (not isinstance(text_name, (str, Path)) or not str(text_name).strip()):
+        raise CheckpointError(f"text_name={text_name!r}: expected a hub name or a local folder")
+    text_name = str(text_name) if text_name is not None else None
     p = Path(path_or_name)
     if p.is_dir():
         if (p / "config.json").exists():
-            return _load_ours(p, device, audio_only)
+            return _load_ours(p, device, audio_only, text_name)
         from .pretrained import find_checkpoint_file
 
         found = find_checkpoint_file(p)
@@ -329,6 +432,16 @@ def load(path_or_name: str | Path, device: str | torch.device = "cpu", text_name
                                   f"name (known: {', '.join(list_pretrained())})")
     if p.suffix == ".safetensors":
         if (p.parent / "config.json").exists():
-            return _load_ours(p.parent, device, audio_only)
+            return _load_ours(p.parent, device, audio_only, text_name)
         raise CheckpointError(f"{p}: a bare safetensors file needs its config.json beside it")
     return _load_official(p, device, text_name, input_size, audio_only)
+
+
+def _checked_input_size(input_size: Any) -> tuple[int, int] | None:
+    if input_size is None:
+        return None
+    ok = isinstance(input_size, (list, tuple)) and len(input_size) == 2 and all(
+        isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in input_size)
+    if not ok:
+        raise CheckpointError(f"input_size={input_size!r}: expected (mel bins, frames), two positive integers")
+    return (input_size[0], input_size[1])

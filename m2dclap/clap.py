@@ -1,6 +1,7 @@
 """CLAP parts: audio projectors, text towers, the contrastive loss (paper Eq. 3-4) and its gather."""
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 from functools import partial
@@ -113,6 +114,43 @@ def quiet_transformers() -> None:
     hf_logging.disable_progress_bar()
 
 
+class TextModelError(OSError):
+    """The text model cannot be loaded (not a local folder, not cached, no download); says how to supply it."""
+
+
+@contextlib.contextmanager
+def text_model_errors(name: str, source: str):
+    """Turn the loaders' failures (OSError; ValueError for a name that is not a repo id) into one line."""
+    try:
+        yield
+    except (OSError, ValueError) as e:
+        if isinstance(e, TextModelError):
+            raise
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        where = "" if source == name else f" (from {source})"
+        raise TextModelError(
+            f"cannot load the text model {name!r}{where}: {first.rstrip('.')}. Give a local copy of it "
+            "with text_name=PATH (m2dclap.load), or run `huggingface-cli download "
+            f"{name}` where there is network and copy the Hugging Face cache (HF_HOME) here. Audio-only use "
+            "needs no text model: m2dclap.load(..., audio_only=True)") from None
+
+
+def from_pretrained_local_first(klass, source: str, **kwargs):
+    """``klass.from_pretrained`` from a folder or the local cache first: with no network the hub client
+    would otherwise retry for about a minute before it falls back to the cache."""
+    try:
+        return klass.from_pretrained(source, local_files_only=True, **kwargs)
+    except (OSError, ValueError):
+        if _hub_offline():
+            raise
+    return klass.from_pretrained(source, **kwargs)
+
+
+def _hub_offline() -> bool:
+    return any(os.environ.get(v, "").lower() in {"1", "true", "yes", "on"}
+               for v in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"))
+
+
 class HFTextEncoder(nn.Module):
     """A Hugging Face encoder with CLS pooling (BERT, official 'B') or masked-mean pooling (GTE, 'A').
 
@@ -133,17 +171,13 @@ class HFTextEncoder(nn.Module):
         quiet_transformers()  # no load reports for the intentionally dropped pooler
         self.cfg = cfg
         source = source or resolve_text_model(cfg.name)
-        try:
-            self.tokenizer = AutoTokenizer.from_pretrained(source)
+        with text_model_errors(cfg.name, source):
+            self.tokenizer = from_pretrained_local_first(AutoTokenizer, source)
             if pretrained_weights:
-                self.text_encoder = AutoModel.from_pretrained(source, add_pooling_layer=False)
+                self.text_encoder = from_pretrained_local_first(AutoModel, source, add_pooling_layer=False)
             else:
-                self.text_encoder = AutoModel.from_config(AutoConfig.from_pretrained(source),
-                                                          add_pooling_layer=False)
-        except OSError as e:
-            raise OSError(f"cannot load text encoder {cfg.name!r} ({source}): {e}. Give a local folder "
-                          "with --text-model, or download it on a machine with hub access "
-                          "(huggingface-cli download NAME) and copy the cache here.") from None
+                config = from_pretrained_local_first(AutoConfig, source)
+                self.text_encoder = AutoModel.from_config(config, add_pooling_layer=False)
         width = self.text_encoder.config.hidden_size
         if width != cfg.width:
             raise ValueError(f"text encoder {cfg.name!r} outputs {width} dims but the config says {cfg.width}")
@@ -183,10 +217,8 @@ class SentenceTextEncoder(nn.Module):
 
             source = resolve_text_model(self.cfg.name)
             trust = "nv-embed" in self.cfg.name.lower()  # NV-Embed-v2 ships its own modelling code
-            try:
+            with text_model_errors(self.cfg.name, source):
                 self._model = SentenceTransformer(source, device="cpu", trust_remote_code=trust)
-            except OSError as e:
-                raise OSError(f"cannot load sentence-embedding model {self.cfg.name!r}: {e}") from None
             if trust:
                 self._model.max_seq_length = 32768
                 self._model.tokenizer.padding_side = "right"

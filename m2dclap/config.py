@@ -8,6 +8,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import math
+import typing
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -122,32 +123,116 @@ class ModelCfg:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "ModelCfg":
-        d = dict(d)
+    def from_dict(cls, d: Any) -> "ModelCfg":
+        """Build from a JSON mapping, checking every field's type and value (errors name the dotted field)."""
+        if not isinstance(d, dict):
+            raise ConfigError(f"the model config must be a mapping, got {type(d).__name__}")
         sub = {"frontend": FrontendCfg, "encoder": EncoderCfg, "predictor": PredictorCfg,
                "projector": ProjectorCfg, "text": TextCfg}
-        kwargs: dict[str, Any] = {}
-        for key, value in d.items():
-            if key in sub:
-                kwargs[key] = _build(sub[key], value, key)
-            elif key in {f.name for f in dataclasses.fields(cls)}:
-                kwargs[key] = value
-            else:
-                raise ValueError(f"unknown model config field {key!r}")
-        return cls(**kwargs)
+        top = {k: v for k, v in d.items() if k not in sub}
+        kwargs = _typed_fields(cls, top, "")
+        for key, klass in sub.items():
+            if key in d:
+                kwargs[key] = _build(klass, d[key], key)
+        cfg = cls(**kwargs)
+        cfg.validate()
+        return cfg
+
+    def validate(self) -> "ModelCfg":
+        """Check values and their relations (sizes positive, heads dividing widths ...); raise ConfigError."""
+        _check_model(self)
+        return self
+
+
+class ConfigError(ValueError):
+    """A config field of the wrong type or value; the message starts with the dotted field name."""
 
 
 def _build(klass: type, value: Any, where: str) -> Any:
     if isinstance(value, klass):
         return value
     if not isinstance(value, dict):
-        raise ValueError(f"config field {where!r} must be a mapping, got {type(value).__name__}")
-    names = {f.name for f in dataclasses.fields(klass)}
-    unknown = set(value) - names
+        raise ConfigError(f"{where} must be a mapping, got {type(value).__name__}")
+    return klass(**_typed_fields(klass, value, where + "."))
+
+
+def _typed_fields(klass: type, values: dict[str, Any], prefix: str) -> dict[str, Any]:
+    """Check each value against the dataclass field's annotation; lists become tuples, ints floats."""
+    hints = typing.get_type_hints(klass)
+    names = [f.name for f in dataclasses.fields(klass) if f.init]
+    unknown = sorted(set(values) - set(names))
     if unknown:
-        raise ValueError(f"unknown field(s) {sorted(unknown)} in config section {where!r}")
-    fixed = {k: tuple(v) if isinstance(v, list) else v for k, v in value.items()}
-    return klass(**fixed)
+        raise ConfigError(f"unknown field(s) {', '.join(prefix + u for u in unknown)}")
+    return {k: _typed(v, hints[k], prefix + k) for k, v in values.items() if k in names}
+
+
+def _typed(value: Any, hint: Any, where: str) -> Any:
+    if typing.get_origin(hint) is tuple:
+        kinds = typing.get_args(hint)
+        if not isinstance(value, (list, tuple)) or len(value) != len(kinds):
+            raise ConfigError(f"{where}={value!r} must be a list of {len(kinds)} {_PLURALS[kinds[0]]}")
+        return tuple(_typed(v, k, f"{where}[{i}]") for i, (v, k) in enumerate(zip(value, kinds)))
+    # bool is an int in Python, but true/false where a number is expected is a mistake in the file
+    ok = {int: lambda v: isinstance(v, int) and not isinstance(v, bool),
+          float: lambda v: isinstance(v, (int, float)) and not isinstance(v, bool),
+          bool: lambda v: isinstance(v, bool), str: lambda v: isinstance(v, str)}[hint]
+    if not ok(value):
+        raise ConfigError(f"{where}={value!r} is not {_NAMES[hint]}")
+    if hint is float:
+        if not math.isfinite(value):
+            raise ConfigError(f"{where}={value!r} is not a finite number")
+        return float(value)
+    return value
+
+
+_NAMES = {int: "an integer", float: "a number", bool: "true or false", str: "a string"}
+_PLURALS = {int: "integers", float: "numbers", bool: "booleans", str: "strings"}
+
+
+def _check_model(cfg: "ModelCfg") -> None:
+    def need(ok: bool, where: str, value: Any, what: str) -> None:
+        if not ok:
+            raise ConfigError(f"{where}={value!r} {what}")
+
+    def heads(section: str, dim: int, n: int, dim_name: str) -> None:
+        need(n >= 1, f"{section}.num_heads", n, "must be at least 1")
+        need(dim % n == 0, f"{section}.num_heads", n, f"does not divide {dim_name}={dim}")
+
+    fe, enc, pred, proj, text = cfg.frontend, cfg.encoder, cfg.predictor, cfg.projector, cfg.text
+    for name in ("sample_rate", "n_fft", "win_length", "hop_length", "n_mels"):
+        need(getattr(fe, name) > 0, f"frontend.{name}", getattr(fe, name), "must be positive")
+    need(fe.win_length <= fe.n_fft, "frontend.win_length", fe.win_length, f"exceeds n_fft={fe.n_fft}")
+    need(0 <= fe.f_min < fe.f_max, "frontend.f_min", fe.f_min, f"must be >= 0 and below f_max={fe.f_max}")
+    need(fe.f_max <= fe.sample_rate / 2, "frontend.f_max", fe.f_max,
+         f"exceeds the Nyquist frequency of sample_rate={fe.sample_rate}")
+    need(fe.norm_stats[1] > 0, "frontend.norm_stats", list(fe.norm_stats), "needs a positive std (2nd value)")
+    for name in ("input_size", "patch_size"):
+        need(all(v > 0 for v in getattr(enc, name)), f"encoder.{name}", list(getattr(enc, name)),
+             "must be positive")
+    need(all(p <= i for p, i in zip(enc.patch_size, enc.input_size)), "encoder.patch_size", list(enc.patch_size),
+         f"is larger than input_size={list(enc.input_size)}")
+    need(enc.input_size[0] == fe.n_mels, "encoder.input_size", list(enc.input_size),
+         f"must start with frontend.n_mels={fe.n_mels}")
+    for section, c in (("encoder", enc), ("predictor", pred)):
+        need(c.embed_dim > 0, f"{section}.embed_dim", c.embed_dim, "must be positive")
+        need(c.depth >= 1, f"{section}.depth", c.depth, "must be at least 1")
+        heads(section, c.embed_dim, c.num_heads, "embed_dim")
+        need(c.mlp_ratio > 0, f"{section}.mlp_ratio", c.mlp_ratio, "must be positive")
+    need(enc.norm_eps > 0, "encoder.norm_eps", enc.norm_eps, "must be positive")
+    need(proj.kind in ("transformer", "mlp", "none"), "projector.kind", proj.kind, "is not transformer, mlp or none")
+    if proj.kind == "transformer":  # the projector's blocks work at the encoder width
+        need(proj.depth >= 1, "projector.depth", proj.depth, "must be at least 1")
+        heads("projector", enc.embed_dim, proj.num_heads, "encoder.embed_dim")
+        need(proj.mlp_ratio > 0, "projector.mlp_ratio", proj.mlp_ratio, "must be positive")
+        need(proj.norm_eps > 0, "projector.norm_eps", proj.norm_eps, "must be positive")
+    need(text.kind in ("hf", "sentence", "none"), "text.kind", text.kind, "is not hf, sentence or none")
+    if text.kind != "none":
+        need(bool(text.name.strip()), "text.name", text.name, "is empty")
+        need(text.pooling in ("cls", "mean"), "text.pooling", text.pooling, "is not cls or mean")
+        need(text.width > 0, "text.width", text.width, "must be positive")
+        need(text.max_length > 0, "text.max_length", text.max_length, "must be positive")
+    need(cfg.init_temperature > 0, "init_temperature", cfg.init_temperature, "must be positive")
+    need(cfg.max_logit_scale >= 1, "max_logit_scale", cfg.max_logit_scale, "must be at least 1")
 
 
 def _base() -> ModelCfg:
@@ -200,6 +285,8 @@ def apply_overrides(cfg: Any, overrides: dict[str, Any]) -> Any:
             raise KeyError(f"unknown config field {dotted!r}")
         current = getattr(obj, parts[-1])
         setattr(obj, parts[-1], coerce_like(current, value, dotted))
+    if isinstance(cfg, ModelCfg) and overrides:  # a bad override fails here, naming the field
+        cfg = ModelCfg.from_dict(cfg.to_dict())
     return cfg
 
 

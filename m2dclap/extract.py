@@ -495,7 +495,8 @@ def _main(args: argparse.Namespace) -> int:
         print("m2dclap-extract: error: --device cuda but no CUDA device is available", file=sys.stderr)
         return 2
     try:
-        model = load(args.checkpoint, device=device).to(DTYPES[args.dtype])
+        # every feature kind (clip, frame, clap) is audio: never load, look up or download a text model
+        model = load(args.checkpoint, device=device, audio_only=True).to(DTYPES[args.dtype])
     except CheckpointError as e:
         print(f"m2dclap-extract: error: {e}", file=sys.stderr)
         return 2

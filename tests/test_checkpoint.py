@@ -151,7 +151,7 @@ def test_wrong_kind_of_file(tmp_path):
         m2dclap.load(other)
     junk = tmp_path / "junk.pth"
     junk.write_bytes(b"this is not a checkpoint")
-    with pytest.raises(CheckpointError, match="junk.pth: not a readable"):
+    with pytest.raises(CheckpointError, match="junk.pth: not a PyTorch checkpoint"):
         m2dclap.load(junk)
     with pytest.raises(CheckpointError, match="no such file"):
         m2dclap.load(tmp_path / "missing.pth")
