@@ -31,6 +31,7 @@ from tqdm.auto import tqdm
 
 import m2dclap
 from m2dclap.clap import ContrastiveLoss
+from m2dclap.embed_files import AudioBatches, load_clip, min_samples_of, report_skipped
 from m2dclap.data.manifest import Record, apply_exclusions, read_exclusion_list
 from m2dclap.train.loop import (TrainState, loader_and_optimizer, lr_at, optimizer_step, repeat_rows,
                                 resume_and_track, save_checkpoint, start_run)
@@ -80,7 +81,7 @@ class FinetuneCfg:
     val_batch_size: int = 32  # clips per encoder batch at validation
     checkpoint_every: int = 0  # optimiser steps between extra resumable checkpoints (0 = at epoch ends only)
     keep_checkpoints: int = 2  # resumable checkpoints kept
-    on_bad_audio: str = "skip"  # skip (report, repeat good clips) or fail
+    on_bad_audio: str = "skip"  # skip (undecodable, empty, NaN/Inf or too-short clips named; exit 1) or fail
     mixed_precision: str = "no"  # no, fp16, bf16
     num_workers: int = 0  # DataLoader workers
     seed: int = 0  # everything random derives from it
@@ -133,7 +134,7 @@ class CaptionedClips(Dataset):
     """
 
     def __init__(self, records: Sequence[Record], sample_rate: int, crop_seconds: float, sample: str = "captions",
-                 seed: int = 0, on_bad_audio: str = "skip"):
+                 seed: int = 0, on_bad_audio: str = "skip", min_samples: int = 1):
         if sample not in ("captions", "clips"):
             raise ValueError(f"sample must be 'captions' or 'clips', got {sample!r}")
         if on_bad_audio not in ("skip", "fail"):
@@ -141,6 +142,7 @@ class CaptionedClips(Dataset):
         self.records, self.sample_rate = list(records), sample_rate
         self.crop = max(1, int(round(crop_seconds * sample_rate)))
         self.seed, self.epoch, self.on_bad_audio = seed, 0, on_bad_audio
+        self.min_samples = min_samples  # shorter clips are bad audio, like undecodable ones
         groups: dict[str, int] = {}
         self.group = [groups.setdefault(str(Path(r.audio).resolve()), len(groups)) for r in self.records]
         if sample == "captions":
@@ -159,11 +161,11 @@ class CaptionedClips(Dataset):
         rec = self.records[clip]
         rng = np.random.default_rng([self.seed, self.epoch, index])
         try:
-            wave = m2dclap.load_audio(rec.audio, self.sample_rate)
+            wave = load_clip(rec.audio, self.sample_rate, self.min_samples)
         except m2dclap.AudioError as e:
             if self.on_bad_audio == "fail":
                 raise
-            log.warning("skipping unreadable clip: %s", e)
+            log.warning("skipping a bad clip: %s", e)
             return {"bad": str(rec.audio)}
         if wave.shape[0] > self.crop:
             start = int(rng.integers(0, wave.shape[0] - self.crop + 1))
@@ -217,24 +219,23 @@ def validate(accelerator, model, sets: list[tuple[str, list[Record]]], batch_siz
                         lambda idx: model.encode_text([captions[i] for i in idx]).float().cpu(), 64)
 
         def audio_rows(idx: list[int]) -> torch.Tensor:
-            """Embeddings of the clips ``idx``; an unreadable clip gets a row of NaN (dropped below)."""
+            """Embeddings of the clips ``idx``; a skipped clip gets a row of NaN (dropped below)."""
             out = torch.full((len(idx), text.shape[1]), math.nan)
-            waves, ok = [], []
-            for j, i in enumerate(idx):
-                try:
-                    waves.append(m2dclap.load_audio(records[i].audio, model.sample_rate))
-                    ok.append(j)
-                except m2dclap.AudioError as e:
-                    log.warning("validation: skipping %s", e)
-            if waves:
-                out[ok] = model.encode_audio(waves, model.sample_rate, batch_size=batch_size).float().cpu()
+            for batch in AudioBatches([records[i].audio for i in idx], model.sample_rate, min_samples_of(model),
+                                      batch_size=len(idx) or 1):
+                skipped.extend(reason for _, reason in batch.skipped)
+                if batch.waves:
+                    out[batch.indices] = model.encode_audio(batch.waves, model.sample_rate,
+                                                            batch_size=batch_size).float().cpu()
             return out
 
+        skipped: list[str] = []
         audio = _sharded(accelerator, len(records), audio_rows, batch_size)
         good = ~torch.isnan(audio).any(1)
         remap = torch.cumsum(good.long(), 0) - 1
         keep_caps = good[owner]
         results[name] = caption_retrieval(text[keep_caps], audio[good], remap[owner[keep_caps]], "clap")
+        results[name]["skipped"] = skipped
     model.train()
     return results
 
@@ -269,7 +270,8 @@ def finetune(cfg: FinetuneCfg, resume: bool = False) -> dict[str, Any]:
     if cfg.exclude:
         records, removed = apply_exclusions(records, read_exclusion_list(cfg.exclude))
         log.info("excluded %d training clips listed in %s", removed, cfg.exclude)
-    ds = CaptionedClips(records, model.sample_rate, cfg.crop_seconds, cfg.sample, cfg.seed, cfg.on_bad_audio)
+    ds = CaptionedClips(records, model.sample_rate, cfg.crop_seconds, cfg.sample, cfg.seed, cfg.on_bad_audio,
+                        min_samples_of(model))
     loader, optimizer, peak, eff_batch = loader_and_optimizer(
         cfg, ds, collate, model, model.no_weight_decay(), accelerator.num_processes, "training items")
     model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
@@ -286,9 +288,10 @@ def finetune(cfg: FinetuneCfg, resume: bool = False) -> dict[str, Any]:
              eff_batch)
     if not progress.history:  # the starting point, so the gain of fine-tuning is visible
         _end_of_epoch(cfg, accelerator, model, val_sets, state, progress, train_loss=math.nan, checkpoint=False)
-    run_epochs(cfg, accelerator, model, optimizer, loader, ds, state, progress, sched, val_sets)
+    skipped = run_epochs(cfg, accelerator, model, optimizer, loader, ds, state, progress, sched, val_sets)
+    val_skipped = sorted({f for entry in progress.history for f in entry.get("val_skipped", [])})
     summary = {"checkpoint": cfg.checkpoint, "steps": state.step, "epochs": state.epoch,
-               "skipped_clips": state.skipped, "peak_lr": peak, "effective_batch": eff_batch,
+               "skipped_clips": state.skipped, "skipped_files": skipped, "val_skipped_files": val_skipped, "peak_lr": peak, "effective_batch": eff_batch,
                "initial_score": progress.history[0]["score"], "best_score": progress.best_score,
                "best_epoch": progress.best_epoch, "history": progress.history,
                "best_model": str(out_dir / "best"), "final_model": str(out_dir / "model"),
@@ -309,7 +312,9 @@ def batch_loss(model, batch: dict[str, Any], loss_fn: ContrastiveLoss, sample_ra
 
 
 def run_epochs(cfg: FinetuneCfg, accelerator, model, optimizer, loader, ds: CaptionedClips, state: TrainState,
-               progress: Progress, sched: dict[str, float], val_sets) -> None:
+               progress: Progress, sched: dict[str, float], val_sets) -> list[str]:
+    """Train to ``cfg.epochs``; returns the files skipped as bad audio (by this process, since this start)."""
+    skipped: set[str] = set()
     inner = accelerator.unwrap_model(model)
     loss_fn = ContrastiveLoss(accelerator.num_processes, accelerator.process_index)
     params = [p for p in model.parameters() if p.requires_grad]
@@ -325,6 +330,7 @@ def run_epochs(cfg: FinetuneCfg, accelerator, model, optimizer, loader, ds: Capt
         for batch in batches:
             state.batch_in_epoch += 1
             state.skipped += len(batch["skipped"])
+            skipped.update(batch["skipped"])
             if not batch["waves"]:  # every clip unreadable: repeat the last good batch (same collectives)
                 if last_good is None:
                     raise ValueError(f"the first batch had only unreadable clips: {batch['skipped']}")
@@ -353,6 +359,7 @@ def run_epochs(cfg: FinetuneCfg, accelerator, model, optimizer, loader, ds: Capt
         mean_loss = float(torch.stack(losses).mean()) if losses else math.nan
         _end_of_epoch(cfg, accelerator, model, val_sets, state, progress, mean_loss)
     bar.close()
+    return sorted(skipped)
 
 
 def _end_of_epoch(cfg: FinetuneCfg, accelerator, model, val_sets, state: TrainState, progress: Progress,
@@ -366,6 +373,9 @@ def _end_of_epoch(cfg: FinetuneCfg, accelerator, model, val_sets, state: TrainSt
              "val": {name: {d: {k: v for k, v in r[d].items() if k.startswith(("R@", "mAP"))}
                             for d in ("text_to_audio", "audio_to_text")} for name, r in results.items()},
              "val_seconds": round(time.perf_counter() - t0, 2)}
+    val_skipped = sorted({f for r in results.values() for f in r["skipped"]})
+    if val_skipped:
+        entry["val_skipped"] = val_skipped
     progress.history.append(entry)
     improved = score > progress.best_score
     if improved:
@@ -397,7 +407,9 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="datasets (--train/--val): comma lists of clotho, audiocaps, wavcaps, synthetic (the embedded "
                "corpus), NAME:SPLIT (e.g. clotho:evaluation), or manifest files (.csv/.jsonl, split train/val).\n"
                "example:\n  accelerate launch -m retrieval.finetune --checkpoint runs/default/stage2/model "
-               "--train clotho,audiocaps --val clotho --clotho-root data/clotho --audiocaps-root data/audiocaps",
+               "--train clotho,audiocaps --val clotho --clotho-root data/clotho --audiocaps-root data/audiocaps\n"
+               "exit status: 0 done; 1 done, but clips were skipped as bad audio (named on stderr; training "
+               "with --on-bad-audio skip, and validation); 2 usage error.",
         formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--resume", action="store_true", help="continue from the last complete checkpoint")
     comments = _field_comments()
@@ -440,12 +452,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         summary = finetune(cfg, resume=args.resume)
     except (ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
-        return 1
+        return 2
     if not summary["main_process"]:
         return 0
     print(f"validation T2A mAP@10: start {100 * summary['initial_score']:.2f} -> best "
           f"{100 * summary['best_score']:.2f} (epoch {summary['best_epoch']}); best model in {summary['best_model']}")
-    return 0
+    bad = [(f, f"{f}: bad audio (training)") for f in summary["skipped_files"]]
+    bad += [(f, f) for f in summary["val_skipped_files"]]
+    rc = report_skipped(bad, what="clip", stream=sys.stderr)
+    return 1 if rc or summary["skipped_clips"] else 0
 
 
 if __name__ == "__main__":

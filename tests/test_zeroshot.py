@@ -293,7 +293,7 @@ def test_classify_cli(checkpoint, corpus, model, tmp_path, capsys, monkeypatch):
     rc = classify_cli.main([*map(str, clips), str(tmp_path / "missing.wav"), "--checkpoint", str(checkpoint),
                             "--labels", "beep, siren,rumble,siren", "--top", "2", "--quiet"])
     captured = capsys.readouterr()
-    assert rc == 1 and "1 of 3 file(s) could not be read" in captured.err and "missing.wav" in captured.err
+    assert rc == 1 and "1 of 3 file(s) could not be used" in captured.err and "missing.wav" in captured.err
     lines = captured.out.splitlines()
     assert lines[0] == str(clips[0]) and len(lines) == 6
     assert lines[1].lstrip().startswith("1. ") and "p=" in lines[1] and "cos=" in lines[1]

@@ -2,7 +2,7 @@
 
     clf = ZeroShotClassifier.from_labels(model, ["dog", "rain", "siren"])  # "dog can be heard", ...
     probs = clf.predict(waves)                       # (B, 3), rows sum to 1
-    out = clf.predict_files(paths)                   # batched, progress bar, unreadable files in out.failed
+    out = clf.predict_files(paths)                   # batched, progress bar, skipped files in out.failed
 
 Scores follow EVAR's zero-shot evaluation (the code behind the paper's Table VII): the plain cosine
 similarity between the CLAP audio embedding and each class's text embedding, then a softmax over classes
@@ -14,15 +14,12 @@ nor mAP. The class text embeddings are computed once, when the classifier is bui
 from __future__ import annotations
 
 import logging
-from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Mapping, Sequence
 
 import torch
-from tqdm.auto import tqdm
-
-import m2dclap
+from m2dclap.embed_files import AudioBatches, min_samples_of
 
 from .templates import Template, as_template_list, encode_prompts, make_prompts
 
@@ -113,35 +110,21 @@ class ZeroShotClassifier:
 
     def predict_files(self, paths: Sequence[str | Path], batch_size: int = 32, progress: bool = True,
                       workers: int = 2) -> FilePredictions:
-        """Read, embed and score audio files in batches (files of the next batch are read while one is
-        encoded). Unreadable files are logged, skipped and returned in ``failed``."""
+        """Read, embed and score audio files in batches (:class:`m2dclap.embed_files.AudioBatches`: files of
+        the next batch are read while one is encoded). Files that cannot be used (undecodable, empty, NaN/Inf,
+        shorter than the frontend's window) are logged, skipped and returned in ``failed``."""
         paths = [Path(p) for p in paths]
         kept: list[int] = []
         failed: list[tuple[Path, str]] = []
         embs: list[torch.Tensor] = []
         sr = self.model.sample_rate
-        starts = range(0, len(paths), batch_size)
-        bar = tqdm(total=len(paths), desc="zero-shot: embedding audio", unit="clip", disable=not progress)
-        with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
-            def submit(start: int) -> list[Future]:
-                return [pool.submit(m2dclap.load_audio, p, sr) for p in paths[start:start + batch_size]]
-
-            pending = submit(0) if paths else []
-            for start in starts:
-                current, pending = pending, (submit(start + batch_size) if start + batch_size < len(paths) else [])
-                waves, idx = [], []
-                for i, fut in enumerate(current, start=start):
-                    try:
-                        waves.append(fut.result())
-                        idx.append(i)
-                    except m2dclap.AudioError as e:
-                        log.warning("skipping unreadable audio: %s", e)
-                        failed.append((paths[i], str(e)))
-                if waves:
-                    embs.append(self.embed(waves, sr, batch_size).float().cpu())
-                    kept.extend(idx)
-                bar.update(len(current))
-        bar.close()
+        batches = AudioBatches(paths, sr, min_samples_of(self.model), batch_size, workers=workers,
+                               progress=progress, desc="zero-shot: embedding audio")
+        for batch in batches:
+            failed += [(paths[i], reason) for i, reason in batch.skipped]
+            if batch.waves:
+                embs.append(self.embed(batch.waves, sr, batch_size).float().cpu())
+                kept.extend(batch.indices)
         dim = self.text_embeddings.shape[1]
         emb = torch.cat(embs) if embs else torch.zeros(0, dim)
         probs, sim = self.scores(emb)

@@ -7,7 +7,8 @@ another ("the sound of {label}"; repeat it for a prompt ensemble). For each file
 with their probability (softmax over the labels of the cosine similarity times ``--scale``; sigmoid per label
 with ``--multi-label``) and the cosine similarity itself. With the default ``--scale 1`` (EVAR's convention)
 probabilities are close to uniform, the ranking is what matters; ``--scale 100`` gives CLIP-like ones.
-Unreadable files are reported on stderr and skipped; the exit status is then 1.
+Files that cannot be used (undecodable, empty, NaN/Inf, shorter than one STFT window) are named on stderr
+and skipped. Exit status: 0 every file classified, 1 files were skipped, 2 bad input or usage.
 """
 from __future__ import annotations
 
@@ -19,6 +20,7 @@ from pathlib import Path
 from typing import Sequence
 
 from m2dclap import CheckpointError
+from m2dclap.embed_files import report_skipped
 
 from ._cli import cli_error, cli_logging, load_model, resolve_device
 from .classifier import ZeroShotClassifier
@@ -97,11 +99,9 @@ def _main(args: argparse.Namespace) -> int:
         print(path)
         for rank, (lab, p) in enumerate(best, start=1):
             print(f"  {rank}. {lab:<24s} p={p:.4f}  cos={cos[lab]:+.4f}")
-    if preds.failed:  # each one was logged as a warning when it was skipped
-        print(f"{PROG}: {len(preds.failed)} of {len(args.audio)} file(s) could not be read: "
-              + ", ".join(str(p) for p, _ in preds.failed[:5]) + (" ..." if len(preds.failed) > 5 else ""),
-              file=sys.stderr)
-    return 1 if preds.failed else 0
+    if preds.failed:
+        print(f"{PROG}: {len(preds.failed)} of {len(args.audio)} file(s) could not be used", file=sys.stderr)
+    return report_skipped(preds.failed, stream=sys.stderr)
 
 
 if __name__ == "__main__":

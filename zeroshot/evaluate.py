@@ -25,6 +25,7 @@ from typing import Any, Sequence
 
 import numpy as np
 from m2dclap import CheckpointError
+from m2dclap.embed_files import report_skipped
 
 from . import metrics
 from ._cli import cli_error, cli_logging, load_model, resolve_device
@@ -59,6 +60,8 @@ def score_predictions(dataset: ZeroShotDataset, classifier: ZeroShotClassifier, 
         "n_missing_files": len(dataset.missing),
         "failed_files": [{"path": str(p), "error": why} for p, why in preds.failed],
         "n_failed_files": len(preds.failed),
+        # the figures are over the evaluated clips only: every clip left out, missing or unusable
+        "n_skipped": len(dataset.missing) + len(preds.failed),
     }
     if not clips:
         result.update(metric="mAP" if dataset.multi_label else "accuracy", score=float("nan"))
@@ -124,7 +127,7 @@ def format_report(result: dict[str, Any], max_rows: int | None = None) -> str:
     name = "AP" if key == "ap" else "acc"
     lines = [f"{result['dataset']}: {result['task']}, {result['n_clips']} clips, {result['n_classes']} classes"
              + (f", {result['n_missing_files']} missing files" if result["n_missing_files"] else "")
-             + (f", {result['n_failed_files']} unreadable files skipped" if result["n_failed_files"] else "")]
+             + (f", {result['n_failed_files']} unusable files skipped" if result["n_failed_files"] else "")]
     if result["n_clips"] == 0:
         lines.append("no clip could be evaluated")
         return "\n".join(lines)
@@ -224,7 +227,11 @@ LAYOUTS = """dataset layouts under --root:
   audioset  --segments CSV (YTID, start_seconds, end_seconds, positive_labels), class_labels_indices.csv,
             audio at --audio-pattern
   manifest  the suite's CSV/JSONL manifest (audio, labels, split columns)
-Missing audio files are listed and counted (an error with --strict); unreadable ones are skipped and listed."""
+Missing audio files are listed and counted (an error with --strict); unusable ones (undecodable, empty,
+NaN/Inf, shorter than one STFT window) are skipped and listed. Both are named on stderr and counted in the
+JSON (n_skipped), since the figures leave them out.
+exit status: 0 every clip evaluated; 1 clips were skipped (missing or unusable), or none could be
+evaluated; 2 bad input or usage."""
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -344,7 +351,10 @@ def _main(args: argparse.Namespace) -> int:
         png = (Path(args.plot) if isinstance(args.plot, str)
                else Path(args.out).with_suffix(".png") if args.out else Path(f"zeroshot_{dataset.name}.png"))
         print(f"wrote {plot(result, png)}")
-    return 0 if result["n_clips"] else 1
+    left_out = [(str(p), f"{p}: missing") for p in dataset.missing]
+    left_out += [(f["path"], f["error"]) for f in result["failed_files"]]
+    rc = report_skipped(left_out, what="clip", stream=sys.stderr)
+    return rc if result["n_clips"] else 1
 
 
 if __name__ == "__main__":
