@@ -12,7 +12,6 @@
 """
 from __future__ import annotations
 
-import csv
 import re
 from collections import Counter
 from collections.abc import Callable, Sequence
@@ -22,6 +21,8 @@ from pathlib import Path
 import numpy as np
 import torch
 from torch.utils.data import Dataset
+
+from m2dclap.fileio import csv_dicts
 
 PAD_CODE = 1024
 MAX_FRAMES = 1021
@@ -47,19 +48,17 @@ def read_index(path: str | Path, split: str | Sequence[str] | None = None) -> li
     root = path.parent
     splits = None if split is None else ({split} if isinstance(split, str) else set(split))
     out = []
-    with open(path, newline="", encoding="utf-8") as f:
-        reader = csv.DictReader(f)
-        need = {"id", "tokens", "clap"}
-        if not need <= set(reader.fieldnames or []):
-            raise ValueError(f"{path}: not a preprocess index (needs columns {sorted(need)})")
-        cols = sorted((c for c in reader.fieldnames if re.fullmatch(r"caption_\d+", c)),
-                      key=lambda c: int(c.split("_")[1]))
-        for row in reader:
-            s = row.get("split") or ""
-            if splits is not None and s not in splits:
-                continue
-            caps = [row[c].strip() for c in cols if row.get(c) and row[c].strip()]
-            out.append(CachedClip(row["id"], s, root / row["tokens"], root / row["clap"], caps, row.get("audio", "")))
+    header, rows = csv_dicts(path)  # bad bytes or rows: a ValueError naming the file and the line
+    need = {"id", "tokens", "clap"}
+    if not need <= set(header):
+        raise ValueError(f"{path}: not a preprocess index (needs columns {sorted(need)})")
+    cols = sorted((c for c in header if re.fullmatch(r"caption_\d+", c)), key=lambda c: int(c.split("_")[1]))
+    for _, row in rows:
+        s = row.get("split") or ""
+        if splits is not None and s not in splits:
+            continue
+        caps = [row[c].strip() for c in cols if row[c].strip()]
+        out.append(CachedClip(row["id"], s, root / row["tokens"], root / row["clap"], caps, row.get("audio", "")))
     return out
 
 

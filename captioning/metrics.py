@@ -487,19 +487,28 @@ def _id_column(fieldnames: Sequence[str] | None, path) -> str:
     raise ValueError(f"{path}: needs a 'file_name' column (header found: {fieldnames})")
 
 
+def _caption_table(path: str | os.PathLike) -> tuple[list[str], list[tuple[int, dict[str, str]]]]:
+    """Header and ``(line, row)`` s of a predictions or references CSV: UTF-8, one line per row. A quoted cell
+    running over lines (an unbalanced quote), bad bytes or a row of another width raise a ValueError naming
+    the file and the line, instead of swallowing the rows after it (reported as missing references)."""
+    from m2dclap.fileio import csv_dicts
+
+    return csv_dicts(path, multiline=False)
+
+
 def read_predictions_csv(path: str | os.PathLike) -> dict[str, str]:
     """``file_name,caption`` (one row per clip) -> {file_name: caption}."""
-    with open(path, newline="", encoding="utf-8") as f:
-        reader = csv.DictReader(f)
-        key = _id_column(reader.fieldnames, path)
-        if "caption" not in (reader.fieldnames or []):
-            raise ValueError(f"{path}: needs a 'caption' column (header found: {reader.fieldnames})")
-        out: dict[str, str] = {}
-        for row in reader:
-            fid = row[key]
-            if fid in out:
-                raise ValueError(f"{path}: duplicate prediction for {fid!r}")
-            out[fid] = row["caption"] or ""
+    header, rows = _caption_table(path)
+    key = _id_column(header, path)
+    if "caption" not in header:
+        raise ValueError(f"{path}: needs a 'caption' column (header found: {header})")
+    out: dict[str, str] = {}
+    first: dict[str, int] = {}
+    for line, row in rows:
+        fid = row[key]
+        if fid in out:
+            raise ValueError(f"{path}, line {line}: duplicate prediction for {fid!r} (first on line {first[fid]})")
+        out[fid], first[fid] = row["caption"], line
     return out
 
 
@@ -515,19 +524,18 @@ def write_predictions(path: str | os.PathLike, preds: Mapping[str, str]) -> None
 
 def read_references_csv(path: str | os.PathLike) -> dict[str, list[str]]:
     """``file_name,caption_1,...,caption_N`` -> {file_name: [non-empty captions]}."""
-    with open(path, newline="", encoding="utf-8") as f:
-        reader = csv.DictReader(f)
-        key = _id_column(reader.fieldnames, path)
-        cols = sorted((c for c in (reader.fieldnames or []) if re.fullmatch(r"caption_\d+", c)),
-                      key=lambda c: int(c.split("_")[1]))
-        if not cols:
-            raise ValueError(f"{path}: needs caption_1..caption_N columns (header found: {reader.fieldnames})")
-        out: dict[str, list[str]] = {}
-        for row in reader:
-            fid = row[key]
-            if fid in out:
-                raise ValueError(f"{path}: duplicate references row for {fid!r}")
-            out[fid] = [row[c] for c in cols if row.get(c) and row[c].strip()]
+    header, rows = _caption_table(path)
+    key = _id_column(header, path)
+    cols = sorted((c for c in header if re.fullmatch(r"caption_\d+", c)), key=lambda c: int(c.split("_")[1]))
+    if not cols:
+        raise ValueError(f"{path}: needs caption_1..caption_N columns (header found: {header})")
+    out: dict[str, list[str]] = {}
+    first: dict[str, int] = {}
+    for line, row in rows:
+        fid = row[key]
+        if fid in out:
+            raise ValueError(f"{path}, line {line}: duplicate references row for {fid!r} (first on line {first[fid]})")
+        out[fid], first[fid] = [row[c] for c in cols if row[c].strip()], line
     return out
 
 

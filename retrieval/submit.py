@@ -251,6 +251,18 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _read_dev_results(parser: argparse.ArgumentParser, path: str | None) -> dict[str, Any] | None:
+    if not path:
+        return None
+    try:
+        dev = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:  # UnicodeDecodeError and JSONDecodeError are ValueErrors
+        parser.error(f"--dev-results {path}: not a readable JSON file ({e})")
+    if not isinstance(dev, dict):
+        parser.error(f"--dev-results {path}: expected the JSON object written by python -m retrieval.evaluate")
+    return dev
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -263,8 +275,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except MissingAudioError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
-    except (ValueError, FileNotFoundError) as e:
+    except (ValueError, OSError) as e:  # a folder given as a file, bad bytes or rows: named by the message
         parser.error(str(e))
+    dev = _read_dev_results(parser, args.dev_results)  # before the model: a bad file costs no encoding
     dupes = [c for c, n in Counter(data.captions).items() if n > 1]
     if dupes:
         log.warning("%d caption(s) occur more than once in %s, e.g. %r", len(dupes), args.captions, dupes[0])
@@ -292,7 +305,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         if writer:
             writer.close()
         write_ranking(out, data.captions, names, top)
-        dev = json.loads(Path(args.dev_results).read_text()) if args.dev_results else None
         atomic_write_text(meta_path, meta_template(model, args.checkpoint, args.system_name or system_label(out),
                                                    dev))
     errors = validate_submission(out, data.captions, audio_dir, scores_path, meta_path)

@@ -7,7 +7,7 @@ A manifest is a CSV or a JSONL file (chosen by the extension, ``.csv`` or ``.jso
 * ``caption`` or ``caption_1`` .. ``caption_N`` (optional): zero or more captions; empty cells are ignored;
 * ``labels`` (optional): several labels separated by ``;`` (a list is also accepted in JSONL);
 * ``split`` (optional): ``train``, ``val`` or ``test`` (``valid``/``validation`` read as ``val``);
-* ``id`` (optional): a unique clip id, by default the audio file's stem.
+* ``id`` (optional): a unique clip id, kept as written (spaces included), by default the audio file's stem.
 
 Other columns are ignored. Every error is a :class:`ManifestError` that names the file and the line.
 """
@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any, Iterable, Sequence
 
 from ..fileio import atomic_write_text  # noqa: F401  (re-exported: the callers' name for it)
+from ..fileio import TextFileError, csv_rows, undecodable_line
 
 log = logging.getLogger(__name__)
 
@@ -89,48 +90,37 @@ def manifest_rows(path: str | Path) -> Iterable[tuple[int, dict[str, Any]]]:
 
 
 def _csv_rows(path: Path) -> Iterable[tuple[int, dict[str, Any]]]:
-    with open(path, newline="", encoding="utf-8-sig") as f:
-        reader = csv.reader(f)
-        try:
-            header = next(reader)
-        except StopIteration:
-            raise ManifestError(f"{path}: empty manifest (no header line)") from None
-        except csv.Error as e:
-            raise ManifestError(f"{path}, line 1: malformed CSV header ({e})") from None
-        header = [h.strip() for h in header]
-        _check_header(header, path, 1)
-        prev_end = reader.line_num
-        while True:
-            start = prev_end + 1  # a quoted field may span lines: report the line where the row starts
-            try:
-                row = next(reader)
-            except StopIteration:
-                return
-            except csv.Error as e:
-                raise ManifestError(f"{path}, line {start}: malformed CSV row ({e})") from None
-            prev_end = reader.line_num
-            if not row or all(not cell.strip() for cell in row):
-                continue  # blank line
-            if len(row) != len(header):
-                raise ManifestError(f"{path}, line {start}: malformed CSV row: {len(row)} field(s), "
-                                    f"the header has {len(header)}")
-            yield start, dict(zip(header, row))
+    try:
+        rows = csv_rows(path)  # a quoted cell may span lines: each row comes with the line where it starts
+        first = next(rows, None)
+        if first is None:
+            raise ManifestError(f"{path}: empty manifest (no header line)")
+        header = [h.strip() for h in first[1]]
+        _check_header(header, path, first[0])
+        for line, row in rows:
+            yield line, dict(zip(header, row))
+    except TextFileError as e:  # bad bytes, an unbalanced quote, a wrong number of fields
+        raise ManifestError(str(e)) from None
 
 
 def _jsonl_rows(path: Path) -> Iterable[tuple[int, dict[str, Any]]]:
-    with open(path, encoding="utf-8-sig") as f:
-        for line_no, text in enumerate(f, start=1):
-            if not text.strip():
-                continue
-            try:
-                row = json.loads(text)
-            except json.JSONDecodeError as e:
-                raise ManifestError(f"{path}, line {line_no}: bad JSON ({e.msg} at column {e.colno})") from None
-            if not isinstance(row, dict):
-                raise ManifestError(f"{path}, line {line_no}: bad JSON line: expected an object, "
-                                    f"got {type(row).__name__}")
-            _check_header(list(row), path, line_no)
-            yield line_no, row
+    try:
+        with open(path, encoding="utf-8-sig") as f:
+            lines = list(f)
+    except UnicodeDecodeError:
+        raise ManifestError(f"{undecodable_line(path) or f'{path}: not UTF-8 text'}; save the file as UTF-8") from None
+    for line_no, text in enumerate(lines, start=1):
+        if not text.strip():
+            continue
+        try:
+            row = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise ManifestError(f"{path}, line {line_no}: bad JSON ({e.msg} at column {e.colno})") from None
+        if not isinstance(row, dict):
+            raise ManifestError(f"{path}, line {line_no}: bad JSON line: expected an object, "
+                                f"got {type(row).__name__}")
+        _check_header(list(row), path, line_no)
+        yield line_no, row
 
 
 def _check_header(columns: Sequence[str], path: Path, line: int) -> None:
@@ -146,7 +136,7 @@ def _row_to_record(row: dict[str, Any], path: Path, line: int) -> Record:
     audio = Path(os.path.expanduser(audio_cell.strip()))
     if not audio.is_absolute():
         audio = Path(os.path.normpath(path.parent.resolve() / audio))  # "../x.wav" -> a clean absolute path
-    rec_id = _text(row.get("id"), where, "id") or audio.stem
+    rec_id = _id(row.get("id"), where) or audio.stem
     split = _text(row.get("split"), where, "split")
     return Record(id=rec_id, audio=audio, captions=_captions(row, where), labels=_labels(row.get("labels"), where),
                   split=_normalise_split(split, where) if split else None)
@@ -199,6 +189,13 @@ def _text(value: Any, where: str, column: str) -> str:
     if not isinstance(value, str):
         raise ManifestError(f"{where}: column {column!r} must hold text, got {type(value).__name__}")
     return value.strip()
+
+
+def _id(value: Any, where: str) -> str:
+    """An id cell kept as written (Clotho names end in spaces: "Heat duct .wav"); a blank cell is no id."""
+    if isinstance(value, str):
+        return value if value.strip() else ""
+    return _text(value, where, "id")
 
 
 def _normalise_split(split: str, where: str) -> str:

@@ -15,7 +15,6 @@ the datasets through these functions.
 """
 from __future__ import annotations
 
-import csv
 import json
 import logging
 import string
@@ -25,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from ..audio import AUDIO_EXTENSIONS
+from ..fileio import UndecodableError, csv_dicts, undecodable_line
 from .manifest import Record, check_files
 
 log = logging.getLogger(__name__)
@@ -71,19 +71,20 @@ def finish_records(records: list[Record], source: str, strict: bool) -> ReadResu
     return ReadResult(present, missing, source)
 
 
-def read_csv_dicts(path: Path) -> list[dict[str, str]]:
-    """Rows of a CSV file as dicts (UTF-8, falling back to cp1252 for files saved by spreadsheet tools)."""
-    for encoding in ("utf-8-sig", "cp1252"):
-        try:
-            with open(path, newline="", encoding=encoding) as f:
-                reader = csv.DictReader(f)
-                rows = [{(k or "").strip(): (v or "") for k, v in row.items()} for row in reader]
-            if encoding != "utf-8-sig":
-                log.warning("%s is not UTF-8; read it as %s", path, encoding)
-            return rows
-        except UnicodeDecodeError:
-            continue
-    raise ValueError(f"{path}: cannot decode the file as UTF-8 or cp1252")
+def read_csv_dicts(path: Path, multiline: bool = True) -> list[dict[str, str]]:
+    """Rows of a CSV file as dicts (UTF-8, falling back to cp1252 for files saved by spreadsheet tools). Bad
+    bytes, an unbalanced quote or a row of another width raise a ValueError naming the file and the line
+    (:func:`m2dclap.fileio.csv_rows`; ``multiline``: whether a quoted cell may span lines)."""
+    try:
+        return [row for _, row in csv_dicts(path, "utf-8-sig", multiline)[1]]
+    except UndecodableError:
+        not_utf8 = undecodable_line(path)
+    try:
+        rows = [row for _, row in csv_dicts(path, "cp1252", multiline)[1]]
+    except UndecodableError:
+        raise UndecodableError(f"{not_utf8}, nor cp1252; save the file as UTF-8") from None
+    log.warning("%s: read it as cp1252", not_utf8)
+    return rows
 
 
 def require_columns(rows: list[dict[str, str]], path: Path, columns: Iterable[str]) -> None:
