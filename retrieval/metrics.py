@@ -174,16 +174,18 @@ def scores_from_positions(positions: torch.Tensor, n_relevant: torch.Tensor, pro
     if protocol not in PROTOCOLS:
         raise ValueError(f"unknown protocol {protocol!r}; use one of {', '.join(PROTOCOLS)}")
     keep = n_relevant > 0
-    pos, n = positions[keep], n_relevant[keep].float()
+    # Positions are exact integers in float32 (below 2**24); the sums and means run in float64, as the DCASE
+    # baselines' numpy code does (float32 accumulation was 1e-8 off at mAP 0.15 on 1,037 queries).
+    pos, n = positions[keep].double(), n_relevant[keep].double()
     if pos.shape[0] == 0:
         return {**{f"R@{k}": math.nan for k in ks}, **{f"mAP@{c}": math.nan for c in map_cutoffs}}
     out: dict[str, float] = {}
     for k in ks:
         if protocol == "clap":
-            out[f"R@{k}"] = (pos[:, 0] <= k).float().mean().item()
+            out[f"R@{k}"] = (pos[:, 0] <= k).double().mean().item()
         else:
             out[f"R@{k}"] = ((pos <= k).sum(1) / n).mean().item()
-    i = torch.arange(1, pos.shape[1] + 1, dtype=torch.float32)[None, :]  # i-th relevant found at p_i: i / p_i
+    i = torch.arange(1, pos.shape[1] + 1, dtype=torch.float64)[None, :]  # i-th relevant found at p_i: i / p_i
     for c in map_cutoffs:
         ap = torch.where(pos <= c, i / pos, torch.zeros_like(pos)).sum(1) / n
         out[f"mAP@{c}"] = ap.mean().item()

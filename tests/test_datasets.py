@@ -160,5 +160,10 @@ def test_dataloader_workers_see_the_same_data(records):
     kw = dict(batch_size=4, shuffle=False, collate_fn=collate)
     serial = list(DataLoader(ds, num_workers=0, **kw))
     parallel = list(DataLoader(ds, num_workers=2, **kw))
+    assert len(serial) == len(parallel) == 2
     for s, p in zip(serial, parallel):
-        assert torch.equal(s["lms"], p["lms"]) and s["caption"] == p["caption"] and s["skipped"] == []
+        assert s["caption"] == p["caption"] and s["skipped"] == p["skipped"] == []
+        # Same crops in the same order; the values only to float tolerance: a worker computes with one
+        # thread, the main process with two, and the frontend's matmul promises no bit-equality across
+        # thread counts (a different crop is off by whole units of log-mel).
+        torch.testing.assert_close(s["lms"], p["lms"], atol=1e-5, rtol=0)

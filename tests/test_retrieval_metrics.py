@@ -159,3 +159,33 @@ def test_relevance_structures():
         Relevance.from_lists([[4]], 4)
     with pytest.raises(ValueError, match="unknown protocol"):
         scores([[1.0]], [[0]], "laion")
+
+
+def _baseline_average_precision_at_k(relevant_ranks: list[int], k: int) -> float:
+    """The DCASE 2025 baseline's ``average_precision_at_k`` as the reference describes it (0-based ranks,
+    sorted; ``ap += i / (rank + 1)`` while ``rank < k``; divided by the number of relevant items), in Python
+    floats (float64)."""
+    ap = 0.0
+    for i, rank in enumerate(sorted(relevant_ranks), start=1):
+        if rank >= k:
+            break
+        ap += i / (rank + 1)
+    return ap / len(relevant_ranks)
+
+
+def test_dcase_map_equals_the_baselines_float64_average_to_1e12():
+    # 1,037 queries with 1-12 relevant clips each, as the 2025 metadata_eval.csv relevance sets
+    g = torch.Generator().manual_seed(7)
+    n_queries, width = 1037, 12
+    positions = torch.full((n_queries, width), math.inf)
+    ranks = []
+    for q in range(n_queries):
+        n = int(torch.randint(1, width + 1, (1,), generator=g))
+        r = sorted(torch.randperm(60, generator=g)[:n].tolist())  # 0-based ranks among 60, many in the top 16
+        ranks.append(r)
+        positions[q, :n] = torch.tensor(r, dtype=torch.float32) + 1
+    counts = torch.tensor([len(r) for r in ranks])
+    got = scores_from_positions(positions, counts, "dcase", map_cutoffs=(10, 16))
+    for k in (10, 16):
+        expected = sum(_baseline_average_precision_at_k(r, k) for r in ranks) / n_queries
+        assert abs(got[f"mAP@{k}"] - expected) < 1e-12, (k, got[f"mAP@{k}"], expected)
