@@ -31,6 +31,7 @@ from m2dclap.data.public import (  # noqa: F401 - re-exported: retrieval's publi
     read_audiocaps,
     read_clotho,
     read_csv_dicts,
+    read_csv_lines,
     read_wavcaps,
     require_columns,
 )
@@ -52,12 +53,12 @@ class DcaseEvalSet:
 def read_dcase_captions(path: str | Path) -> list[str]:
     """``retrieval_captions.csv`` -> its ``caption`` column, in order."""
     path = Path(path)
-    rows = read_csv_dicts(path)
-    if not rows:
+    lines = read_csv_lines(path, multiline=False)  # one caption per line: a quote must not swallow the next
+    if not lines:
         raise ValueError(f"{path}: no captions")
-    require_columns(rows, path, ["caption"])
-    captions = [r["caption"].strip() for r in rows]
-    empty = [i + 2 for i, c in enumerate(captions) if not c]
+    require_columns([row for _, row in lines], path, ["caption"])
+    captions = [row["caption"].strip() for _, row in lines]
+    empty = [line for (line, _), c in zip(lines, captions) if not c]
     if empty:
         raise ValueError(f"{path}: empty caption on line(s) {empty[:10]}")
     return captions
@@ -88,10 +89,10 @@ def read_relevance(path: str | Path) -> list[tuple[str, list[str]]]:
     """DCASE 2025 multi-positive annotations: ``query,audio_filenames`` where the second column is a Python
     list literal (``"['a.wav', 'b.wav']"``) or a single file name -> ``[(query, [file names])]``."""
     path = Path(path)
-    rows = read_csv_dicts(path)
-    require_columns(rows, path, ["query", "audio_filenames"])
+    lines = read_csv_lines(path)
+    require_columns([row for _, row in lines], path, ["query", "audio_filenames"])
     out = []
-    for line, row in enumerate(rows, start=2):
+    for line, row in lines:
         cell = row["audio_filenames"].strip()
         if cell.startswith("["):
             try:

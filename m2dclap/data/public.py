@@ -71,20 +71,26 @@ def finish_records(records: list[Record], source: str, strict: bool) -> ReadResu
     return ReadResult(present, missing, source)
 
 
-def read_csv_dicts(path: Path, multiline: bool = True) -> list[dict[str, str]]:
-    """Rows of a CSV file as dicts (UTF-8, falling back to cp1252 for files saved by spreadsheet tools). Bad
-    bytes, an unbalanced quote or a row of another width raise a ValueError naming the file and the line
-    (:func:`m2dclap.fileio.csv_rows`; ``multiline``: whether a quoted cell may span lines)."""
+def read_csv_lines(path: Path, multiline: bool = True) -> list[tuple[int, dict[str, str]]]:
+    """Rows of a CSV file as ``(line where the row starts, {column: cell})`` (UTF-8, falling back to cp1252
+    for files saved by spreadsheet tools). Bad bytes, an unbalanced quote or a row of another width raise a
+    ValueError naming the file and the line (:func:`m2dclap.fileio.csv_rows`; ``multiline``: whether a quoted
+    cell may span lines)."""
     try:
-        return [row for _, row in csv_dicts(path, "utf-8-sig", multiline)[1]]
+        return csv_dicts(path, "utf-8-sig", multiline)[1]
     except UndecodableError:
         not_utf8 = undecodable_line(path)
     try:
-        rows = [row for _, row in csv_dicts(path, "cp1252", multiline)[1]]
+        rows = csv_dicts(path, "cp1252", multiline)[1]
     except UndecodableError:
         raise UndecodableError(f"{not_utf8}, nor cp1252; save the file as UTF-8") from None
     log.warning("%s: read it as cp1252", not_utf8)
     return rows
+
+
+def read_csv_dicts(path: Path, multiline: bool = True) -> list[dict[str, str]]:
+    """The rows of :func:`read_csv_lines` without their line numbers."""
+    return [row for _, row in read_csv_lines(path, multiline)]
 
 
 def require_columns(rows: list[dict[str, str]], path: Path, columns: Iterable[str]) -> None:
@@ -159,11 +165,11 @@ def read_audiocaps(root: str | Path, split: str = "test", audio_dir: str | Path 
     if unknown:
         raise ValueError(f"--audio-pattern {pattern!r}: unknown field(s) {unknown}; use {sorted(allowed)}")
     csv_path = _find_file(root, f"{s}.csv", "AudioCaps")
-    rows = read_csv_dicts(csv_path)
-    require_columns(rows, csv_path, ["youtube_id", "start_time", "caption"])
+    lines = read_csv_lines(csv_path)
+    require_columns([row for _, row in lines], csv_path, ["youtube_id", "start_time", "caption"])
     folder = Path(audio_dir) if audio_dir else _first_existing([root / s, root / "audio" / s, root / "audio"])
     by_file: dict[str, Record] = {}
-    for line, row in enumerate(rows, start=2):
+    for line, row in lines:
         try:
             start = int(float(row["start_time"]))
         except ValueError:
@@ -194,8 +200,10 @@ def read_wavcaps(json_path: str | Path, audio_dir: str | Path | None = None, pat
     by_file: dict[str, Record] = {}
     for path in files:
         folder = Path(audio_dir) if audio_dir else path.parent
-        with open(path, encoding="utf-8") as f:
-            doc = json.load(f)
+        try:
+            doc = json.loads(path.read_text(encoding="utf-8"))
+        except ValueError as e:  # bad bytes or bad JSON: the bare message would not name the file
+            raise ValueError(f"{path}: not a UTF-8 JSON file ({e})") from None
         entries = doc.get("data", []) if isinstance(doc, dict) else doc
         if not isinstance(entries, list):
             raise ValueError(f"{path}: expected {{'data': [...]}} or a list of entries")
