@@ -2,6 +2,10 @@
 from __future__ import annotations
 
 import os
+import shutil
+import socket
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -39,3 +43,22 @@ def tone(seconds: float, sr: int = 16000, freq: float = 440.0, seed: int = 0) ->
     rng = np.random.default_rng(seed)
     x = 0.3 * np.sin(2 * np.pi * freq * t) + 0.1 * np.sin(2 * np.pi * 2 * freq * t) + 0.01 * rng.standard_normal(t.size)
     return torch.from_numpy(x.astype(np.float32))
+
+
+LAUNCHER = Path(sys.executable).parent / "accelerate"
+needs_launcher = pytest.mark.skipif(not LAUNCHER.exists() and shutil.which("accelerate") is None,
+                                    reason="the accelerate launcher is not installed")
+
+
+def free_port() -> int:
+    """A TCP port nobody listens on now (the OS picks it), so parallel runs never share a rendezvous port."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def accelerate_launch(*args: str, processes: int = 2) -> list[str]:
+    """``accelerate launch`` of ``args`` on ``processes`` CPU processes (torchrun), on a free port."""
+    return [str(LAUNCHER) if LAUNCHER.exists() else "accelerate", "launch", "--multi_gpu", "--num_processes",
+            str(processes), "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+            "--main_process_ip", "127.0.0.1", "--main_process_port", str(free_port()), *args]

@@ -2,23 +2,19 @@
 process on the same global batch."""
 import json
 import os
-import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+from conftest import accelerate_launch, needs_launcher
 
 HERE = Path(__file__).parent
 
 
-@pytest.mark.skipif(shutil.which("accelerate") is None and not (Path(sys.executable).parent / "accelerate").exists(),
-                    reason="the accelerate launcher is not installed")
+@pytest.mark.slow
+@needs_launcher
 def test_two_processes_equal_one(tmp_path):
-    launcher = Path(sys.executable).parent / "accelerate"
-    cmd = [str(launcher) if launcher.exists() else "accelerate", "launch", "--multi_gpu", "--num_processes", "2",
-           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-           "--main_process_port", "29517", str(HERE / "dist_contrastive.py"), str(tmp_path / "out.json")]
+    cmd = accelerate_launch(str(HERE / "dist_contrastive.py"), str(tmp_path / "out.json"))
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(HERE.parent))
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=240, env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]

@@ -73,6 +73,7 @@ def _cli(corpus, out: Path, steps: int, resume: bool = False) -> list[str]:
     return args + (["--resume"] if resume else [])
 
 
+@pytest.mark.slow
 def test_kill_9_then_resume_equals_uninterrupted(corpus, tmp_path):
     env = dict(os.environ, OMP_NUM_THREADS="1")
     straight = subprocess.run(_cli(corpus, tmp_path / "a", 8), capture_output=True, text=True, env=env, timeout=300)
@@ -83,7 +84,9 @@ def test_kill_9_then_resume_equals_uninterrupted(corpus, tmp_path):
     while latest_checkpoint(tmp_path / "b") is None or \
             json.loads((latest_checkpoint(tmp_path / "b") / "state.json").read_text())["step"] < 4:
         assert proc.poll() is None, "run ended before it could be killed"
-        assert time.time() < deadline
+        if time.time() > deadline:  # a hang guard, not a speed requirement
+            proc.kill()
+            pytest.fail("the run wrote no step-4 checkpoint within 240 s")
         time.sleep(0.05)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
