@@ -16,6 +16,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import torch
+from m2dclap.embed_files import report_skipped
 
 from .codec import DEFAULT_BANDWIDTH
 from .train import CKPT_META, RUN_META
@@ -78,23 +79,21 @@ class Captioner:
 
     def caption_files(self, files: Sequence[str | Path], batch_size: int = 8,
                       **gen) -> tuple[list[str | None], list[tuple[Path, str]]]:
-        """(caption or None per file, [(file, why it could not be read)]); audio is loaded a batch at a time."""
-        from m2dclap import AudioError, load_audio
+        """(caption or None per file, [(file, why it was skipped)]); audio is read a batch at a time through
+        :class:`m2dclap.embed_files.AudioBatches` (undecodable, empty, NaN/Inf and too-short files skipped)."""
+        from m2dclap.embed_files import AudioBatches
 
         from .codec import CODEC_SAMPLE_RATE
+        from .preprocess import clap_min_samples
 
         texts: list[str | None] = [None] * len(files)
         bad: list[tuple[Path, str]] = []
-        for s in range(0, len(files), batch_size):
-            waves, where = [], []
-            for i in range(s, min(s + batch_size, len(files))):
-                try:
-                    waves.append(load_audio(files[i], sample_rate=CODEC_SAMPLE_RATE))
-                    where.append(i)
-                except (AudioError, OSError) as e:
-                    bad.append((Path(files[i]), str(e)))
-            if waves:
-                for i, t in zip(where, self.caption_waves(waves, CODEC_SAMPLE_RATE, batch_size=batch_size, **gen)):
+        for batch in AudioBatches(files, CODEC_SAMPLE_RATE, clap_min_samples(self.clap, CODEC_SAMPLE_RATE),
+                                  batch_size):
+            bad += [(Path(files[i]), reason) for i, reason in batch.skipped]
+            if batch.waves:
+                captions = self.caption_waves(batch.waves, CODEC_SAMPLE_RATE, batch_size=batch_size, **gen)
+                for i, t in zip(batch.indices, captions):
                     texts[i] = t
         return texts, bad
 
@@ -112,10 +111,20 @@ def expand_inputs(paths: Sequence[str | Path]) -> list[Path]:
     return out
 
 
+def name_clashes(files: Sequence[Path]) -> list[str]:
+    """Files that share a file name, which is their row key in the ``--out`` CSV: ``"x.wav: a/x.wav, b/x.wav"``."""
+    by_name: dict[str, list[Path]] = {}
+    for f in files:
+        by_name.setdefault(f.name, []).append(f)
+    return [f"{name}: {', '.join(map(str, fs))}" for name, fs in by_name.items() if len(fs) > 1]
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m captioning.caption", description=__doc__.split("\n\n")[0],
-                                epilog="Unreadable files are reported on stderr and skipped (exit status 1); the "
-                                       "others are captioned.")
+                                epilog="Files that cannot be used (undecodable, empty, NaN/Inf, shorter than one STFT "
+                                       "window) are named on stderr and skipped; the others are captioned. With --out, "
+                                       "files sharing a name (the CSV's key) are refused. Exit status: 0 every file "
+                                       "captioned, 1 files were skipped, 2 bad input or usage.")
     p.add_argument("audio", nargs="+", metavar="AUDIO", help="audio files or folders of audio files")
     p.add_argument("--checkpoint", required=True, metavar="C", help="epoch checkpoint or training run folder")
     p.add_argument("--clap-checkpoint", help="override the CLAP checkpoint recorded in the checkpoint")
@@ -125,19 +134,27 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--max-length", type=int, help="longest caption in tokens (default: the model's 50)")
     p.add_argument("--batch-size", type=int, default=8, help="clips per generation call (default 8)")
     p.add_argument("--out", metavar="CSV", help="also write file_name,caption here (the format captioning.evaluate "
-                                                "--predictions reads)")
+                                                "--predictions reads; the key is the file's name)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = p.parse_args(argv)
+    if args.batch_size < 1:
+        p.error(f"--batch-size must be at least 1, got {args.batch_size}")
+    files = expand_inputs(args.audio)
+    clashes = name_clashes(files) if args.out else []
+    if clashes:  # one CSV row per name: a second file of that name would overwrite the first's caption
+        print(f"error: --out {args.out}: files share a name, which is the CSV's key: " + "; ".join(clashes)
+              + ". Caption them in separate runs or rename them.", file=sys.stderr)
+        return 2
+    if args.out and Path(args.out).is_dir():
+        print(f"error: --out {args.out}: is a folder, not a CSV file", file=sys.stderr)
+        return 2
     try:
         cap = Captioner(args.checkpoint, args.clap_checkpoint, args.codec, args.clap, args.device)
     except Exception as e:  # noqa: BLE001 - a CLI: report and exit
         print(f"error: {type(e).__name__}: {e}", file=sys.stderr)
         return 2
-    files = expand_inputs(args.audio)
     texts, bad = cap.caption_files(files, batch_size=args.batch_size, num_beams=args.num_beams,
                                    max_length=args.max_length)
-    for f, why in bad:
-        print(f"skipped {f}: {why}", file=sys.stderr)
     done = [(f, t) for f, t in zip(files, texts) if t is not None]
     for f, t in done:
         print(f"{f}\t{t}")
@@ -145,7 +162,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         from .metrics import write_predictions
 
         write_predictions(args.out, {f.name: t for f, t in done})
-    return 1 if bad else 0
+    return report_skipped(bad, stream=sys.stderr)
 
 
 if __name__ == "__main__":

@@ -87,7 +87,7 @@ def cache_features(ckpt: Path, data: str | Path, split: str | None, out: Path, d
                    audio_pattern: str | None = None) -> Path:
     """Codec tokens and CLAP embeddings of the captioned clips of ``split`` of a manifest or of ``audiocaps`` /
     ``clotho`` (under ``data_root``), computed once into the preprocess cache ``out`` with the codec and CLAP
-    recorded in ``ckpt`` (every checkpoint of a run records the same); returns its index. An unreadable clip
+    recorded in ``ckpt`` (every checkpoint of a run records the same); returns its index. An unusable clip
     is an error: a scored split must not silently shrink."""
     from m2dclap.data.manifest import read_manifest
 
@@ -112,7 +112,7 @@ def cache_features(ckpt: Path, data: str | Path, split: str | None, out: Path, d
     if stats["errors"]:
         shown = "; ".join(e["error"] if e["audio"] in e["error"] else f"{e['audio']}: {e['error']}"
                           for e in stats["errors"][:5])
-        raise ValueError(f"{data}: {len(stats['errors'])} clip(s) of split {split!r} cannot be read: {shown}")
+        raise ValueError(f"{data}: {len(stats['errors'])} clip(s) of split {split!r} cannot be used: {shown}")
     return out / pp.INDEX_NAME
 
 

@@ -9,8 +9,10 @@ Writes, under DIR:
 * ``clap/<clap-name>/<id>.npy``: the CLAP audio embedding, float32, shape (D,);
 * ``index.csv``: one row per cached clip: ``id, audio, split, frames, tokens, clap, caption_1..caption_K``
   (paths relative to DIR); it is also a valid manifest of the suite;
-* ``errors.csv``: ``id, audio, error`` for clips that could not be read in this run (they are skipped);
-* ``preprocess.json``: the codec and CLAP used, so a later run can refuse to mix caches.
+* ``errors.csv``: ``id, audio, error`` for clips skipped in this run: undecodable, empty, NaN/Inf, or
+  shorter than the CLAP frontend's window;
+* ``preprocess.json``: the codec and CLAP used, so a later run can refuse to mix caches; written just
+  before the first output, so a run that failed before it (codec download offline) binds nothing.
 
 The run is resumable: a clip whose outputs exist is not recomputed, and every file is written atomically.
 """
@@ -30,8 +32,8 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from m2dclap import AudioError, load_audio
 from m2dclap.data.manifest import ManifestError, Record, read_manifest
+from m2dclap.embed_files import AudioBatches, min_samples_at, report_skipped
 from m2dclap.fileio import atomic_write
 
 from .clap_backends import BackendError, ClapBackend, get_backend, list_backends
@@ -72,37 +74,49 @@ def _save_npy(path: Path, array: np.ndarray) -> None:
         f.write(buf.getvalue())
 
 
-def _check_meta(out: Path, meta: dict) -> None:
-    """Refuse to add to a cache made with another codec or CLAP; record the settings on first use."""
+def clap_min_samples(clap: ClapBackend, sample_rate: int) -> int:
+    """The shortest clip at ``sample_rate`` that ``clap`` accepts: its model's log-mel window (the codec takes
+    any length); 1 for a backend without an M2D-CLAP frontend."""
+    cfg = getattr(getattr(clap, "model", None), "cfg", None)
+    return min_samples_at(cfg.frontend, sample_rate) if hasattr(cfg, "frontend") else 1
+
+
+def _merged_meta(out: Path, meta: dict) -> dict:
+    """``preprocess.json`` with this run's settings added; refuses a codec or CLAP that differs from the one
+    that made outputs already in ``out``. Settings recorded by a run that wrote nothing do not bind."""
     path = out / META_NAME
-    if path.is_file():
-        old = json.loads(path.read_text(encoding="utf-8"))
-        for key in ("codec", "bandwidth"):
-            if old.get(key) != meta.get(key):
-                raise ValueError(f"{out}: the cached tokens were made with {key}={old.get(key)!r}, this run uses "
-                                 f"{meta.get(key)!r}; use another --out folder")
-        claps = old.get("clap", {})
-        name = meta["clap_name"]
-        if name in claps and claps[name] != meta["clap"]:
-            raise ValueError(f"{out}: the cached {name} embeddings were made with {claps[name]!r}, this run uses "
-                             f"{meta['clap']!r}; use another --out folder")
-        claps[name] = meta["clap"]
-        new = {**old, "clap": claps}
-    else:
-        new = {"codec": meta["codec"], "bandwidth": meta["bandwidth"], "clap": {meta["clap_name"]: meta["clap"]}}
-    with atomic_write(path, "w") as f:
-        f.write(json.dumps(new, indent=1, sort_keys=True) + "\n")
+    old = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
+    have_tokens = any((out / "tokens").glob("*.npy"))
+    for key in ("codec", "bandwidth"):
+        if have_tokens and key in old and old[key] != meta[key]:
+            raise ValueError(f"{out}: the cached tokens were made with {key}={old[key]!r}, this run uses "
+                             f"{meta[key]!r}; use another --out folder")
+    claps = dict(old.get("clap", {})) if have_tokens else {}
+    name = meta["clap_name"]
+    have_clap = any((out / "clap" / _safe_name(name)).glob("*.npy"))
+    if have_clap and name in claps and claps[name] != meta["clap"]:
+        raise ValueError(f"{out}: the cached {name} embeddings were made with {claps[name]!r}, this run uses "
+                         f"{meta['clap']!r}; use another --out folder")
+    claps[name] = meta["clap"]
+    return {**(old if have_tokens else {}), "codec": meta["codec"], "bandwidth": meta["bandwidth"], "clap": claps}
+
+
+def _write_meta(out: Path, meta: dict) -> None:
+    with atomic_write(out / META_NAME, "w") as f:
+        f.write(json.dumps(meta, indent=1, sort_keys=True) + "\n")
 
 
 def preprocess(records: Sequence[Record], out: str | Path, codec, clap: ClapBackend, codec_source: str,
                bandwidth: float, batch_size: int = 8, progress: bool = True) -> dict:
-    """Cache tokens and embeddings for ``records`` under ``out``; return counts and the errors."""
-    from tqdm.auto import tqdm
+    """Cache tokens and embeddings for ``records`` under ``out``; return counts and the skipped clips.
 
+    Audio is read through :class:`m2dclap.embed_files.AudioBatches`: undecodable, empty, NaN/Inf and
+    too-short clips are skipped and listed in ``errors``. ``preprocess.json`` is written just before the first
+    output, so a run that fails earlier (e.g. the codec cannot be loaded) records nothing."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    _check_meta(out, {"codec": codec_source, "bandwidth": float(bandwidth), "clap_name": clap.name,
-                      "clap": json.loads(json.dumps(clap.describe(), default=str))})
+    meta = _merged_meta(out, {"codec": codec_source, "bandwidth": float(bandwidth), "clap_name": clap.name,
+                              "clap": json.loads(json.dumps(clap.describe(), default=str))})
     stats = {"clips": len(records), "tokens_computed": 0, "clap_computed": 0, "skipped": 0, "errors": []}
     todo = []
     for rec in records:
@@ -111,39 +125,37 @@ def preprocess(records: Sequence[Record], out: str | Path, codec, clap: ClapBack
             stats["skipped"] += 1
         else:
             todo.append((rec, p))
-
-    bar = tqdm(total=len(records), initial=stats["skipped"], desc="preprocess", unit="clip",
-               disable=not progress, file=sys.stderr)
-    try:
-        for start in range(0, len(todo), batch_size):
-            batch = todo[start:start + batch_size]
-            waves, good = [], []
-            for rec, p in batch:
-                try:
-                    waves.append(load_audio(rec.audio, sample_rate=CODEC_SAMPLE_RATE))
-                    good.append((rec, p))
-                except AudioError as e:
-                    log.warning("skipping %s: %s", rec.audio, e)
-                    bar.write(f"skipping {rec.audio}: {e}", file=sys.stderr)
-                    stats["errors"].append({"id": rec.id, "audio": str(rec.audio), "error": str(e)})
-            need_tok = [i for i, (_, p) in enumerate(good) if not p.tokens.is_file()]
-            if need_tok:
-                model = codec.get() if isinstance(codec, _LazyCodec) else codec
-                codes = encode_batch(model, [waves[i] for i in need_tok], CODEC_SAMPLE_RATE)
-                for i, c in zip(need_tok, codes):
-                    if int(c.min()) < 0 or int(c.max()) >= CODEBOOK_SIZE:
-                        raise CodecError(f"{good[i][0].audio}: codec produced codes outside [0, {CODEBOOK_SIZE})")
-                    _save_npy(good[i][1].tokens, c.numpy().astype(np.int16))
-                    stats["tokens_computed"] += 1
-            need_clap = [i for i, (_, p) in enumerate(good) if not p.clap.is_file()]
-            if need_clap:
-                emb = clap.embed_audio([waves[i] for i in need_clap], CODEC_SAMPLE_RATE)
-                for i, e in zip(need_clap, emb):
-                    _save_npy(good[i][1].clap, e.numpy().astype(np.float32))
-                    stats["clap_computed"] += 1
-            bar.update(len(batch))
-    finally:
-        bar.close()
+    if stats["skipped"]:
+        _write_meta(out, meta)  # outputs of these settings are there already
+    log.info("%d clip(s): %d cached, %d to compute", len(records), stats["skipped"], len(todo))
+    pending_meta = not stats["skipped"]
+    batches = AudioBatches([rec.audio for rec, _ in todo], CODEC_SAMPLE_RATE,
+                           clap_min_samples(clap, CODEC_SAMPLE_RATE), batch_size, progress=progress,
+                           desc="preprocess")
+    for batch in batches:
+        stats["errors"] += [{"id": todo[i][0].id, "audio": str(todo[i][0].audio), "error": reason}
+                            for i, reason in batch.skipped]
+        good = [todo[i] for i in batch.indices]
+        waves = batch.waves
+        need_tok = [k for k, (_, p) in enumerate(good) if not p.tokens.is_file()]
+        need_clap = [k for k, (_, p) in enumerate(good) if not p.clap.is_file()]
+        codes = []
+        if need_tok:
+            model = codec.get() if isinstance(codec, _LazyCodec) else codec
+            codes = encode_batch(model, [waves[k] for k in need_tok], CODEC_SAMPLE_RATE)
+            for k, c in zip(need_tok, codes):
+                if int(c.min()) < 0 or int(c.max()) >= CODEBOOK_SIZE:
+                    raise CodecError(f"{good[k][0].audio}: codec produced codes outside [0, {CODEBOOK_SIZE})")
+        emb = clap.embed_audio([waves[k] for k in need_clap], CODEC_SAMPLE_RATE) if need_clap else []
+        if pending_meta and (need_tok or need_clap):
+            _write_meta(out, meta)  # before the first output: a cache never holds files of unrecorded settings
+            pending_meta = False
+        for k, c in zip(need_tok, codes):
+            _save_npy(good[k][1].tokens, c.numpy().astype(np.int16))
+            stats["tokens_computed"] += 1
+        for k, e in zip(need_clap, emb):
+            _save_npy(good[k][1].clap, e.numpy().astype(np.float32))
+            stats["clap_computed"] += 1
 
     _write_index(out, records, clap.name)
     _write_errors(out, stats["errors"])
@@ -193,8 +205,10 @@ def build_parser() -> argparse.ArgumentParser:
         prog="python -m captioning.preprocess",
         description="Cache, per clip of a manifest, EnCodec tokens (24 kHz model, 12 kbps: int16 (16, T) at "
                     "75 frames/s) and the CLAP audio embedding (float32 (D,)) for EnCLAP-style captioning. "
-                    "Resumable: clips already cached are skipped. Unreadable audio files are reported, listed "
-                    f"in DIR/{ERRORS_NAME} and skipped (exit status 1); DIR/{INDEX_NAME} lists the cached clips.")
+                    "Resumable: clips already cached are skipped. Clips that cannot be used (undecodable, empty, "
+                    f"NaN/Inf, shorter than one STFT window) are named on stderr, listed in DIR/{ERRORS_NAME} and "
+                    f"skipped; DIR/{INDEX_NAME} lists the cached clips. Exit status: 0 every clip cached, 1 clips "
+                    "were skipped, 2 bad input or usage (nothing is written before the codec and CLAP load).")
     p.add_argument("--data", required=True, metavar="MANIFEST", help="the suite's .csv/.jsonl manifest")
     p.add_argument("--out", required=True, metavar="DIR", help="cache folder (created if missing)")
     p.add_argument("--clap", default="m2d-clap", help=f"CLAP backend (known: {', '.join(list_backends())})")
@@ -231,8 +245,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     n_err = len(stats["errors"])
+    report_skipped([(e["audio"], e["error"]) for e in stats["errors"]], what="clip", stream=sys.stderr)
     print(f"{stats['clips']} clip(s): {stats['tokens_computed']} token file(s) and {stats['clap_computed']} "
-          f"embedding(s) computed, {stats['skipped']} already cached, {n_err} unreadable"
+          f"embedding(s) computed, {stats['skipped']} already cached, {n_err} skipped"
           + (f" (listed in {Path(args.out) / ERRORS_NAME})" if n_err else ""))
     return 1 if n_err else 0
 

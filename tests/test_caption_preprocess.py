@@ -121,7 +121,7 @@ def test_preprocess_cache_resume_and_bad_file(corpus, clap_ckpt, tmp_path, monke
             "--codec", "random", "--device", "cpu", "--no-progress"]
     assert pp.main(argv) == 1  # one unreadable file
     captured = capsys.readouterr()
-    assert str(bad) in captured.err and "1 unreadable" in captured.out
+    assert str(bad) in captured.err and "1 skipped" in captured.out
 
     errors = _read_csv(out / pp.ERRORS_NAME)
     assert [e["id"] for e in errors] == ["broken"] and errors[0]["audio"] == str(bad)
