@@ -9,10 +9,9 @@ import logging
 from typing import Any, Sequence
 
 import torch
-from tqdm.auto import tqdm
 
 from . import metrics
-from .audio import AudioError, load_audio
+from .embed_files import AudioBatches, min_samples_of
 
 log = logging.getLogger(__name__)
 
@@ -21,28 +20,17 @@ PROMPT = "{} can be heard"  # the paper's ESC-50/US8K rule (Table VI)
 
 @torch.no_grad()
 def embed_records(model, records: Sequence[Any], batch_size: int = 32, progress: bool = True):
-    """CLAP audio embeddings of the records' whole clips; returns (embeddings, kept records, bad paths)."""
-    kept, bad, outs = [], [], []
-    batch: list[torch.Tensor] = []
-
-    def flush():
-        if batch:
-            outs.append(model.encode_audio(batch, model.sample_rate, batch_size=batch_size))
-            batch.clear()
-
-    for rec in tqdm(records, desc="embedding audio", unit="clip", disable=not progress):
-        try:
-            batch.append(load_audio(rec.audio, model.sample_rate))
-        except AudioError as e:
-            log.warning("skipping %s", e)
-            bad.append(str(rec.audio))
-            continue
-        kept.append(rec)
-        if len(batch) == batch_size:
-            flush()
-    flush()
+    """CLAP audio embeddings of the records' whole clips; returns (embeddings, kept records, skipped paths).
+    Clips are read through :class:`m2dclap.embed_files.AudioBatches` (unusable ones skipped by name)."""
+    kept, outs = [], []
+    batches = AudioBatches([rec.audio for rec in records], model.sample_rate, min_samples_of(model), batch_size,
+                           progress=progress, desc="embedding audio")
+    for batch in batches:
+        if batch.waves:
+            outs.append(model.encode_audio(batch.waves, model.sample_rate, batch_size=batch_size))
+            kept += [records[i] for i in batch.indices]
     emb = torch.cat(outs) if outs else torch.zeros(0, model.cfg.encoder.embed_dim)
-    return emb, kept, bad
+    return emb, kept, [path for path, _ in batches.skipped]
 
 
 def evaluate_clap(model, records: Sequence[Any], class_names: Sequence[str] | None = None,
@@ -82,7 +70,7 @@ def evaluate_clap(model, records: Sequence[Any], class_names: Sequence[str] | No
 def format_report(result: dict[str, Any]) -> str:
     """A short table of every figure beside its chance level."""
     lines = [f"evaluated {result['n_clips']} clips, {result['n_captions']} captions"
-             + (f", {len(result['bad_clips'])} unreadable clips skipped" if result.get("bad_clips") else "")]
+             + (f", {len(result['bad_clips'])} unusable clips skipped" if result.get("bad_clips") else "")]
     for key, title in (("text_to_audio", "text->audio"), ("audio_to_text", "audio->text")):
         if key in result:
             got, chance = result[key], result["chance_" + key]

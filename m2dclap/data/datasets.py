@@ -16,7 +16,8 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import Dataset
 
-from ..audio import AudioError, LogMelSpectrogram, load_audio
+from ..audio import AudioError, LogMelSpectrogram
+from ..embed_files import load_clip
 from ..config import FrontendCfg
 from .manifest import Record
 
@@ -103,12 +104,9 @@ class AudioCaptionDataset(Dataset):
         path = Path(path)
         if path.suffix.lower() == ".npy":
             return self._load_lms_npy(path)
-        wave = load_audio(path, self.cfg.sample_rate)  # (T,)
+        wave = load_clip(path, self.cfg.sample_rate, self.cfg.min_samples)  # (T,); too short is bad audio
         with torch.no_grad():
-            try:
-                return self.frontend(wave)  # (T,) -> (n_mels, frames)
-            except AudioError as e:  # the frontend's own length check, with the file named
-                raise AudioError(f"{path}: {e}") from None
+            return self.frontend(wave)  # (T,) -> (n_mels, frames)
 
     def _load_lms_npy(self, path: Path) -> torch.Tensor:
         try:
