@@ -4,8 +4,10 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import socket
 from functools import partial
 from typing import Sequence
+from urllib.parse import urlsplit
 
 import torch
 import torch.nn as nn
@@ -128,27 +130,53 @@ def text_model_errors(name: str, source: str):
             raise
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         where = "" if source == name else f" (from {source})"
-        raise TextModelError(
-            f"cannot load the text model {name!r}{where}: {first.rstrip('.')}. Give a local copy of it "
-            "with text_name=PATH (m2dclap.load), or run `huggingface-cli download "
-            f"{name}` where there is network and copy the Hugging Face cache (HF_HOME) here. Audio-only use "
-            "needs no text model: m2dclap.load(..., audio_only=True)") from None
+        if os.path.isdir(source):
+            fix = "The folder must hold a Hugging Face model (config.json, tokenizer files)"
+        elif os.path.isabs(source) or source.startswith((".", "~")) or source.count("/") > 1:
+            first, fix = "no such folder", "Give the folder of a local copy with text_name=PATH (m2dclap.load)"
+        else:
+            fix = (f"Give a local copy of it with text_name=PATH (m2dclap.load), or run `huggingface-cli download "
+                   f"{name}` where there is network and copy the Hugging Face cache (HF_HOME) here")
+        raise TextModelError(f"cannot load the text model {name!r}{where}: {first.rstrip('.')}. {fix}. Audio-only "
+                             "use needs no text model: m2dclap.load(..., audio_only=True)") from None
 
 
 def from_pretrained_local_first(klass, source: str, **kwargs):
-    """``klass.from_pretrained`` from a folder or the local cache first: with no network the hub client
-    would otherwise retry for about a minute before it falls back to the cache."""
+    """``klass.from_pretrained`` from a folder or the local cache first; the hub only when it can answer:
+    with no network the hub client retries for about a minute before it gives up."""
     try:
         return klass.from_pretrained(source, local_files_only=True, **kwargs)
     except (OSError, ValueError):
-        if _hub_offline():
+        if os.path.isdir(source):  # a local copy with a problem: its own error says which
             raise
+        if _hub_offline():
+            raise OSError("not a local folder, not in the Hugging Face cache, and downloads are off "
+                          "(HF_HUB_OFFLINE)") from None
+        unreachable = _hub_unreachable()
+        if unreachable:
+            raise OSError(f"not a local folder, not in the Hugging Face cache, and {unreachable}") from None
     return klass.from_pretrained(source, **kwargs)
 
 
 def _hub_offline() -> bool:
     return any(os.environ.get(v, "").lower() in {"1", "true", "yes", "on"}
                for v in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"))
+
+
+def _hub_unreachable(timeout: float = 5.0) -> str | None:
+    """Why the hub's host cannot be reached (one connection attempt), or None. Behind a proxy the direct
+    attempt says nothing, so the hub client is left to try."""
+    if any(os.environ.get(v) for v in ("HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy",
+                                       "ALL_PROXY", "all_proxy")):
+        return None
+    from huggingface_hub import constants
+
+    url = urlsplit(constants.ENDPOINT)
+    try:
+        socket.create_connection((url.hostname, url.port or (80 if url.scheme == "http" else 443)), timeout).close()
+    except OSError as e:
+        return f"{url.hostname} is not reachable ({e})"
+    return None
 
 
 class HFTextEncoder(nn.Module):

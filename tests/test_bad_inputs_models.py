@@ -286,3 +286,37 @@ def test_zeroshot_cli_reports_the_unreachable_text_model(tmp_path, wav, capsys):
     assert rc == 2
     assert len(err.splitlines()) == 1 and "Traceback" not in err
     assert str(path) in err and f"'{BERT}'" in err
+
+
+def test_unreachable_hub_fails_at_once_without_retries(tmp_path, monkeypatch):
+    """Downloads allowed but no network: one connection attempt decides, the hub client never retries."""
+    import transformers
+
+    import m2dclap.clap as clap
+
+    for var in ("HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy", "ALL_PROXY", "all_proxy"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setattr(clap, "_hub_offline", lambda: False)
+
+    def no_network(*args, **kwargs):
+        raise OSError("[Errno -2] Name or service not known")
+
+    monkeypatch.setattr(clap.socket, "create_connection", no_network)
+    for name in ("AutoTokenizer", "AutoConfig", "AutoModel"):
+        klass = getattr(transformers, name)
+
+        def local_only(source, *args, _orig=klass.from_pretrained, **kwargs):
+            assert kwargs.get("local_files_only"), "the hub was asked although it is unreachable"
+            return _orig(source, *args, **kwargs)
+
+        monkeypatch.setattr(klass, "from_pretrained", local_only)
+    path, _ = official_2025(tmp_path)
+    with pytest.raises(CheckpointError, match="cannot load the text model 'no-such-org/no-such-model': not a local "
+                                              "folder, not in the Hugging Face cache, and .* is not reachable"):
+        m2dclap.load(path, text_name="no-such-org/no-such-model")
+
+
+def test_text_name_folder_that_does_not_exist(tmp_path):
+    path, _ = official_2025(tmp_path)
+    with pytest.raises(CheckpointError, match="text model '/no/such/bert': no such folder. Give the folder"):
+        m2dclap.load(path, text_name="/no/such/bert")
