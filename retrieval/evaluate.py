@@ -213,7 +213,7 @@ def main(argv: Sequence[str] | None = None) -> int:
               file=sys.stderr)
         return 1
     if relevance is None and not any(r.captions for r in data.records):
-        print(f"error: {data.source}: no clip of split {split or 'all'!r} has a caption; nothing to retrieve "
+        print(f"error: {data.source}: no clip has a caption; nothing to retrieve "
               "(fill the captions column, or give --relevance annotations with --protocol dcase)", file=sys.stderr)
         return 2
     model = m2dclap.load(args.checkpoint, device=_device(args.device)).eval()
