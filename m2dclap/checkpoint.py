@@ -426,7 +426,10 @@ def load(path_or_name: str | Path, device: str | torch.device = "cpu", text_name
         p = found
     elif not p.exists():
         if str(path_or_name) in list_pretrained():
-            p = resolve(str(path_or_name), download=download)
+            try:
+                p = resolve(str(path_or_name), download=download)
+            except FileNotFoundError as e:  # not cached and not downloadable: a CheckpointError for the CLIs
+                raise CheckpointError(str(e)) from None
         else:
             raise CheckpointError(f"{path_or_name}: no such file or folder, and not a registered pretrained "
                                   f"name (known: {', '.join(list_pretrained())})")

@@ -70,9 +70,9 @@ def resolve(name: str, download: bool = True) -> Path:
                                 f"{cache_dir()} (keep the folder name)")
     try:
         _download_and_unzip(url, cache_dir())
-    except OSError as e:
-        raise FileNotFoundError(f"could not download {url} ({e}); on a machine with network access, download it "
-                                f"and unzip it into {cache_dir()} keeping the folder name {name}") from None
+    except (OSError, zipfile.BadZipFile) as e:  # no network, a full disk, or a damaged download
+        raise FileNotFoundError(f"could not download and unpack {url} ({e}); on a machine with network access, "
+                                f"download it and unzip it into {cache_dir()} keeping the folder name {name}") from None
     found = find_checkpoint_file(folder)
     if found is None:
         raise FileNotFoundError(f"{url} unpacked, but {folder} holds no single checkpoint (.pth) file")

@@ -320,3 +320,18 @@ def test_text_name_folder_that_does_not_exist(tmp_path):
     path, _ = official_2025(tmp_path)
     with pytest.raises(CheckpointError, match="text model '/no/such/bert': no such folder. Give the folder"):
         m2dclap.load(path, text_name="/no/such/bert")
+
+
+def test_pretrained_name_that_cannot_be_fetched(tmp_path, monkeypatch, wav, out_dir, capsys):
+    import zipfile
+
+    import m2dclap.pretrained as pretrained
+
+    def damaged(url, dest):
+        raise zipfile.BadZipFile("File is not a zip file")
+
+    monkeypatch.setenv("M2DCLAP_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(pretrained, "_download_and_unzip", damaged)
+    name = "m2d_clap_vit_base-80x1001p16x16p16kpBpTI-2025"
+    err = extract_fails(name, wav, out_dir, capsys)
+    assert "could not download and unpack" in err and f"folder name {name}" in err

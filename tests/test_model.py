@@ -2,6 +2,7 @@
 features, chunking arithmetic, determinism, bf16, and the losses against their equations."""
 from __future__ import annotations
 
+import json
 import math
 import subprocess
 import sys
@@ -264,3 +265,31 @@ def test_mixed_length_batch_equals_one_by_one():
         alone = model.audio_features(w)
         assert torch.allclose(together["frame"][i], alone["frame"][0], atol=1e-5)
         assert torch.allclose(together["clip"][i], alone["clip"][0], atol=1e-5)
+
+
+@pytest.mark.parametrize("preset", m2dclap.list_models())
+def test_presets_pass_validation_and_round_trip_through_json(preset):
+    cfg = m2dclap.get_model_config(preset)
+    assert cfg.validate() is cfg
+    assert m2dclap.ModelCfg.from_dict(json.loads(json.dumps(cfg.to_dict()))) == cfg
+
+
+def test_config_from_json_checks_types_and_relations():
+    from m2dclap.config import ConfigError
+
+    good = m2dclap.get_model_config("tiny").to_dict()
+    cases = [("encoder", "mlp_ratio", "4", "encoder.mlp_ratio='4' is not a number"),
+             ("encoder", "qkv_bias", 1, "encoder.qkv_bias=1 is not true or false"),
+             ("encoder", "patch_size", [16, 256], r"encoder.patch_size=\[16, 256\] is larger than input_size"),
+             ("predictor", "num_heads", 0, "predictor.num_heads=0 must be at least 1"),
+             ("frontend", "win_length", 800, "frontend.win_length=800 exceeds n_fft=400"),
+             ("frontend", "norm_stats", [-7.1, 0], r"frontend.norm_stats=\[-7.1, 0.0\] needs a positive std"),
+             ("text", "pooling", "max", "text.pooling='max' is not cls or mean"),
+             ("text", "width", 1.5, "text.width=1.5 is not an integer")]
+    for section, name, value, message in cases:
+        d = json.loads(json.dumps(good))
+        d[section][name] = value
+        with pytest.raises(ConfigError, match=message):
+            m2dclap.ModelCfg.from_dict(d)
+    with pytest.raises(ConfigError, match="init_temperature=0.0 must be positive"):
+        m2dclap.ModelCfg.from_dict({**good, "init_temperature": 0})
