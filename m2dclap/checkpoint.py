@@ -86,14 +86,16 @@ def save_pretrained(model: M2DCLAP, directory: str | Path, **metadata: Any) -> P
 
 def _load_ours(folder: Path, device: str | torch.device, audio_only: bool = False,
                text_name: str | None = None) -> M2DCLAP:
-    from safetensors.torch import load_file
+    from safetensors import safe_open
 
     cfg = read_model_config(folder / "config.json")
     weights = folder / "model.safetensors"
     if not weights.exists():
         raise CheckpointError(f"{weights}: missing")
+    skip = ("text_encoder.", "text_proj.") if audio_only else ()  # audio-only never reads the text weights
     try:
-        state = load_file(str(weights))
+        with safe_open(str(weights), framework="pt") as f:
+            state = {k: f.get_tensor(k) for k in f.keys() if not k.startswith(skip)}
     except Exception as e:  # safetensors raises its own error types
         reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise CheckpointError(f"{weights}: not a readable safetensors file (truncated or another kind of "
@@ -101,7 +103,6 @@ def _load_ours(folder: Path, device: str | torch.device, audio_only: bool = Fals
     text_src = folder / "text_encoder"
     if audio_only:
         cfg.text = TextCfg(kind="none")
-        state = {k: v for k, v in state.items() if not k.startswith(("text_encoder.", "text_proj."))}
     # The saved tokenizer/config come first; text_name stands in when the folder has none.
     source = str(text_src) if text_src.is_dir() else text_name
     model = _build_model(cfg, weights, pretrained_text=False, text_source=source)
