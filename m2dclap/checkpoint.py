@@ -179,8 +179,11 @@ def safe_torch_load(path: str | Path) -> Any:
 
 def _check_torch_header(path: Path) -> None:
     """torch.save writes a zip archive (a pickle before torch 1.6); anything else is named as what it is."""
-    with open(path, "rb") as f:
-        head = f.read(16)
+    try:
+        with open(path, "rb") as f:
+            head = f.read(16)
+    except OSError as e:
+        raise CheckpointError(f"{path}: cannot be read ({e.strerror or e})") from None
     if head.startswith(b"PK") or head.startswith(b"\x80"):
         return
     if not head:
