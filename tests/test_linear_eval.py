@@ -244,3 +244,13 @@ def test_unit_seconds_option_reaches_the_result_and_the_cache_key(corpus, checkp
     assert len(list(cache.iterdir())) == 2
     with pytest.raises(SystemExit):
         le.main(["--checkpoint", str(checkpoint), "--data", str(corpus), "--unit-seconds", "long"])
+
+
+def test_best_epoch_at_the_cap_warns_that_the_probe_may_not_have_converged(corpus, checkpoint, tmp_path, caplog,
+                                                                           capsys):
+    rc, res = run(checkpoint, corpus, tmp_path, "--epochs", "1")  # the only epoch is the best: at the cap
+    assert rc == 0 and res["best_epoch"] == 1 and res["maybe_unconverged"] is True
+    assert "may not have converged" in capsys.readouterr().out
+    assert any("may not have converged" in r.getMessage() and r.levelname == "WARNING" for r in caplog.records)
+    rc, res = run(checkpoint, corpus, tmp_path, "--epochs", "60", "--patience", "1", "--lr", "1e-2")
+    assert rc == 0 and res["stopped_early"] and res["maybe_unconverged"] is False
