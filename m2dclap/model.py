@@ -37,7 +37,7 @@ class M2DCLAP(nn.Module):
 
     def __init__(self, cfg: ModelCfg, pretrained_text: bool = True, text_source: str | None = None):
         super().__init__()
-        self.cfg = cfg
+        self.cfg = cfg.validate()  # a bad field fails here, by name, not as a shape error inside a layer
         D = cfg.encoder.embed_dim
         self.frontend = LogMelSpectrogram(cfg.frontend)
         self.register_buffer("norm_stats", torch.tensor(cfg.frontend.norm_stats, dtype=torch.float32))

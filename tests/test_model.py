@@ -293,3 +293,12 @@ def test_config_from_json_checks_types_and_relations():
             m2dclap.ModelCfg.from_dict(d)
     with pytest.raises(ConfigError, match="init_temperature=0.0 must be positive"):
         m2dclap.ModelCfg.from_dict({**good, "init_temperature": 0})
+
+
+def test_model_built_from_a_bad_config_names_the_field():
+    from m2dclap.config import ConfigError
+
+    cfg = m2dclap.get_model_config("tiny", **{"text.kind": "none"})
+    cfg.encoder.num_heads = 3  # set directly, past get_model_config's check
+    with pytest.raises(ConfigError, match="encoder.num_heads=3 does not divide embed_dim=64"):
+        m2dclap.M2DCLAP(cfg)
