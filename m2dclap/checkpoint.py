@@ -48,7 +48,18 @@ OFFICIAL_TEXT = {
 
 
 class CheckpointError(ValueError):
-    """A file that is not a usable checkpoint; the message names the file and the problem."""
+    """A file that is not a usable checkpoint; the message names the file and the problem.
+
+    ``text_model`` is the name of the text model when that is what could not be loaded (a CLI with an
+    option for a local copy can add it to the message); None otherwise."""
+
+    text_model: str | None = None
+
+
+def _text_model_failed(where: Path, e: TextModelError) -> CheckpointError:
+    err = CheckpointError(f"{where}: {e}")
+    err.text_model = e.model_name
+    return err
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -134,7 +145,7 @@ def _build_model(cfg: ModelCfg, where: Path, **kwargs: Any) -> M2DCLAP:
     try:
         return M2DCLAP(cfg, **kwargs)
     except TextModelError as e:
-        raise CheckpointError(f"{where}: {e}") from None
+        raise _text_model_failed(where, e) from None
 
 
 def _load_strict(model: M2DCLAP, state: dict[str, torch.Tensor], where: Path) -> None:
@@ -197,11 +208,8 @@ def _check_torch_header(path: Path) -> None:
 
 def _weights_only_reason(e: Exception) -> str:
     """The unpickler's own complaint inside torch's long weights_only message."""
-    lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
-    for i, line in enumerate(lines):
-        if "WeightsUnpickler error" in line:
-            rest = line.split("WeightsUnpickler error:", 1)[1].strip()
-            return rest or (lines[i + 1] if i + 1 < len(lines) else line)
+    text = str(e).split("WeightsUnpickler error:", 1)[-1]
+    lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
     return lines[0] if lines else type(e).__name__
 
 
@@ -378,7 +386,7 @@ def _official_config(path: Path, sd: dict[str, torch.Tensor], input_size: tuple[
                 with text_model_errors(text_name, source):
                     text.width = from_pretrained_local_first(AutoConfig, source).hidden_size
             except TextModelError as e:
-                raise CheckpointError(f"{path}: {e}") from None
+                raise _text_model_failed(path, e) from None
     cfg = ModelCfg(name=parsed["model"] if parsed else path.stem, frontend=frontend, encoder=encoder,
                    projector=projector, text=text)
     try:
@@ -444,11 +452,8 @@ def load(path_or_name: str | Path, device: str | torch.device = "cpu", text_name
     return _load_official(p, device, text_name, input_size, audio_only)
 
 
-def _checked_input_size(input_size: Any) -> tuple[int, int] | None:
-    if input_size is None:
-        return None
-    ok = isinstance(input_size, (list, tuple)) and len(input_size) == 2 and all(
-        isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in input_size)
-    if not ok:
-        raise CheckpointError(f"input_size={input_size!r}: expected (mel bins, frames), two positive integers")
-    return (input_size[0], input_size[1])
+def _checked_input_size(size: Any) -> tuple[int, int] | None:
+    if size is None or (isinstance(size, (list, tuple)) and len(size) == 2 and all(
+            isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in size)):
+        return None if size is None else (size[0], size[1])
+    raise CheckpointError(f"input_size={size!r}: expected (mel bins, frames), two positive integers")

@@ -119,6 +119,8 @@ def quiet_transformers() -> None:
 class TextModelError(OSError):
     """The text model cannot be loaded (not a local folder, not cached, no download); says how to supply it."""
 
+    model_name: str = ""  # the text model that failed, as the config or text_name= named it
+
 
 @contextlib.contextmanager
 def text_model_errors(name: str, source: str):
@@ -137,8 +139,10 @@ def text_model_errors(name: str, source: str):
         else:
             fix = (f"Give a local copy of it with text_name=PATH (m2dclap.load), or run `huggingface-cli download "
                    f"{name}` where there is network and copy the Hugging Face cache (HF_HOME) here")
-        raise TextModelError(f"cannot load the text model {name!r}{where}: {first.rstrip('.')}. {fix}. Audio-only "
-                             "use needs no text model: m2dclap.load(..., audio_only=True)") from None
+        err = TextModelError(f"cannot load the text model {name!r}{where}: {first.rstrip('.')}. {fix}. Audio-only "
+                             "use needs no text model: m2dclap.load(..., audio_only=True)")
+        err.model_name = name
+        raise err from None
 
 
 def from_pretrained_local_first(klass, source: str, **kwargs):

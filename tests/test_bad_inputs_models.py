@@ -271,6 +271,7 @@ def test_official_clap_with_text_names_the_model_and_the_option(tmp_path):
     assert "\n" not in msg
     assert msg.startswith(f"{path}: cannot load the text model '{BERT}'")
     assert "text_name=PATH" in msg and "audio_only=True" in msg
+    assert info.value.text_model == BERT  # for CLIs that offer an option for a local copy
     with pytest.raises(CheckpointError, match="cannot load the text model 'no-such-org/no-such-model'"):
         m2dclap.load(path, text_name="no-such-org/no-such-model")
 
