@@ -7,7 +7,6 @@ import json
 import os
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -16,6 +15,7 @@ import torch
 
 pytest.importorskip("encodec", reason="the encodec package is not installed")
 
+from conftest import accelerate_launch, needs_launcher  # noqa: E402
 import m2dclap
 from captioning import caption as cap_cli
 from captioning import evaluate as eval_cli
@@ -259,21 +259,17 @@ def test_selection_metric_falls_back_to_cider_without_spice(monkeypatch):
     assert tr.choose_selection_metric("cider_d")[0] == "cider_d"
 
 
-LAUNCHER = Path(sys.executable).parent / "accelerate"
-
-
-@pytest.mark.skipif(not LAUNCHER.exists() and shutil.which("accelerate") is None,
-                    reason="the accelerate launcher is not installed")
+@pytest.mark.slow
+@needs_launcher
 def test_train_under_accelerate_launch_with_two_processes(run, tmp_path):
     """Two CPU processes on the run's feature cache: the batch is the global batch (split_batches), the main
     process alone validates and writes checkpoints."""
     out = tmp_path / "ddp"
     index = run["first"]["index"]
     n_train = run["first"]["n_train"]
-    cmd = [str(LAUNCHER) if LAUNCHER.exists() else "accelerate", "launch", "--multi_gpu", "--num_processes", "2",
-           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "captioning.train",
-           "--dataset", index, "--bart", "tiny", "--output-dir", str(out), "--epochs", "1", "--batch-size", "8",
-           "--val-beams", "1", "--no-progress", "--lr", "1e-3", "--caption-sampling", "one"]
+    cmd = accelerate_launch("-m", "captioning.train",
+                            "--dataset", index, "--bart", "tiny", "--output-dir", str(out), "--epochs", "1", "--batch-size", "8",
+                            "--val-beams", "1", "--no-progress", "--lr", "1e-3", "--caption-sampling", "one")
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(Path(__file__).resolve().parents[1]))
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]

@@ -6,6 +6,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
+
 from conftest import accelerate_launch, needs_launcher
 
 HERE = Path(__file__).parent

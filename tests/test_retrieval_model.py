@@ -9,7 +9,6 @@ import json
 import os
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -17,6 +16,7 @@ import torch
 import torch.nn.functional as F
 import yaml
 
+from conftest import accelerate_launch, needs_launcher
 import m2dclap
 import m2dclap.metrics as shared
 from m2dclap.clap import ContrastiveLoss
@@ -224,21 +224,16 @@ def test_finetune_improves_a_weak_start_resumes_and_keeps_the_best(setup, tmp_pa
         print(f"fine-tuning figures: start {100 * start:.2f}, best {100 * best:.2f} at epoch {summary['best_epoch']}")
 
 
-LAUNCHER = Path(sys.executable).parent / "accelerate"
-
-
-@pytest.mark.skipif(not LAUNCHER.exists() and shutil.which("accelerate") is None,
-                    reason="the accelerate launcher is not installed")
+@pytest.mark.slow
+@needs_launcher
 def test_finetune_under_accelerate_launch_with_two_processes(setup, tmp_path):
     train = [dataclasses.replace(r, split="train") for r in setup["records"][:32]]
     val = [dataclasses.replace(r, split="val") for r in setup["records"][N_TRAIN:N_TRAIN + 11]]  # odd: uneven shards
     manifest = write_manifest(train + val, tmp_path / "m.csv")
     out = tmp_path / "ft"
-    cmd = [str(LAUNCHER) if LAUNCHER.exists() else "accelerate", "launch", "--multi_gpu", "--num_processes", "2",
-           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "retrieval.finetune",
-           "--checkpoint", str(setup["ckpt"]), "--train", str(manifest), "--val", str(manifest), "--output-dir",
-           str(out), "--epochs", "1", "--batch-size", "8", "--lr", "5e-4", "--crop-seconds", "1.0", "--sample",
-           "clips", "--tracker", "none"]
+    cmd = accelerate_launch("-m", "retrieval.finetune", "--checkpoint", str(setup["ckpt"]), "--train", str(manifest),
+                            "--val", str(manifest), "--output-dir", str(out), "--epochs", "1", "--batch-size", "8",
+                            "--lr", "5e-4", "--crop-seconds", "1.0", "--sample", "clips", "--tracker", "none")
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(Path(__file__).resolve().parents[1]))
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
