@@ -31,6 +31,7 @@ import torch.nn.functional as F
 
 import m2dclap
 from m2dclap.data.manifest import atomic_write_text
+from m2dclap.fileio import undecodable_line
 
 from .cache import EmbeddingCache, default_cache_dir, embed_audio_files, embed_texts
 from .datasets import MissingAudioError, read_dcase_eval
@@ -152,6 +153,8 @@ def validate_submission(out: Path, captions: Sequence[str], audio_dir: Path,
             rows = list(csv.reader(f))
     except OSError as e:
         return [f"{out}: cannot read ({e})"]
+    except (UnicodeDecodeError, csv.Error) as e:
+        return [_unreadable(out, e)]
     if not rows or rows[0] != HEADER:
         errors.append(f"{out}: header must be {','.join(HEADER)}, got {','.join(rows[0]) if rows else 'nothing'}")
         return errors
@@ -182,7 +185,22 @@ def validate_submission(out: Path, captions: Sequence[str], audio_dir: Path,
     return errors[:200]
 
 
+def _unreadable(path: Path, e: Exception) -> str:
+    if isinstance(e, UnicodeDecodeError):
+        return undecodable_line(path, "utf-8") or f"{path}: not UTF-8 text"
+    return f"{path}: malformed CSV ({e})"
+
+
 def _validate_scores(path: Path, captions: Sequence[str], audio_dir: Path) -> list[str]:
+    try:
+        return _check_scores(path, captions, audio_dir)
+    except OSError as e:
+        return [f"{path}: cannot read ({e})"]
+    except (UnicodeDecodeError, csv.Error) as e:
+        return [_unreadable(path, e)]
+
+
+def _check_scores(path: Path, captions: Sequence[str], audio_dir: Path) -> list[str]:
     errors = []
     with open(path, newline="", encoding="utf-8") as f:
         reader = csv.reader(f)
@@ -194,7 +212,10 @@ def _validate_scores(path: Path, captions: Sequence[str], audio_dir: Path) -> li
         if missing:
             errors.append(f"{path}: {len(missing)} column(s) name no audio file in {audio_dir}, e.g. {missing[0]!r}")
         seen = []
-        for line, row in enumerate(reader, start=2):
+        for row in reader:
+            line = reader.line_num
+            if not row:
+                continue  # a blank line
             seen.append(row[0])
             if len(row) != len(header):
                 errors.append(f"{path}, line {line}: {len(row)} cells, expected {len(header)}")

@@ -300,12 +300,16 @@ def read_exclusion_list(path: str | Path) -> set[str]:
     if not path.is_file():
         raise ManifestError(f"{path}: no such exclusion list")
     entries: set[str] = set()
-    with open(path, encoding="utf-8-sig") as f:
-        for text in f:
-            # '#' opens a comment at the line start or after a space, so names like 'a#1.wav' survive
-            text = re.split(r"(?:^|\s)#", text, maxsplit=1)[0].strip()
-            if text:
-                entries.add(text)
+    try:
+        with open(path, encoding="utf-8-sig") as f:
+            lines = list(f)
+    except UnicodeDecodeError:
+        raise ManifestError(f"{undecodable_line(path) or f'{path}: not UTF-8 text'}; save the file as UTF-8") from None
+    for text in lines:
+        # '#' opens a comment at the line start or after a space, so names like 'a#1.wav' survive
+        text = re.split(r"(?:^|\s)#", text, maxsplit=1)[0].strip()
+        if text:
+            entries.add(text)
     return entries
 
 
