@@ -55,6 +55,10 @@ class CheckpointError(ValueError):
 
     text_model: str | None = None
 
+    def for_cli(self, option: str = "--text-model") -> str:
+        """The message, plus the command's own option for a local text model when that is what failed."""
+        return f"{self}; on this command: {option} PATH" if self.text_model else str(self)
+
 
 def _text_model_failed(where: Path, e: TextModelError) -> CheckpointError:
     err = CheckpointError(f"{where}: {e}")

@@ -167,6 +167,8 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--checkpoint", required=True, help="a saved model folder, an official .pth file or a "
                                                             "pretrained name (m2dclap.load)")
+    parser.add_argument("--text-model", metavar="PATH", help="local folder (or hub name) of the checkpoint's "
+                        "text model, e.g. a copy of bert-base-uncased for an official 2025 checkpoint offline")
     parser.add_argument("--dataset", default="synthetic", choices=[d for d in DATASETS if d != "wavcaps"],
                         help="dataset layout (default: the embedded synthetic corpus)")
     parser.add_argument("--root", help="dataset folder, or the manifest file for --dataset manifest")
@@ -216,7 +218,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"error: {data.source}: no clip has a caption; nothing to retrieve "
               "(fill the captions column, or give --relevance annotations with --protocol dcase)", file=sys.stderr)
         return 2
-    model = m2dclap.load(args.checkpoint, device=_device(args.device)).eval()
+    try:
+        model = m2dclap.load(args.checkpoint, device=_device(args.device), text_name=args.text_model).eval()
+    except m2dclap.CheckpointError as e:
+        print(f"error: {e.for_cli()}", file=sys.stderr)
+        return 2
     cache = None if args.no_cache else EmbeddingCache(args.cache_dir, args.checkpoint)
     try:
         result = evaluate_records(model, data.records, args.protocol, relevance, cache, args.batch_size,

@@ -53,6 +53,7 @@ class FinetuneCfg:
     """One fine-tuning run. Defaults follow the paper's stage 2.1 (= stage 2 settings without masking)."""
 
     checkpoint: str = ""  # model to start from (folder, official .pth or pretrained name)
+    text_model: str = ""  # local folder (or hub name) of the checkpoint's text model, e.g. bert-base-uncased offline
     train: str = "synthetic"  # comma list of clotho, audiocaps, wavcaps, synthetic, NAME:SPLIT or manifest files
     val: str = "synthetic"  # the same for validation (each set scored separately, the mean T2A mAP@10 selects)
     output_dir: str = "runs/retrieval-finetune"  # checkpoints, best/ and model/, summary.json
@@ -263,7 +264,7 @@ class Progress:
 def finetune(cfg: FinetuneCfg, resume: bool = False) -> dict[str, Any]:
     """Run the fine-tuning; returns the summary (also written to ``OUTPUT/summary.json``)."""
     accelerator, out_dir = start_run(cfg, "finetune_config.json")
-    model = m2dclap.load(cfg.checkpoint)
+    model = m2dclap.load(cfg.checkpoint, text_name=cfg.text_model or None)
     model.set_trainable(audio_encoder=cfg.train_audio_encoder, audio_proj=True, text=not cfg.freeze_text)
     train_sets, val_sets = read_sets(cfg, cfg.train, TRAIN_SPLITS), read_sets(cfg, cfg.val, VAL_SPLITS)
     records = [r for _, rs in train_sets for r in rs]
@@ -450,8 +451,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error("--checkpoint is required (a model folder, official .pth file or pretrained name)")
     try:
         summary = finetune(cfg, resume=args.resume)
-    except (ValueError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
+    except (ValueError, FileNotFoundError) as e:  # CheckpointError is a ValueError
+        print(f"error: {e.for_cli() if isinstance(e, m2dclap.CheckpointError) else e}", file=sys.stderr)
         return 2
     if not summary["main_process"]:
         return 0

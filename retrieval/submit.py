@@ -256,6 +256,8 @@ def build_parser() -> argparse.ArgumentParser:
                "--audio-dir retrieval_audio --out sub/Doe_Inst_task6_1.output.csv --scores",
         formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--checkpoint", help="model folder, official .pth file or pretrained name")
+    parser.add_argument("--text-model", metavar="PATH", help="local folder (or hub name) of the checkpoint's "
+                        "text model, e.g. a copy of bert-base-uncased for an official 2025 checkpoint offline")
     parser.add_argument("--captions", required=True, help="retrieval_captions.csv (column 'caption')")
     parser.add_argument("--audio-dir", required=True, help="folder of the evaluation audio files")
     parser.add_argument("--metadata", help="retrieval_audio_metadata.csv (column file_name): rank exactly these "
@@ -310,7 +312,11 @@ def main(argv: Sequence[str] | None = None) -> int:
                   file=sys.stderr)
             return 1
         device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
-        model = m2dclap.load(args.checkpoint, device=device).eval()
+        try:
+            model = m2dclap.load(args.checkpoint, device=device, text_name=args.text_model).eval()
+        except m2dclap.CheckpointError as e:
+            print(f"error: {e.for_cli()}", file=sys.stderr)
+            return 2
         cache = None if args.no_cache else EmbeddingCache(args.cache_dir, args.checkpoint)
         paths = [r.audio for r in data.audio.records]
         audio, bad = embed_audio_files(model, paths, cache, args.batch_size)

@@ -286,7 +286,12 @@ def test_zeroshot_cli_reports_the_unreachable_text_model(tmp_path, wav, capsys):
     err = capsys.readouterr().err.strip()
     assert rc == 2
     assert len(err.splitlines()) == 1 and "Traceback" not in err
-    assert str(path) in err and f"'{BERT}'" in err
+    assert str(path) in err and f"'{BERT}'" in err and "--text-model PATH" in err  # the command's own option
+    missing = tmp_path / "no-bert-here"
+    rc = classify_main([str(wav), "--checkpoint", str(path), "--labels", "dog,rain", "--quiet",
+                        "--text-model", str(missing)])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and len(err.splitlines()) == 1 and str(missing) in err  # the option reached the loader
 
 
 def test_unreachable_hub_fails_at_once_without_retries(tmp_path, monkeypatch):

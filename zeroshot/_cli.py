@@ -60,9 +60,15 @@ def resolve_device(device: str | None) -> str:
     return device
 
 
-def load_model(checkpoint: str, device: str):
-    """``m2dclap.load`` with the text tower (zero-shot needs it), moved to ``device``, in eval mode."""
+def load_model(checkpoint: str, device: str, text_model: str | None = None):
+    """``m2dclap.load`` with the text tower (zero-shot needs it), moved to ``device``, in eval mode;
+    ``text_model``: a local copy (or another hub name) of the checkpoint's text model."""
     import m2dclap
 
-    model = m2dclap.load(checkpoint, audio_only=False)
+    model = m2dclap.load(checkpoint, audio_only=False, text_name=text_model)
     return model.to(device).eval()
+
+
+def add_text_model_option(p) -> None:
+    p.add_argument("--text-model", metavar="PATH", help="local folder (or hub name) of the checkpoint's text "
+                   "model, e.g. a copy of bert-base-uncased for an official 2025 checkpoint offline")

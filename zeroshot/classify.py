@@ -22,7 +22,7 @@ from typing import Sequence
 from m2dclap import CheckpointError
 from m2dclap.embed_files import report_skipped
 
-from ._cli import cli_error, cli_logging, load_model, resolve_device
+from ._cli import add_text_model_option, cli_error, cli_logging, load_model, resolve_device
 from .classifier import ZeroShotClassifier
 from .templates import TemplateError, as_template_list
 
@@ -46,6 +46,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog=PROG, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("audio", nargs="+", help="audio files (wav, flac, ogg, ...)")
     p.add_argument("--checkpoint", required=True, help="model folder, official .pth file or registered name")
+    add_text_model_option(p)
     p.add_argument("--labels", help="comma-separated class labels, e.g. 'dog,rain,siren'")
     p.add_argument("--labels-file", help="a text file with one class label a line")
     p.add_argument("--template", action="append",
@@ -81,8 +82,10 @@ def _main(args: argparse.Namespace) -> int:
     except (TemplateError, ValueError, OSError) as e:
         return fail(str(e))
     try:
-        model = load_model(args.checkpoint, device)
-    except (CheckpointError, OSError) as e:
+        model = load_model(args.checkpoint, device, args.text_model)
+    except CheckpointError as e:
+        return fail(e.for_cli())
+    except OSError as e:
         return fail(str(e))
     try:
         clf = ZeroShotClassifier.from_labels(model, labels, templates, args.multi_label, scale=args.scale)

@@ -28,7 +28,7 @@ from m2dclap import CheckpointError
 from m2dclap.embed_files import report_skipped
 
 from . import metrics
-from ._cli import cli_error, cli_logging, load_model, resolve_device
+from ._cli import add_text_model_option, cli_error, cli_logging, load_model, resolve_device
 from .classifier import FilePredictions, ZeroShotClassifier
 from .datasets import DATASETS, DatasetError, ZeroShotDataset, load_dataset
 from .templates import TemplateError, as_template_list
@@ -238,6 +238,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog=PROG, description=__doc__, epilog=LAYOUTS,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--checkpoint", required=True, help="model folder, official .pth file or registered name")
+    add_text_model_option(p)
     p.add_argument("--dataset", required=True, choices=DATASETS, help="which reader (layouts in zeroshot.datasets)")
     p.add_argument("--root", help="the dataset's folder (for manifest: where manifest.csv is, unless --manifest)")
     g = p.add_argument_group("manifest options")
@@ -333,8 +334,10 @@ def _main(args: argparse.Namespace) -> int:
     if not dataset.clips:
         return fail(f"{dataset.name}: no clip to evaluate")
     try:
-        model = load_model(args.checkpoint, device)
-    except (CheckpointError, OSError) as e:
+        model = load_model(args.checkpoint, device, args.text_model)
+    except CheckpointError as e:
+        return fail(e.for_cli())
+    except OSError as e:
         return fail(str(e))
     try:
         result = evaluate(model, dataset, args.template, args.scale, args.batch_size, not args.quiet, args.workers)
