@@ -150,7 +150,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("dataset", choices=DATASETS, help="which layout to read")
     parser.add_argument("--root", help="dataset folder (clotho, audiocaps), manifest file, WavCaps JSON file or "
-                                       "folder, or synthetic corpus folder")
+                                       "folder, or synthetic corpus folder (built there if missing or empty; a "
+                                       "folder holding anything else is refused)")
     parser.add_argument("--split", default="", help="clotho: development|validation|evaluation; audiocaps: "
                                                     "train|val|test; manifest: train|val|test (default: all)")
     parser.add_argument("--audio-dir", help="audio folder (default: ROOT/SPLIT and the usual alternatives)")

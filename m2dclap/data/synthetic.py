@@ -535,7 +535,8 @@ def check_corpus_folder(out_dir: str | Path, n_clips: int = 2000, seed: int = 0,
                                 if (out_dir / n).exists())
         if held:
             raise CorpusFolderError(f"{out_dir}: refusing to write the synthetic corpus into a folder that is not "
-                                    f"one: it holds {_shown(held)}; give a new or empty folder")
+                                    f"one: it holds {_shown(held)}; give a new or empty folder (a corpus left "
+                                    f"unfinished by an older version of the suite has to be removed by hand)")
         return False
     if foreign:
         raise CorpusFolderError(f"{out_dir}: holds a synthetic corpus and other files ({_shown(foreign)}); "
@@ -543,7 +544,9 @@ def check_corpus_folder(out_dir: str | Path, n_clips: int = 2000, seed: int = 0,
     if recorded != wanted and not force:
         state = "finished" if (out_dir / MARKER_NAME).is_file() else "unfinished"
         raise CorpusFolderError(f"{out_dir}: holds a {state} synthetic corpus of {_describe(recorded)}, not the "
-                                f"requested {_describe(wanted)}; give another folder, or --force to replace it")
+                                f"requested {_describe(wanted)}; give another folder, or replace it with "
+                                f"python -m m2dclap.data.synthetic --out {out_dir} --n-clips {n_clips} --seed {seed} "
+                                f"--force")
     return False
 
 
