@@ -150,18 +150,21 @@ def test_finetune_resume_of_a_finished_run_is_a_no_op(stage11, tmp_path, capsys,
 @pytest.mark.parametrize("mask", [0o022, 0o077])
 def test_saved_model_folders_respect_the_umask(mask, tmp_path):
     from m2dclap.fileio import atomic_write_text
+    from m2dclap.train.finetune import AudioTagger, save_finetuned
 
     model = m2dclap.M2DCLAP(m2dclap.get_model_config("tiny", **{"text.kind": "none"}))
     old = os.umask(mask)
     try:
         folder = model.save_pretrained(tmp_path / "model")
+        tagged = save_finetuned(model, AudioTagger(model.encoder, 3), ["a", "b", "c"], tmp_path / "stage1.1")
         atomic_write_text(tmp_path / "note.json", "{}")
     finally:
         os.umask(old)
     mode = lambda p: stat.S_IMODE(p.stat().st_mode)  # noqa: E731
-    assert mode(folder) == 0o777 & ~mask
+    assert mode(folder) == mode(tagged) == 0o777 & ~mask
     for name in ("model.safetensors", "config.json"):
         assert mode(folder / name) == 0o666 & ~mask, name
+    assert mode(tagged / "head.safetensors") == mode(tagged / "head.json") == 0o666 & ~mask
     assert mode(tmp_path / "note.json") == 0o666 & ~mask
 
 
