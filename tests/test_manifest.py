@@ -111,6 +111,34 @@ def test_jsonl_errors_name_file_and_line(tmp_path, lines, line, message):
     assert f"bad.jsonl, line {line}:" in str(info.value)
 
 
+@pytest.mark.parametrize("name", ["bad.csv", "bad.jsonl", "exclude.txt"])
+def test_bytes_that_are_not_utf8_name_file_and_line(tmp_path, name):
+    rows = {"bad.csv": [b"audio,caption", b"x.wav,a", b"y.wav,caf\xe9"],
+            "bad.jsonl": [b'{"audio": "x.wav"}', b'{"audio": "y.wav", "caption": "caf\xe9"}', b""],
+            "exclude.txt": [b"# ids", b"x", b"caf\xe9"]}[name]
+    path = tmp_path / name
+    path.write_bytes(b"\n".join(rows) + b"\n")
+    with pytest.raises(ManifestError, match="not UTF-8") as info:
+        read_exclusion_list(path) if name.endswith(".txt") else read_manifest(path)
+    line = 3 if name != "bad.jsonl" else 2
+    assert f"{name}, line {line}:" in str(info.value) and "\\xe9" in str(info.value)
+
+
+def test_unbalanced_quote_is_an_error_at_its_line(tmp_path):
+    path = _write(tmp_path / "q.csv", 'audio,caption\nx.wav,fine\ny.wav,"never closed\nz.wav,c\n')
+    with pytest.raises(ManifestError, match="unbalanced quote") as info:
+        read_manifest(path)
+    assert "q.csv, line 3:" in str(info.value)
+
+
+def test_ids_are_kept_as_written(tmp_path):
+    path = write_manifest([Record("Heat duct ", tmp_path / "Heat duct .wav"), Record(" lead", tmp_path / "l.wav")],
+                          tmp_path / "m.csv")
+    assert [r.id for r in read_manifest(path)] == ["Heat duct ", " lead"]
+    blank = _write(tmp_path / "b.csv", "id,audio\n  ,x.wav\n")
+    assert read_manifest(blank)[0].id == "x"  # a blank id cell: the default, the stem
+
+
 def test_file_level_errors(tmp_path):
     with pytest.raises(ManifestError, match="no such manifest"):
         read_manifest(tmp_path / "missing.csv")
