@@ -165,6 +165,20 @@ def test_csv_readers(tmp_path):
         M.read_predictions_csv(bad)
 
 
+@pytest.mark.parametrize("content, line, match", [
+    (b"file_name,caption\na,fine\nb,caf\xe9\n", 3, "not UTF-8"),
+    (b'file_name,caption\na,"unclosed\nb,x\n', 2, "quote"),
+    (b"file_name,caption\na,x\nb,y,z\n", 3, "3 field"),
+    (b"file_name,caption\na,x\na,y\n", 3, "duplicate prediction"),
+])
+def test_csv_reader_errors_name_file_and_line(tmp_path, content, line, match):
+    bad = tmp_path / "bad.csv"
+    bad.write_bytes(content)
+    with pytest.raises(ValueError, match=match) as info:
+        M.read_predictions_csv(bad)
+    assert f"{bad}, line {line}:" in str(info.value)
+
+
 def test_cli_writes_json(tmp_path, capsys):
     p, r = _write_csvs(tmp_path)
     out = tmp_path / "o" / "scores.json"
