@@ -72,7 +72,8 @@ def undecodable_line(path: str | Path, encoding: str = "utf-8-sig") -> str | Non
     return None
 
 
-def csv_rows(path: str | Path, encoding: str = "utf-8-sig", multiline: bool = True) -> Iterator[tuple[int, list[str]]]:
+def csv_rows(path: str | Path, encoding: str = "utf-8-sig", multiline: bool = True
+             ) -> Iterator[tuple[int, list[str]]]:
     """The rows of a CSV file, header first, as ``(line where the row starts, cells)``; blank lines skipped.
 
     Raises :class:`TextFileError` naming the file and the line for a folder given as the file, an
@@ -94,7 +95,8 @@ def csv_rows(path: str | Path, encoding: str = "utf-8-sig", multiline: bool = Tr
                 except StopIteration:
                     return
                 except csv.Error as e:
-                    raise TextFileError(f"{path}, line {start}: malformed CSV row ({e}; an unbalanced quote?)") from None
+                    raise TextFileError(f"{path}, line {start}: malformed CSV row ({e}; "
+                                        f"an unbalanced quote?)") from None
                 end = reader.line_num
                 if not row or all(not cell.strip() for cell in row):
                     continue

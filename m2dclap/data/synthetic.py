@@ -646,8 +646,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         prog="python -m m2dclap.data.synthetic",
         description="Generate the embedded synthetic sound-and-caption corpus: 16-bit wav clips of 1.5-3.0 s "
                     "with 5 captions each, split 80/10/10 into train/val/test, and a manifest.csv. "
-                    "A folder that already holds the same corpus is left as it is; a folder holding anything else (other "
-                    "files, a corpus of other parameters) is refused with exit status 2.")
+                    "A folder that already holds the same corpus is left as it is; a folder holding anything else "
+                    "(other files, a corpus of other parameters) is refused with exit status 2.")
     parser.add_argument("--out", type=Path, default=None,
                         help=f"output folder (default: $M2DCLAP_DATA or {default_corpus_dir()})")
     parser.add_argument("--n-clips", type=int, default=2000, help="number of clips (default: 2000)")
