@@ -639,7 +639,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         result = {"n_clips": len(preds), "corpus": corpus, "per_clip": per, "unavailable": why,
                   "fense_models": scorer.models if scorer is not None else None}
-        Path(args.out).write_text(json.dumps(result, indent=2), encoding="utf-8")
+        from m2dclap.fileio import atomic_write_text
+
+        atomic_write_text(args.out, json.dumps(result, indent=2))  # a killed run keeps the previous scores
     return 0
 
 
