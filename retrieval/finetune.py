@@ -264,9 +264,9 @@ class Progress:
 def finetune(cfg: FinetuneCfg, resume: bool = False) -> dict[str, Any]:
     """Run the fine-tuning; returns the summary (also written to ``OUTPUT/summary.json``)."""
     accelerator, out_dir = start_run(cfg, "finetune_config.json")
+    train_sets, val_sets = read_sets(cfg, cfg.train, TRAIN_SPLITS), read_sets(cfg, cfg.val, VAL_SPLITS)  # bad input first
     model = m2dclap.load(cfg.checkpoint, text_name=cfg.text_model or None)
     model.set_trainable(audio_encoder=cfg.train_audio_encoder, audio_proj=True, text=not cfg.freeze_text)
-    train_sets, val_sets = read_sets(cfg, cfg.train, TRAIN_SPLITS), read_sets(cfg, cfg.val, VAL_SPLITS)
     records = [r for _, rs in train_sets for r in rs]
     if cfg.exclude:
         records, removed = apply_exclusions(records, read_exclusion_list(cfg.exclude))

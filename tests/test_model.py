@@ -238,6 +238,7 @@ def test_base_geometry_on_10s_clip():
     assert model.audio_features(torch.zeros(16000 * 10))["frame"].shape == (1, 62, 3840)
 
 
+@pytest.mark.slow
 def test_model_import_does_not_import_accelerate():
     code = "import sys, m2dclap, m2dclap.model; print('accelerate' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)

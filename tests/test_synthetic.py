@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import collections
 import os
-import time
 
 import numpy as np
 import pytest
@@ -78,9 +77,8 @@ def test_cache_reuse_and_regeneration(tmp_path, monkeypatch):
 
     calls = []
     monkeypatch.setattr(synthetic, "_write_clips", lambda *a: calls.append(a) or [])
-    t0 = time.perf_counter()
     assert generate_corpus(out, n_clips=8, seed=0) == manifest
-    assert time.perf_counter() - t0 < 0.5 and calls == []  # cached: nothing synthesised or rewritten
+    assert calls == []  # cached: nothing synthesised or rewritten
     assert (manifest.stat().st_mtime_ns, wav.stat().st_mtime_ns) == stamp
     monkeypatch.undo()
 

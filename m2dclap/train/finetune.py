@@ -289,7 +289,7 @@ def load_finetuned(path: str | Path, device: str | torch.device = "cpu") -> tupl
     path = Path(path)
     if not (path / HEAD_META).exists() or not (path / HEAD_WEIGHTS).exists():
         raise CheckpointError(f"{path}: no {HEAD_META}/{HEAD_WEIGHTS}: not a fine-tuned (stage 1.1) model")
-    model = load(path, device)
+    model = load(path, device, audio_only=True)  # tagging needs no text tower
     meta = json.loads((path / HEAD_META).read_text())
     tagger = AudioTagger(model.encoder, len(meta["classes"]), meta["pooling"])
     tagger.head.load_state_dict(load_file(str(path / HEAD_WEIGHTS)))
@@ -432,7 +432,7 @@ def finetune(cfg: FinetuneCfg, resume: bool = False) -> dict[str, Any]:
     if not cfg.init or not cfg.data:
         raise ValueError("stage 1.1 needs the stage-1 model (--init) and a labelled manifest (--data)")
     accelerator, out_dir = start_run(cfg, "finetune_config.json")
-    model = load(cfg.init)
+    model = load(cfg.init)  # with its CLAP parts: the saved stage-1.1 model keeps them for stage 2
     if cfg.input_size[0] != model.cfg.frontend.n_mels:
         raise ValueError(f"input_size {cfg.input_size} does not match the model's {model.cfg.frontend.n_mels} mels")
     model.encoder.set_input_size(cfg.input_size)  # bicubic pos-embed resampling ("adjust positional encoding")
