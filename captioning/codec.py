@@ -52,6 +52,11 @@ def _hub_dir() -> Path:
     return Path(torch.hub.get_dir()) / "checkpoints"
 
 
+def pretrained_checkpoint_path() -> Path:
+    """Where ``load_codec("pretrained")`` looks for (and downloads) the published weights: the torch hub cache."""
+    return _hub_dir() / CHECKPOINT_NAME
+
+
 def _load_state_file(path: Path) -> dict:
     """A state dict from ``path``; checks the sha256 prefix when the name carries it (as published)."""
     stem = path.stem
@@ -127,7 +132,7 @@ def load_codec(source: str | Path = "pretrained", bandwidth: float = DEFAULT_BAN
     else:
         model = EncodecModel.encodec_model_24khz(pretrained=False)
         if src == "pretrained":
-            cached = _hub_dir() / CHECKPOINT_NAME
+            cached = pretrained_checkpoint_path()
             if cached.is_file():
                 state = _load_state_file(cached)
             else:
@@ -195,3 +200,17 @@ def encode_batch(codec, waves: Sequence[torch.Tensor | np.ndarray], sample_rate:
 def encode_tokens(codec, wave: torch.Tensor | np.ndarray, sample_rate: int) -> torch.Tensor:
     """EnCodec tokens (K, T) of one waveform, int64, K = 16 at 12 kbps, T = ceil(seconds * 75)."""
     return encode_batch(codec, [wave], sample_rate)[0]
+
+
+class LazyCodec:
+    """Loads the codec on first use, so a resumed run with every clip cached never loads it."""
+
+    def __init__(self, source: str, bandwidth: float, device: str):
+        if str(source) not in ("pretrained", "random") and not Path(source).expanduser().exists():
+            load_codec(source, bandwidth=bandwidth, device="cpu")  # raises a CodecError naming the file
+        self.source, self.bandwidth, self.device, self._codec = source, bandwidth, device, None
+
+    def get(self):
+        if self._codec is None:
+            self._codec = load_codec(self.source, bandwidth=self.bandwidth, device=self.device)
+        return self._codec

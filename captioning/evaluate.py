@@ -94,7 +94,7 @@ def cache_features(ckpt: Path, data: str | Path, split: str | None, out: Path, d
     from . import preprocess as pp
     from .caption import feature_settings
     from .clap_backends import get_backend
-    from .codec import DEFAULT_BANDWIDTH
+    from .codec import DEFAULT_BANDWIDTH, LazyCodec
     from .train import DATASET_PRESETS, read_named_split
 
     if str(data) in DATASET_PRESETS:
@@ -107,7 +107,7 @@ def cache_features(ckpt: Path, data: str | Path, split: str | None, out: Path, d
     bandwidth = float(settings.get("bandwidth") or DEFAULT_BANDWIDTH)
     cc = settings.get("clap_checkpoint")
     clap = get_backend(settings.get("clap") or "m2d-clap", **({"checkpoint": cc} if cc else {}), device=device)
-    stats = pp.preprocess(records, out, pp._LazyCodec(codec_src, bandwidth, device), clap, codec_source=codec_src,
+    stats = pp.preprocess(records, out, LazyCodec(codec_src, bandwidth, device), clap, codec_source=codec_src,
                           bandwidth=bandwidth, progress=False)
     if stats["errors"]:
         shown = "; ".join(e["error"] if e["audio"] in e["error"] else f"{e['audio']}: {e['error']}"

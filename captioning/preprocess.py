@@ -38,6 +38,7 @@ from m2dclap.fileio import atomic_write
 
 from .clap_backends import BackendError, ClapBackend, get_backend, list_backends
 from .codec import CODEBOOK_SIZE, CODEC_SAMPLE_RATE, DEFAULT_BANDWIDTH, CodecError, encode_batch, load_codec
+from .codec import LazyCodec as _LazyCodec  # moved to codec; captioning.train still uses this name
 
 log = logging.getLogger("captioning.preprocess")
 
@@ -184,20 +185,6 @@ def _write_errors(out: Path, errors: list[dict]) -> None:
         w = csv.DictWriter(f, fieldnames=["id", "audio", "error"])
         w.writeheader()
         w.writerows(errors)
-
-
-class _LazyCodec:
-    """Loads the codec on first use, so a resumed run with every clip cached never loads it."""
-
-    def __init__(self, source: str, bandwidth: float, device: str):
-        if str(source) not in ("pretrained", "random") and not Path(source).expanduser().exists():
-            load_codec(source, bandwidth=bandwidth, device="cpu")  # raises a CodecError naming the file
-        self.source, self.bandwidth, self.device, self._codec = source, bandwidth, device, None
-
-    def get(self):
-        if self._codec is None:
-            self._codec = load_codec(self.source, bandwidth=self.bandwidth, device=self.device)
-        return self._codec
 
 
 def build_parser() -> argparse.ArgumentParser:

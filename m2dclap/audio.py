@@ -48,7 +48,7 @@ def load_audio(path: str | Path, sample_rate: int | None = None) -> torch.Tensor
     try:
         data, sr = sf.read(str(path), dtype="float32", always_2d=True)  # (T, C), ints scaled to [-1, 1)
     except (sf.LibsndfileError, RuntimeError, TypeError) as e:
-        raise AudioError(f"{path}: cannot decode audio ({_first_line(e)}); "
+        raise AudioError(f"{path}: cannot decode audio ({first_line(e)}); "
                          "the file is corrupt, truncated or of an unknown format") from None
     _check_not_truncated(path, data.shape[0])
     wave = torch.from_numpy(np.ascontiguousarray(data.mean(axis=1)))  # (T, C) -> (T,)
@@ -119,7 +119,8 @@ def resample(wave: torch.Tensor, orig_sr: int, new_sr: int) -> torch.Tensor:
     return AF.resample(wave, int(orig_sr) // g, int(new_sr) // g)
 
 
-def _first_line(e: Exception) -> str:
+def first_line(e: Exception) -> str:
+    """The first line of an exception's message (its type name when empty), for one-line error reports."""
     text = str(e).strip().splitlines()
     return text[0] if text else type(e).__name__
 

@@ -28,7 +28,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from .audio import AUDIO_EXTENSIONS, _first_line
+from .audio import AUDIO_EXTENSIONS, first_line
 from .embed_files import AudioBatches, min_samples_of, report_skipped
 from .fileio import atomic_write
 
@@ -310,7 +310,7 @@ def compute_features_safe(model, waves: list[torch.Tensor], kinds) -> list[dict 
         return compute_features(model, waves, kinds)
     except (RuntimeError, ValueError) as e:
         if len(waves) == 1:
-            return [f"feature extraction failed ({type(e).__name__}: {_first_line(e)})"]
+            return [f"feature extraction failed ({type(e).__name__}: {first_line(e)})"]
         log.info("a batch of %d failed (%s); retrying its files one by one", len(waves), e)
         return [r for w in waves for r in compute_features_safe(model, [w], kinds)]
 

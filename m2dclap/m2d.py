@@ -168,7 +168,7 @@ class M2DCLAPPretrainer(nn.Module):
             if text_emb is not None:
                 s_t = model.encode_text_embeddings(text_emb)
             elif texts is not None:
-                s_t = model._text_forward(texts)
+                s_t = model.project_text(texts)
             else:
                 raise ValueError("CLAP needs text: pass text_emb (pre-computed) or texts")
             s_a = model.audio_proj(latent[:, 1:])  # z_v -> s_a, visible tokens only (as officially)

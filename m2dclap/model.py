@@ -20,6 +20,7 @@ from .audio import AudioError, LogMelSpectrogram, check_waveform, normalize_lms,
 from .clap import build_projector, build_text_encoder
 from .config import ModelCfg
 from .encoder import AudioEncoder, frame_features
+from .saving import save_pretrained
 
 log = logging.getLogger(__name__)
 
@@ -197,7 +198,8 @@ class M2DCLAP(nn.Module):
         """Pre-computed sentence embeddings (B, width) -> CLAP text features (B, D) through ``text_proj``."""
         return self.text_proj(emb.to(self.device, self.dtype))
 
-    def _text_forward(self, texts: Sequence[str]) -> torch.Tensor:
+    def project_text(self, texts: Sequence[str]) -> torch.Tensor:
+        """Captions -> CLAP text features s_t (B, D), with gradients (the text side of :meth:`forward`)."""
         if self.text_encoder is None:
             raise RuntimeError("this model has no text encoder (text.kind is 'none'); it is an audio encoder only")
         return self.encode_text_embeddings(self.text_encoder(list(texts)))
@@ -207,7 +209,7 @@ class M2DCLAP(nn.Module):
         """CLAP text embeddings s_t (B, D) for a list of captions."""
         if isinstance(texts, str):
             texts = [texts]
-        outs = [self._text_forward(texts[i:i + batch_size]).float() for i in range(0, len(texts), batch_size)]
+        outs = [self.project_text(texts[i:i + batch_size]).float() for i in range(0, len(texts), batch_size)]
         emb = torch.cat(outs) if outs else torch.zeros(0, self.cfg.encoder.embed_dim)
         return F.normalize(emb, dim=-1) if normalize else emb
 
@@ -223,17 +225,10 @@ class M2DCLAP(nn.Module):
         if audio is not None:
             out["audio_features"] = self.project_audio(self._patches(audio, sample_rate))
         if texts is not None:
-            out["text_features"] = self._text_forward(texts).float()
+            out["text_features"] = self.project_text(texts).float()
         return out
 
     # -- persistence -----------------------------------------------------------------------------------
     def save_pretrained(self, directory: str | Path, **metadata: Any) -> Path:
-        from .checkpoint import save_pretrained
-
+        """:func:`m2dclap.save_pretrained` on this model; :func:`m2dclap.load` reads the folder back."""
         return save_pretrained(self, directory, **metadata)
-
-    @classmethod
-    def from_pretrained(cls, path: str | Path, **kwargs: Any) -> "M2DCLAP":
-        from .checkpoint import load
-
-        return load(path, **kwargs)
