@@ -12,8 +12,6 @@ import logging
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
-
 
 def build_parser() -> argparse.ArgumentParser:
     from m2dclap.train.config import STAGES, TrainCfg
@@ -118,7 +116,7 @@ def _default(args, overrides) -> int:
 def _one_stage(args, overrides) -> int:
     from m2dclap.data.synthetic import default_corpus_dir, generate_corpus
     from m2dclap.train import stage_config
-    from m2dclap.train.loop import train
+    from m2dclap.train.pretrain import train
 
     overrides["data"] = overrides.get("data") or str(generate_corpus(default_corpus_dir()))
     cfg = stage_config(args.stage, **overrides)  # the resolved config records the manifest

@@ -19,7 +19,8 @@ from m2dclap.data.capemb import load_caption_embeddings, save_caption_embeddings
 from m2dclap.data.manifest import read_manifest, write_manifest
 from m2dclap.data.synthetic import generate_corpus
 from m2dclap.train import stage_config
-from m2dclap.train.loop import latest_checkpoint, train
+from m2dclap.train.engine import latest_checkpoint
+from m2dclap.train.pretrain import train
 
 ROOT = Path(__file__).resolve().parents[1]
 FAST = dict(batch_size=8, epochs=50, warmup_epochs=1, lr=1e-3, crop_seconds=0.64, checkpoint_every=2,
@@ -49,7 +50,7 @@ def test_stage1_runs_saves_and_resumes(corpus, tmp_path, caplog):
     assert model.cfg.text.kind == "sentence" and model.text_proj.in_features == 24
     assert model.norm_stats[1] > 0 and model.norm_stats.tolist() != [-7.1, 4.2]  # computed from the data
     assert json.loads((latest_checkpoint(tmp_path) / "state.json").read_text())["step"] == 3
-    with caplog.at_level("INFO", logger="m2dclap.train.loop"):
+    with caplog.at_level("INFO", logger="m2dclap.train.engine"):
         resumed = train(stage1(corpus, tmp_path, max_steps=5), corpus[0], resume=True)
     assert resumed["steps"] == 5 and "at step 3" in caplog.text  # continued, not restarted
     assert json.loads((tmp_path / "train_config.json").read_text())["max_steps"] == 5

@@ -18,7 +18,7 @@ from typing import Any
 
 from ..data.manifest import read_manifest
 from .config import stage_config
-from .loop import train
+from .pretrain import train
 
 log = logging.getLogger(__name__)
 
