@@ -27,6 +27,9 @@ from .saving import (FORMAT, FORMAT_VERSION, SAFE_GLOBALS, CheckpointError, load
 
 log = logging.getLogger(__name__)
 
+__all__ = ["CheckpointError", "DEFAULT_NORM_STATS", "FORMAT", "FORMAT_VERSION", "OFFICIAL_TEXT", "SAFE_GLOBALS", "load",
+           "official_layout", "parse_official_name", "read_model_config", "safe_torch_load", "save_pretrained"]
+
 
 def _load_ours(folder: Path, device: str | torch.device, audio_only: bool = False,
                text_name: str | None = None) -> M2DCLAP:

@@ -9,6 +9,7 @@ import pytest
 pytest.importorskip("pycocoevalcap", reason="pycocoevalcap (jars + coco scorers) is not installed")
 
 from captioning import metrics as M  # noqa: E402
+from captioning.metrics import coco, download  # noqa: E402
 
 PREDS = {"a": "a man is speaking", "b": "rain falls"}
 REFS = {
@@ -110,8 +111,8 @@ def test_spice_and_spider_real():
 
 def test_spider_is_mean_of_cider_d_and_spice(monkeypatch):
     # plumbing only: stand-in SPICE values (marked as such) check SPIDEr's combination rule
-    monkeypatch.setattr(M, "_require_spice", lambda: None)
-    monkeypatch.setattr(M, "spice_score", lambda c, r: (0.3, [0.4, 0.2]))
+    monkeypatch.setattr(coco, "require_spice", lambda: None)
+    monkeypatch.setattr(coco, "spice_score", lambda c, r: (0.3, [0.4, 0.2]))
     corpus, per = M.evaluate_captions(PREDS, REFS, ["spider"], tokenize=False, return_per_clip=True)
     assert set(corpus) == {"spider"}
     assert corpus["spider"] == pytest.approx((GOLD_CIDER + 0.3) / 2, abs=1e-9)
@@ -207,7 +208,7 @@ def test_cli_help_documents_csv_formats(capsys):
 
 
 def test_download_url_comes_from_pycocoevalcap():
-    assert M._spice_download_url().endswith("stanford-corenlp-full-2015-12-09.zip")
+    assert download._spice_download_url().endswith("stanford-corenlp-full-2015-12-09.zip")
 
 
 @pytest.mark.skipif(importlib.util.find_spec("aac_metrics") is None, reason="aac-metrics (optional extra) is not installed")
@@ -261,3 +262,46 @@ def test_matches_aac_metrics_evaluate(tmp_path, monkeypatch):
     for name in ("meteor", "rouge_l", "cider_d"):
         assert [ours_clip[name][i] for i in range(len(cands))] == pytest.approx(
             theirs_clip[name].tolist(), abs=1e-6), name
+
+
+def test_download_spice_models_from_a_local_zip(tmp_path):
+    """The download path end to end on a file:// URL: the two jars land in lib/, nothing else is left."""
+    import zipfile
+
+    from pycocoevalcap.spice.get_stanford_models import CORENLP
+
+    z = tmp_path / "corenlp.zip"
+    with zipfile.ZipFile(z, "w") as zf:
+        for name in M.CORENLP_JARS:
+            zf.writestr(f"{CORENLP}/{name}", f"jar {name}")
+        zf.writestr(f"{CORENLP}/other.jar", "not installed")
+    spice = tmp_path / "spice"
+    got = download.download_spice_models(spice, url=z.as_uri())
+    assert [p.name for p in got] == list(M.CORENLP_JARS)
+    assert sorted(p.name for p in (spice / "lib").iterdir()) == sorted(M.CORENLP_JARS)
+    assert (spice / "lib" / M.CORENLP_JARS[0]).read_text() == f"jar {M.CORENLP_JARS[0]}"
+    assert [p.name for p in spice.iterdir()] == ["lib"]  # the zip went to a temporary folder
+
+
+def test_download_spice_models_bad_zip_and_no_network_name_the_url(tmp_path):
+    bad = tmp_path / "bad.zip"
+    bad.write_bytes(b"not a zip")
+    with pytest.raises(M.MetricUnavailableError, match="bad.zip: not the CoreNLP"):
+        download.download_spice_models(tmp_path / "spice", url=bad.as_uri())
+    gone = (tmp_path / "missing.zip").as_uri()
+    with pytest.raises(M.MetricUnavailableError, match=f"could not download {gone}.*copy stanford-corenlp"):
+        download.download_spice_models(tmp_path / "spice", url=gone)
+    assert not list((tmp_path / "spice").glob("lib/*"))
+
+
+def test_fetch_checks_the_sha256_and_keeps_no_partial_file(tmp_path):
+    import hashlib
+
+    src = tmp_path / "model.ckpt"
+    src.write_bytes(b"weights" * 1000)
+    sha = hashlib.sha256(src.read_bytes()).hexdigest()
+    target = tmp_path / "cache" / "model.ckpt"
+    with pytest.raises(M.MetricUnavailableError, match="could not download"):
+        download.fetch(src.as_uri(), target, "0" * 64)
+    assert not target.exists() and not list(target.parent.iterdir())
+    assert download.fetch(src.as_uri(), target, sha).read_bytes() == src.read_bytes()

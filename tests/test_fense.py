@@ -1,4 +1,4 @@
-"""captioning.fense: FENSE / FER / SPIDEr-FL plumbing on a tiny error detector built from a config and the
+"""captioning.metrics.fense: FENSE / FER / SPIDEr-FL plumbing on a tiny error detector built from a config and the
 packaged all-MiniLM-L6-v2 as a stand-in Sentence-BERT (the published models cannot be downloaded here)."""
 import importlib.util
 import json
@@ -9,8 +9,9 @@ import numpy as np
 import pytest
 import torch
 
-from captioning import fense as FE
 from captioning import metrics as M
+from captioning.metrics import coco
+from captioning.metrics import fense as FE
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -117,10 +118,10 @@ def test_evaluate_captions_fense_and_spider_fl(scorer_factory, monkeypatch):
     preds = {f"c{i}": c for i, c in enumerate(CANDS)}
     refs = {f"c{i}": r for i, r in enumerate(REFS)}
     # SPICE's CoreNLP jars are not installable here: a fixed stand-in for its per-clip values
-    monkeypatch.setattr(M, "_require_spice", lambda: None)
-    monkeypatch.setattr(M, "java_binary", lambda: "java")
+    monkeypatch.setattr(coco, "require_spice", lambda: None)
+    monkeypatch.setattr(coco, "java_binary", lambda: "java")
     spice = [0.2, 0.3, 0.4]
-    monkeypatch.setattr(M, "spice_score", lambda c, r: (sum(spice) / 3, spice))
+    monkeypatch.setattr(coco, "spice_score", lambda c, r: (sum(spice) / 3, spice))
     corpus, per = M.evaluate_captions(preds, refs, ["cider_d", "spider", "fense", "fer", "sbert_sim", "spider_fl"],
                                       tokenize=False, return_per_clip=True, fense=s)
     for i, k in enumerate(preds):

@@ -42,14 +42,15 @@ import numpy as np
 import torch
 from torch import nn
 
-from .metrics import MetricUnavailableError
+from .errors import DOWNLOAD_COMMAND as BASE_DOWNLOAD_COMMAND
+from .errors import MetricUnavailableError
 
 log = logging.getLogger(__name__)
 
 __all__ = [
     "SBERT_MODEL", "DEFAULT_ECHECKER", "ECHECKERS", "ERROR_NAMES", "ERROR_THRESHOLD", "PENALTY",
     "ErrorDetector", "FenseScorer", "MetricUnavailableError", "penalise", "echecker_text",
-    "load_echecker", "load_sbert", "download_fense_models",
+    "load_echecker", "load_sbert",
 ]
 
 SBERT_MODEL = "sentence-transformers/paraphrase-TinyBERT-L6-v2"
@@ -66,7 +67,7 @@ ERROR_NAMES = ("add_tail", "repeat_event", "repeat_adv", "remove_conj", "remove_
 ERROR_THRESHOLD = 0.9
 PENALTY = 0.9
 MAX_TOKENS = 64
-DOWNLOAD_COMMAND = "python -m captioning.metrics download --only fense"
+DOWNLOAD_COMMAND = BASE_DOWNLOAD_COMMAND + " --only fense"
 
 
 # ------------------------------------------------------------------------------------------- the maths
@@ -111,7 +112,8 @@ def fense_dir() -> Path:
     return Path(env) if env else Path.home() / ".cache" / "torch" / "hub" / "fense_data"
 
 
-def _sha256(path: Path) -> str:
+def sha256_of(path: Path) -> str:
+    """Hex sha256 of a file, read in 1 MiB blocks."""
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):
@@ -165,7 +167,7 @@ def load_echecker(name_or_path: str | os.PathLike | None = None, bert: str | os.
 
     path = resolve_echecker(name_or_path)
     known = {Path(u).name: sha for u, sha in ECHECKERS.values()}
-    if path.name in known and _sha256(path) != known[path.name]:
+    if path.name in known and sha256_of(path) != known[path.name]:
         raise ValueError(f"{path}: sha256 differs from the published {path.name} (corrupt or partial download?)")
     try:
         states = torch.load(path, map_location="cpu", weights_only=True)
@@ -263,40 +265,3 @@ class FenseScorer:
         p = self.error_probs(candidates)[:, -1]  # the "error" head
         return {"sbert_sim": sim, "error_prob": p, "fer": (p > self.threshold).astype(np.float64),
                 "fense": penalise(sim, p, self.threshold, self.penalty)}
-
-
-# --------------------------------------------------------------------------------------- download
-def download_fense_models(echecker: str = DEFAULT_ECHECKER, sbert: str = SBERT_MODEL) -> list[str]:
-    """Fetch the echecker (sha256-checked) into :func:`fense_dir`, and the SBERT model and the echecker's
-    BERT tokenizer/config into the Hugging Face cache."""
-    from urllib.error import URLError
-    from urllib.request import urlretrieve
-
-    from sentence_transformers import SentenceTransformer
-    from transformers import AutoConfig, AutoTokenizer
-
-    url, sha = ECHECKERS[echecker]
-    target = fense_dir() / Path(url).name
-    done = []
-    if not (target.is_file() and _sha256(target) == sha):
-        target.parent.mkdir(parents=True, exist_ok=True)
-        part = target.with_suffix(".part")
-        log.info("downloading %s", url)
-        try:
-            urlretrieve(url, part)
-        except (URLError, OSError) as exc:
-            part.unlink(missing_ok=True)
-            raise MetricUnavailableError(f"could not download {url}: {exc}") from exc
-        if _sha256(part) != sha:
-            part.unlink()
-            raise MetricUnavailableError(f"{url}: sha256 mismatch, download discarded")
-        part.replace(target)
-    done.append(str(target))
-    states = torch.load(target, map_location="cpu", weights_only=True)
-    try:
-        for loader in (AutoConfig, AutoTokenizer):
-            loader.from_pretrained(states["model_type"])
-        SentenceTransformer(sbert)
-    except OSError as exc:
-        raise MetricUnavailableError(f"could not fetch the FENSE text models from the Hugging Face hub: {exc}") from exc
-    return done + [states["model_type"], sbert]
