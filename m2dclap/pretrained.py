@@ -9,9 +9,7 @@ from __future__ import annotations
 
 import logging
 import os
-import shutil
 import tempfile
-import urllib.request
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -80,18 +78,18 @@ def resolve(name: str, download: bool = True) -> Path:
 
 
 def _download_and_unzip(url: str, dest: Path) -> None:
+    """``url`` (a release zip) unpacked into ``dest``; torch.hub's downloader gives the progress bar and never
+    leaves a partial file (the releases publish no hashes, so none is checked)."""
+    import torch.hub
+
     dest.mkdir(parents=True, exist_ok=True)
     log.info("downloading %s", url)
-    with tempfile.NamedTemporaryFile(suffix=".zip", dir=dest, delete=False) as tmp:
-        try:
-            with urllib.request.urlopen(url, timeout=60) as resp:
-                shutil.copyfileobj(resp, tmp)
-            tmp.close()
-            with zipfile.ZipFile(tmp.name) as zf:
-                for member in zf.namelist():  # refuse paths escaping the cache folder
-                    target = (dest / member).resolve()
-                    if not target.is_relative_to(dest.resolve()):
-                        raise OSError(f"unsafe path {member!r} in {url}")
-                zf.extractall(dest)
-        finally:
-            Path(tmp.name).unlink(missing_ok=True)
+    with tempfile.TemporaryDirectory(prefix=".download.", dir=dest) as tmp:
+        zip_path = Path(tmp) / "release.zip"
+        torch.hub.download_url_to_file(url, str(zip_path), progress=True)
+        with zipfile.ZipFile(zip_path) as zf:
+            for member in zf.namelist():  # refuse paths escaping the cache folder
+                target = (dest / member).resolve()
+                if not target.is_relative_to(dest.resolve()):
+                    raise OSError(f"unsafe path {member!r} in {url}")
+            zf.extractall(dest)

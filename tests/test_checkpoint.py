@@ -190,6 +190,32 @@ def test_pretrained_name_without_cache(tmp_path, monkeypatch):
         m2dclap.load("no-such-model")
 
 
+def test_pretrained_name_downloads_and_unpacks_the_release_zip(tmp_path, monkeypatch):
+    """The download path on a file:// release mirror: zip fetched, unpacked under its folder name, nothing left
+    over; a zip with a path escaping the cache is refused."""
+    import zipfile
+
+    from m2dclap import pretrained
+
+    name = "m2d_vit_base-80x608p16x16-221006-mr7_enconly"
+    release = tmp_path / "releases" / "v0.1.0"
+    release.mkdir(parents=True)
+    with zipfile.ZipFile(release / f"{name}.zip", "w") as zf:
+        zf.writestr(f"{name}/checkpoint-300000.pth", b"weights")
+    monkeypatch.setattr(pretrained, "RELEASES", (tmp_path / "releases").as_uri())
+    monkeypatch.setenv("M2DCLAP_CACHE", str(tmp_path / "cache"))
+    path = pretrained.resolve(name)
+    assert path == tmp_path / "cache" / name / "checkpoint-300000.pth" and path.read_bytes() == b"weights"
+    assert [p.name for p in (tmp_path / "cache").iterdir()] == [name]  # no zip or temporary folder left
+
+    evil = "m2d_as_vit_base-80x608p16x16-240213"
+    with zipfile.ZipFile(release / f"{evil}.zip", "w") as zf:
+        zf.writestr(f"../{evil}/checkpoint-1.pth", b"x")
+    with pytest.raises(FileNotFoundError, match="unsafe path"):
+        pretrained.resolve(evil)
+    assert not (tmp_path / evil).exists()
+
+
 def test_input_size_change_resamples_pos_embed():
     model = m2dclap.M2DCLAP(m2dclap.get_model_config("tiny", **{"text.kind": "none"}))
     model.encoder.set_input_size((80, 256))
