@@ -2,7 +2,7 @@
 
 A command is a dataclass of options and a function that runs them::
 
-    @dataclass
+    @dataclass(kw_only=True)  # kw_only: required options may follow ones with defaults
     class Options:
         audio: list[str] = option(positional=True, metavar="AUDIO", help="audio files")
         checkpoint: str = option(help="model folder, .pth file or registered name")
@@ -46,6 +46,8 @@ EXIT_STATUS = ("exit status: 0 ok; 1 finished, but items were skipped (each name
                "2 bad input or usage (one line on stderr naming the file or option)")
 PACKAGES = ("m2dclap", "zeroshot", "retrieval", "captioning")  # the loggers a command shows
 LOG_FORMAT = "%(levelname)s: %(message)s"
+TEXT_MODEL_HELP = ("local folder (or hub name) of the checkpoint's text model, e.g. a copy of bert-base-uncased for "
+                   "an official 2025 checkpoint offline")
 
 T = TypeVar("T")
 
@@ -60,13 +62,21 @@ class UsageError(CliError):
 
 def option(default: Any = dataclasses.MISSING, *, help: str, aliases: str | Sequence[str] = (),
            metavar: str | None = None, positional: bool = False, append: bool = False, minimum: float | None = None,
-           default_factory: Any = dataclasses.MISSING) -> Any:
+           const: Any = None, group: str | None = None, choices: Sequence[Any] | None = None, default_factory: Any = dataclasses.MISSING) -> Any:
     """A dataclass field that is a command-line option; no default makes it required.
 
     ``positional``: an argument without a flag (a ``list`` takes one or more); ``append``: a ``list`` option
-    given once per value (``--template A --template B``); ``minimum``: smaller numbers are bad input.
+    given once per value (``--template A --template B``); ``minimum``: smaller numbers are bad input;
+    ``const``: the value of the flag given without one (``--plot`` vs ``--plot x.png``); ``group``: a
+    heading in ``--help``.
     """
     meta: dict[str, Any] = {"help": help}
+    if const is not None:
+        meta.update(nargs="?", const=const)
+    if group is not None:
+        meta["group"] = group
+    if choices is not None:
+        meta["choices"] = list(choices)
     if aliases:
         meta["aliases"] = [aliases] if isinstance(aliases, str) else list(aliases)
     if metavar is not None:
@@ -124,11 +134,19 @@ class OptionParser(HfArgumentParser):
     @staticmethod
     def _parse_dataclass_field(parser, field: dataclasses.Field) -> None:
         meta = dict(field.metadata)
+        group = meta.pop("group", None)
+        if group is not None:  # one argparse group per heading, made when its first field comes
+            groups = parser.__dict__.setdefault("_headings", {})
+            if group not in groups:
+                groups[group] = parser.add_argument_group(group)
+            parser = groups[group]
         if meta.pop("positional", False):
             _add_positional(parser, field, meta)
             return
         append = meta.pop("append", False)
         meta.pop("minimum", None)
+        if "metavar" not in meta and field.type in (int, int | None, float, float | None):
+            meta["metavar"] = "N" if field.type in (int, int | None) else "X"
         plain = copy.copy(field)
         plain.metadata = types.MappingProxyType(meta)
         HfArgumentParser._parse_dataclass_field(_DashedOptions(parser, append), plain)
