@@ -8,25 +8,50 @@ with their probability (softmax over the labels of the cosine similarity times `
 with ``--multi-label``) and the cosine similarity itself. With the default ``--scale 1`` (EVAR's convention)
 probabilities are close to uniform, the ranking is what matters; ``--scale 100`` gives CLIP-like ones.
 Files that cannot be used (undecodable, empty, NaN/Inf, shorter than one STFT window) are named on stderr
-and skipped. Exit status: 0 every file classified, 1 files were skipped, 2 bad input or usage.
+and skipped (exit status 1).
 """
 from __future__ import annotations
 
-import argparse
-import functools
 import json
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
-from m2dclap import CheckpointError
+from m2dclap.cli import TEXT_MODEL_HELP, CliError, option, resolve_device, run_cli
 from m2dclap.embed_files import report_skipped
 
-from ._cli import add_text_model_option, cli_error, cli_logging, load_model, resolve_device
 from .classifier import ZeroShotClassifier
 from .templates import TemplateError, as_template_list
 
 PROG = "python -m zeroshot.classify"
+
+
+@dataclass(kw_only=True)
+class ClassifyOptions:
+    audio: list[str] = option(positional=True, help="audio files (wav, flac, ogg, ...)")
+    checkpoint: str = option(help="model folder, official .pth file or registered name")
+    text_model: str | None = option(None, metavar="PATH", help=TEXT_MODEL_HELP)
+    labels: str | None = option(None, help="comma-separated class labels, e.g. 'dog,rain,siren'")
+    labels_file: str | None = option(None, help="a text file with one class label a line")
+    template: list[str] | None = option(None, append=True,
+                                        help="a format string with {} or {label}, or a rule name (default: "
+                                             "'{label} can be heard'); repeat for a prompt ensemble")
+    top: int = option(3, minimum=1, help="how many classes to print per file")
+    multi_label: bool = option(False, help="sigmoid per label instead of a softmax")
+    scale: float = option(1.0, help="multiply cosines before softmax/sigmoid (1 = EVAR)")
+    batch_size: int = option(16, minimum=1, help="files per model call")
+    device: str | None = option(None, help="cpu, cuda, cuda:1 (default: cuda if available)")
+    json: bool = option(False, help="print one JSON object per file instead of text")
+    quiet: bool = option(False, help="no progress bar or info messages")
+
+
+def load_model(checkpoint: str, device: str, text_model: str | None = None):
+    """``m2dclap.load`` with the text tower (zero-shot needs it), moved to ``device``, in eval mode;
+    ``text_model``: a local copy (or another hub name) of the checkpoint's text model."""
+    import m2dclap
+
+    return m2dclap.load(checkpoint, audio_only=False, text_name=text_model).to(device).eval()
 
 
 def parse_labels(labels: str | None, labels_file: str | None) -> list[str]:
@@ -42,60 +67,27 @@ def parse_labels(labels: str | None, labels_file: str | None) -> list[str]:
     return out
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog=PROG, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("audio", nargs="+", help="audio files (wav, flac, ogg, ...)")
-    p.add_argument("--checkpoint", required=True, help="model folder, official .pth file or registered name")
-    add_text_model_option(p)
-    p.add_argument("--labels", help="comma-separated class labels, e.g. 'dog,rain,siren'")
-    p.add_argument("--labels-file", help="a text file with one class label a line")
-    p.add_argument("--template", action="append",
-                   help="a format string with {} or {label}, or a rule name (default: '{label} can be heard'); "
-                        "repeat for a prompt ensemble")
-    p.add_argument("--top", type=int, default=3, help="how many classes to print per file (3)")
-    p.add_argument("--multi-label", action="store_true", help="sigmoid per label instead of a softmax")
-    p.add_argument("--scale", type=float, default=1.0, help="multiply cosines before softmax/sigmoid (1 = EVAR)")
-    p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--device", help="cpu, cuda, cuda:1 (default: cuda if available)")
-    p.add_argument("--json", action="store_true", help="print one JSON object per file instead of text")
-    p.add_argument("--quiet", action="store_true", help="no progress bar or info messages")
-    return p
-
-
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    with cli_logging(args.quiet):
-        return _main(args)
+    return run_cli(classify, ClassifyOptions, argv, prog=PROG, description=__doc__)
 
 
-def _main(args: argparse.Namespace) -> int:
-    fail = functools.partial(cli_error, PROG)
-
+def classify(opts: ClassifyOptions) -> int:
     try:
-        if args.top < 1:
-            raise ValueError(f"--top must be at least 1, got {args.top}")
-        if args.batch_size < 1:
-            raise ValueError(f"--batch-size must be at least 1, got {args.batch_size}")
-        labels = parse_labels(args.labels, args.labels_file)
-        templates = as_template_list(args.template)
-        device = resolve_device(args.device)
+        labels = parse_labels(opts.labels, opts.labels_file)
+        templates = as_template_list(opts.template)
     except (TemplateError, ValueError, OSError) as e:
-        return fail(str(e))
+        raise CliError(str(e)) from None
+    device = resolve_device(opts.device)
     try:
-        model = load_model(args.checkpoint, device, args.text_model)
-    except CheckpointError as e:
-        return fail(e.for_cli())
-    except OSError as e:
-        return fail(str(e))
-    try:
-        clf = ZeroShotClassifier.from_labels(model, labels, templates, args.multi_label, scale=args.scale)
-    except RuntimeError as e:  # e.g. a checkpoint without a text encoder
-        return fail(str(e))
-    preds = clf.predict_files(args.audio, batch_size=args.batch_size, progress=not args.quiet)
-    top = clf.top_k(preds.probabilities, args.top)
+        model = load_model(opts.checkpoint, device, opts.text_model)
+        clf = ZeroShotClassifier.from_labels(model, labels, templates, opts.multi_label, scale=opts.scale)
+    except (OSError, RuntimeError) as e:  # RuntimeError: e.g. a checkpoint without a text encoder
+        raise CliError(str(e)) from None
+    preds = clf.predict_files(opts.audio, batch_size=opts.batch_size, progress=not opts.quiet)
+    top = clf.top_k(preds.probabilities, opts.top)
     for n, (path, best) in enumerate(zip(preds.paths, top)):
         cos = {c: float(s) for c, s in zip(clf.classes, preds.similarities[n])}
-        if args.json:
+        if opts.json:
             print(json.dumps({"file": str(path), "top": [{"label": lab, "probability": p, "cosine": cos[lab]}
                                                          for lab, p in best]}, ensure_ascii=False))
             continue
@@ -103,7 +95,7 @@ def _main(args: argparse.Namespace) -> int:
         for rank, (lab, p) in enumerate(best, start=1):
             print(f"  {rank}. {lab:<24s} p={p:.4f}  cos={cos[lab]:+.4f}")
     if preds.failed:
-        print(f"{PROG}: {len(preds.failed)} of {len(args.audio)} file(s) could not be used", file=sys.stderr)
+        print(f"{PROG}: {len(preds.failed)} of {len(opts.audio)} file(s) could not be used", file=sys.stderr)
     return report_skipped(preds.failed, stream=sys.stderr)
 
 

@@ -14,22 +14,21 @@ for multi-label tasks; needs matplotlib).
 """
 from __future__ import annotations
 
-import argparse
-import functools
 import json
 import logging
 import sys
 import time
 from pathlib import Path
-from typing import Any, Sequence
+from dataclasses import dataclass
+from typing import Any, Literal, Sequence
 
 import numpy as np
-from m2dclap import CheckpointError
+from m2dclap.cli import TEXT_MODEL_HELP, CliError, option, resolve_device, run_cli
 from m2dclap.embed_files import report_skipped
 
 from . import metrics
-from ._cli import add_text_model_option, cli_error, cli_logging, load_model, resolve_device
 from .classifier import FilePredictions, ZeroShotClassifier
+from .classify import load_model
 from .datasets import DATASETS, DatasetError, ZeroShotDataset, load_dataset
 from .templates import TemplateError, as_template_list
 
@@ -229,54 +228,59 @@ LAYOUTS = """dataset layouts under --root:
   manifest  the suite's CSV/JSONL manifest (audio, labels, split columns)
 Missing audio files are listed and counted (an error with --strict); unusable ones (undecodable, empty,
 NaN/Inf, shorter than one STFT window) are skipped and listed. Both are named on stderr and counted in the
-JSON (n_skipped), since the figures leave them out.
-exit status: 0 every clip evaluated; 1 clips were skipped (missing or unusable), or none could be
-evaluated; 2 bad input or usage."""
+JSON (n_skipped), since the figures leave them out: exit status 1, as when no clip could be evaluated."""
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog=PROG, description=__doc__, epilog=LAYOUTS,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--checkpoint", required=True, help="model folder, official .pth file or registered name")
-    add_text_model_option(p)
-    p.add_argument("--dataset", required=True, choices=DATASETS, help="which reader (layouts in zeroshot.datasets)")
-    p.add_argument("--root", help="the dataset's folder (for manifest: where manifest.csv is, unless --manifest)")
-    g = p.add_argument_group("manifest options")
-    g.add_argument("--manifest", help="a suite manifest (.csv/.jsonl); default ROOT/manifest.csv")
-    g.add_argument("--label-column", default="labels", help="the column holding ';'-separated labels (labels)")
-    g.add_argument("--task", choices=("auto", "single", "multi"), default="auto",
-                   help="single: first label is the class (accuracy); multi: all labels (mAP); auto: multi if "
-                        "any clip has several labels (default)")
-    g = p.add_argument_group("dataset options")
-    g.add_argument("--split", help="manifest split (default test; 'all' for every clip), NSynth split (test), "
-                                   "FSD50K ground-truth file (eval), CREMA-D split in --split-file (test)")
-    g.add_argument("--split-file", help="GTZAN: list of relative paths to use; CREMA-D: CSV with file_name,split")
-    g.add_argument("--folds", help="ESC-50/US8K: comma-separated folds to use (default: all, pooled)")
-    g.add_argument("--segments", help="AudioSet: segments CSV under ROOT (eval_segments.csv)")
-    g.add_argument("--class-index", help="AudioSet: class_labels_indices.csv under ROOT")
-    g.add_argument("--audio-pattern", help="AudioSet: audio path under ROOT, with {ytid} {start} {end} "
-                                           "{start_ms} {end_ms} {start_s} {end_s} (audio/{ytid}.wav)")
-    g.add_argument("--strict", action="store_true", help="missing audio files are an error, not a warning")
-    g = p.add_argument_group("prompts and scoring")
-    g.add_argument("--template", action="append",
-                   help="a rule name (esc50, us8k, gtzan, nsynth, cremad, fsd50k, audioset, default) or a format "
-                        "string with {} or {label}; repeat for a prompt ensemble (default: the dataset's rule)")
-    g.add_argument("--scale", type=float, default=1.0,
-                   help="multiply cosine similarities before softmax/sigmoid (1 = EVAR; metrics do not change)")
-    g = p.add_argument_group("running")
-    g.add_argument("--batch-size", type=int, default=32)
-    g.add_argument("--workers", type=int, default=2, help="threads reading audio files")
-    g.add_argument("--device", help="cpu, cuda, cuda:1 (default: cuda if available)")
-    g.add_argument("--limit", type=int, help="evaluate only the first N clips (smoke tests)")
-    g.add_argument("--out", help="write every figure, the prompts and the skipped files to this JSON")
-    g.add_argument("--plot", nargs="?", const=True, default=None, metavar="PNG",
-                   help="save a confusion matrix (multi-label: per-class AP) PNG; default path: --out with .png, "
-                        "else zeroshot_<dataset>.png")
-    g.add_argument("--quiet", action="store_true", help="no progress bar or info messages")
-    return p
+@dataclass(kw_only=True)
+class EvaluateOptions:
+    checkpoint: str = option(help="model folder, official .pth file or registered name")
+    text_model: str | None = option(None, metavar="PATH", help=TEXT_MODEL_HELP)
+    dataset: str = option(choices=DATASETS, help="which reader (layouts in zeroshot.datasets)")
+    root: str | None = option(None, help="the dataset's folder (for manifest: where manifest.csv is, unless "
+                                         "--manifest)")
+    manifest: str | None = option(None, group="manifest options",
+                                  help="a suite manifest (.csv/.jsonl); default ROOT/manifest.csv")
+    label_column: str = option("labels", group="manifest options",
+                               help="the column holding ';'-separated labels")
+    task: Literal["auto", "single", "multi"] = option(
+        "auto", group="manifest options", help="single: first label is the class (accuracy); multi: all labels "
+                                               "(mAP); auto: multi if any clip has several labels (default)")
+    split: str | None = option(None, group="dataset options",
+                               help="manifest split (default test; 'all' for every clip), NSynth split (test), "
+                                    "FSD50K ground-truth file (eval), CREMA-D split in --split-file (test)")
+    split_file: str | None = option(None, group="dataset options",
+                                    help="GTZAN: list of relative paths to use; CREMA-D: CSV with file_name,split")
+    folds: str | None = option(None, group="dataset options",
+                               help="ESC-50/US8K: comma-separated folds to use (default: all, pooled)")
+    segments: str | None = option(None, group="dataset options",
+                                  help="AudioSet: segments CSV under ROOT (eval_segments.csv)")
+    class_index: str | None = option(None, group="dataset options",
+                                     help="AudioSet: class_labels_indices.csv under ROOT")
+    audio_pattern: str | None = option(None, group="dataset options",
+                                       help="AudioSet: audio path under ROOT, with {ytid} {start} {end} "
+                                            "{start_ms} {end_ms} {start_s} {end_s} (audio/{ytid}.wav)")
+    strict: bool = option(False, group="dataset options",
+                          help="missing audio files are an error, not a warning")
+    template: list[str] | None = option(None, append=True, group="prompts and scoring",
+                                        help="a rule name (esc50, us8k, gtzan, nsynth, cremad, fsd50k, audioset, "
+                                             "default) or a format string with {} or {label}; repeat for a prompt "
+                                             "ensemble (default: the dataset's rule)")
+    scale: float = option(1.0, group="prompts and scoring",
+                          help="multiply cosine similarities before softmax/sigmoid (1 = EVAR; metrics do not "
+                               "change)")
+    batch_size: int = option(32, minimum=1, group="running", help="clips per model call")
+    workers: int = option(2, minimum=0, group="running", help="threads reading audio files")
+    device: str | None = option(None, group="running", help="cpu, cuda, cuda:1 (default: cuda if available)")
+    limit: int | None = option(None, group="running", help="evaluate only the first N clips (smoke tests)")
+    out: str | None = option(None, group="running",
+                             help="write every figure, the prompts and the skipped files to this JSON")
+    plot: str | None = option(None, const="", metavar="PNG", group="running",
+                              help="save a confusion matrix (multi-label: per-class AP) PNG; default path: --out "
+                                   "with .png, else zeroshot_<dataset>.png")
+    quiet: bool = option(False, group="running", help="no progress bar or info messages")
 
 
-def _dataset_from_args(args: argparse.Namespace) -> ZeroShotDataset:
+def _dataset_from_args(args: EvaluateOptions) -> ZeroShotDataset:
     name = args.dataset
     folds = [f for f in args.folds.split(",") if f.strip()] if args.folds else None
     if name == "manifest":
@@ -305,54 +309,43 @@ def _dataset_from_args(args: argparse.Namespace) -> ZeroShotDataset:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    with cli_logging(args.quiet):
-        return _main(args)
+    return run_cli(run, EvaluateOptions, argv, prog=PROG, description=__doc__, epilog=LAYOUTS)
 
 
-def _main(args: argparse.Namespace) -> int:
-    fail = functools.partial(cli_error, PROG)
-
-    if args.batch_size < 1:
-        return fail(f"--batch-size must be at least 1, got {args.batch_size}")
-    if args.plot is not None:
+def run(opts: EvaluateOptions) -> int:
+    if opts.plot is not None:
         try:
             require_matplotlib()
         except ImportError as e:
-            return fail(str(e))
+            raise CliError(str(e)) from None
     try:
-        if args.template:
-            as_template_list(args.template)
-        dataset = _dataset_from_args(args)
-        if args.limit is not None:
-            dataset.clips = dataset.clips[:max(0, args.limit)]
-        device = resolve_device(args.device)
+        if opts.template:
+            as_template_list(opts.template)
+        dataset = _dataset_from_args(opts)
     except (DatasetError, TemplateError, ValueError, OSError) as e:
-        return fail(str(e))
+        raise CliError(str(e)) from None
+    if opts.limit is not None:
+        dataset.clips = dataset.clips[:max(0, opts.limit)]
+    device = resolve_device(opts.device)
     log.info("%s: %d clips, %d classes (%s)", dataset.name, len(dataset.clips), len(dataset.classes),
              "multi-label" if dataset.multi_label else "single-label")
     if not dataset.clips:
-        return fail(f"{dataset.name}: no clip to evaluate")
+        raise CliError(f"{dataset.name}: no clip to evaluate")
     try:
-        model = load_model(args.checkpoint, device, args.text_model)
-    except CheckpointError as e:
-        return fail(e.for_cli())
-    except OSError as e:
-        return fail(str(e))
-    try:
-        result = evaluate(model, dataset, args.template, args.scale, args.batch_size, not args.quiet, args.workers)
-    except RuntimeError as e:  # e.g. a checkpoint without a text encoder
-        return fail(str(e))
-    result["checkpoint"] = str(args.checkpoint)
+        model = load_model(opts.checkpoint, device, opts.text_model)
+        result = evaluate(model, dataset, opts.template, opts.scale, opts.batch_size, not opts.quiet, opts.workers)
+    except (OSError, RuntimeError) as e:  # RuntimeError: e.g. a checkpoint without a text encoder
+        raise CliError(str(e)) from None
+    result["checkpoint"] = str(opts.checkpoint)
     print(format_report(result))
-    if args.out:
-        out = Path(args.out)
+    if opts.out:
+        out = Path(opts.out)
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(json.dumps(_json_safe(result), indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
         print(f"wrote {out}")
-    if args.plot is not None and result["n_clips"]:
-        png = (Path(args.plot) if isinstance(args.plot, str)
-               else Path(args.out).with_suffix(".png") if args.out else Path(f"zeroshot_{dataset.name}.png"))
+    if opts.plot is not None and result["n_clips"]:
+        png = (Path(opts.plot) if opts.plot
+               else Path(opts.out).with_suffix(".png") if opts.out else Path(f"zeroshot_{dataset.name}.png"))
         print(f"wrote {plot(result, png)}")
     left_out = [(str(p), f"{p}: missing") for p in dataset.missing]
     left_out += [(f["path"], f["error"]) for f in result["failed_files"]]
