@@ -12,11 +12,13 @@ import torch.nn as nn
 import m2dclap
 from m2dclap.data.manifest import ManifestError, read_manifest
 from m2dclap.data.synthetic import generate_corpus
-from m2dclap.train.finetune import (AudioTagger, average_precision, finetune, finetune_config, load_finetuned, main,
-                                    mask_bands, mean_average_precision, mix, mixup, random_structured_mask,
-                                    read_labelled, sample_bands, spec_augment, tag_audio, visible_indices)
+from m2dclap.augment import mask_bands, mix, mixup, random_structured_mask, sample_bands, spec_augment, visible_indices
+from m2dclap.data.labelled import read_labelled
+from m2dclap.metrics import average_precision as _ap
+from m2dclap.tagging import AudioTagger, load_finetuned, mean_average_precision, tag_audio
+from m2dclap.train.engine import latest_checkpoint
+from m2dclap.train.finetune import finetune, finetune_config, main
 from m2dclap.train.lars import LARS
-from m2dclap.train.loop import latest_checkpoint
 
 from conftest import tone
 
@@ -237,6 +239,10 @@ def test_lars_converges_on_a_toy_regression():
 
 
 # --------------------------------------------------------------------------------------------------- mAP
+def average_precision(scores: torch.Tensor, target: torch.Tensor) -> float:
+    return _ap(target.numpy(), scores.double().numpy())
+
+
 def test_map_hand_computed():
     scores = torch.tensor([[0.9, 0.9, 0.5], [0.8, 0.8, 0.5], [0.7, 0.7, 0.1], [0.6, 0.6, 0.2]])
     targets = torch.tensor([[1, 0, 1], [0, 1, 0], [1, 0, 1], [0, 1, 0]])
@@ -260,3 +266,15 @@ def test_map_matches_scikit_learn():
     mAP, aps = mean_average_precision(torch.from_numpy(s), torch.from_numpy(y))
     assert np.allclose(aps, metrics.average_precision_score(y, s, average=None))
     assert mAP == pytest.approx(metrics.average_precision_score(y, s, average="macro"))
+
+
+@pytest.mark.slow
+def test_importing_the_tagger_does_not_import_accelerate():
+    import subprocess
+    import sys
+
+    code = ("import sys, m2dclap.tagging, m2dclap.augment, m2dclap.data.labelled; "
+            "bad = [m for m in sys.modules if m.split('.')[0] == 'accelerate' or m.startswith('m2dclap.train')]; "
+            "print(bad); sys.exit(1 if bad else 0)")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stdout + proc.stderr

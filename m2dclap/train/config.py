@@ -1,4 +1,5 @@
-"""Training configuration: one dataclass, stage presets with the paper's hyper-parameters (IV-A2)."""
+"""Training configurations: pretraining stages (one dataclass, the paper's presets per stage, IV-A2) and stage 1.1
+(AudioSet fine-tuning, Table IV)."""
 from __future__ import annotations
 
 import dataclasses
@@ -52,7 +53,7 @@ class TrainCfg:
 
 
 # The paper's settings per stage (section IV-A2). Stage 1.1 (AudioSet fine-tuning) has its own config,
-# m2dclap.train.finetune.FinetuneCfg (Table IV, AS2M), and runs with `python -m m2dclap.train.finetune`.
+# FinetuneCfg below (Table IV, AS2M), and runs with `python -m m2dclap.train.finetune`.
 STAGES: dict[str, dict[str, Any]] = {
     "1": dict(mask_ratio=0.7, lambda_m2d=1.0, lambda_clap=0.01, epochs=300, warmup_epochs=20, blr=3e-4,
               crop_seconds=6.08),
@@ -69,3 +70,65 @@ def stage_config(stage: str, **overrides: Any) -> TrainCfg:
         raise KeyError(f"unknown stage {stage!r}; available: {', '.join(STAGES)} "
                        "(stage 1.1: python -m m2dclap.train.finetune, or scripts/pretrain.py --stage 1.1)")
     return apply_overrides(TrainCfg(stage=stage, **STAGES[stage]), overrides)
+
+
+@dataclass
+class FinetuneCfg:
+    """One stage-1.1 run; defaults are the paper's AS2M column of Table IV. Every field is a CLI option."""
+
+    init: str = ""  # stage-1 model to fine-tune (save_pretrained folder, official .pth or registered name)
+    data: str = ""  # manifest with labels and train/val splits (AudioSet: 527 classes)
+    output_dir: str = "runs/stage1.1"  # checkpoints, best/ and model/ folders, config and summary
+    label_column: str = "labels"  # manifest column of ';'-separated class labels
+    classes: str = ""  # file with one class label per line (fixes the order); empty = sorted train labels
+    input_size: tuple[int, int] = (80, 1001)  # (mels, frames) per input; the pos-embed is resampled to it
+    epochs: int = 70  # passes over the training split (Table IV)
+    warmup_epochs: float = 15.0  # linear warm-up, then half-cosine to min_lr (Table IV)
+    max_steps: int = 0  # stop after this many optimiser steps (0 = all epochs); the schedule still spans all epochs
+    batch_size: int = 64  # clips per process and step (Table IV)
+    grad_accum: int = 1  # micro-batches per optimiser step
+    eval_batch_size: int = 0  # validation batch (0 = batch_size)
+    optimizer: str = "lars"  # lars (AS2M), sgd (AS20K, ESC-50, SPCV2) or adamw (VC1), as EVAR
+    lr: float = 2.0  # peak learning rate (Table IV; the BCE is a mean over all classes, hence its size)
+    min_lr: float = 1e-7  # end of the cosine (EVAR's CosineLRScheduler lr_min)
+    momentum: float = 0.9  # LARS/SGD momentum
+    weight_decay: float = 0.0  # on weights only (EVAR passes 0 to LARS and SGD, 1e-4 to AdamW)
+    lars_trust: float = 0.001  # LARS trust coefficient eta
+    lars_always_adapt: bool = False  # trust ratio even without weight decay (off = the official timm LARS)
+    clip_grad: float = 0.0  # gradient-norm clip (0 = off, as EVAR)
+    mixup: float = 0.5  # alpha of the Beta(alpha, alpha) mixing weights, every batch (0 = off; Table IV)
+    log_mixup_exp: bool = True  # mix log-mels as log(l e^a + (1-l) e^b), a sound mixture, not linearly
+    freq_mask: int = 30  # SpecAugment: one frequency band per clip, width < freq_mask mel bins (Table IV)
+    time_mask: int = 192  # SpecAugment: one time band per clip, width < time_mask frames (Table IV)
+    training_mask: float = 0.5  # structured patchout ratio: whole patch rows/columns dropped in training
+    pooling: str = "auto"  # tokens (mean patch token, D), frames (z'', F'*D), auto (tokens iff training_mask > 0)
+    head_init_std: float = 0.01  # std of the linear head's initial weights (EVAR TaskHead)
+    mixed_precision: str = "no"  # no, fp16, bf16
+    checkpoint_every: int = 1000  # optimiser steps between resumable checkpoints
+    keep_checkpoints: int = 2  # resumable checkpoints kept
+    log_every: int = 50  # optimiser steps between log lines
+    on_bad_audio: str = "skip"  # skip (report and go on) or fail
+    num_workers: int = 0  # DataLoader workers
+    seed: int = 42  # everything random derives from it (EVAR's default)
+    tracker: str = "auto"  # auto (TensorBoard when installed), none, tensorboard
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @property
+    def head_pooling(self) -> str:
+        return ("tokens" if self.training_mask > 0 else "frames") if self.pooling == "auto" else self.pooling
+
+
+def finetune_config(**overrides: Any) -> FinetuneCfg:
+    """The AS2M defaults with CLI-style overrides (strings are converted to the field types), checked."""
+    cfg = apply_overrides(FinetuneCfg(), overrides)
+    if cfg.optimizer not in ("lars", "sgd", "adamw"):
+        raise ValueError(f"optimizer must be lars, sgd or adamw, got {cfg.optimizer!r}")
+    if cfg.pooling not in ("auto", "tokens", "frames"):
+        raise ValueError(f"pooling must be auto, tokens or frames, got {cfg.pooling!r}")
+    if not 0.0 <= cfg.training_mask < 1.0:
+        raise ValueError(f"training_mask must be in [0, 1), got {cfg.training_mask}")
+    if cfg.mixup < 0 or cfg.freq_mask < 0 or cfg.time_mask < 0:
+        raise ValueError("mixup, freq_mask and time_mask must be >= 0")
+    return cfg

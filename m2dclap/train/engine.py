@@ -346,6 +346,10 @@ class Engine:
         self.acc.log({k: v for k, v in entry.items() if isinstance(v, (int, float))}, step=state.step)
         if self.cfg.metric and self.keep is not None:
             entry["kept"] = self._keep(entry)
+        if self.acc.is_main_process:
+            log.info("%s step %d: evaluation %s%s", self.cfg.name, state.step,
+                     " ".join(f"{k}={v:.4g}" for k, v in metrics.items() if isinstance(v, (int, float))),
+                     " (kept)" if entry.get("kept") else "")
         return entry
 
     def _keep(self, entry: dict[str, Any]) -> bool:
