@@ -13,7 +13,6 @@ after the arrays, so a killed run leaves nothing that a re-run would mistake for
 """
 from __future__ import annotations
 
-import argparse
 import contextlib
 import csv
 import json
@@ -22,13 +21,14 @@ import os
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
-from typing import Iterator, Sequence
+from typing import Iterator, Literal, Sequence
 
 import numpy as np
 import torch
 from tqdm import tqdm
 
 from .audio import AUDIO_EXTENSIONS, first_line
+from .cli import EXIT_SKIPPED, CliError, option, resolve_device, run_cli
 from .embed_files import AudioBatches, min_samples_of, report_skipped
 from .fileio import atomic_write
 
@@ -55,9 +55,9 @@ running the same command again.
 A file that cannot be decoded, is empty, holds NaN/Inf samples or is shorter than one STFT window is
 skipped: named on stderr and in errors.csv; the others are extracted.
 
-exit status: 0 when every file has its features, 1 when files were skipped (listed on stderr and in
-errors.csv) or none was found, 2 for usage errors (missing input, unreadable checkpoint, DIR an existing
-file or written by another checkpoint or dtype, two files mapping to the same output)."""
+Exit status 1 when files were skipped (listed on stderr and in errors.csv) or none was found; 2 for a
+missing input, an unreadable checkpoint, DIR an existing file or written by another checkpoint or dtype,
+or two files mapping to the same output."""
 
 
 class ExtractError(ValueError):
@@ -416,102 +416,63 @@ def _record(item: AudioItem, res: dict | str, out_dir: Path, kinds, index: dict,
 # ---------------------------------------------------------------------------------------------------
 # Command line
 # ---------------------------------------------------------------------------------------------------
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="m2dclap-extract", formatter_class=argparse.RawDescriptionHelpFormatter,
-        description="Extract M2D / M2D-CLAP audio features of audio files into .npy files (resumable).",
-        epilog=LAYOUT)
-    p.add_argument("inputs", nargs="+", metavar="INPUT",
-                   help="audio files and/or folders; folders are searched for " + " ".join(AUDIO_EXTENSIONS))
-    p.add_argument("--checkpoint", "-c", required=True,
-                   help="model: a save_pretrained folder, an official .pth file, or a registered pretrained name")
-    p.add_argument("--out", "-o", required=True, metavar="DIR", help="output folder (layout below)")
-    p.add_argument("--features", default="all", metavar="KINDS",
-                   help="clip, frame, clap, or all; several as a comma list, e.g. clip,clap (default: all)")
-    p.add_argument("--batch-size", type=int, default=8, metavar="N",
-                   help="files per model call; files of different lengths may share a batch (default: 8)")
-    p.add_argument("--device", choices=["cpu", "cuda"], default=None,
-                   help="where the model runs (default: cuda when available, else cpu)")
-    p.add_argument("--dtype", choices=list(DTYPES), default="float32",
-                   help="model weights and compute dtype; the log-mel frontend stays float32 and the saved "
+@dataclass(kw_only=True)
+class ExtractOptions:
+    inputs: list[str] = option(positional=True, metavar="INPUT",
+                               help="audio files and/or folders; folders are searched for "
+                                    + " ".join(AUDIO_EXTENSIONS))
+    checkpoint: str = option(aliases="-c", help="model: a save_pretrained folder, an official .pth file, or a "
+                                                "registered pretrained name")
+    out: str = option(aliases="-o", metavar="DIR", help="output folder (layout below)")
+    features: str = option("all", metavar="KINDS",
+                           help="clip, frame, clap, or all; several as a comma list, e.g. clip,clap (default: all)")
+    batch_size: int = option(8, minimum=1, help="files per model call; files of different lengths may share a "
+                                                "batch (default: 8)")
+    device: str | None = option(None, help="where the model runs: cpu, cuda, cuda:1 (default: cuda when "
+                                           "available, else cpu)")
+    dtype: Literal["float32", "bfloat16"] = option(
+        "float32", help="model weights and compute dtype; the log-mel frontend stays float32 and the saved "
                         "arrays are float32 either way (default: float32)")
-    p.add_argument("--recursive", action=argparse.BooleanOptionalAction, default=True,
-                   help="search input folders recursively (default: --recursive)")
-    p.add_argument("--overwrite", action="store_true",
-                   help="recompute files whose outputs already exist (default: skip them, which resumes "
-                        "an interrupted run); also allows writing into a DIR made with another checkpoint")
-    p.add_argument("--quiet", "-q", action="store_true", help="only warnings and errors; no progress bar")
-    return p
-
-
-class _TqdmHandler(logging.Handler):
-    """Log lines through tqdm.write, so they do not tear the progress bar."""
-
-    def __init__(self, stream):
-        super().__init__()
-        self.stream = stream
-
-    def emit(self, record: logging.LogRecord) -> None:
-        try:
-            tqdm.write(self.format(record), file=self.stream)
-        except Exception:  # logging must never raise
-            self.handleError(record)
+    recursive: bool = option(True, help="search input folders recursively (default: --recursive)")
+    overwrite: bool = option(False, help="recompute files whose outputs already exist (default: skip them, "
+                                         "which resumes an interrupted run); also allows writing into a DIR made "
+                                         "with another checkpoint")
+    quiet: bool = option(False, aliases="-q", help="only warnings and errors; no progress bar")
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    pkg_log = logging.getLogger("m2dclap")
-    handler = _TqdmHandler(sys.stderr)
-    handler.setFormatter(logging.Formatter("%(levelname)s: %(message)s"))
-    old_level = pkg_log.level
-    pkg_log.addHandler(handler)
-    pkg_log.setLevel(logging.WARNING if args.quiet else logging.INFO)
-    try:
-        return _main(args)
-    finally:
-        pkg_log.removeHandler(handler)
-        pkg_log.setLevel(old_level)
+    return run_cli(run, ExtractOptions, argv, prog="m2dclap-extract",
+                   description="Extract M2D / M2D-CLAP audio features of audio files into .npy files (resumable).",
+                   epilog=LAYOUT)
 
 
-def _main(args: argparse.Namespace) -> int:
-    from .checkpoint import CheckpointError, load
+def run(opts: ExtractOptions) -> int:
+    from .checkpoint import load
 
     try:
-        kinds = parse_features(args.features)
-        if args.batch_size < 1:
-            raise ExtractError(f"--batch-size must be at least 1, got {args.batch_size}")
-        items = find_audio_files(args.inputs, recursive=args.recursive)
+        kinds = parse_features(opts.features)
+        items = find_audio_files(opts.inputs, recursive=opts.recursive)
     except (FileNotFoundError, ExtractError) as e:
-        print(f"m2dclap-extract: error: {e}", file=sys.stderr)
-        return 2
-    if Path(args.out).exists() and not Path(args.out).is_dir():
-        print(f"m2dclap-extract: error: --out {args.out}: exists and is not a folder", file=sys.stderr)
-        return 2
+        raise CliError(str(e)) from None
+    if Path(opts.out).exists() and not Path(opts.out).is_dir():
+        raise CliError(f"--out {opts.out}: exists and is not a folder")
     if not items:
-        print(f"m2dclap-extract: no audio files found in {' '.join(args.inputs)}", file=sys.stderr)
-        return 1
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    if device == "cuda" and not torch.cuda.is_available():
-        print("m2dclap-extract: error: --device cuda but no CUDA device is available", file=sys.stderr)
-        return 2
+        print(f"m2dclap-extract: no audio files found in {' '.join(opts.inputs)}", file=sys.stderr)
+        return EXIT_SKIPPED
+    device = resolve_device(opts.device)
+    # every feature kind (clip, frame, clap) is audio: never load, look up or download a text model
+    model = load(opts.checkpoint, device=device, audio_only=True).to(DTYPES[opts.dtype])
+    ckpt = Path(opts.checkpoint)
     try:
-        # every feature kind (clip, frame, clap) is audio: never load, look up or download a text model
-        model = load(args.checkpoint, device=device, audio_only=True).to(DTYPES[args.dtype])
-    except CheckpointError as e:
-        print(f"m2dclap-extract: error: {e}", file=sys.stderr)
-        return 2
-    ckpt = Path(args.checkpoint)
-    try:
-        summary = extract_features(model, items, args.out, kinds, batch_size=args.batch_size,
-                                   overwrite=args.overwrite,
-                                   checkpoint=str(ckpt.resolve()) if ckpt.exists() else args.checkpoint,
-                                   progress=False if args.quiet else None)
+        summary = extract_features(model, items, opts.out, kinds, batch_size=opts.batch_size,
+                                   overwrite=opts.overwrite,
+                                   checkpoint=str(ckpt.resolve()) if ckpt.exists() else opts.checkpoint,
+                                   progress=False if opts.quiet else None)
     except ExtractError as e:
-        print(f"m2dclap-extract: error: {e}", file=sys.stderr)
-        return 2
+        raise CliError(str(e)) from None
     print(summary.line())
     rc = report_skipped(summary.errors, stream=sys.stderr)
-    return rc if summary.succeeded else 1
+    return rc if summary.succeeded else EXIT_SKIPPED
 
 
 if __name__ == "__main__":
