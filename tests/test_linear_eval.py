@@ -10,6 +10,7 @@ import pytest
 
 import m2dclap
 from m2dclap import linear_eval as le
+from m2dclap.metrics import average_precision, mean_average_precision
 from m2dclap.data.manifest import Record, read_manifest, write_manifest
 from m2dclap.data.synthetic import generate_corpus
 
@@ -52,7 +53,8 @@ def test_average_precision_hand_computed():
     y = np.array([[1, 0, 0], [0, 1, 0], [1, 1, 0], [0, 0, 0]])
     s = np.array([[0.9, 0.2, 0.5], [0.8, 0.7, 0.1], [0.3, 0.6, 0.4], [0.1, 0.9, 0.3]])
     # class 0: positives ranked 1st and 3rd -> (1/1 + 2/3) / 2; class 1: ranked 2nd and 3rd -> (1/2 + 2/3) / 2
-    mAP, ap = le.mean_average_precision(y, s)
+    mAP, ap, empty = mean_average_precision(y, s, no_positive="exclude")
+    assert empty == [2]
     assert ap[0] == pytest.approx((1 + 2 / 3) / 2)
     assert ap[1] == pytest.approx((1 / 2 + 2 / 3) / 2)
     assert math.isnan(ap[2])  # no positive: left out of the mean
@@ -61,13 +63,13 @@ def test_average_precision_hand_computed():
 
 def test_average_precision_ties_and_sklearn():
     # tied scores form one threshold: both items at 0.5 are ranked together -> precision 1/2 at recall 1
-    assert le.average_precision(np.array([0, 1]), np.array([0.5, 0.5])) == pytest.approx(0.5)
+    assert average_precision(np.array([0, 1]), np.array([0.5, 0.5])) == pytest.approx(0.5)
     skm = pytest.importorskip("sklearn.metrics")
     rng = np.random.default_rng(0)
     y = (rng.random((50, 6)) < 0.3).astype(int)
     s = np.round(rng.random((50, 6)), 1)  # many ties
     for c in range(6):
-        assert le.average_precision(y[:, c], s[:, c]) == pytest.approx(skm.average_precision_score(y[:, c], s[:, c]))
+        assert average_precision(y[:, c], s[:, c]) == pytest.approx(skm.average_precision_score(y[:, c], s[:, c]))
 
 
 # ----------------------------------------------------------------------------------------------- the probe
