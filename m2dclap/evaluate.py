@@ -11,7 +11,7 @@ from typing import Any, Sequence
 import torch
 
 from . import metrics
-from .embed_files import AudioBatches, min_samples_of
+from .embed_files import embed_files
 
 log = logging.getLogger(__name__)
 
@@ -21,16 +21,11 @@ PROMPT = "{} can be heard"  # the paper's ESC-50/US8K rule (Table VI)
 @torch.no_grad()
 def embed_records(model, records: Sequence[Any], batch_size: int = 32, progress: bool = True):
     """CLAP audio embeddings of the records' whole clips; returns (embeddings, kept records, skipped paths).
-    Clips are read through :class:`m2dclap.embed_files.AudioBatches` (unusable ones skipped by name)."""
-    kept, outs = [], []
-    batches = AudioBatches([rec.audio for rec in records], model.sample_rate, min_samples_of(model), batch_size,
-                           progress=progress, desc="embedding audio")
-    for batch in batches:
-        if batch.waves:
-            outs.append(model.encode_audio(batch.waves, model.sample_rate, batch_size=batch_size))
-            kept += [records[i] for i in batch.indices]
-    emb = torch.cat(outs) if outs else torch.zeros(0, model.cfg.encoder.embed_dim)
-    return emb, kept, [path for path, _ in batches.skipped]
+    Clips are read through :func:`m2dclap.embed_files.embed_files` (unusable ones skipped by name)."""
+    emb, skipped = embed_files(model, [rec.audio for rec in records], batch_size, progress=progress)
+    bad = {i for i, _ in skipped}
+    keep = [i for i in range(len(records)) if i not in bad]
+    return emb[keep].to(model.device), [records[i] for i in keep], [str(records[i].audio) for i in sorted(bad)]
 
 
 def evaluate_clap(model, records: Sequence[Any], class_names: Sequence[str] | None = None,

@@ -16,7 +16,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from m2dclap.embed_files import AudioBatches, min_samples_of
+from m2dclap.embed_files import embed_files
 from m2dclap.fileio import atomic_write
 
 log = logging.getLogger(__name__)
@@ -105,7 +105,7 @@ def embed_audio_files(model, paths: Sequence[str | Path], cache: EmbeddingCache 
                       batch_size: int = 32, progress: bool = True) -> tuple[torch.Tensor, list[tuple[int, str]]]:
     """CLAP audio embeddings (N, D) of whole files, cached per file.
 
-    Files are read through :class:`m2dclap.embed_files.AudioBatches`. Returns the embeddings (rows of skipped
+    Files are read through :func:`m2dclap.embed_files.embed_files`. Returns the embeddings (rows of skipped
     files are NaN) and ``[(index, reason)]`` of the files that were skipped: undecodable, empty, NaN/Inf or
     shorter than the frontend's window; each reason names the file.
     """
@@ -119,18 +119,16 @@ def embed_audio_files(model, paths: Sequence[str | Path], cache: EmbeddingCache 
             todo.append(i)
     if todo:
         log.info("embedding %d audio file(s) (%d from the cache)", len(todo), len(paths) - len(todo))
-    bad: list[tuple[int, str]] = []
-    batches = AudioBatches([paths[i] for i in todo], model.sample_rate, min_samples_of(model), batch_size,
-                           progress=progress and bool(todo), desc="embedding audio")
-    for batch in batches:
-        bad += [(todo[k], reason) for k, reason in batch.skipped]
-        if not batch.waves:
-            continue
-        emb = model.encode_audio(batch.waves, model.sample_rate, batch_size=batch_size).float().cpu().numpy()
-        for j, k in enumerate(batch.indices):
-            rows[todo[k]] = emb[j]
+
+    def keep(done: list[int], emb: torch.Tensor) -> None:  # cached batch by batch: an interrupted run keeps them
+        for k, e in zip(done, emb.numpy()):
+            rows[todo[k]] = e
             if cache is not None:
-                cache.put_audio(paths[todo[k]], emb[j])
+                cache.put_audio(paths[todo[k]], e)
+
+    _, skipped = embed_files(model, [paths[i] for i in todo], batch_size, progress=progress and bool(todo),
+                             on_batch=keep)
+    bad = [(todo[k], reason) for k, reason in skipped]
     dim = next((r.shape[-1] for r in rows if r is not None), 0)
     out = np.full((len(paths), dim), np.nan, dtype=np.float32)
     for i, r in enumerate(rows):

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Mapping, Sequence
 
 import torch
-from m2dclap.embed_files import AudioBatches, min_samples_of
+from m2dclap.embed_files import embed_files
 
 from .templates import Template, as_template_list, encode_prompts, make_prompts
 
@@ -110,23 +110,17 @@ class ZeroShotClassifier:
 
     def predict_files(self, paths: Sequence[str | Path], batch_size: int = 32, progress: bool = True,
                       workers: int = 2) -> FilePredictions:
-        """Read, embed and score audio files in batches (:class:`m2dclap.embed_files.AudioBatches`: files of
-        the next batch are read while one is encoded). Files that cannot be used (undecodable, empty, NaN/Inf,
-        shorter than the frontend's window) are logged, skipped and returned in ``failed``."""
+        """Read, embed and score audio files in batches (:func:`m2dclap.embed_files.embed_files`: files of
+        the next batches are read by ``workers`` processes while one is encoded). Files that cannot be used
+        (undecodable, empty, NaN/Inf, shorter than the frontend's window) are logged, skipped and returned in
+        ``failed``."""
         paths = [Path(p) for p in paths]
-        kept: list[int] = []
-        failed: list[tuple[Path, str]] = []
-        embs: list[torch.Tensor] = []
-        sr = self.model.sample_rate
-        batches = AudioBatches(paths, sr, min_samples_of(self.model), batch_size, workers=workers,
-                               progress=progress, desc="zero-shot: embedding audio")
-        for batch in batches:
-            failed += [(paths[i], reason) for i, reason in batch.skipped]
-            if batch.waves:
-                embs.append(self.embed(batch.waves, sr, batch_size).float().cpu())
-                kept.extend(batch.indices)
-        dim = self.text_embeddings.shape[1]
-        emb = torch.cat(embs) if embs else torch.zeros(0, dim)
+        emb, skipped = embed_files(self.model, paths, batch_size, normalize=True, workers=workers, progress=progress,
+                                   desc="zero-shot: embedding audio")
+        failed = [(paths[i], reason) for i, reason in skipped]
+        bad = {i for i, _ in skipped}
+        kept = [i for i in range(len(paths)) if i not in bad]
+        emb = emb[kept]
         probs, sim = self.scores(emb)
         return FilePredictions([paths[i] for i in kept], kept, probs, sim, emb, failed)
 
