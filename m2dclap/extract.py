@@ -210,18 +210,18 @@ def _valid_index_row(row: dict[str, str] | None) -> bool:
 
 @contextlib.contextmanager
 def _lock(out_dir: Path):
-    """Refuse a second extraction into the same folder while one runs (POSIX advisory lock)."""
+    """Refuse a second extraction into the same folder while one runs."""
+    from filelock import FileLock, Timeout
+
+    lock = FileLock(out_dir / ".lock", blocking=False)
     try:
-        import fcntl
-    except ImportError:  # not POSIX: no lock
+        lock.acquire()
+    except Timeout:
+        raise ExtractError(f"{out_dir}: another extraction is writing to this folder") from None
+    try:
         yield
-        return
-    with open(out_dir / ".lock", "w") as f:
-        try:
-            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            raise ExtractError(f"{out_dir}: another extraction is writing to this folder") from None
-        yield
+    finally:
+        lock.release()
 
 
 def _remove_stale_tmp(out_dir: Path) -> None:

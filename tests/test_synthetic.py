@@ -106,7 +106,7 @@ def is_ours_complete(out, n):
 
 
 def _single(cls, pitch="mid", loudness="loud", reps=1, background="none", freq=None):
-    lo, hi = synthetic._BY_NAME[cls].freqs[pitch]
+    lo, hi = synthetic.SOUND_CLASSES[cls].freqs[pitch]
     ev = Event(cls, pitch, loudness, reps, freq or float(np.sqrt(lo * hi)), "rising" if cls == "chirp" else "")
     return ClipSpec([ev], "single", background, 2.5, 0.1, 0.1, [])
 
@@ -125,7 +125,7 @@ def _count_events(x, hop=800):
 @pytest.mark.parametrize("cls", CLASS_NAMES)
 def test_audio_matches_its_parameters(cls):
     """Pitch words order the spectral centroid, loud is louder than quiet, repetitions are countable."""
-    pitches = sorted(synthetic._BY_NAME[cls].freqs, key=synthetic.PITCHES.index)
+    pitches = sorted(synthetic.SOUND_CLASSES[cls].freqs, key=synthetic.PITCHES.index)
     cents = [_centroid(render_clip(_single(cls, p), SR, np.random.default_rng(1))) for p in pitches]
     assert len(pitches) >= 2 or cls == "rumble"  # rumble has one pitch: nothing to order
     assert all(a < b for a, b in zip(cents, cents[1:]))
