@@ -172,7 +172,9 @@ def _add_positional(parser, field: dataclasses.Field, meta: dict[str, Any]) -> N
     item = typing.get_args(kind)[0] if many else kind
     optional = field.default is not dataclasses.MISSING or field.default_factory is not dataclasses.MISSING
     kw: dict[str, Any] = {"help": meta.get("help"), "metavar": meta.get("metavar")}
-    if typing.get_origin(item) is typing.Literal:
+    if "choices" in meta:
+        kw["choices"] = meta["choices"]
+    elif typing.get_origin(item) is typing.Literal:
         kw["choices"] = typing.get_args(item)
     elif item is not str:
         kw["type"] = item

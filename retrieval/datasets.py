@@ -10,7 +10,6 @@ A clip listed but absent on disk is reported with its path and counted; ``strict
 """
 from __future__ import annotations
 
-import argparse
 import ast
 import logging
 import sys
@@ -18,6 +17,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from m2dclap.cli import EXIT_SKIPPED, UsageError, option, run_cli
 from m2dclap.data.manifest import Record, read_manifest, write_manifest
 from m2dclap.data.public import (  # noqa: F401 - re-exported: retrieval's public reader API
     AUDIO_EXTENSIONS,
@@ -136,43 +136,49 @@ def _need(root: str | Path | None, name: str) -> Path:
     return Path(root)
 
 
+@dataclass(kw_only=True)
+class DatasetsOptions:
+    dataset: str = option(positional=True, choices=DATASETS, help="which layout to read")
+    root: str | None = option(None, help="dataset folder (clotho, audiocaps), manifest file, WavCaps JSON file or "
+                                         "folder, or synthetic corpus folder (built there if missing or empty; a "
+                                         "folder holding anything else is refused)")
+    split: str = option("", help="clotho: development|validation|evaluation; audiocaps: train|val|test; "
+                                 "manifest: train|val|test (default: all)")
+    audio_dir: str | None = option(None, help="audio folder (default: ROOT/SPLIT and the usual alternatives)")
+    audio_pattern: str | None = option(None, help=f"audio file name from the row's fields (audiocaps: default "
+                                                  f"{AUDIOCAPS_PATTERN!r}; wavcaps: default {WAVCAPS_PATTERN!r})")
+    strict: bool = option(False, help="fail if any listed clip is missing")
+    out: str = option(help="manifest to write (.csv or .jsonl)")
+
+
+DESCRIPTION = ("Convert a public retrieval dataset into the suite's manifest (CSV/JSONL with audio, caption_1..N, "
+               "split). Clips listed but missing on disk are reported with their paths and left out; --strict "
+               "makes them an error (exit status 1).")
+EPILOG = ("examples:\n  python -m retrieval.datasets clotho --root data/clotho --split evaluation --out c.csv\n"
+          "  python -m retrieval.datasets audiocaps --root data/audiocaps --split test "
+          "--audio-pattern 'Y{youtube_id}.wav' --out a.csv\n"
+          "  python -m retrieval.datasets wavcaps --root json_files/FreeSound --audio-dir audio/FreeSound "
+          "--out w.jsonl")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="python -m retrieval.datasets",
-        description="Convert a public retrieval dataset into the suite's manifest (CSV/JSONL with audio, "
-                    "caption_1..N, split). Clips listed but missing on disk are reported with their paths and "
-                    "left out; --strict makes them an error.",
-        epilog="examples:\n  python -m retrieval.datasets clotho --root data/clotho --split evaluation --out c.csv\n"
-               "  python -m retrieval.datasets audiocaps --root data/audiocaps --split test "
-               "--audio-pattern 'Y{youtube_id}.wav' --out a.csv\n"
-               "  python -m retrieval.datasets wavcaps --root json_files/FreeSound --audio-dir audio/FreeSound "
-               "--out w.jsonl",
-        formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("dataset", choices=DATASETS, help="which layout to read")
-    parser.add_argument("--root", help="dataset folder (clotho, audiocaps), manifest file, WavCaps JSON file or "
-                                       "folder, or synthetic corpus folder (built there if missing or empty; a "
-                                       "folder holding anything else is refused)")
-    parser.add_argument("--split", default="", help="clotho: development|validation|evaluation; audiocaps: "
-                                                    "train|val|test; manifest: train|val|test (default: all)")
-    parser.add_argument("--audio-dir", help="audio folder (default: ROOT/SPLIT and the usual alternatives)")
-    parser.add_argument("--audio-pattern", help=f"audio file name from the row's fields (audiocaps: default "
-                                                f"{AUDIOCAPS_PATTERN!r}; wavcaps: default {WAVCAPS_PATTERN!r})")
-    parser.add_argument("--strict", action="store_true", help="fail if any listed clip is missing")
-    parser.add_argument("--out", required=True, help="manifest to write (.csv or .jsonl)")
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
+    return run_cli(run, DatasetsOptions, argv, prog="python -m retrieval.datasets", description=DESCRIPTION,
+                   epilog=EPILOG)
+
+
+def run(args: DatasetsOptions) -> int:
     default_split = {"clotho": "evaluation", "audiocaps": "test"}.get(args.dataset, "")
     try:
         result = load_dataset(args.dataset, args.root, args.split or default_split, args.strict, args.audio_dir,
                               args.audio_pattern)
     except MissingAudioError as e:
         print(f"error: {e}", file=sys.stderr)
-        return 1
+        return EXIT_SKIPPED
     except (ValueError, FileNotFoundError) as e:
-        parser.error(str(e))
+        raise UsageError(str(e)) from None
     if not result.records:
         print(f"error: {result.source}: no clip present on disk ({len(result.missing)} missing)", file=sys.stderr)
-        return 1
+        return EXIT_SKIPPED
     write_manifest(result.records, args.out)
     print(f"wrote {len(result.records)} clips to {args.out} ({len(result.missing)} listed clips missing)")
     return 0

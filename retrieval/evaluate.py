@@ -10,18 +10,19 @@ file (:mod:`retrieval.cache`), so a second evaluation only embeds the captions a
 """
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import math
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
 import torch
 
 import m2dclap
+from m2dclap.cli import EXIT_SKIPPED, TEXT_MODEL_HELP, CliError, UsageError, option, resolve_device, run_cli
 from m2dclap.data.manifest import Record, atomic_write_text
 from m2dclap.embed_files import report_skipped
 
@@ -137,67 +138,58 @@ def format_table(result: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def _device(name: str) -> str:
-    if name == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    return name
+DESCRIPTION = ("Evaluate audio-text retrieval of an M2D-CLAP checkpoint: text->audio and audio->text R@1/5/10 and "
+               "mAP@10. --protocol clap (default) gives the CLAP-paper numbers of M2D-CLAP Table VIII (every caption "
+               "is a query with one clip; audio->text counts the best-ranked of the clip's captions; mAP@10 over "
+               "sorted ranks divided by the number of captions). --protocol dcase gives the DCASE multi-positive "
+               "figures (R@k = fraction of the relevant items retrieved, AP divided by the number of relevant items, "
+               "plus mAP@16); --relevance adds the 2025 query,audio_filenames annotations. Prints a table and writes "
+               "a JSON with every figure and the protocol used.")
+EPILOG = ("examples:\n"
+          "  python -m retrieval.evaluate --checkpoint runs/default/stage2/model --dataset synthetic\n"
+          "  python -m retrieval.evaluate --checkpoint CKPT --dataset clotho --root data/clotho "
+          "--split evaluation --protocol dcase --relevance metadata_eval.csv\n"
+          "  python -m retrieval.evaluate --checkpoint CKPT --dataset audiocaps --root data/audiocaps "
+          "--split test --audio-pattern 'Y{youtube_id}.wav'\n\n"
+          "Clips missing on disk or unusable (undecodable, empty, NaN/Inf, shorter than one STFT window) are "
+          "named on stderr, left out of the figures and counted in the JSON ('missing', 'skipped'): exit status 1, "
+          "as when, with --strict, missing or unusable clips stop the run; no captions to retrieve is bad input (2).")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="python -m retrieval.evaluate",
-        description="Evaluate audio-text retrieval of an M2D-CLAP checkpoint: text->audio and audio->text "
-                    "R@1/5/10 and mAP@10. --protocol clap (default) gives the CLAP-paper numbers of M2D-CLAP "
-                    "Table VIII (every caption is a query with one clip; audio->text counts the best-ranked "
-                    "of the clip's captions; mAP@10 over sorted ranks divided by the number of captions). "
-                    "--protocol dcase gives the DCASE multi-positive figures (R@k = fraction of the relevant "
-                    "items retrieved, AP divided by the number of relevant items, plus mAP@16); "
-                    "--relevance adds the 2025 query,audio_filenames annotations. Prints a table and writes "
-                    "a JSON with every figure and the protocol used.",
-        epilog="examples:\n"
-               "  python -m retrieval.evaluate --checkpoint runs/default/stage2/model --dataset synthetic\n"
-               "  python -m retrieval.evaluate --checkpoint CKPT --dataset clotho --root data/clotho "
-               "--split evaluation --protocol dcase --relevance metadata_eval.csv\n"
-               "  python -m retrieval.evaluate --checkpoint CKPT --dataset audiocaps --root data/audiocaps "
-               "--split test --audio-pattern 'Y{youtube_id}.wav'\n\n"
-               "Clips missing on disk or unusable (undecodable, empty, NaN/Inf, shorter than one STFT window) are "
-               "named on stderr, left out of the figures and counted in the JSON ('missing', 'skipped').\n"
-               "exit status: 0 every listed clip evaluated; 1 clips were left out (or, with --strict, missing or "
-               "unusable clips stopped the run); 2 bad input or usage (e.g. no captions to retrieve).",
-        formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--checkpoint", required=True, help="a saved model folder, an official .pth file or a "
-                                                            "pretrained name (m2dclap.load)")
-    parser.add_argument("--text-model", metavar="PATH", help="local folder (or hub name) of the checkpoint's "
-                        "text model, e.g. a copy of bert-base-uncased for an official 2025 checkpoint offline")
-    parser.add_argument("--dataset", default="synthetic", choices=[d for d in DATASETS if d != "wavcaps"],
-                        help="dataset layout (default: the embedded synthetic corpus)")
-    parser.add_argument("--root", help="dataset folder, or the manifest file for --dataset manifest")
-    parser.add_argument("--split", default=None, help="clotho: development|validation|evaluation (default "
-                                                      "evaluation); audiocaps: train|val|test (default test); "
-                                                      "manifest/synthetic: train|val|test|all (default test)")
-    parser.add_argument("--audio-dir", help="audio folder (default: ROOT/SPLIT and the usual alternatives)")
-    parser.add_argument("--audio-pattern", help="AudioCaps file name pattern over youtube_id, start_time, "
-                                                "end_time, audiocap_id (default '{youtube_id}.wav')")
-    parser.add_argument("--protocol", default="clap", choices=PROTOCOLS, help="metric convention (default clap)")
-    parser.add_argument("--relevance", help="DCASE 2025 multi-positive annotations (query,audio_filenames); "
-                                            "needs --protocol dcase")
-    parser.add_argument("--out", help="JSON result (default: retrieval-DATASET-SPLIT-PROTOCOL.json)")
-    parser.add_argument("--strict", action="store_true", help="fail on missing or unusable clips")
-    parser.add_argument("--batch-size", type=int, default=32, help="clips per encoder batch (default 32)")
-    parser.add_argument("--cache-dir", default=str(default_cache_dir()), help="embedding cache (default %(default)s)")
-    parser.add_argument("--no-cache", action="store_true", help="embed everything again, cache nothing")
-    parser.add_argument("--block-mb", type=int, default=DEFAULT_BLOCK_BYTES // 2 ** 20,
-                        help="memory for one block of similarity rows, MiB (default %(default)s)")
-    parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:1 ... (default: cuda if available)")
-    return parser
+@dataclass(kw_only=True)
+class EvaluateOptions:
+    checkpoint: str = option(help="a saved model folder, an official .pth file or a pretrained name (m2dclap.load)")
+    text_model: str | None = option(None, metavar="PATH", help=TEXT_MODEL_HELP)
+    dataset: str = option("synthetic", choices=[d for d in DATASETS if d != "wavcaps"],
+                          help="dataset layout (default: the embedded synthetic corpus)")
+    root: str | None = option(None, help="dataset folder, or the manifest file for --dataset manifest")
+    split: str | None = option(None, help="clotho: development|validation|evaluation (default evaluation); "
+                                          "audiocaps: train|val|test (default test); manifest/synthetic: "
+                                          "train|val|test|all (default test)")
+    audio_dir: str | None = option(None, help="audio folder (default: ROOT/SPLIT and the usual alternatives)")
+    audio_pattern: str | None = option(None, help="AudioCaps file name pattern over youtube_id, start_time, "
+                                                  "end_time, audiocap_id (default '{youtube_id}.wav')")
+    protocol: str = option("clap", choices=PROTOCOLS, help="metric convention (default clap)")
+    relevance: str | None = option(None, help="DCASE 2025 multi-positive annotations (query,audio_filenames); "
+                                              "needs --protocol dcase")
+    out: str | None = option(None, help="JSON result (default: retrieval-DATASET-SPLIT-PROTOCOL.json)")
+    strict: bool = option(False, help="fail on missing or unusable clips")
+    batch_size: int = option(32, minimum=1, help="clips per encoder batch (default 32)")
+    cache_dir: str = option(str(default_cache_dir()), help="embedding cache")
+    no_cache: bool = option(False, help="embed everything again, cache nothing")
+    block_mb: int = option(DEFAULT_BLOCK_BYTES // 2 ** 20, minimum=1,
+                           help="memory for one block of similarity rows, MiB")
+    device: str = option("auto", help="cpu, cuda, cuda:1 ... (default: cuda if available)")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
+    return run_cli(run, EvaluateOptions, argv, prog="python -m retrieval.evaluate", description=DESCRIPTION,
+                   epilog=EPILOG)
+
+
+def run(args: EvaluateOptions) -> int:
     if args.relevance and args.protocol != "dcase":
-        parser.error("--relevance (DCASE 2025 multi-positive annotations) needs --protocol dcase")
+        raise UsageError("--relevance (DCASE 2025 multi-positive annotations) needs --protocol dcase")
     split = args.split if args.split is not None else DEFAULT_SPLITS[args.dataset]
     if split == "all" and args.dataset in ("manifest", "synthetic"):
         split = ""  # every record, whatever its split column says
@@ -207,29 +199,24 @@ def main(argv: Sequence[str] | None = None) -> int:
         relevance = read_relevance(args.relevance) if args.relevance else None
     except MissingAudioError as e:
         print(f"error: {e}", file=sys.stderr)
-        return 1
+        return EXIT_SKIPPED
     except (ValueError, FileNotFoundError) as e:
-        parser.error(str(e))
+        raise UsageError(str(e)) from None
     if not data.records:
         print(f"error: {data.source}: no clip to evaluate ({len(data.missing)} listed clips missing)",
               file=sys.stderr)
-        return 1
+        return EXIT_SKIPPED
     if relevance is None and not any(r.captions for r in data.records):
-        print(f"error: {data.source}: no clip has a caption; nothing to retrieve "
-              "(fill the captions column, or give --relevance annotations with --protocol dcase)", file=sys.stderr)
-        return 2
-    try:
-        model = m2dclap.load(args.checkpoint, device=_device(args.device), text_name=args.text_model).eval()
-    except m2dclap.CheckpointError as e:
-        print(f"error: {e.for_cli()}", file=sys.stderr)
-        return 2
+        raise CliError(f"{data.source}: no clip has a caption; nothing to retrieve "
+                       "(fill the captions column, or give --relevance annotations with --protocol dcase)")
+    model = m2dclap.load(args.checkpoint, device=resolve_device(args.device), text_name=args.text_model).eval()
     cache = None if args.no_cache else EmbeddingCache(args.cache_dir, args.checkpoint)
     try:
         result = evaluate_records(model, data.records, args.protocol, relevance, cache, args.batch_size,
                                   args.block_mb * 2 ** 20, args.strict)
     except MissingAudioError as e:
         print(f"error: {e}", file=sys.stderr)
-        return 1
+        return EXIT_SKIPPED
     result = {"checkpoint": str(args.checkpoint), "dataset": args.dataset, "root": args.root, "split": split,
               "relevance_file": args.relevance, "m2dclap_version": m2dclap.__version__,
               "missing": {"count": len(data.missing), "paths": [str(p) for p in data.missing]},

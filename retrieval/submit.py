@@ -15,7 +15,6 @@ matrix) before reporting success. ``--validate-only`` checks existing files.
 """
 from __future__ import annotations
 
-import argparse
 import csv
 import io
 import json
@@ -23,6 +22,7 @@ import logging
 import math
 import sys
 from collections import Counter
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -30,6 +30,7 @@ import torch
 import torch.nn.functional as F
 
 import m2dclap
+from m2dclap.cli import EXIT_SKIPPED, TEXT_MODEL_HELP, UsageError, option, resolve_device, run_cli
 from m2dclap.data.manifest import atomic_write_text
 from m2dclap.fileio import undecodable_line
 
@@ -244,52 +245,55 @@ def _validate_meta(path: Path) -> list[str]:
 
 
 # -------------------------------------------------------------------------------------------------- CLI
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="python -m retrieval.submit",
-        description="Write a DCASE language-based audio retrieval submission: for every caption of "
-                    "retrieval_captions.csv the ten best audio files (caption,file_name_1..file_name_10), "
-                    "optionally the full caption x audio score matrix (--scores, the 2025 form), and a system "
-                    "meta YAML template; the files are validated (each caption once, ten distinct existing "
-                    "file names per row) before success is reported.",
-        epilog="example:\n  python -m retrieval.submit --checkpoint runs/ft/best --captions retrieval_captions.csv "
-               "--audio-dir retrieval_audio --out sub/Doe_Inst_task6_1.output.csv --scores",
-        formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--checkpoint", help="model folder, official .pth file or pretrained name")
-    parser.add_argument("--text-model", metavar="PATH", help="local folder (or hub name) of the checkpoint's "
-                        "text model, e.g. a copy of bert-base-uncased for an official 2025 checkpoint offline")
-    parser.add_argument("--captions", required=True, help="retrieval_captions.csv (column 'caption')")
-    parser.add_argument("--audio-dir", required=True, help="folder of the evaluation audio files")
-    parser.add_argument("--metadata", help="retrieval_audio_metadata.csv (column file_name): rank exactly these "
-                                           "files (default: every audio file in --audio-dir)")
-    parser.add_argument("--out", required=True, help="ranking CSV to write, e.g. Name_Inst_task6_1.output.csv")
-    parser.add_argument("--scores", action="store_true", help="also write the full score matrix <OUT>.scores.csv")
-    parser.add_argument("--system-name", default="", help="label written into the meta YAML (default: OUT's stem)")
-    parser.add_argument("--dev-results", help="JSON of python -m retrieval.evaluate to copy into the meta YAML")
-    parser.add_argument("--validate-only", action="store_true", help="check existing output files, write nothing")
-    parser.add_argument("--batch-size", type=int, default=32, help="clips per encoder batch (default 32)")
-    parser.add_argument("--cache-dir", default=str(default_cache_dir()), help="embedding cache (default %(default)s)")
-    parser.add_argument("--no-cache", action="store_true", help="do not use the embedding cache")
-    parser.add_argument("--device", default="auto", help="cpu, cuda, ... (default: cuda if available)")
-    return parser
+@dataclass(kw_only=True)
+class SubmitOptions:
+    checkpoint: str | None = option(None, help="model folder, official .pth file or pretrained name (required "
+                                               "unless --validate-only)")
+    text_model: str | None = option(None, metavar="PATH", help=TEXT_MODEL_HELP)
+    captions: str = option(help="retrieval_captions.csv (column 'caption')")
+    audio_dir: str = option(help="folder of the evaluation audio files")
+    metadata: str | None = option(None, help="retrieval_audio_metadata.csv (column file_name): rank exactly these "
+                                             "files (default: every audio file in --audio-dir)")
+    out: str = option(help="ranking CSV to write, e.g. Name_Inst_task6_1.output.csv")
+    scores: bool = option(False, help="also write the full score matrix <OUT>.scores.csv")
+    system_name: str = option("", help="label written into the meta YAML (default: OUT's stem)")
+    dev_results: str | None = option(None, help="JSON of python -m retrieval.evaluate to copy into the meta YAML")
+    validate_only: bool = option(False, help="check existing output files, write nothing")
+    batch_size: int = option(32, minimum=1, help="clips per encoder batch (default 32)")
+    cache_dir: str = option(str(default_cache_dir()), help="embedding cache")
+    no_cache: bool = option(False, help="do not use the embedding cache")
+    device: str = option("auto", help="cpu, cuda, ... (default: cuda if available)")
 
 
-def _read_dev_results(parser: argparse.ArgumentParser, path: str | None) -> dict[str, Any] | None:
+DESCRIPTION = ("Write a DCASE language-based audio retrieval submission: for every caption of "
+               "retrieval_captions.csv the ten best audio files (caption,file_name_1..file_name_10), optionally "
+               "the full caption x audio score matrix (--scores, the 2025 form), and a system meta YAML template; "
+               "the files are validated (each caption once, ten distinct existing file names per row) before "
+               "success is reported.")
+EPILOG = ("example:\n  python -m retrieval.submit --checkpoint runs/ft/best --captions retrieval_captions.csv "
+          "--audio-dir retrieval_audio --out sub/Doe_Inst_task6_1.output.csv --scores\n\n"
+          "Exit status 1 also when the evaluation audio cannot all be ranked (an unreadable file, fewer than ten) "
+          "or the written submission does not validate.")
+
+
+def _read_dev_results(path: str | None) -> dict[str, Any] | None:
     if not path:
         return None
     try:
         dev = json.loads(Path(path).read_text(encoding="utf-8"))
     except (OSError, ValueError) as e:  # UnicodeDecodeError and JSONDecodeError are ValueErrors
-        parser.error(f"--dev-results {path}: not a readable JSON file ({e})")
+        raise UsageError(f"--dev-results {path}: not a readable JSON file ({e})") from None
     if not isinstance(dev, dict):
-        parser.error(f"--dev-results {path}: expected the JSON object written by python -m retrieval.evaluate")
+        raise UsageError(f"--dev-results {path}: expected the JSON object written by python -m retrieval.evaluate")
     return dev
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
+    return run_cli(run, SubmitOptions, argv, prog="python -m retrieval.submit", description=DESCRIPTION,
+                   epilog=EPILOG)
+
+
+def run(args: SubmitOptions) -> int:
     out, audio_dir = Path(args.out), Path(args.audio_dir)
     scores_path = companion(out, "scores.csv") if args.scores else None
     meta_path = companion(out, "meta.yaml")
@@ -297,26 +301,21 @@ def main(argv: Sequence[str] | None = None) -> int:
         data = read_dcase_eval(args.captions, audio_dir, args.metadata, strict=True)
     except MissingAudioError as e:
         print(f"error: {e}", file=sys.stderr)
-        return 1
+        return EXIT_SKIPPED
     except (ValueError, OSError) as e:  # a folder given as a file, bad bytes or rows: named by the message
-        parser.error(str(e))
-    dev = _read_dev_results(parser, args.dev_results)  # before the model: a bad file costs no encoding
+        raise UsageError(str(e)) from None
+    dev = _read_dev_results(args.dev_results)  # before the model: a bad file costs no encoding
     dupes = [c for c, n in Counter(data.captions).items() if n > 1]
     if dupes:
         log.warning("%d caption(s) occur more than once in %s, e.g. %r", len(dupes), args.captions, dupes[0])
     if not args.validate_only:
         if not args.checkpoint:
-            parser.error("--checkpoint is required unless --validate-only")
+            raise UsageError("--checkpoint is required unless --validate-only")
         if len(data.audio.records) < TOP_K:
             print(f"error: {len(data.audio.records)} audio files in {audio_dir}; a submission ranks {TOP_K}",
                   file=sys.stderr)
             return 1
-        device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
-        try:
-            model = m2dclap.load(args.checkpoint, device=device, text_name=args.text_model).eval()
-        except m2dclap.CheckpointError as e:
-            print(f"error: {e.for_cli()}", file=sys.stderr)
-            return 2
+        model = m2dclap.load(args.checkpoint, device=resolve_device(args.device), text_name=args.text_model).eval()
         cache = None if args.no_cache else EmbeddingCache(args.cache_dir, args.checkpoint)
         paths = [r.audio for r in data.audio.records]
         audio, bad = embed_audio_files(model, paths, cache, args.batch_size)
