@@ -90,9 +90,20 @@ def chance_audio_to_text(n_captions: int, n_relevant: int) -> dict[str, float]:
     return out
 
 
-def accuracy(scores: torch.Tensor, labels: torch.Tensor) -> float:
-    """Top-1 accuracy of (N, C) class scores against (N,) label indices."""
-    return (scores.argmax(1) == labels).float().mean().item()
+def _numpy(x) -> np.ndarray:
+    return x.detach().cpu().numpy() if isinstance(x, torch.Tensor) else np.asarray(x)
+
+
+def accuracy(scores, targets) -> float:
+    """Top-1 accuracy of (N, C) class scores against (N,) class indices (arrays or tensors); NaN for N = 0."""
+    s, t = _numpy(scores), _numpy(targets)
+    if s.ndim != 2:
+        raise ValueError(f"scores must be (N, C), got shape {s.shape}")
+    if len(t) != len(s):
+        raise ValueError(f"{len(s)} score rows but {len(t)} targets")
+    if len(t) == 0:
+        return float("nan")
+    return float((s.argmax(axis=1) == t).mean())
 
 
 # Average precision as scikit-learn's average_precision_score (tied scores form one threshold); used by

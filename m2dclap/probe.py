@@ -20,7 +20,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .metrics import mean_average_precision
+from .metrics import accuracy, mean_average_precision
 
 log = logging.getLogger(__name__)
 
@@ -32,7 +32,7 @@ class LinearEvalError(ValueError):
 def score_predictions(y_true: np.ndarray, y_score: np.ndarray) -> float:
     """Accuracy for (N,) class indices, macro mAP over the classes with a positive for (N, C) multi-hot targets."""
     if y_true.ndim == 1:
-        return float((y_score.argmax(1) == y_true).mean()) if len(y_true) else math.nan
+        return accuracy(y_score, y_true)
     return mean_average_precision(y_true, y_score, no_positive="exclude")[0]
 
 

@@ -36,3 +36,21 @@ def test_chance_levels_match_random_rankings():
     a2t = sum(r[1]["mAP@10"] for r in runs) / len(runs)
     assert t2a == pytest.approx(chance_text_to_audio(n)["R@10"], abs=0.02)
     assert a2t == pytest.approx(chance_audio_to_text(n * c, c)["mAP@10"], abs=0.01)
+
+
+def test_accuracy_is_one_function_for_tensors_and_arrays():
+    """m2dclap.evaluate passes tensors, zero-shot and the linear probe numpy arrays: one implementation."""
+    import numpy as np
+
+    import zeroshot.metrics
+    from m2dclap import metrics
+    from m2dclap.probe import score_predictions
+
+    scores = [[0.9, 0.1], [0.2, 0.8], [0.6, 0.4]]
+    assert metrics.accuracy(torch.tensor(scores), torch.tensor([0, 1, 1])) == pytest.approx(2 / 3)
+    assert metrics.accuracy(np.array(scores), [0, 1, 1]) == pytest.approx(2 / 3)
+    assert score_predictions(np.array([0, 1, 1]), np.array(scores)) == pytest.approx(2 / 3)
+    assert zeroshot.metrics.accuracy is metrics.accuracy
+    assert np.isnan(metrics.accuracy(np.zeros((0, 2)), []))
+    with pytest.raises(ValueError, match="3 score rows but 2 targets"):
+        metrics.accuracy(np.array(scores), [0, 1])

@@ -13,24 +13,7 @@ from typing import Sequence
 
 import numpy as np
 
-from m2dclap.metrics import average_precision, mean_average_precision  # noqa: F401  (re-exported)
-
-
-def _as_2d(scores) -> np.ndarray:
-    s = np.asarray(scores, dtype=np.float64)
-    if s.ndim != 2:
-        raise ValueError(f"scores must be (N, C), got shape {s.shape}")
-    return s
-
-
-def accuracy(scores, targets: Sequence[int]) -> float:
-    """Top-1 accuracy of (N, C) scores against (N,) class indices."""
-    s, t = _as_2d(scores), np.asarray(targets)
-    if len(t) != len(s):
-        raise ValueError(f"{len(s)} score rows but {len(t)} targets")
-    if len(t) == 0:
-        return float("nan")
-    return float((s.argmax(axis=1) == t).mean())
+from m2dclap.metrics import accuracy, average_precision, mean_average_precision  # noqa: F401  (re-exported)
 
 
 def confusion_matrix(targets: Sequence[int], predictions: Sequence[int], n_classes: int) -> np.ndarray:
