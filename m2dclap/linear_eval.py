@@ -21,7 +21,6 @@ Library use::
 """
 from __future__ import annotations
 
-import argparse
 import hashlib
 import json
 import logging
@@ -35,6 +34,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from .cli import CliError, UsageError, option, resolve_device, run_cli
 from .embed_files import AudioBatches, min_samples_of, report_skipped
 from .metrics import mean_average_precision
 # the probe lives in m2dclap.probe; its names stay importable from here
@@ -382,74 +382,75 @@ def format_result(result: dict[str, Any]) -> str:
 # ---------------------------------------------------------------------------------------------------
 # Command line
 # ---------------------------------------------------------------------------------------------------
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="python -m m2dclap.linear_eval",
-        description="Linear evaluation of frozen M2D / M2D-CLAP clip features (paper IV-B1): standardised "
-                    "clip features, one linear layer, Adam, early stopping on the val split, score on test. "
-                    "Accuracy for single-label tasks, macro mAP when any clip has several ';'-separated labels. "
-                    "Clips that cannot be read (undecodable, empty, NaN/Inf, or too short when --unit-seconds 0) "
-                    "are skipped and named on stderr and in the result; the exit status is then 1 (0 when none "
-                    "was skipped, 2 for bad input).")
-    p.add_argument("--checkpoint", "-c", required=True,
-                   help="model: a save_pretrained folder, an official .pth file, or a registered pretrained name")
-    p.add_argument("--data", required=True, metavar="MANIFEST", help="manifest (.csv or .jsonl) with splits")
-    p.add_argument("--label-column", default="labels", help="column holding the labels (default: labels)")
-    p.add_argument("--split-column", default="split", help="column holding train/val/test (default: split); "
-                   "without a val split, 10%% of train (seeded) validates")
-    p.add_argument("--batch-size", type=int, default=16, metavar="N", help="clips per model call (default: 16)")
-    p.add_argument("--probe-batch-size", type=int, default=200, metavar="N",
-                   help="mini-batch of the linear layer's training, capped at the train size (default: 200)")
-    p.add_argument("--epochs", type=int, default=200, help="most training epochs (default: 200); a best epoch in the last tenth of "
-                   "them is reported as possibly unconverged")
-    p.add_argument("--patience", type=int, default=20, help="early-stopping patience in epochs (default: 20)")
-    p.add_argument("--lr", type=float, default=3e-5, help="Adam learning rate (default: 3e-5)")
-    p.add_argument("--out", type=Path, default=None, metavar="JSON", help="write the full result here")
-    p.add_argument("--cache", type=Path, default=None, metavar="DIR",
-                   help="keep the extracted features here (one .npz per checkpoint and manifest) and reuse them")
-    p.add_argument("--unit-seconds", default="auto", metavar="auto|S",
-                   help="cut every clip to this length first, random crop or zeros appended, as EVAR does "
-                        "(default auto: the mean clip duration of the manifest; 0: whole clips)")
-    p.add_argument("--seed", type=int, default=0,
-                   help="seed of the crops, the layer's init, the batch order and the val carving")
-    p.add_argument("--device", choices=["cpu", "cuda"], default=None, help="default: cuda when available")
-    p.add_argument("--quiet", "-q", action="store_true", help="only warnings; no progress bar")
-    return p
+PROG = "python -m m2dclap.linear_eval"
+DESCRIPTION = ("Linear evaluation of frozen M2D / M2D-CLAP clip features (paper IV-B1): standardised clip features, "
+               "one linear layer, Adam, early stopping on the val split, score on test. Accuracy for single-label "
+               "tasks, macro mAP when any clip has several ';'-separated labels. Clips that cannot be read "
+               "(undecodable, empty, NaN/Inf, or too short when --unit-seconds 0) are skipped and named on stderr "
+               "and in the result.")
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    for name in ("batch_size", "probe_batch_size", "epochs"):
-        if getattr(args, name) < 1:
-            parser.error(f"--{name.replace('_', '-')} must be at least 1")
-    if args.patience < 1 or args.lr <= 0:
-        parser.error("--patience must be at least 1 and --lr positive")
-    if args.unit_seconds != "auto":
-        try:
-            args.unit_seconds = float(args.unit_seconds)
-        except ValueError:
-            parser.error(f"--unit-seconds must be 'auto' or a number of seconds, not {args.unit_seconds!r}")
-        if args.unit_seconds < 0:
-            parser.error("--unit-seconds must not be negative")
-    logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO, format="%(levelname)s: %(message)s")
-    from .checkpoint import CheckpointError
+@dataclass(kw_only=True)
+class LinearEvalOptions:
+    checkpoint: str = option(aliases="-c", help="model: a save_pretrained folder, an official .pth file, or a "
+                                                "registered pretrained name")
+    data: str = option(metavar="MANIFEST", help="manifest (.csv or .jsonl) with splits")
+    label_column: str = option("labels", help="column holding the labels (default: labels)")
+    split_column: str = option("split", help="column holding train/val/test (default: split); without a val "
+                                             "split, 10%% of train (seeded) validates")
+    batch_size: int = option(16, minimum=1, help="clips per model call (default: 16)")
+    probe_batch_size: int = option(200, minimum=1, help="mini-batch of the linear layer's training, capped at "
+                                                        "the train size (default: 200)")
+    epochs: int = option(200, minimum=1, help="most training epochs (default: 200); a best epoch in the last "
+                                              "tenth of them is reported as possibly unconverged")
+    patience: int = option(20, minimum=1, help="early-stopping patience in epochs (default: 20)")
+    lr: float = option(3e-5, help="Adam learning rate (default: 3e-5)")
+    out: Path | None = option(None, metavar="JSON", help="write the full result here")
+    cache: Path | None = option(None, metavar="DIR", help="keep the extracted features here (one .npz per "
+                                                          "checkpoint and manifest) and reuse them")
+    unit_seconds: str = option("auto", metavar="auto|S", help="cut every clip to this length first, random crop "
+                               "or zeros appended, as EVAR does (default auto: the mean clip duration of the "
+                               "manifest; 0: whole clips)")
+    seed: int = option(0, help="seed of the crops, the layer's init, the batch order and the val carving")
+    device: str | None = option(None, help="cpu, cuda, cuda:1 (default: cuda when available)")
+    quiet: bool = option(False, aliases="-q", help="only warnings; no progress bar")
 
+
+def _unit_seconds(text: str) -> float | str:
+    if text == "auto":
+        return text
     try:
-        result = linear_eval(args.checkpoint, args.data, args.label_column, args.split_column, args.batch_size,
-                             args.epochs, args.patience, args.lr, args.probe_batch_size, args.cache, args.seed,
-                             args.device, progress=False if args.quiet else None,
-                             unit_seconds=args.unit_seconds)
-    except (LinearEvalError, ManifestError, CheckpointError, FileNotFoundError) as e:
-        print(f"linear_eval: error: {e}", file=sys.stderr)
-        return 2
-    if args.out is not None:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(args.out, json.dumps(result, indent=2) + "\n")
+        value = float(text)
+    except ValueError:
+        raise UsageError(f"--unit-seconds must be 'auto' or a number of seconds, not {text!r}") from None
+    if not value >= 0:
+        raise UsageError("--unit-seconds must not be negative")
+    return value
+
+
+def run(opts: LinearEvalOptions) -> int:
+    """The command: checks the options, evaluates, prints the result line; 1 when clips were skipped."""
+    if not opts.lr > 0:
+        raise UsageError("--lr must be positive")
+    unit_seconds = _unit_seconds(opts.unit_seconds)
+    device = resolve_device(opts.device)
+    try:
+        result = linear_eval(opts.checkpoint, opts.data, opts.label_column, opts.split_column, opts.batch_size,
+                             opts.epochs, opts.patience, opts.lr, opts.probe_batch_size, opts.cache, opts.seed,
+                             device, progress=False if opts.quiet else None, unit_seconds=unit_seconds)
+    except (LinearEvalError, ManifestError, FileNotFoundError) as e:
+        raise CliError(str(e)) from None
+    if opts.out is not None:
+        opts.out.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(opts.out, json.dumps(result, indent=2) + "\n")
     print(format_result(result))
     # the figures leave these clips out: exit 1 so that a script notices
     return report_skipped([(b["path"], b["error"]) for b in result["bad_files"]], what="clip",
                           stream=sys.stderr)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    return run_cli(run, LinearEvalOptions, argv, prog=PROG, description=DESCRIPTION)
 
 
 if __name__ == "__main__":

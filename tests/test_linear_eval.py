@@ -256,3 +256,32 @@ def test_best_epoch_at_the_cap_warns_that_the_probe_may_not_have_converged(corpu
     assert any("may not have converged" in r.getMessage() and r.levelname == "WARNING" for r in caplog.records)
     rc, res = run(checkpoint, corpus, tmp_path, "--epochs", "60", "--patience", "1", "--lr", "1e-2")
     assert rc == 0 and res["stopped_early"] and res["maybe_unconverged"] is False
+
+
+@pytest.mark.parametrize("args, named, usage", [
+    (["--batch-size", "0"], "--batch-size must be at least 1", False),
+    (["--patience", "0"], "--patience must be at least 1", False),
+    (["--lr", "0"], "--lr must be positive", True),
+    (["--unit-seconds", "-1"], "--unit-seconds must not be negative", True),
+    (["--device", "tpu:x"], "--device tpu:x: not a device", False),
+])
+def test_bad_option_values_exit_2_naming_the_option(corpus, checkpoint, tmp_path, capsys, args, named, usage):
+    out = tmp_path / "result.json"
+    out.write_text("{}")
+    before = out.read_bytes()
+    argv = ["--checkpoint", str(checkpoint), "--data", str(corpus), "--out", str(out), *args]
+    if usage:  # a wrong value reported with the usage line, as argparse does
+        with pytest.raises(SystemExit) as info:
+            le.main(argv)
+        assert info.value.code == 2
+    else:
+        assert le.main(argv) == 2
+    assert named in capsys.readouterr().err
+    assert out.read_bytes() == before
+
+
+def test_missing_manifest_exits_2_naming_it(checkpoint, tmp_path, capsys):
+    missing = tmp_path / "no-such.csv"
+    assert le.main(["--checkpoint", str(checkpoint), "--data", str(missing)]) == 2
+    err = capsys.readouterr().err
+    assert "python -m m2dclap.linear_eval: error:" in err and str(missing) in err and "Traceback" not in err
