@@ -9,13 +9,14 @@ codec and CLAP recorded in the checkpoint's ``captioning.json`` (override with `
 """
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from m2dclap.cli import CliError, option, resolve_device, run_cli
 from m2dclap.embed_files import report_skipped
 
 from .codec import DEFAULT_BANDWIDTH
@@ -119,40 +120,44 @@ def name_clashes(files: Sequence[Path]) -> list[str]:
     return [f"{name}: {', '.join(map(str, fs))}" for name, fs in by_name.items() if len(fs) > 1]
 
 
+@dataclass(kw_only=True)
+class CaptionOptions:
+    audio: list[str] = option(positional=True, metavar="AUDIO", help="audio files or folders of audio files")
+    checkpoint: str = option(metavar="C", help="epoch checkpoint or training run folder")
+    clap_checkpoint: str | None = option(None, help="override the CLAP checkpoint recorded in the checkpoint")
+    clap: str | None = option(None, help="override the CLAP backend recorded in the checkpoint")
+    codec: str | None = option(None, help="override the EnCodec weights recorded (pretrained|random|PATH)")
+    num_beams: int | None = option(None, minimum=1, help="beam size (default: the model's 4)")
+    max_length: int | None = option(None, minimum=1, help="longest caption in tokens (default: the model's 50)")
+    batch_size: int = option(8, minimum=1, help="clips per generation call (default 8)")
+    out: str | None = option(None, metavar="CSV", help="also write file_name,caption here (the format "
+                                                       "captioning.evaluate --predictions reads; the key is the "
+                                                       "file's name)")
+    device: str | None = option(None, help="cpu, cuda, cuda:1 (default: cuda if available)")
+
+
+EPILOG = ("Files that cannot be used (undecodable, empty, NaN/Inf, shorter than one STFT window) are named on stderr "
+          "and skipped; the others are captioned. With --out, files sharing a name (the CSV's key) are refused.")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m captioning.caption", description=__doc__.split("\n\n")[0],
-                                epilog="Files that cannot be used (undecodable, empty, NaN/Inf, shorter than one STFT "
-                                       "window) are named on stderr and skipped; the others are captioned. With --out, "
-                                       "files sharing a name (the CSV's key) are refused. Exit status: 0 every file "
-                                       "captioned, 1 files were skipped, 2 bad input or usage.")
-    p.add_argument("audio", nargs="+", metavar="AUDIO", help="audio files or folders of audio files")
-    p.add_argument("--checkpoint", required=True, metavar="C", help="epoch checkpoint or training run folder")
-    p.add_argument("--clap-checkpoint", help="override the CLAP checkpoint recorded in the checkpoint")
-    p.add_argument("--clap", help="override the CLAP backend recorded in the checkpoint")
-    p.add_argument("--codec", help="override the EnCodec weights recorded (pretrained|random|PATH)")
-    p.add_argument("--num-beams", type=int, help="beam size (default: the model's 4)")
-    p.add_argument("--max-length", type=int, help="longest caption in tokens (default: the model's 50)")
-    p.add_argument("--batch-size", type=int, default=8, help="clips per generation call (default 8)")
-    p.add_argument("--out", metavar="CSV", help="also write file_name,caption here (the format captioning.evaluate "
-                                                "--predictions reads; the key is the file's name)")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    args = p.parse_args(argv)
-    if args.batch_size < 1:
-        p.error(f"--batch-size must be at least 1, got {args.batch_size}")
+    return run_cli(run, CaptionOptions, argv, prog="python -m captioning.caption",
+                   description=__doc__.split("\n\n")[0], epilog=EPILOG)
+
+
+def run(args: CaptionOptions) -> int:
     files = expand_inputs(args.audio)
     clashes = name_clashes(files) if args.out else []
     if clashes:  # one CSV row per name: a second file of that name would overwrite the first's caption
-        print(f"error: --out {args.out}: files share a name, which is the CSV's key: " + "; ".join(clashes)
-              + ". Caption them in separate runs or rename them.", file=sys.stderr)
-        return 2
+        raise CliError(f"--out {args.out}: files share a name, which is the CSV's key: " + "; ".join(clashes)
+                       + ". Caption them in separate runs or rename them.")
     if args.out and Path(args.out).is_dir():
-        print(f"error: --out {args.out}: is a folder, not a CSV file", file=sys.stderr)
-        return 2
+        raise CliError(f"--out {args.out}: is a folder, not a CSV file")
+    device = resolve_device(args.device)
     try:
-        cap = Captioner(args.checkpoint, args.clap_checkpoint, args.codec, args.clap, args.device)
+        cap = Captioner(args.checkpoint, args.clap_checkpoint, args.codec, args.clap, device)
     except Exception as e:  # noqa: BLE001 - a CLI: report and exit
-        print(f"error: {type(e).__name__}: {e}", file=sys.stderr)
-        return 2
+        raise CliError(f"{type(e).__name__}: {e}") from None
     texts, bad = cap.caption_files(files, batch_size=args.batch_size, num_beams=args.num_beams,
                                    max_length=args.max_length)
     done = [(f, t) for f, t in zip(files, texts) if t is not None]

@@ -17,19 +17,19 @@ codec and CLAP recorded in the checkpoint. For a run folder without ``--dataset`
 """
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import sys
 import tempfile
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from m2dclap.cli import CliError, UsageError, option, resolve_device, run_cli
 
 from .metrics import (
     MetricUnavailableError,
-    add_fense_arguments,
     available_metrics,
     fense_options,
     unavailable_lines,
@@ -195,57 +195,78 @@ def evaluate_run_or_checkpoint(checkpoint: str | Path, data=None, split: str = "
     return result
 
 
+FENSE_GROUP = ("FENSE models (default: $CAPTION_METRICS_* or the published names; folders, the local caches, or "
+               "the Hugging Face hub unless HF_HUB_OFFLINE is set)")
+
+
+@dataclass(kw_only=True)
+class EvaluateOptions:
+    checkpoint: str | None = option(None, metavar="C", help="epoch checkpoint or training run folder (or "
+                                                            "--predictions)")
+    predictions: str | None = option(None, metavar="P.csv", help="file_name,caption (or --checkpoint)")
+    references: str | None = option(None, metavar="R.csv",
+                                    help="file_name,caption_1..caption_N (with --predictions)")
+    data: str | None = option(None, aliases="--dataset", metavar="audiocaps|clotho|MANIFEST|INDEX",
+                              help="audiocaps or clotho (with --data-root), a manifest, or a preprocess index.csv / "
+                                   "cache folder (default for a run: its own cache)")
+    data_root: str | None = option(None, metavar="DIR",
+                                   help="the AudioCaps or Clotho v2.1 folder (CSV files and audio)")
+    audio_pattern: str | None = option(None, metavar="PATTERN",
+                                       help="AudioCaps audio file names (default '{youtube_id}.wav')")
+    split: str = option("test", help="the split to score")
+    max_clips: int | None = option(None, minimum=1, help="score only the first N clips")
+    out: str | None = option(None, metavar="RESULT.json", help="write the scores as JSON here")
+    save_predictions: str | None = option(None, metavar="DIR", help="write each checkpoint's captions as CSV here")
+    no_java: bool = option(False, help="no Java: BLEU, ROUGE-L, CIDEr-D (and SBERT-sim, FER, FENSE when their "
+                                       "models are here) on normalised text instead of the PTB tokenizer; no METEOR, "
+                                       "SPICE, SPIDEr, SPIDEr-FL")
+    device: str | None = option(None, help="cpu, cuda, cuda:1 (default: cuda if available)")
+    sbert: str | None = option(None, metavar="NAME|DIR", group=FENSE_GROUP,
+                               help="Sentence-BERT (default paraphrase-TinyBERT-L6-v2)")
+    echecker: str | None = option(None, metavar="NAME|CKPT", group=FENSE_GROUP,
+                                  help="error detector (default echecker_clotho_audiocaps_base)")
+    echecker_bert: str | None = option(None, metavar="NAME|DIR", group=FENSE_GROUP,
+                                       help="tokenizer/config of the echecker's BERT (default: the model_type in the "
+                                            "checkpoint)")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m captioning.evaluate", description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__.split("\n\n", 1)[1])
-    g = p.add_mutually_exclusive_group(required=True)
-    g.add_argument("--checkpoint", metavar="C", help="epoch checkpoint or training run folder")
-    g.add_argument("--predictions", metavar="P.csv", help="file_name,caption")
-    p.add_argument("--references", metavar="R.csv", help="file_name,caption_1..caption_N (with --predictions)")
-    p.add_argument("--data", "--dataset", dest="data", metavar="audiocaps|clotho|MANIFEST|INDEX",
-                   help="audiocaps or clotho (with --data-root), a manifest, or a preprocess index.csv / cache folder "
-                        "(default for a run: its own cache)")
-    p.add_argument("--data-root", metavar="DIR", help="the AudioCaps or Clotho v2.1 folder (CSV files and audio)")
-    p.add_argument("--audio-pattern", metavar="PATTERN", help="AudioCaps audio file names (default '{youtube_id}.wav')")
-    p.add_argument("--split", default="test")
-    p.add_argument("--max-clips", type=int)
-    p.add_argument("--out", metavar="RESULT.json", help="write the scores as JSON here")
-    p.add_argument("--save-predictions", metavar="DIR", help="write each checkpoint's captions as CSV here")
-    p.add_argument("--no-java", action="store_true",
-                   help="no Java: BLEU, ROUGE-L, CIDEr-D (and SBERT-sim, FER, FENSE when their models are here) on "
-                        "normalised text instead of the PTB tokenizer; no METEOR, SPICE, SPIDEr, SPIDEr-FL")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    add_fense_arguments(p)
-    args = p.parse_args(argv)
+    return run_cli(run, EvaluateOptions, argv, prog="python -m captioning.evaluate",
+                   description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 1)[1])
+
+
+def run(opts: EvaluateOptions) -> int:
+    if (opts.checkpoint is None) == (opts.predictions is None):
+        raise UsageError("give one of --checkpoint or --predictions")
+    if opts.predictions and not opts.references:
+        raise UsageError("--predictions needs --references")
+    device = resolve_device(opts.device)
+    fense = fense_options(opts, device)  # reads sbert, echecker, echecker_bert
     try:
-        if args.predictions:
-            if not args.references:
-                p.error("--predictions needs --references")
+        if opts.predictions:
             from .metrics import read_predictions_csv, read_references_csv
 
-            available = available_metrics(fense_options(args, args.device))
-            scores, why = score(read_predictions_csv(args.predictions), read_references_csv(args.references),
-                                not args.no_java, available)
-            result = {"checkpoints": {Path(args.predictions).name: scores}, "unavailable": why,
+            available = available_metrics(fense)
+            scores, why = score(read_predictions_csv(opts.predictions), read_references_csv(opts.references),
+                                not opts.no_java, available)
+            result = {"checkpoints": {Path(opts.predictions).name: scores}, "unavailable": why,
                       "fense_models": available[2].models if available[2] is not None else None,
                       "metrics": [m for m in METRIC_ORDER if m in scores]}
         else:
-            result = evaluate_run_or_checkpoint(args.checkpoint, args.data, args.split, args.device, args.max_clips,
-                                                Path(args.save_predictions) if args.save_predictions else None,
-                                                not args.no_java, fense_options(args, args.device),
-                                                args.data_root, args.audio_pattern)
+            result = evaluate_run_or_checkpoint(opts.checkpoint, opts.data, opts.split, device, opts.max_clips,
+                                                Path(opts.save_predictions) if opts.save_predictions else None,
+                                                not opts.no_java, fense, opts.data_root, opts.audio_pattern)
     except (FileNotFoundError, ValueError, MetricUnavailableError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+        raise CliError(str(e)) from None
     rows = [(n, s) for n, s in result["checkpoints"].items()]
     if "summary" in result:
         rows.append(("mean ± 95% CI", {m: (v["mean"], v["ci95"]) for m, v in result["summary"].items()}))
     print(format_table(rows, result["metrics"]))
     for line in unavailable_lines(result.get("unavailable", {})):
         print(line)
-    if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps(result, indent=1) + "\n")
+    if opts.out:
+        Path(opts.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(opts.out).write_text(json.dumps(result, indent=1) + "\n")
     return 0
 
 

@@ -18,7 +18,6 @@ The run is resumable: a clip whose outputs exist is not recomputed, and every fi
 """
 from __future__ import annotations
 
-import argparse
 import csv
 import io
 import json
@@ -30,8 +29,8 @@ from pathlib import Path
 from typing import Sequence
 
 import numpy as np
-import torch
 
+from m2dclap.cli import CliError, option, resolve_device, run_cli
 from m2dclap.data.manifest import ManifestError, Record, read_manifest
 from m2dclap.embed_files import AudioBatches, min_samples_at, report_skipped
 from m2dclap.fileio import atomic_write
@@ -187,50 +186,52 @@ def _write_errors(out: Path, errors: list[dict]) -> None:
         w.writerows(errors)
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="python -m captioning.preprocess",
-        description="Cache, per clip of a manifest, EnCodec tokens (24 kHz model, 12 kbps: int16 (16, T) at "
-                    "75 frames/s) and the CLAP audio embedding (float32 (D,)) for EnCLAP-style captioning. "
-                    "Resumable: clips already cached are skipped. Clips that cannot be used (undecodable, empty, "
-                    f"NaN/Inf, shorter than one STFT window) are named on stderr, listed in DIR/{ERRORS_NAME} and "
-                    f"skipped; DIR/{INDEX_NAME} lists the cached clips. Exit status: 0 every clip cached, 1 clips "
-                    "were skipped, 2 bad input or usage (nothing is written before the codec and CLAP load).")
-    p.add_argument("--data", required=True, metavar="MANIFEST", help="the suite's .csv/.jsonl manifest")
-    p.add_argument("--out", required=True, metavar="DIR", help="cache folder (created if missing)")
-    p.add_argument("--clap", default="m2d-clap", help=f"CLAP backend (known: {', '.join(list_backends())})")
-    p.add_argument("--clap-checkpoint", metavar="C", help="the CLAP checkpoint: a folder, file or registered name")
-    p.add_argument("--codec", default="pretrained", metavar="pretrained|random|PATH",
-                   help="EnCodec weights: 'pretrained' (downloads encodec_24khz-d7cc33bc.th into the torch hub "
-                        "cache), a folder or file holding it, or 'random' (seeded random weights, tests only)")
-    p.add_argument("--bandwidth", type=float, default=DEFAULT_BANDWIDTH,
-                   help=f"EnCodec bandwidth in kbps (default {DEFAULT_BANDWIDTH:g} -> 16 codebooks)")
-    p.add_argument("--split", nargs="+", choices=["train", "val", "test"],
-                   help="only these splits of the manifest (default: all clips)")
-    p.add_argument("--batch-size", type=int, default=8, help="clips loaded and encoded together")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
-    return p
+DESCRIPTION = ("Cache, per clip of a manifest, EnCodec tokens (24 kHz model, 12 kbps: int16 (16, T) at 75 frames/s) "
+               "and the CLAP audio embedding (float32 (D,)) for EnCLAP-style captioning. Resumable: clips already "
+               "cached are skipped. Clips that cannot be used (undecodable, empty, NaN/Inf, shorter than one STFT "
+               f"window) are named on stderr, listed in DIR/{ERRORS_NAME} and skipped (exit status 1); "
+               f"DIR/{INDEX_NAME} lists the cached clips. Nothing is written before the codec and CLAP load.")
+
+
+@dataclass(kw_only=True)
+class PreprocessOptions:
+    data: str = option(metavar="MANIFEST", help="the suite's .csv/.jsonl manifest")
+    out: str = option(metavar="DIR", help="cache folder (created if missing)")
+    clap: str = option("m2d-clap", help=f"CLAP backend (known: {', '.join(list_backends())})")
+    clap_checkpoint: str | None = option(None, metavar="C",
+                                         help="the CLAP checkpoint: a folder, file or registered name")
+    codec: str = option("pretrained", metavar="pretrained|random|PATH",
+                        help="EnCodec weights: 'pretrained' (downloads encodec_24khz-d7cc33bc.th into the torch hub "
+                             "cache), a folder or file holding it, or 'random' (seeded random weights, tests only)")
+    bandwidth: float = option(DEFAULT_BANDWIDTH, help=f"EnCodec bandwidth in kbps (default {DEFAULT_BANDWIDTH:g} "
+                                                      "-> 16 codebooks)")
+    split: list[str] | None = option(None, choices=["train", "val", "test"],
+                                     help="only these splits of the manifest (default: all clips)")
+    batch_size: int = option(8, minimum=1, help="clips loaded and encoded together")
+    device: str | None = option(None, help="cpu, cuda, cuda:1 (default: cuda if available)")
+    no_progress: bool = option(False, help="no progress bar")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    return run_cli(run, PreprocessOptions, argv, prog="python -m captioning.preprocess", description=DESCRIPTION)
+
+
+def run(args: PreprocessOptions) -> int:
+    device = resolve_device(args.device)
     try:
         if args.split:
             records = [r for s in dict.fromkeys(args.split) for r in read_manifest(args.data, split=s)]
         else:
             records = read_manifest(args.data)
-        kwargs = {"device": args.device}
+        kwargs = {"device": device}
         if args.clap_checkpoint is not None:
             kwargs["checkpoint"] = args.clap_checkpoint
         clap = get_backend(args.clap, **kwargs)
-        codec = _LazyCodec(args.codec, args.bandwidth, args.device)
+        codec = _LazyCodec(args.codec, args.bandwidth, device)
         stats = preprocess(records, args.out, codec, clap, codec_source=str(args.codec), bandwidth=args.bandwidth,
                            batch_size=args.batch_size, progress=not args.no_progress)
     except (ManifestError, BackendError, CodecError, ValueError, OSError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+        raise CliError(str(e)) from None
     n_err = len(stats["errors"])
     report_skipped([(e["audio"], e["error"]) for e in stats["errors"]], what="clip", stream=sys.stderr)
     print(f"{stats['clips']} clip(s): {stats['tokens_computed']} token file(s) and {stats['clap_computed']} "
