@@ -129,3 +129,51 @@ def test_bad_files_are_named(tmp_path):
         load_caption_embeddings(tmp_path / "list.npy")
     with pytest.raises(CaptionEmbeddingError, match="no such"):
         load_caption_embeddings(tmp_path / "absent.npy")
+
+
+# ----------------------------------------------------------------------------------------------- the command
+def _manifest(tmp_path, rows):
+    import soundfile as sf
+    from conftest import tone
+
+    lines = ["audio,caption_1,caption_2,split"]
+    for name, caps, split in rows:
+        sf.write(tmp_path / f"{name}.wav", tone(0.5).numpy(), 16000)
+        lines.append(f"{name}.wav,{caps[0]},{caps[1]},{split}")
+    path = tmp_path / "m.csv"
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return path
+
+
+def test_embed_captions_command_writes_the_official_dict(tmp_path, minilm, capsys):
+    from m2dclap.embed_captions import main
+
+    manifest = _manifest(tmp_path, [("a", ("a dog barks", "barking"), "train"),
+                                    ("b", ("rain falls", "rain on a roof"), "test")])
+    out = tmp_path / "emb.npy"
+    assert main([str(manifest), "--out", str(out), "--model", minilm, "--split", "train", "--quiet"]) == 0
+    emb = load_caption_embeddings(out)
+    assert list(emb) == ["a"] and emb["a"].shape == (2, 384)
+
+
+@pytest.mark.parametrize("case", ["missing-manifest", "no-captions", "bad-split"])
+def test_embed_captions_command_bad_input_exits_2_naming_it(case, tmp_path, capsys):
+    from m2dclap.embed_captions import main
+
+    out_dir = tmp_path / "out"
+    out_dir.mkdir()
+    (out_dir / "emb.npy").write_bytes(b"an earlier result")
+    before = {p.name: p.read_bytes() for p in out_dir.iterdir()}
+    manifest = tmp_path / "m.csv"
+    if case == "no-captions":
+        manifest.write_text("audio,split\nx.wav,train\n", encoding="utf-8")
+    argv = [str(manifest), "--out", str(out_dir / "emb.npy"), "--quiet"]
+    if case == "bad-split":
+        with pytest.raises(SystemExit) as info:
+            main(argv + ["--split", "dev"])
+        assert info.value.code == 2 and "--split" in capsys.readouterr().err
+    else:
+        assert main(argv) == 2
+        err = capsys.readouterr().err
+        assert str(manifest) in err and "Traceback" not in err
+    assert {p.name: p.read_bytes() for p in out_dir.iterdir()} == before
