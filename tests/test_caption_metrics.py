@@ -305,3 +305,15 @@ def test_fetch_checks_the_sha256_and_keeps_no_partial_file(tmp_path):
         download.fetch(src.as_uri(), target, "0" * 64)
     assert not target.exists() and not list(target.parent.iterdir())
     assert download.fetch(src.as_uri(), target, sha).read_bytes() == src.read_bytes()
+
+
+def test_download_command_reports_a_failed_download_in_one_line(tmp_path, monkeypatch, capsys):
+    gone = (tmp_path / "corenlp.zip").as_uri()
+    monkeypatch.setattr(download, "_spice_download_url", lambda: gone)
+    assert M.main(["download", "--only", "spice", "--dir", str(tmp_path / "spice")]) == 2
+    err = capsys.readouterr().err
+    assert f"{M.DOWNLOAD_COMMAND}: error: could not download {gone}" in err and "Traceback" not in err
+    assert not (tmp_path / "spice" / "lib").exists() or not list((tmp_path / "spice" / "lib").iterdir())
+    with pytest.raises(SystemExit) as info:
+        M.main(["download", "--only", "everything"])
+    assert info.value.code == 2 and "--only" in capsys.readouterr().err

@@ -32,7 +32,7 @@ pycocoevalcap's ``spice`` folder).
 """
 from __future__ import annotations
 
-from .cli import add_fense_arguments, fense_options, main, unavailable_lines
+from .cli import FenseOptions, fense_options, main, unavailable_lines
 from .coco import (CORENLP_JARS, PUNCTUATIONS, java_binary, meteor_score, missing_spice_files, ptb_tokenize,
                    pycocoevalcap_dir, spice_dir, spice_score)
 from .download import download_fense_models, download_spice_models
@@ -43,7 +43,7 @@ from .scoring import ALL_METRICS, DEFAULT_METRICS, FENSE_METRICS, available_metr
 
 __all__ = [
     "ALL_METRICS", "CORENLP_JARS", "DEFAULT_METRICS", "DOWNLOAD_COMMAND", "FENSE_METRICS", "PUNCTUATIONS",
-    "FenseScorer", "MetricUnavailableError", "add_fense_arguments", "available_metrics", "download_fense_models",
+    "FenseOptions", "FenseScorer", "MetricUnavailableError", "available_metrics", "download_fense_models",
     "download_spice_models", "evaluate_captions", "fense_options", "java_binary", "main", "meteor_score",
     "missing_spice_files", "ptb_tokenize", "pycocoevalcap_dir", "read_predictions_csv", "read_references_csv",
     "spice_dir", "spice_score", "unavailable_lines", "write_predictions",
