@@ -12,7 +12,6 @@ primary class (the class of the first event, or of the foreground event of an ov
 """
 from __future__ import annotations
 
-import argparse
 import io
 import json
 import logging
@@ -20,6 +19,7 @@ import os
 import re
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
@@ -27,6 +27,7 @@ import numpy as np
 import soundfile as sf
 from filelock import FileLock
 
+from ..cli import UsageError, option, run_cli
 from .manifest import Record, atomic_write_text, write_manifest
 # the clips themselves: re-exported, as callers and tests import them from here
 from .synth_clips import (BACKGROUNDS, CLASS_NAMES, LOUDNESS, N_CAPTIONS, PITCHES, SOUND_CLASSES,  # noqa: F401
@@ -248,28 +249,31 @@ def _progress(it: range, desc: str):
 
 # ----------------------------------------------------------------------------------------------- CLI
 
+@dataclass(kw_only=True)
+class SyntheticOptions:
+    out: Path | None = option(None, help=f"output folder (default: $M2DCLAP_DATA or {default_corpus_dir()})")
+    n_clips: int = option(2000, help="number of clips (default: 2000)")
+    seed: int = option(0, help="random seed; same seed, same corpus (default: 0)")
+    sample_rate: int = option(16000, help="sample rate in Hz (default: 16000)")
+    force: bool = option(False, help="regenerate a corpus of ours even if it is finished or was made with other "
+                                     "parameters (a folder holding anything else is never written into)")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="python -m m2dclap.data.synthetic",
-        description="Generate the embedded synthetic sound-and-caption corpus: 16-bit wav clips of 1.5-3.0 s "
-                    "with 5 captions each, split 80/10/10 into train/val/test, and a manifest.csv. "
-                    "A folder that already holds the same corpus is left as it is; a folder holding anything else "
-                    "(other files, a corpus of other parameters) is refused with exit status 2.")
-    parser.add_argument("--out", type=Path, default=None,
-                        help=f"output folder (default: $M2DCLAP_DATA or {default_corpus_dir()})")
-    parser.add_argument("--n-clips", type=int, default=2000, help="number of clips (default: 2000)")
-    parser.add_argument("--seed", type=int, default=0, help="random seed; same seed, same corpus (default: 0)")
-    parser.add_argument("--sample-rate", type=int, default=16000, help="sample rate in Hz (default: 16000)")
-    parser.add_argument("--force", action="store_true",
-                        help="regenerate a corpus of ours even if it is finished or was made with other parameters "
-                             "(a folder holding anything else is never written into)")
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    return run_cli(run, SyntheticOptions, argv, prog="python -m m2dclap.data.synthetic",
+                   description="Generate the embedded synthetic sound-and-caption corpus: 16-bit wav clips of "
+                               "1.5-3.0 s with 5 captions each, split 80/10/10 into train/val/test, and a "
+                               "manifest.csv. A folder that already holds the same corpus is left as it is; a folder "
+                               "holding anything else (other files, a corpus of other parameters) is refused with "
+                               "exit status 2.")
+
+
+def run(opts: SyntheticOptions) -> int:
     try:
-        manifest = generate_corpus(args.out, n_clips=args.n_clips, seed=args.seed, sample_rate=args.sample_rate,
-                                   force=args.force)
+        manifest = generate_corpus(opts.out, n_clips=opts.n_clips, seed=opts.seed, sample_rate=opts.sample_rate,
+                                   force=opts.force)
     except ValueError as e:
-        parser.error(str(e))
+        raise UsageError(str(e)) from None
     print(manifest)
     return 0
 
