@@ -39,7 +39,7 @@ from .embed_files import AudioBatches, min_samples_of, report_skipped
 from .metrics import mean_average_precision
 # the probe lives in m2dclap.probe; its names stay importable from here
 from .probe import (LinearEvalError, ProbeResult, chance_level, cpu_threads, score_predictions,  # noqa: F401
-                    standardisation, train_linear_probe)
+                    standardisation, target_matrix, train_linear_probe)
 from .data.manifest import (SPLITS, ManifestError, Record, parse_labels, raw_columns,
                             atomic_write_text, read_manifest)
 
@@ -300,16 +300,6 @@ def clip_features(checkpoint: str | Path, manifest: str | Path, records: Sequenc
 # ---------------------------------------------------------------------------------------------------
 # The evaluation
 # ---------------------------------------------------------------------------------------------------
-def _targets(ids: Sequence[str], labels: dict[str, list[str]], classes: list[str], multilabel: bool) -> np.ndarray:
-    index = {c: j for j, c in enumerate(classes)}
-    if not multilabel:
-        return np.array([index[labels[i][0]] for i in ids], dtype=np.int64)
-    y = np.zeros((len(ids), len(classes)), dtype=np.float32)
-    for n, i in enumerate(ids):
-        y[n, [index[lab] for lab in labels[i]]] = 1.0
-    return y
-
-
 def linear_eval(checkpoint: str | Path, manifest: str | Path, label_column: str = "labels",
                 split_column: str = "split", batch_size: int = 16, epochs: int = 200, patience: int = 20,
                 lr: float = 3e-5, probe_batch_size: int = 200, cache_dir: str | Path | None = None,
@@ -331,7 +321,7 @@ def linear_eval(checkpoint: str | Path, manifest: str | Path, label_column: str 
     multilabel = task.multilabel
     classes = sorted({lab for s in SPLITS for i in ids[s] for lab in task.labels[i]})
     x = {s: feats.rows(ids[s]) for s in SPLITS}
-    y = {s: _targets(ids[s], task.labels, classes, multilabel) for s in SPLITS}
+    y = {s: target_matrix(ids[s], task.labels, classes, multilabel) for s in SPLITS}
     seen = {c for i in ids["train"] for c in task.labels[i]}
     unseen = sorted({c for i in ids["test"] for c in task.labels[i]} - seen)
     if unseen:

@@ -14,7 +14,7 @@ import logging
 import math
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Iterator
+from typing import Iterator, Sequence
 
 import numpy as np
 import torch
@@ -34,6 +34,18 @@ def score_predictions(y_true: np.ndarray, y_score: np.ndarray) -> float:
     if y_true.ndim == 1:
         return accuracy(y_score, y_true)
     return mean_average_precision(y_true, y_score, no_positive="exclude")[0]
+
+
+def target_matrix(ids: Sequence[str], labels: dict[str, list[str]], classes: list[str],
+                  multilabel: bool) -> np.ndarray:
+    """The probe's targets of clips ``ids``: class indices (N,), or multi-hot (N, C) when ``multilabel``."""
+    index = {c: j for j, c in enumerate(classes)}
+    if not multilabel:
+        return np.array([index[labels[i][0]] for i in ids], dtype=np.int64)
+    y = np.zeros((len(ids), len(classes)), dtype=np.float32)
+    for n, i in enumerate(ids):
+        y[n, [index[lab] for lab in labels[i]]] = 1.0
+    return y
 
 
 def chance_level(y_train: np.ndarray, y_test: np.ndarray) -> float:
