@@ -18,7 +18,7 @@ what the audio-captioning literature (and ``aac-metrics``) report:
   online machine. Without them, asking for SPICE or SPIDEr raises :class:`MetricUnavailableError`
   naming the missing files. SPIDEr = (CIDEr-D + SPICE) / 2, per clip and for the corpus.
 
-FENSE, SBERT-sim, FER and SPIDEr-FL (:mod:`captioning.fense`) need the Sentence-BERT model and the FENSE
+FENSE, SBERT-sim, FER and SPIDEr-FL (:mod:`captioning.metrics.fense`) need the Sentence-BERT model and the FENSE
 error-detector checkpoint on this machine; they are computed on the same PTB-tokenised text as aac-metrics
 does (the DCASE 2024 evaluation). Without those models they raise :class:`MetricUnavailableError`.
 
@@ -29,6 +29,10 @@ jars into the SPICE ``lib/`` folder).
 Environment variables: ``CAPTION_METRICS_JAVA`` (path of the ``java`` binary; default: ``java`` on
 PATH), ``CAPTION_METRICS_SPICE_DIR`` (a folder holding ``spice-1.0.jar`` and ``lib/``; default:
 pycocoevalcap's ``spice`` folder).
+
+The package: :mod:`.scoring` (``evaluate_captions``, ``available_metrics``), :mod:`.coco` (the jars: PTB
+tokenizer, METEOR, SPICE), :mod:`.fense` (FENSE, FER, SPIDEr-FL), :mod:`.io` (the CSV files),
+:mod:`.download` (CoreNLP jars, FENSE models), :mod:`.cli` (``python -m captioning.metrics``), :mod:`.errors`.
 """
 from __future__ import annotations
 

@@ -61,7 +61,7 @@ def normalise_metrics(metrics: Iterable[str] | str) -> list[str]:
 def available_metrics(fense_options: Mapping | None = None, fense: bool = True):
     """What can run here: ``(metrics, {metric: reason it cannot}, FenseScorer or None)``.
 
-    ``fense_options``: keyword arguments of :meth:`captioning.fense.FenseScorer.load` (``sbert``,
+    ``fense_options``: keyword arguments of :meth:`captioning.metrics.fense.FenseScorer.load` (``sbert``,
     ``echecker``, ``echecker_bert``, ``device``); the scorer is loaded here (a few seconds) so that the caller
     can pass it on. ``fense=False`` leaves the FENSE metrics out without looking for their models.
     """
@@ -103,7 +103,7 @@ def evaluate_captions(predictions: Mapping[Hashable, str],
     ``metrics``: any of ``bleu`` (gives ``bleu_1``..``bleu_4``), ``meteor``, ``rouge_l``, ``cider_d``,
     ``spice``, ``spider``, ``sbert_sim``, ``fer``, ``fense``, ``spider_fl``. ``tokenize=False`` skips PTB
     tokenisation (for text that is already tokenised, lowercased and without punctuation; BLEU/ROUGE-L/CIDEr-D
-    then need no Java). ``fense``: a loaded :class:`captioning.fense.FenseScorer` (default: load one with the
+    then need no Java). ``fense``: a loaded :class:`captioning.metrics.fense.FenseScorer` (default: load one with the
     default models when a FENSE metric is asked for).
 
     Returns ``{metric: corpus score}``; with ``return_per_clip=True`` returns
