@@ -76,10 +76,20 @@ def load_clip(path: str | Path, sample_rate: int, min_samples: int = 1,
     return wave
 
 
+def _cores() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
 def default_workers() -> int:
-    """Reader processes by default: one core is left to the model; none on a one-core machine."""
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    return max(0, min(4, cores - 1))
+    """Readers by default: one core is left to the model; none on a one-core machine."""
+    return max(0, min(4, _cores() - 1))
+
+
+def default_backend() -> str:
+    """Reader processes (a DataLoader) where there are cores to spare; one reader thread on two cores or fewer,
+    where a worker process's transfer of each decoded clip (1-1.5 ms for 10 s) outweighed what it saved
+    (``bench/embed_files.py`` on the 2-core dev machine: 215 files/s with a thread, 119 with a process)."""
+    return "processes" if _cores() > 2 else "threads"
 
 
 @dataclass
@@ -157,14 +167,15 @@ class AudioBatches:
         transform: applied to each waveform before the length check (e.g. a crop or zero padding).
         progress: a tqdm bar counting files.
         backend: ``"processes"`` (a DataLoader) or ``"threads"`` (a thread pool, the next batch read while
-            the current one is used).
+            the current one is used); default :func:`default_backend`.
     """
 
     def __init__(self, paths: Sequence[str | Path], sample_rate: int, min_samples: int = 1, batch_size: int = 16,
                  workers: int | None = None, transform: Transform | None = None, progress: bool | None = False,
-                 desc: str = "reading audio", backend: str = "processes"):
+                 desc: str = "reading audio", backend: str | None = None):
         if batch_size < 1:
             raise ValueError(f"batch size must be at least 1, got {batch_size}")
+        backend = backend or default_backend()
         if backend not in ("processes", "threads"):
             raise ValueError(f"backend must be 'processes' or 'threads', got {backend!r}")
         self.paths = list(paths)

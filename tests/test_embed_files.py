@@ -76,7 +76,7 @@ def test_reading_order_is_input_order_for_many_batches(tmp_path):
     for n in range(12):
         paths.append(tmp_path / f"{n:02d}.wav")
         sf.write(paths[-1], tone(0.05 + 0.4 * (n % 3 == 0), 44100, 100.0 + n, seed=n).numpy(), 44100)
-    _, indices, waves = read_all(AudioBatches(paths, SR, MIN, batch_size=1, workers=2))
+    _, indices, waves = read_all(AudioBatches(paths, SR, MIN, batch_size=1, workers=2, backend="processes"))
     assert indices == list(range(12))
     assert [len(w) for w in waves] == [len(load_clip(p, SR, MIN)) for p in paths]
 
@@ -89,7 +89,8 @@ def reader_facts(i: int, wave: torch.Tensor) -> torch.Tensor:
 def test_workers_are_processes_with_one_thread_and_run_a_closure_transform(files):
     marker = 7.0
     closure = lambda i, w: reader_facts(i, torch.nn.functional.pad(w, (0, 1), value=marker))  # noqa: E731
-    _, indices, waves = read_all(AudioBatches(files, SR, MIN, batch_size=2, workers=2, transform=closure))
+    _, indices, waves = read_all(AudioBatches(files, SR, MIN, batch_size=2, workers=2, transform=closure,
+                                              backend="processes"))
     assert indices == GOOD
     assert {int(w[-2]) for w in waves} - {os.getpid()} == {int(w[-2]) for w in waves}  # read in other processes
     assert {int(w[-1]) for w in waves} == {1}
@@ -101,7 +102,7 @@ def test_workers_are_processes_with_one_thread_and_run_a_closure_transform(files
 def test_one_batch_is_read_in_the_calling_process(files):
     """Workers read whole batches ahead of the caller: with one batch there is nothing to read ahead."""
     _, indices, waves = read_all(AudioBatches(files, SR, MIN, batch_size=len(files), workers=2,
-                                              transform=reader_facts))
+                                              transform=reader_facts, backend="processes"))
     assert indices == GOOD and {int(w[-2]) for w in waves} == {os.getpid()}
 
 
@@ -109,7 +110,8 @@ def test_unpicklable_transform_falls_back_to_threads_without_fork(files, monkeyp
     monkeypatch.setattr(ef, "_forks", lambda: False)  # as under spawn (macOS, Windows)
     closure = lambda i, w: reader_facts(i, w)  # noqa: E731
     assert not ef._picklable(closure) and ef._picklable(reader_facts)
-    _, indices, waves = read_all(AudioBatches(files, SR, MIN, batch_size=2, workers=2, transform=closure))
+    _, indices, waves = read_all(AudioBatches(files, SR, MIN, batch_size=2, workers=2, transform=closure,
+                                              backend="processes"))
     assert indices == GOOD and {int(w[-2]) for w in waves} == {os.getpid()}  # threads of this process
 
 
@@ -118,7 +120,7 @@ def test_a_bug_in_the_transform_is_raised_not_skipped(files):
         raise RuntimeError("bug in a transform")
 
     with pytest.raises(RuntimeError, match="bug in a transform"):
-        list(AudioBatches(files, SR, MIN, batch_size=2, workers=2, transform=broken))
+        list(AudioBatches(files, SR, MIN, batch_size=2, workers=2, transform=broken, backend="processes"))
 
 
 def test_default_workers_leave_a_core_to_the_model(monkeypatch):
@@ -126,6 +128,12 @@ def test_default_workers_leave_a_core_to_the_model(monkeypatch):
         monkeypatch.setattr(os, "sched_getaffinity", lambda pid, n=cores: set(range(n)), raising=False)
         assert default_workers() == expected
     assert AudioBatches([], SR, workers=None).workers == default_workers()
+
+
+def test_default_backend_is_processes_only_with_cores_to_spare(monkeypatch):
+    for cores, expected in [(1, "threads"), (2, "threads"), (3, "processes"), (16, "processes")]:
+        monkeypatch.setattr(os, "sched_getaffinity", lambda pid, n=cores: set(range(n)), raising=False)
+        assert ef.default_backend() == expected and AudioBatches([], SR).backend == expected
 
 
 def test_bad_arguments_name_the_argument():
