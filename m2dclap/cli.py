@@ -153,9 +153,10 @@ class OptionParser(HfArgumentParser):
 
     def parse(self, argv: Sequence[str] | None = None) -> Any:
         """The options dataclass from ``argv`` (default ``sys.argv[1:]``); usage errors exit 2, ``--help`` 0."""
-        opts, = self.parse_args_into_dataclasses(list(sys.argv[1:] if argv is None else argv),
-                                                 look_for_args_file=False)
-        return opts
+        # parse_args, not parse_args_into_dataclasses: an unknown option is a usage error (exit 2), not a ValueError
+        namespace = self.parse_args(list(sys.argv[1:] if argv is None else argv))
+        names = {f.name for f in dataclasses.fields(self.options) if f.init}
+        return self.options(**{k: v for k, v in vars(namespace).items() if k in names})
 
 
 def check_minimums(opts: Any) -> None:

@@ -56,6 +56,7 @@ def test_help_shows_dashed_flags_defaults_and_the_exit_table(capsys):
     (["a.wav"], "--checkpoint"),  # a missing required option
     (["a.wav", "-c", "m", "--device", "tpu"], "--device"),  # not one of the choices
     (["a.wav", "-c", "m", "--batch-size", "x"], "--batch-size"),  # not a number
+    (["a.wav", "-c", "m", "--bacth-size", "4"], "--bacth-size"),  # an unknown option
 ])
 def test_usage_errors_exit_2_naming_the_option(argv, names, capsys):
     with pytest.raises(SystemExit) as e:
@@ -165,3 +166,21 @@ def test_console_script_target_answers_help(name, capsys):
         main(["--help"])
     assert e.value.code == 0, name
     assert "usage:" in capsys.readouterr().out
+
+
+KIT_COMMANDS = ("m2dclap.extract", "m2dclap.embed_captions", "m2dclap.data.synthetic", "zeroshot.evaluate",
+                "zeroshot.classify", "retrieval.evaluate", "retrieval.submit", "retrieval.datasets",
+                "captioning.caption", "captioning.evaluate", "captioning.preprocess")
+
+
+@pytest.mark.parametrize("module", KIT_COMMANDS)
+def test_kit_commands_show_the_exit_table_and_exit_2_on_a_usage_error(module, capsys):
+    main = importlib.import_module(module).main
+    with pytest.raises(SystemExit) as e:
+        main(["--help"])
+    assert e.value.code == 0
+    assert " ".join(EXIT_STATUS.split()) in " ".join(capsys.readouterr().out.split())
+    with pytest.raises(SystemExit) as e:
+        main(["--no-such-option"])
+    assert e.value.code == 2
+    assert "error:" in capsys.readouterr().err
