@@ -1,6 +1,7 @@
 """Audio-text retrieval with M2D-CLAP: dataset readers, evaluation (paper Table VIII), fine-tuning, DCASE
 submissions. Uses only the public ``m2dclap`` API (``m2dclap.load``, ``encode_audio``, ``encode_text``,
-``forward``).
+``forward``); fine-tuning is a task of the public training engine ``m2dclap.train.engine`` with the paper's
+stage-2.1 settings from ``m2dclap.stages``.
 
     python -m retrieval.datasets clotho --root data/clotho --split evaluation --out clotho-eval.csv
     python -m retrieval.evaluate --checkpoint CKPT --dataset clotho --root data/clotho --split evaluation

@@ -1,4 +1,6 @@
-"""Stage 2.1-style retrieval fine-tuning of an M2D-CLAP checkpoint (paper III-B2c, IV-A2c).
+"""Retrieval fine-tuning of an M2D-CLAP checkpoint: the paper's stage 2.1 (III-B2c, IV-A2c) as a task of the
+training engine (``m2dclap.train.engine``), with its defaults from the one stage-2.1 definition
+(``m2dclap.stages.STAGES["2.1"]``).
 
     accelerate launch -m retrieval.finetune --checkpoint runs/default/stage2/model \
         --train clotho,audiocaps,wavcaps --val clotho --clotho-root data/clotho --audiocaps-root data/audiocaps \
@@ -19,7 +21,6 @@ import json
 import logging
 import math
 import sys
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
@@ -27,14 +28,13 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 from torch.utils.data import Dataset
-from tqdm.auto import tqdm
 
 import m2dclap
 from m2dclap.clap import ContrastiveLoss
 from m2dclap.embed_files import AudioBatches, load_clip, min_samples_of, report_skipped
 from m2dclap.data.manifest import Record, apply_exclusions, read_exclusion_list
-from m2dclap.train.loop import (TrainState, loader_and_optimizer, lr_at, optimizer_step, repeat_rows,
-                                resume_and_track, save_checkpoint, start_run)
+from m2dclap.stages import STAGES
+from m2dclap.train.engine import Engine, KeepBest, LoopCfg, cosine_schedule, loader_and_adamw, start_run
 
 from .datasets import load_dataset
 from .metrics import caption_retrieval
@@ -44,6 +44,7 @@ log = logging.getLogger(__name__)
 TRAIN_SPLITS = {"clotho": "development", "audiocaps": "train", "wavcaps": "", "manifest": "train",
                 "synthetic": "train"}
 VAL_SPLITS = {"clotho": "validation", "audiocaps": "val", "wavcaps": "", "manifest": "val", "synthetic": "val"}
+STAGE = STAGES["2.1"]  # the paper's stage 2.1: CLAP only, no masking, the audio encoder frozen
 CHOICES = {"sample": ("captions", "clips"), "on_bad_audio": ("skip", "fail"),
            "mixed_precision": ("no", "fp16", "bf16"), "tracker": ("auto", "none", "tensorboard")}
 
@@ -68,17 +69,17 @@ class FinetuneCfg:
     train_audio_encoder: bool = False  # stage 2.1 keeps the audio encoder frozen
     freeze_text: bool = False  # train the audio projector only (cheap adaptation)
     sample: str = "captions"  # captions: every caption once per epoch; clips: one random caption per clip
-    epochs: int = 30  # paper stage 2/2.1
-    warmup_epochs: float = 5.0  # paper stage 2/2.1
+    epochs: int = STAGE["epochs"]  # paper stage 2.1 (m2dclap.stages)
+    warmup_epochs: float = float(STAGE["warmup_epochs"])  # paper stage 2.1
     batch_size: int = 64  # per process
     grad_accum: int = 1  # micro-batches per optimiser step
-    blr: float = 3e-6  # paper base learning rate; lr = blr * effective batch / 256
+    blr: float = STAGE["blr"]  # paper base learning rate; lr = blr * effective batch / 256
     lr: float = 0.0  # absolute learning rate (overrides blr when > 0)
     min_lr: float = 0.0  # end of the cosine
     weight_decay: float = 0.05  # AdamW, not on biases, norms, tokens
     betas: tuple[float, float] = (0.9, 0.95)  # AdamW betas
     clip_grad: float = 3.0  # gradient-norm clip (0 = off)
-    crop_seconds: float = 10.01  # random crop of longer clips (paper stage 2: 10 s)
+    crop_seconds: float = STAGE["crop_seconds"]  # random crop of longer clips (paper stage 2.1: 10 s)
     val_batch_size: int = 32  # clips per encoder batch at validation
     checkpoint_every: int = 0  # optimiser steps between extra resumable checkpoints (0 = at epoch ends only)
     keep_checkpoints: int = 2  # resumable checkpoints kept
@@ -183,13 +184,6 @@ def collate(items: list[dict[str, Any]]) -> dict[str, Any]:
             "skipped": [it["bad"] for it in items if "bad" in it]}
 
 
-def refill(batch: dict[str, Any], size: int) -> dict[str, Any]:
-    """Repeat good items up to ``size`` so every process gathers equal shapes; repeats share a group and are
-    therefore positives of their originals, not negatives."""
-    n = len(batch["waves"])
-    return batch if n == size else repeat_rows(batch, size, n)
-
-
 # ------------------------------------------------------------------------------------------- validation
 @torch.no_grad()
 def _sharded(accelerator, n: int, fn, batch_size: int) -> torch.Tensor:
@@ -246,20 +240,6 @@ def val_score(results: dict[str, Any]) -> float:
     return float(np.mean([r["text_to_audio"]["mAP@10"] for r in results.values()]))
 
 
-class Progress:
-    """Best score and history, saved in every resumable checkpoint."""
-
-    def __init__(self) -> None:
-        self.best_score, self.best_epoch, self.history = -1.0, -1, []
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"best_score": self.best_score, "best_epoch": self.best_epoch, "history": json.dumps(self.history)}
-
-    def load_state_dict(self, d: dict[str, Any]) -> None:
-        self.best_score, self.best_epoch = float(d["best_score"]), int(d["best_epoch"])
-        self.history = json.loads(d["history"])
-
-
 # ------------------------------------------------------------------------------------------------ train
 def finetune(cfg: FinetuneCfg, resume: bool = False) -> dict[str, Any]:
     """Run the fine-tuning; returns the summary (also written to ``OUTPUT/summary.json``)."""
@@ -273,32 +253,50 @@ def finetune(cfg: FinetuneCfg, resume: bool = False) -> dict[str, Any]:
         log.info("excluded %d training clips listed in %s", removed, cfg.exclude)
     ds = CaptionedClips(records, model.sample_rate, cfg.crop_seconds, cfg.sample, cfg.seed, cfg.on_bad_audio,
                         min_samples_of(model))
-    loader, optimizer, peak, eff_batch = loader_and_optimizer(
+    loader, optimizer, peak, eff_batch = loader_and_adamw(
         cfg, ds, collate, model, model.no_weight_decay(), accelerator.num_processes, "training items")
-    model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
-    state, progress = TrainState(), Progress()
-    accelerator.register_for_checkpointing(state)
-    accelerator.register_for_checkpointing(progress)
-    steps_per_epoch = max(1, len(loader) // cfg.grad_accum)
-    sched = dict(total=cfg.epochs * steps_per_epoch, warmup=int(cfg.warmup_epochs * steps_per_epoch), peak=peak,
-                 floor=cfg.min_lr)
-    resume_and_track(accelerator, state, out_dir, resume, "retrieval-finetune", cfg)
+    loss_fn = ContrastiveLoss(accelerator.num_processes, accelerator.process_index)
+
+    def validation(engine: Engine) -> dict[str, Any]:
+        results = validate(accelerator, model, val_sets, cfg.val_batch_size)
+        metrics = {"score": val_score(results),
+                   "val": {name: {d: {k: v for k, v in r[d].items() if k.startswith(("R@", "mAP"))}
+                                  for d in ("text_to_audio", "audio_to_text")} for name, r in results.items()}}
+        val_skipped = sorted({f for r in results.values() for f in r["skipped"]})
+        return {**metrics, "val_skipped": val_skipped} if val_skipped else metrics
+
+    def save_best(folder: Path, entry: dict[str, Any]) -> None:
+        model.save_pretrained(folder, stage="2.1-retrieval", epoch=entry["epoch"], val_t2a_map10=entry["score"])
+
+    loop = LoopCfg(output_dir=cfg.output_dir, epochs=cfg.epochs, batch_size=cfg.batch_size, clip_grad=cfg.clip_grad,
+                   checkpoint_every=cfg.checkpoint_every, checkpoint_epochs=True,
+                   keep_checkpoints=cfg.keep_checkpoints, log_every=cfg.log_every, eval_at_start=True,
+                   metric="score", name="retrieval fine-tuning")
+    engine = Engine(accelerator, loop, model, optimizer, loader,
+                    lambda module, batch: {"loss": batch_loss(module, batch, loss_fn, model.sample_rate)},
+                    cosine_schedule(peak, cfg.min_lr, cfg.warmup_epochs, cfg.epochs), evaluate=validation,
+                    after_update=lambda engine: model.clamp_logit_scale(), on_epoch=ds.set_epoch,
+                    rows=lambda batch: len(batch["waves"]), keep=KeepBest(lambda entry: out_dir / "best", save_best))
+    if resume:
+        engine.resume("retrieval-finetune", cfg.to_dict())
+    else:
+        engine.start_trackers("retrieval-finetune", cfg.to_dict())
     info = log.info if accelerator.is_main_process else log.debug
     info("training on %s (%d items, %d clips), validating on %s; lr %.3g, effective batch %d",
-             ", ".join(n for n, _ in train_sets), len(ds), len(records), ", ".join(n for n, _ in val_sets), peak,
-             eff_batch)
-    if not progress.history:  # the starting point, so the gain of fine-tuning is visible
-        _end_of_epoch(cfg, accelerator, model, val_sets, state, progress, train_loss=math.nan, checkpoint=False)
-    skipped = run_epochs(cfg, accelerator, model, optimizer, loader, ds, state, progress, sched, val_sets)
-    val_skipped = sorted({f for entry in progress.history for f in entry.get("val_skipped", [])})
+         ", ".join(n for n, _ in train_sets), len(ds), len(records), ", ".join(n for n, _ in val_sets), peak,
+         eff_batch)
+    engine.fit()
+    state = engine.state
+    val_skipped = sorted({f for entry in state.evals for f in entry.get("val_skipped", [])})
     summary = {"checkpoint": cfg.checkpoint, "steps": state.step, "epochs": state.epoch,
-               "skipped_clips": state.skipped, "skipped_files": skipped, "val_skipped_files": val_skipped, "peak_lr": peak, "effective_batch": eff_batch,
-               "initial_score": progress.history[0]["score"], "best_score": progress.best_score,
-               "best_epoch": progress.best_epoch, "history": progress.history,
+               "skipped_clips": state.skipped, "skipped_files": sorted(engine.skipped_items),
+               "val_skipped_files": val_skipped, "peak_lr": peak, "effective_batch": eff_batch,
+               "initial_score": state.evals[0]["score"], "best_score": state.best["score"],
+               "best_epoch": state.best["epoch"], "history": state.evals,
                "best_model": str(out_dir / "best"), "final_model": str(out_dir / "model"),
                "processes": accelerator.num_processes}
     if accelerator.is_main_process:
-        accelerator.unwrap_model(model).save_pretrained(out_dir / "model", stage="2.1-retrieval", steps=state.step)
+        model.save_pretrained(out_dir / "model", stage="2.1-retrieval", steps=state.step)
         (out_dir / "summary.json").write_text(json.dumps(summary, indent=2))
     accelerator.end_training()
     return {**summary, "main_process": accelerator.is_main_process}
@@ -310,88 +308,6 @@ def batch_loss(model, batch: dict[str, Any], loss_fn: ContrastiveLoss, sample_ra
     groups = batch["groups"].to(out["audio_features"].device)
     return loss_fn(out["audio_features"], out["text_features"], out["logit_scale"],
                    positive_groups=groups)["contrastive_loss"]
-
-
-def run_epochs(cfg: FinetuneCfg, accelerator, model, optimizer, loader, ds: CaptionedClips, state: TrainState,
-               progress: Progress, sched: dict[str, float], val_sets) -> list[str]:
-    """Train to ``cfg.epochs``; returns the files skipped as bad audio (by this process, since this start)."""
-    skipped: set[str] = set()
-    inner = accelerator.unwrap_model(model)
-    loss_fn = ContrastiveLoss(accelerator.num_processes, accelerator.process_index)
-    params = [p for p in model.parameters() if p.requires_grad]
-    bar = tqdm(total=int(sched["total"]), initial=state.step, desc="retrieval fine-tuning", unit="step",
-               disable=not accelerator.is_local_main_process, dynamic_ncols=True)
-    last_good = None
-    model.train()
-    while state.epoch < cfg.epochs:
-        ds.set_epoch(state.epoch)
-        loader.set_epoch(state.epoch)
-        batches = accelerator.skip_first_batches(loader, state.batch_in_epoch) if state.batch_in_epoch else loader
-        losses, since_log = [], []  # detached micro-batch losses: of the epoch, since the last log line
-        for batch in batches:
-            state.batch_in_epoch += 1
-            state.skipped += len(batch["skipped"])
-            skipped.update(batch["skipped"])
-            if not batch["waves"]:  # every clip unreadable: repeat the last good batch (same collectives)
-                if last_good is None:
-                    raise ValueError(f"the first batch had only unreadable clips: {batch['skipped']}")
-                batch = last_good
-            batch = last_good = refill(batch, cfg.batch_size)
-            with accelerator.accumulate(model):
-                loss = batch_loss(model, batch, loss_fn, inner.sample_rate)
-                accelerator.backward(loss)
-                lr = lr_at(state.step, int(sched["total"]), int(sched["warmup"]), sched["peak"], sched["floor"])
-                optimizer_step(accelerator, optimizer, params, cfg.clip_grad, lr)
-            losses.append(loss.detach())  # stays on the device: a host sync only when a line is logged
-            since_log.append(losses[-1])
-            if not accelerator.sync_gradients:
-                continue
-            inner.clamp_logit_scale()
-            state.step += 1
-            bar.update(1)
-            if state.step % cfg.log_every == 0:  # the mean over the micro-batches of the last log_every steps
-                recent, since_log = float(torch.stack(since_log).mean()), []
-                bar.set_postfix(loss=f"{recent:.4f}")
-                accelerator.log({"loss": recent, "lr": lr}, step=state.step)
-            if cfg.checkpoint_every and state.step % cfg.checkpoint_every == 0:
-                save_checkpoint(accelerator, state, Path(cfg.output_dir), cfg.keep_checkpoints)
-        state.epoch += 1
-        state.batch_in_epoch = 0
-        mean_loss = float(torch.stack(losses).mean()) if losses else math.nan
-        _end_of_epoch(cfg, accelerator, model, val_sets, state, progress, mean_loss)
-    bar.close()
-    return sorted(skipped)
-
-
-def _end_of_epoch(cfg: FinetuneCfg, accelerator, model, val_sets, state: TrainState, progress: Progress,
-                  train_loss: float, checkpoint: bool = True) -> None:
-    """Validate, keep the best model, save a resumable checkpoint."""
-    inner = accelerator.unwrap_model(model)
-    t0 = time.perf_counter()
-    results = validate(accelerator, inner, val_sets, cfg.val_batch_size)
-    score = val_score(results)
-    entry = {"epoch": state.epoch, "step": state.step, "train_loss": train_loss, "score": score,
-             "val": {name: {d: {k: v for k, v in r[d].items() if k.startswith(("R@", "mAP"))}
-                            for d in ("text_to_audio", "audio_to_text")} for name, r in results.items()},
-             "val_seconds": round(time.perf_counter() - t0, 2)}
-    val_skipped = sorted({f for r in results.values() for f in r["skipped"]})
-    if val_skipped:
-        entry["val_skipped"] = val_skipped
-    progress.history.append(entry)
-    improved = score > progress.best_score
-    if improved:
-        progress.best_score, progress.best_epoch = score, state.epoch
-        if accelerator.is_main_process:
-            inner.save_pretrained(Path(cfg.output_dir) / "best", stage="2.1-retrieval", epoch=state.epoch,
-                                  val_t2a_map10=score)
-    accelerator.log({"val_t2a_mAP@10": score, "train_loss": train_loss}, step=state.step)
-    info = log.info if accelerator.is_main_process else log.debug
-    loss = f"train loss {train_loss:.4f}" if math.isfinite(train_loss) else "before training"
-    info("epoch %d: %s, validation T2A mAP@10 %.2f%s", state.epoch, loss, 100 * score,
-         " (best so far, saved)" if improved else f" (best {100 * progress.best_score:.2f} at epoch "
-                                                  f"{progress.best_epoch})")
-    if checkpoint:
-        save_checkpoint(accelerator, state, Path(cfg.output_dir), cfg.keep_checkpoints)
 
 
 # -------------------------------------------------------------------------------------------------- CLI

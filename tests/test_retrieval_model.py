@@ -172,7 +172,9 @@ def test_training_items_group_duplicates_of_a_clip(setup, tmp_path):
     bad_ds = finetune.CaptionedClips([a, broken], 16000, 1.0, sample="clips")
     batch = finetune.collate([bad_ds[0], bad_ds[1]])
     assert len(batch["waves"]) == 1 and batch["skipped"] == [str(tmp_path / "bad.wav")]
-    full = finetune.refill(batch, 3)
+    from m2dclap.train.engine import repeat_rows
+
+    full = repeat_rows(batch, 3, len(batch["waves"]))  # the engine's bad-batch refill
     assert full["groups"].tolist() == [0, 0, 0] and len(full["captions"]) == 3  # repeats are positives
     ds.set_epoch(1)
     assert not torch.equal(ds[0]["wave"], items[0]["wave"])  # a new epoch, a new random crop

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..config import apply_overrides
+from ..stages import STAGES
 
 
 @dataclass
@@ -50,18 +51,6 @@ class TrainCfg:
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
-
-
-# The paper's settings per stage (section IV-A2). Stage 1.1 (AudioSet fine-tuning) has its own config,
-# FinetuneCfg below (Table IV, AS2M), and runs with `python -m m2dclap.train.finetune`.
-STAGES: dict[str, dict[str, Any]] = {
-    "1": dict(mask_ratio=0.7, lambda_m2d=1.0, lambda_clap=0.01, epochs=300, warmup_epochs=20, blr=3e-4,
-              crop_seconds=6.08),
-    "2": dict(mask_ratio=0.3, lambda_m2d=0.0, lambda_clap=1.0, epochs=30, warmup_epochs=5, blr=3e-6,
-              crop_seconds=10.01),
-    "2.1": dict(mask_ratio=0.0, lambda_m2d=0.0, lambda_clap=1.0, epochs=30, warmup_epochs=5, blr=3e-6,
-                crop_seconds=10.01),
-}
 
 
 def stage_config(stage: str, **overrides: Any) -> TrainCfg:

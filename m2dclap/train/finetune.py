@@ -36,9 +36,8 @@ from ..data.manifest import split_records
 from ..fileio import atomic_write_text
 from ..tagging import AudioTagger, load_finetuned, mean_average_precision, save_finetuned, tag_audio
 from .config import FinetuneCfg, finetune_config
-from .engine import Engine, KeepBest, LoopCfg, TrainState, gather_for_metrics, start_run
+from .engine import Engine, KeepBest, LoopCfg, TrainState, cosine_schedule, gather_for_metrics, param_groups, start_run
 from .lars import LARS
-from .pretrain import lr_at, param_groups
 
 log = logging.getLogger(__name__)
 
@@ -111,10 +110,6 @@ def finetune(cfg: FinetuneCfg, resume: bool = False) -> dict[str, Any]:
         x = spec_augment((x - norm[0]) / norm[1], cfg.freq_mask, cfg.time_mask)  # (B, 1, F, T)
         return {"loss": F.binary_cross_entropy_with_logits(module(x).float(), y.float())}
 
-    def schedule(engine: Engine) -> float:  # the cosine spans every epoch even when --max-steps stops earlier
-        spe = engine.steps_per_epoch
-        return lr_at(engine.state.step, cfg.epochs * spe, int(cfg.warmup_epochs * spe), cfg.lr, cfg.min_lr)
-
     def validate(engine: Engine) -> dict[str, Any]:
         mAP, _, bad = evaluate(engine.model, val_loader, accelerator, norm)
         return {"val_map": mAP, "val_unreadable": bad}
@@ -127,6 +122,7 @@ def finetune(cfg: FinetuneCfg, resume: bool = False) -> dict[str, Any]:
                    clip_grad=cfg.clip_grad, checkpoint_every=cfg.checkpoint_every,
                    keep_checkpoints=cfg.keep_checkpoints, log_every=cfg.log_every, metric="val_map",
                    name="stage 1.1")
+    schedule = cosine_schedule(cfg.lr, cfg.min_lr, cfg.warmup_epochs, cfg.epochs)  # over every epoch
     engine = Engine(accelerator, loop, tagger, build_optimizer(cfg, tagger), loader, step, schedule,
                     evaluate=validate if val_loader is not None else None, on_epoch=train_ds.set_epoch,
                     rows=lambda b: b["size"], keep=KeepBest(lambda entry: out_dir / "best", save_best))

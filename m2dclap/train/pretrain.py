@@ -9,12 +9,10 @@ from __future__ import annotations
 import copy
 import json
 import logging
-import math
 from pathlib import Path
 from typing import Any
 
 import torch
-from torch.utils.data import DataLoader
 
 from ..audio import compute_norm_stats
 from ..config import TextCfg, get_model_config
@@ -25,7 +23,7 @@ from ..layers import sincos_2d_pos_embed
 from ..m2d import M2DCLAPPretrainer, ema_momentum
 from ..model import M2DCLAP
 from .config import TrainCfg
-from .engine import Engine, LoopCfg, repeat_rows, start_run
+from .engine import Engine, LoopCfg, cosine_schedule, loader_and_adamw, repeat_rows, start_run
 
 log = logging.getLogger(__name__)
 
@@ -93,26 +91,6 @@ def extend_input_frames(model: M2DCLAP, frames: int) -> None:
         enc.set_input_size(new_size)
 
 
-def param_groups(module: torch.nn.Module, weight_decay: float, no_decay_names: set[str]) -> list[dict]:
-    """AdamW groups: no decay for biases, norms and other 1-D parameters or tokens."""
-    decay, no_decay = [], []
-    for name, p in module.named_parameters():
-        if not p.requires_grad:
-            continue
-        short = name.split("model.", 1)[-1]
-        (no_decay if p.ndim <= 1 or short in no_decay_names or name.endswith("mask_token") else decay).append(p)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-
-
-def lr_at(step: int, total: int, warmup: int, peak: float, floor: float) -> float:
-    """Linear warm-up to ``peak`` then half-cosine to ``floor``, per optimiser step."""
-    if step < warmup:
-        return peak * (step + 1) / warmup
-    progress = (step - warmup) / max(1, total - warmup)
-    return floor + (peak - floor) * 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0)))
-
-
-# ------------------------------------------------------------------------------------------------- data
 def build_datasets(cfg: TrainCfg, model: M2DCLAP, manifest: Path,
                    caption_embeddings: dict | None = None) -> tuple[AudioCaptionDataset, int]:
     records, _ = split_records(read_manifest(manifest))  # no train split: the rows without a split
@@ -132,30 +110,6 @@ def fresh_norm_stats(ds: AudioCaptionDataset, n: int) -> tuple[float, float]:
     """Log-mel statistics from up to ``n`` training crops (the official runtime uses 5000)."""
     items = [ds[i] for i in range(min(n, len(ds)))]
     return compute_norm_stats([it["lms"] for it in items if "lms" in it])
-
-
-def contrastive_loader_and_optimizer(cfg, ds, collate_fn, module: torch.nn.Module, no_weight_decay: set[str],
-                                     num_processes: int, what: str = "training clips"):
-    """The shuffled training loader and AdamW of a contrastive run (pretraining, stage 2.1):
-    ``(loader, optimizer, peak lr, effective batch)``; the peak is ``lr`` or ``blr`` x effective batch / 256."""
-    loader = DataLoader(ds, batch_size=cfg.batch_size, shuffle=True, drop_last=True, collate_fn=collate_fn,
-                        num_workers=cfg.num_workers, generator=torch.Generator().manual_seed(cfg.seed))
-    if len(loader) == 0:
-        raise ValueError(f"{len(ds)} {what} are fewer than one batch of {cfg.batch_size}")
-    eff_batch = cfg.batch_size * cfg.grad_accum * num_processes
-    peak = cfg.lr if cfg.lr > 0 else cfg.blr * eff_batch / 256
-    optimizer = torch.optim.AdamW(param_groups(module, cfg.weight_decay, no_weight_decay), lr=peak,
-                                  betas=tuple(cfg.betas))
-    return loader, optimizer, peak, eff_batch
-
-
-def cosine_schedule(peak: float, floor: float, warmup_epochs: float, total: int = 0) -> Any:
-    """The engine's ``schedule`` for :func:`lr_at`: warm-up in epochs, the cosine over ``total`` steps
-    (0 = the engine's stop step)."""
-    def schedule(engine: Engine) -> float:
-        warmup = int(warmup_epochs * engine.steps_per_epoch)
-        return lr_at(engine.state.step, total or engine.stop, warmup, peak, floor)
-    return schedule
 
 
 def refill_as_positives(batch: dict[str, Any], size: int) -> dict[str, Any]:
@@ -186,7 +140,7 @@ def train(cfg: TrainCfg, manifest: str | Path, resume: bool = False) -> dict[str
     model.set_trainable(audio_encoder=cfg.stage == "1", audio_proj=True, text=cfg.stage != "1")
     trainer = M2DCLAPPretrainer(model, cfg.mask_ratio, cfg.lambda_m2d, cfg.lambda_clap,
                                 accelerator.num_processes, accelerator.process_index)
-    loader, optimizer, peak_lr, eff_batch = contrastive_loader_and_optimizer(
+    loader, optimizer, peak_lr, eff_batch = loader_and_adamw(
         cfg, ds, collate, trainer, model.no_weight_decay(), accelerator.num_processes)
     text_key = "caption_emb" if cfg.stage == "1" else "caption"
 
