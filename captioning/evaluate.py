@@ -29,6 +29,7 @@ import torch
 from m2dclap.cli import CliError, UsageError, option, resolve_device, run_cli
 
 from .metrics import (
+    FenseOptions,
     MetricUnavailableError,
     available_metrics,
     fense_options,
@@ -195,12 +196,8 @@ def evaluate_run_or_checkpoint(checkpoint: str | Path, data=None, split: str = "
     return result
 
 
-FENSE_GROUP = ("FENSE models (default: $CAPTION_METRICS_* or the published names; folders, the local caches, or "
-               "the Hugging Face hub unless HF_HUB_OFFLINE is set)")
-
-
 @dataclass(kw_only=True)
-class EvaluateOptions:
+class EvaluateOptions(FenseOptions):  # the FENSE model options: --sbert, --echecker, --echecker-bert
     checkpoint: str | None = option(None, metavar="C", help="epoch checkpoint or training run folder (or "
                                                             "--predictions)")
     predictions: str | None = option(None, metavar="P.csv", help="file_name,caption (or --checkpoint)")
@@ -221,13 +218,6 @@ class EvaluateOptions:
                                        "models are here) on normalised text instead of the PTB tokenizer; no METEOR, "
                                        "SPICE, SPIDEr, SPIDEr-FL")
     device: str | None = option(None, help="cpu, cuda, cuda:1 (default: cuda if available)")
-    sbert: str | None = option(None, metavar="NAME|DIR", group=FENSE_GROUP,
-                               help="Sentence-BERT (default paraphrase-TinyBERT-L6-v2)")
-    echecker: str | None = option(None, metavar="NAME|CKPT", group=FENSE_GROUP,
-                                  help="error detector (default echecker_clotho_audiocaps_base)")
-    echecker_bert: str | None = option(None, metavar="NAME|DIR", group=FENSE_GROUP,
-                                       help="tokenizer/config of the echecker's BERT (default: the model_type in the "
-                                            "checkpoint)")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
