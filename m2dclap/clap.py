@@ -145,11 +145,12 @@ def text_model_errors(name: str, source: str):
         raise err from None
 
 
-def from_pretrained_local_first(klass, source: str, **kwargs):
-    """``klass.from_pretrained`` from a folder or the local cache first; the hub only when it can answer:
-    with no network the hub client retries for about a minute before it gives up."""
+def load_local_first(load, source: str, **kwargs):
+    """``load(source)`` (a ``from_pretrained``, or a constructor such as ``SentenceTransformer`` that takes
+    ``local_files_only``) from a folder or the local cache first; the hub only when it can answer: with no
+    network the hub client retries for about a minute before it gives up. Raises OSError saying why not."""
     try:
-        return klass.from_pretrained(source, local_files_only=True, **kwargs)
+        return load(source, local_files_only=True, **kwargs)
     except (OSError, ValueError):
         if os.path.isdir(source):  # a local copy with a problem: its own error says which
             raise
@@ -159,7 +160,12 @@ def from_pretrained_local_first(klass, source: str, **kwargs):
         unreachable = _hub_unreachable()
         if unreachable:
             raise OSError(f"not a local folder, not in the Hugging Face cache, and {unreachable}") from None
-    return klass.from_pretrained(source, **kwargs)
+    return load(source, **kwargs)
+
+
+def from_pretrained_local_first(klass, source: str, **kwargs):
+    """``klass.from_pretrained(source)`` through :func:`load_local_first`."""
+    return load_local_first(klass.from_pretrained, source, **kwargs)
 
 
 def _hub_offline() -> bool:

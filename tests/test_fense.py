@@ -198,6 +198,10 @@ def test_matches_aac_metrics_fense(scorer_factory):
 
 
 def test_hf_models_come_from_the_hub_only_when_online(monkeypatch):
+    """The loader is m2dclap.clap.load_local_first's: the cache first; the hub only when downloads are on and
+    its host answers (no minute of retries offline)."""
+    from m2dclap import clap
+
     calls = []
 
     def load(source, local_files_only=False):
@@ -206,12 +210,18 @@ def test_hf_models_come_from_the_hub_only_when_online(monkeypatch):
             raise OSError("not in the cache")
         return "model"
 
+    monkeypatch.delenv("TRANSFORMERS_OFFLINE", raising=False)
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    with pytest.raises(M.MetricUnavailableError, match="not in the cache"):
+    with pytest.raises(M.MetricUnavailableError, match=r"the model 'org/name'.*downloads are off \(HF_HUB_OFFLINE\)"):
         FE._hf_load(load, "org/name", "the model")
     assert calls == [True]
     monkeypatch.delenv("HF_HUB_OFFLINE")
-    assert FE._hf_load(load, "org/name", "the model") == "model" and calls == [True, True, False]
+    monkeypatch.setattr(clap, "_hub_unreachable", lambda: "huggingface.co is not reachable (no route)")
+    with pytest.raises(M.MetricUnavailableError, match="huggingface.co is not reachable.*download --only fense"):
+        FE._hf_load(load, "org/name", "the model")
+    assert calls == [True, True]
+    monkeypatch.setattr(clap, "_hub_unreachable", lambda: None)
+    assert FE._hf_load(load, "org/name", "the model") == "model" and calls == [True, True, True, False]
 
 
 def test_score_needs_references_for_every_candidate():

@@ -42,6 +42,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from m2dclap.clap import load_local_first
+
 from .errors import DOWNLOAD_COMMAND as BASE_DOWNLOAD_COMMAND
 from .errors import MetricUnavailableError
 
@@ -133,26 +135,16 @@ def resolve_echecker(name_or_path: str | os.PathLike | None = None) -> Path:
     return path
 
 
-def _hf_offline() -> bool:
-    return os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
-
-
 def _hf_load(load, source: str, what: str, **kwargs):
-    """``load(source)`` (a ``from_pretrained``): a folder or the local Hugging Face cache first, then the hub
-    unless ``HF_HUB_OFFLINE`` is set."""
+    """``load(source)`` (a ``from_pretrained`` or ``SentenceTransformer``) through
+    :func:`m2dclap.clap.load_local_first`: a folder or the local Hugging Face cache first, then the hub unless
+    ``HF_HUB_OFFLINE`` is set or it cannot be reached. A failure is a MetricUnavailableError naming the model."""
     try:
-        return load(source, local_files_only=True, **kwargs)
-    except (OSError, ValueError) as exc:
-        error = exc
-    if not _hf_offline() and not Path(source).exists():
-        log.info("%s %r is not cached: fetching it from the Hugging Face hub", what, source)
-        try:
-            return load(source, **kwargs)
-        except (OSError, ValueError) as exc:
-            error = exc
-    raise MetricUnavailableError(
-        f"{what} {source!r} is not available ({type(error).__name__}: {str(error).splitlines()[0][:160]}). Run "
-        f"`{DOWNLOAD_COMMAND}` on a machine with internet access, or pass a folder holding it") from error
+        return load_local_first(load, source, **kwargs)
+    except (OSError, ValueError) as error:
+        raise MetricUnavailableError(
+            f"{what} {source!r} is not available ({type(error).__name__}: {str(error).splitlines()[0][:160]}). "
+            f"Run `{DOWNLOAD_COMMAND}` on a machine with internet access, or pass a folder holding it") from error
 
 
 def load_echecker(name_or_path: str | os.PathLike | None = None, bert: str | os.PathLike | None = None,
