@@ -109,9 +109,9 @@ def accuracy(scores, targets) -> float:
 # Average precision as scikit-learn's average_precision_score (tied scores form one threshold); used by
 # zero-shot, linear evaluation and AudioSet fine-tuning.
 def average_precision(y_true, scores) -> float:
-    """AP of one class: y_true (N,) in {0, 1}, scores (N,). NaN when there is no positive."""
-    y = np.asarray(y_true).astype(bool).ravel()
-    s = np.asarray(scores, dtype=np.float64).ravel()
+    """AP of one class: y_true (N,) in {0, 1}, scores (N,) (arrays or tensors). NaN when there is no positive."""
+    y = _numpy(y_true).astype(bool).ravel()
+    s = _numpy(scores).astype(np.float64).ravel()
     if y.shape != s.shape:
         raise ValueError(f"y_true {y.shape} and scores {s.shape} differ in shape")
     n_pos = int(y.sum())
@@ -128,13 +128,13 @@ def average_precision(y_true, scores) -> float:
 
 
 def mean_average_precision(y_true, scores, no_positive: str = "zero") -> tuple[float, np.ndarray, list[int]]:
-    """Macro mAP over classes of (N, C) 0/1 targets and (N, C) scores.
+    """Macro mAP over classes of (N, C) 0/1 targets and (N, C) scores (arrays or tensors, targets first).
 
     Returns ``(mAP, per-class AP (C,), indices of classes without a positive)``. Those classes count as AP 0
     with ``no_positive="zero"`` (scikit-learn's and EVAR's figure) or are left out of the mean with
     ``"exclude"``; their per-class AP is NaN either way.
     """
-    y, s = np.asarray(y_true), np.asarray(scores, dtype=np.float64)
+    y, s = _numpy(y_true), _numpy(scores).astype(np.float64)
     if s.ndim != 2:
         raise ValueError(f"scores must be (N, C), got shape {s.shape}")
     if y.shape != s.shape:

@@ -54,3 +54,17 @@ def test_accuracy_is_one_function_for_tensors_and_arrays():
     assert np.isnan(metrics.accuracy(np.zeros((0, 2)), []))
     with pytest.raises(ValueError, match="3 score rows but 2 targets"):
         metrics.accuracy(np.array(scores), [0, 1])
+
+
+def test_average_precision_takes_tensors_targets_first():
+    import numpy as np
+
+    from m2dclap import metrics
+
+    y, s = [[1, 0], [0, 1], [1, 1], [0, 0]], [[0.9, 0.2], [0.8, 0.7], [0.3, 0.6], [0.1, 0.9]]
+    from_arrays = metrics.mean_average_precision(np.array(y), np.array(s), no_positive="exclude")
+    from_tensors = metrics.mean_average_precision(torch.tensor(y) > 0.5, torch.tensor(s, dtype=torch.float16),
+                                                  no_positive="exclude")
+    assert from_tensors[0] == pytest.approx(from_arrays[0]) and from_arrays[0] == pytest.approx(
+        ((1 + 2 / 3) / 2 + (1 / 2 + 2 / 3) / 2) / 2)
+    assert metrics.average_precision(torch.tensor([0, 1]), torch.tensor([0.5, 0.5])) == pytest.approx(0.5)
