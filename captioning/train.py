@@ -5,6 +5,9 @@
         [--output-dir DIR] [--epochs 15] [--lr LR] [--batch-size B] [--resume] [--max-steps N]
 
 Runs under ``accelerate launch`` too (``split_batches``: the batch size is the global batch, as in EnCLAP).
+A task of the training engine (``m2dclap.train.engine``): gradient accumulation (``--grad-accum``), resumable
+checkpoints in ``OUTPUT/state`` holding the exact data position (every epoch, and every ``--checkpoint-every``
+steps), so ``--resume`` continues mid-epoch at the batch where the run stopped.
 
 EnCLAP's settings: AdamW (weight decay 0.01, none on biases and LayerNorm), ``inverse_sqrt`` schedule with
 linear warm-up, gradient clipping 1.0, 15 epochs, validation every epoch. ``--dataset audiocaps`` and
@@ -25,8 +28,6 @@ import argparse
 import json
 import logging
 import math
-import os
-import shutil
 import sys
 import time
 from collections.abc import Sequence
@@ -34,17 +35,20 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from accelerate.utils import broadcast_object_list, set_seed
+from torch.utils.data import DataLoader
 
 from m2dclap.fileio import atomic_write_text
+from m2dclap.train.engine import Engine, KeepBest, LoopCfg, make_accelerator
 
 from .codec import DEFAULT_BANDWIDTH
 from .metrics import MetricUnavailableError
+from .validation import choose_selection_metric, predict, validation_scores
 from .data import (
     CAPTION_SAMPLING,
     CaptionDataset,
     build_word_tokenizer,
     make_collate,
-    normalize_caption,
     read_index,
 )
 
@@ -202,80 +206,16 @@ def prepare_cache(args) -> tuple[Path, dict]:
                                    "clap_dim": clap.dim, "cache": str(cache)}
 
 
-# ------------------------------------------------------------------------------------------- validation
-@torch.no_grad()
-def predict(model, loader, device, num_beams=None, max_length=None) -> tuple[dict, dict]:
-    """Captions and references for every clip of ``loader`` (an evaluation ``CaptionDataset`` loader)."""
-    model.eval()
-    preds, refs = {}, {}
-    for batch in loader:
-        texts = model.generate(batch["tokens"].to(device), batch["token_mask"].to(device), batch["clap"].to(device),
-                               num_beams=num_beams, max_length=max_length)
-        for i, t, r in zip(batch["id"], texts, batch["captions"]):
-            preds[i], refs[i] = t, r
-    return preds, refs
-
-
-def score_fast(preds: dict, refs: dict, metrics=("cider_d",)) -> dict:
-    """Scores on normalised text without PTB tokenisation (no Java): the per-epoch validation score."""
-    from .metrics import evaluate_captions
-
-    p = {k: normalize_caption(v) for k, v in preds.items()}
-    r = {k: [normalize_caption(x) for x in v if normalize_caption(x)] for k, v in refs.items()}
-    return evaluate_captions(p, r, metrics=metrics, tokenize=False)
-
-
-def choose_selection_metric(requested: str) -> tuple[str, str]:
-    """(metric, why): EnCLAP ranks checkpoints by validation SPIDEr, which needs SPICE's CoreNLP jars."""
-    from .metrics import MetricUnavailableError, available_metrics
-
-    ok, why, _ = available_metrics(fense=False)
-    if requested == "spider" and "spider" not in ok:
-        raise MetricUnavailableError(f"--selection-metric spider: {why['spider']}")
-    if requested == "cider_d":
-        return "cider_d", "validation CIDEr-D (normalised text, no PTB tokenisation), chosen by --selection-metric"
-    if "spider" in ok:
-        return "spider", "validation SPIDEr (PTB tokenisation, CIDEr-D + SPICE) as in EnCLAP"
-    return "cider_d", ("EnCLAP selects by validation SPIDEr, but SPICE cannot run here (" + why["spider"] + "); "
-                       "checkpoints are selected by validation CIDEr-D (normalised text, no PTB tokenisation)")
-
-
-def validation_scores(preds: dict, refs: dict, metric: str) -> dict:
-    """The per-epoch validation scores: SPIDEr as EnCLAP computes it, or the Java-free CIDEr-D."""
-    if metric == "spider":
-        from .metrics import evaluate_captions
-
-        return evaluate_captions(preds, refs, ["cider_d", "spice", "spider"], tokenize=True)
-    return score_fast(preds, refs)
-
-
 # ------------------------------------------------------------------------------------------------ train
 def _write_json(path: Path, obj) -> None:
     atomic_write_text(path, json.dumps(obj, indent=1, sort_keys=True, default=str) + "\n")
 
 
-def update_top_k(ckpt_root: Path, history: list[dict], k: int = TOP_K, metric: str = "cider_d") -> list[dict]:
-    """Keep the ``k`` epoch checkpoints with the highest ``metric`` (ties: the earlier epoch); delete the rest."""
-    scored = [h for h in history if h.get("checkpoint") and metric in h]
-    ranked = sorted(scored, key=lambda h: (-h[metric], h["epoch"]))
-    keep = {h["checkpoint"] for h in ranked[:k]}
-    for d in ckpt_root.glob("epoch_*"):
-        if d.name not in keep:
-            shutil.rmtree(d, ignore_errors=True)
-    return [{"epoch": h["epoch"], "checkpoint": h["checkpoint"], metric: h[metric]} for h in ranked[:k]]
-
-
-def recover_state(out: Path) -> None:
-    """A run killed while swapping in its new resumable state has no ``state/``: take the new state when it
-    was written completely (``state.json`` is written last), else the previous one."""
-    if (out / STATE_DIR).is_dir():
-        return
-    for name in (STATE_DIR + ".tmp", STATE_DIR + ".old"):
-        if (out / name / "state.json").is_file():
-            os.replace(out / name, out / STATE_DIR)
-            log.warning("%s: recovered the resumable state from %s (the run was stopped while saving it)",
-                        out, name)
-            return
+def checkpoint_name(entry: dict) -> str:
+    """``epoch_NNN`` for a validation after a whole epoch; ``epoch_NNN_step_SSSSSSS`` when a run stopped (and
+    was validated) inside epoch NNN, which a resumed run may finish and validate again."""
+    name = f"epoch_{entry['epoch']:03d}"
+    return f"{name}_step_{entry['step']:07d}" if entry.get("partial_epoch") else name
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -299,7 +239,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "a Hugging Face name / folder (default: tiny on the embedded corpus, facebook/bart-base "
                         "with --dataset)")
     p.add_argument("--output-dir", default="runs/captioning/default", metavar="DIR",
-                   help="run folder: cache/, checkpoints/ (top epochs), state/ (resume), run.json")
+                   help="run folder: cache/, checkpoints/ (top epochs), state/ (resumable checkpoints), run.json")
     p.add_argument("--epochs", type=int, default=15, help="training epochs (EnCLAP and the paper: 15)")
     p.add_argument("--lr", type=float, help="peak learning rate (default: the paper's 6e-6 for audiocaps and other "
                                             "datasets, 4e-6 for clotho; 5e-4 for tiny)")
@@ -322,7 +262,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="validation metric that ranks the checkpoints: spider as EnCLAP (needs Java and SPICE's "
                         "CoreNLP jars), cider_d, or auto (spider when SPICE can run, else cider_d)")
     p.add_argument("--seed", type=int, default=1115, help="random seed (EnCLAP's 1115)")
-    p.add_argument("--resume", action="store_true", help="continue from OUTPUT_DIR/state")
+    p.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimiser step (default 1)")
+    p.add_argument("--checkpoint-every", type=int, default=0,
+                   help="optimiser steps between extra resumable checkpoints (default 0: at epoch ends only); "
+                        "a resumed run continues at the exact batch where its checkpoint was written")
+    p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in OUTPUT_DIR/state")
     p.add_argument("--mixed-precision", choices=("no", "fp16", "bf16"),
                    help="autocast for the training steps (default: accelerate's configuration or launch flag, "
                         "else no); bf16 runs on CPUs too, fp16 needs a GPU")
@@ -342,39 +286,99 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
 
 
+
+
 def train(args) -> int:
-    from accelerate import Accelerator
-    from accelerate.utils import DataLoaderConfiguration, set_seed
-    from torch.utils.data import DataLoader
-
-    from .model import EnClapCaptioner, EnClapCfg
-
+    """Train the captioner on the training engine; returns the exit status."""
     out = Path(args.output_dir)
     out.mkdir(parents=True, exist_ok=True)
-    has_gpu = torch.cuda.is_available()
-    acc = Accelerator(cpu=not has_gpu, mixed_precision=args.mixed_precision,
-                      dataloader_config=DataLoaderConfiguration(split_batches=True))
+    acc = make_accelerator(args.mixed_precision, args.grad_accum, out, split_batches=True)
     set_seed(args.seed)
-    if args.resume and acc.is_main_process:
-        recover_state(out)
-    acc.wait_for_everyone()
     meta_path = out / RUN_META
     old_meta = json.loads(meta_path.read_text()) if (args.resume and meta_path.is_file()) else None
     requested = args.selection_metric
     if old_meta and requested == "auto":  # a resumed run keeps ranking by the metric it started with
         requested = old_meta.get("selection_metric", requested)
     selection, selection_note = choose_selection_metric(requested)
+    index, feat = _features(acc, args, out)
+    model, train_ds, val_loader, peak = build_model_and_data(args, index)
+    loader = DataLoader(train_ds, batch_size=args.batch_size, shuffle=True, drop_last=False,
+                        collate_fn=make_collate(model.tokenize_captions), num_workers=args.num_workers,
+                        generator=torch.Generator().manual_seed(args.seed))
+    optimizer = torch.optim.AdamW(param_groups(model, args.weight_decay), lr=peak)
+    loop = LoopCfg(output_dir=str(out), epochs=args.epochs, max_steps=args.max_steps or 0,
+                   clip_grad=args.clip_grad, checkpoint_every=args.checkpoint_every, checkpoint_epochs=True,
+                   keep_checkpoints=2, checkpoint_dir=STATE_DIR, log_every=10, metric=selection,
+                   keep_top=args.top_k, name="captioning")
+    warmup = [args.warmup]  # known once the engine has counted the steps
+    feat_meta = {k: feat.get(k) for k in ("codec", "bandwidth", "clap", "clap_checkpoint")}
+    feat_meta["bandwidth"] = feat_meta["bandwidth"] or DEFAULT_BANDWIDTH
 
+    def validate(engine: Engine) -> dict:
+        scores = [None]
+        if acc.is_main_process:  # one process decodes (beam search); the others wait for its scores
+            raw = acc.unwrap_model(engine.model)
+            preds, refs = predict(raw, val_loader, acc.device, num_beams=args.val_beams)
+            scores = [validation_scores(preds, refs, selection)]
+            log.info("epoch %d: step %d, val %s (selection metric) %.4f, e.g. %r", engine.state.epoch +
+                     (engine.state.batch_in_epoch > 0), engine.state.step, selection, scores[0][selection],
+                     next(iter(preds.values()), ""))
+        broadcast_object_list(scores)
+        return dict(scores[0])
+
+    def save_checkpoint(folder: Path, entry: dict) -> None:
+        acc.unwrap_model(engine.model).save_pretrained(folder)
+        _write_json(folder / CKPT_META, {**feat_meta, "epoch": entry["epoch"], "step": entry["step"],
+                                         "val": {k: entry[k] for k in entry if k not in _ENTRY_KEYS},
+                                         "selection_metric": selection})
+
+    engine = Engine(acc, loop, model, optimizer, loader,
+                    lambda module, b: {"loss": module(b["tokens"], b["token_mask"], b["clap"], b["labels"])["loss"]},
+                    lambda engine: inverse_sqrt_lr(engine.state.step + 1, peak, warmup[0]), evaluate=validate,
+                    on_epoch=lambda epoch: train_ds.set_epoch(epoch + 1),  # the dataset counts epochs from 1
+                    keep=KeepBest(lambda entry: out / "checkpoints" / checkpoint_name(entry), save_checkpoint),
+                    after_eval=lambda engine, entry: _write_meta(engine, meta, meta_path, selection))
+    total = engine.stop
+    if warmup[0] is None:
+        warmup[0] = min(1000, max(1, total // 10)) if args.bart == "tiny" else 2000
+    meta = _run_meta(args, acc, selection, selection_note, index, feat, train_ds, val_loader.dataset, engine,
+                     peak, warmup[0], old_meta)
+    (log.info if selection == "spider" or args.selection_metric == "cider_d" else log.warning)(
+        "checkpoint selection: %s; keeping the top %d epochs", selection_note, args.top_k)
+    if args.resume:
+        engine.resume("captioning", {})
+    engine.fit()
+    if acc.is_main_process:
+        log.info("done: %d epoch(s), %d step(s); top checkpoints by %s: %s", engine.state.epoch, engine.state.step,
+                 selection, [(t["checkpoint"], round(t[selection], 4)) for t in meta.get("top_checkpoints", [])])
+        print(json.dumps({"output_dir": str(out), "best_checkpoint": meta.get("best_checkpoint"),
+                          "selection_metric": selection, "top": meta.get("top_checkpoints", [])}, indent=1))
+    acc.end_training()
+    return 0
+
+
+_ENTRY_KEYS = {"epoch", "step", "train_loss", "eval_seconds", "partial_epoch", "kept", "checkpoint"}
+
+
+def _features(acc, args, out: Path) -> tuple[Path, dict]:
+    """The preprocess index and its feature settings: the main process makes the cache, the others read
+    what it recorded."""
     feat_path = out / "features.json"
     if acc.is_main_process:
         index, feat = prepare_cache(args)
         _write_json(feat_path, {"index": str(index), **feat})
     acc.wait_for_everyone()
-    if not acc.is_main_process:  # the main process made the cache: only read what it recorded
+    if not acc.is_main_process:
         feat = json.loads(feat_path.read_text())
         index = Path(feat.pop("index"))
-    train_clips = read_index(index, "train")
-    val_clips = read_index(index, "val")
+    return index, feat
+
+
+def build_model_and_data(args, index: Path):
+    """(captioner, training dataset, validation loader, peak learning rate) for the cached features."""
+    from .model import EnClapCaptioner, EnClapCfg
+
+    train_clips, val_clips = read_index(index, "train"), read_index(index, "val")
     if not train_clips:
         raise ValueError(f"{index}: no clips in the train split")
     if not val_clips:
@@ -382,129 +386,53 @@ def train(args) -> int:
     if args.max_val:
         val_clips = val_clips[: args.max_val]
     clap_dim = int(np.load(train_clips[0].clap).shape[0])
-
     tiny = args.bart == "tiny"
-    if args.resume and (out / STATE_DIR / "model").is_dir():
-        model = EnClapCaptioner.from_pretrained(out / STATE_DIR / "model")
-    elif tiny:
+    if tiny:  # the word-level vocabulary of the training captions (the same again on a resume)
         tok = build_word_tokenizer([c for clip in train_clips for c in clip.captions])
         cfg = EnClapCfg(bart_name="tiny", bart_config={**TINY_BART, "vocab_size": len(tok)}, clap_dim=clap_dim)
         model = EnClapCaptioner(cfg, tokenizer=tok)
     else:
         model = EnClapCaptioner(EnClapCfg(bart_name=args.bart, clap_dim=clap_dim))
-    lr = args.lr if args.lr is not None else (5e-4 if tiny else 6e-6)
-
+    peak = args.lr if args.lr is not None else (5e-4 if tiny else 6e-6)
     train_ds = CaptionDataset(train_clips, training=True, max_frames=model.max_frames, seed=args.seed,
                               captions=args.caption_sampling)
     val_ds = CaptionDataset(val_clips, training=False, max_frames=model.max_frames)
-    loader = DataLoader(train_ds, batch_size=args.batch_size, shuffle=True, drop_last=False,
-                        collate_fn=make_collate(model.tokenize_captions), num_workers=args.num_workers,
-                        generator=torch.Generator().manual_seed(args.seed))
     val_loader = DataLoader(val_ds, batch_size=32, shuffle=False, collate_fn=make_collate(None))
-    steps_per_epoch = math.ceil(len(train_ds) / args.batch_size)
-    total = steps_per_epoch * args.epochs if args.max_steps is None else min(args.max_steps, steps_per_epoch * args.epochs)
-    warmup = args.warmup if args.warmup is not None else (min(1000, max(1, total // 10)) if tiny else 2000)
-    optimizer = torch.optim.AdamW(param_groups(model, args.weight_decay), lr=lr)
-    model, optimizer, loader = acc.prepare(model, optimizer, loader)
-    raw = acc.unwrap_model(model)
+    return model, train_ds, val_loader, peak
 
-    state = {"epoch": 0, "step": 0, "history": []}
-    if args.resume and (out / STATE_DIR / "state.json").is_file():
-        state = json.loads((out / STATE_DIR / "state.json").read_text())
-        optimizer.load_state_dict(torch.load(out / STATE_DIR / "optimizer.pt", map_location="cpu", weights_only=True))
-        log.info("resumed from %s: epoch %d done, step %d", out / STATE_DIR, state["epoch"], state["step"])
-    elif args.resume:
-        log.info("--resume: no state in %s, starting from scratch", out / STATE_DIR)
 
+def _run_meta(args, acc, selection, selection_note, index, feat, train_ds, val_ds, engine, peak, warmup,
+              old_meta) -> dict:
+    """What ``run.json`` records about the run (history and top checkpoints are added after each validation)."""
     meta = {
         "task": "captioning", "model": "EnCLAP", "bart": args.bart, "selection_metric": selection,
         "selection_note": selection_note, "dataset": args.dataset, "data_root": args.data_root,
-        "top_k": args.top_k, "lr": lr, "warmup": warmup, "schedule": "inverse_sqrt", "optimizer": "AdamW",
+        "top_k": args.top_k, "lr": peak, "warmup": warmup, "schedule": "inverse_sqrt", "optimizer": "AdamW",
         "weight_decay": args.weight_decay, "clip_grad": args.clip_grad, "batch_size": args.batch_size,
-        "mixed_precision": acc.mixed_precision, "processes": acc.num_processes,
+        "grad_accum": args.grad_accum, "mixed_precision": acc.mixed_precision, "processes": acc.num_processes,
         "epochs": args.epochs, "max_steps": args.max_steps, "seed": args.seed, "index": str(Path(index).resolve()),
         **{f"features_{k}": v for k, v in feat.items()},
         "codec_note": ("EnCodec with seeded random weights (published weights not available offline)"
                        if feat.get("codec") == "random" else "published EnCodec 24 kHz weights"),
         "n_train": len(train_ds), "n_train_clips": len(train_ds.clips), "caption_sampling": args.caption_sampling,
-        "n_val": len(val_ds), "steps_per_epoch": steps_per_epoch, "total_steps": total,
+        "n_val": len(val_ds), "steps_per_epoch": engine.steps_per_epoch, "total_steps": engine.stop,
+        "started": (old_meta or {}).get("started") or time.strftime("%Y-%m-%dT%H:%M:%S"),
     }
-    if old_meta:
-        meta["started"] = old_meta.get("started")
-    meta.setdefault("started", time.strftime("%Y-%m-%dT%H:%M:%S"))
-    (log.info if selection == "spider" or args.selection_metric == "cider_d" else log.warning)(
-        "checkpoint selection: %s; keeping the top %d epochs", selection_note, args.top_k)
     log.info("%d training items (%d clips, caption sampling %r) / %d val clips, %d steps per epoch, %d steps, "
              "peak lr %g, warm-up %d", len(train_ds), len(train_ds.clips), args.caption_sampling, len(val_ds),
-             steps_per_epoch, total, lr, warmup)
-
-    ckpt_root = out / "checkpoints"
-    ckpt_root.mkdir(exist_ok=True)
-    feat_meta = {"codec": feat.get("codec"), "bandwidth": feat.get("bandwidth", DEFAULT_BANDWIDTH), "clap": feat.get("clap"),
-                 "clap_checkpoint": feat.get("clap_checkpoint")}
-    done = args.max_steps is not None and state["step"] >= args.max_steps
-    while state["epoch"] < args.epochs and not done:
-        epoch = state["epoch"] + 1
-        train_ds.set_epoch(epoch)
-        if hasattr(loader, "set_epoch"):
-            loader.set_epoch(epoch)
-        model.train()
-        t0, losses = time.time(), []
-        for batch in loader:
-            lr_now = inverse_sqrt_lr(state["step"] + 1, lr, warmup)
-            outd = model(batch["tokens"], batch["token_mask"], batch["clap"], batch["labels"])
-            acc.backward(outd["loss"])
-            if args.clip_grad > 0:
-                acc.clip_grad_norm_(model.parameters(), args.clip_grad)
-            for g in optimizer.param_groups:
-                g["lr"] = lr_now
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            state["step"] += 1
-            losses.append(float(outd["loss"].detach()))
-            if args.max_steps is not None and state["step"] >= args.max_steps:
-                done = True
-                break
-        state["epoch"] = epoch
-        if acc.is_main_process:
-            preds, refs = predict(raw, val_loader, acc.device, num_beams=args.val_beams)
-            scores = validation_scores(preds, refs, selection)
-            entry = {"epoch": epoch, "step": state["step"], "train_loss": sum(losses) / max(1, len(losses)),
-                     "seconds": round(time.time() - t0, 1), **scores, "checkpoint": f"epoch_{epoch:03d}"}
-            ck = ckpt_root / entry["checkpoint"]
-            raw.save_pretrained(ck)
-            _write_json(ck / CKPT_META, {**feat_meta, "epoch": epoch, "step": state["step"],
-                                          "val": dict(scores), "selection_metric": selection})
-            state["history"].append(entry)
-            top = update_top_k(ckpt_root, state["history"], args.top_k, selection)
-            log.info("epoch %d: step %d, train loss %.4f, val %s (selection metric) %.4f, e.g. %r",
-                     epoch, state["step"], entry["train_loss"], selection, scores[selection],
-                     next(iter(preds.values()), ""))
-            # resumable state: written to a temporary folder, then swapped in
-            tmp = out / (STATE_DIR + ".tmp")
-            shutil.rmtree(tmp, ignore_errors=True)
-            raw.save_pretrained(tmp / "model")
-            torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
-            _write_json(tmp / "state.json", state)
-            old = out / (STATE_DIR + ".old")
-            shutil.rmtree(old, ignore_errors=True)
-            if (out / STATE_DIR).exists():
-                os.replace(out / STATE_DIR, old)
-            os.replace(tmp, out / STATE_DIR)
-            shutil.rmtree(old, ignore_errors=True)
-            meta.update({"history": state["history"], "top_checkpoints": top,
-                         "best_checkpoint": str(ckpt_root / top[0]["checkpoint"]) if top else None,
-                         "epochs_done": epoch, "steps_done": state["step"]})
-            _write_json(meta_path, meta)
-        acc.wait_for_everyone()
-    if acc.is_main_process:
-        log.info("done: %d epoch(s), %d step(s); top checkpoints by %s: %s", state["epoch"], state["step"], selection,
-                 [(t["checkpoint"], round(t[selection], 4)) for t in meta.get("top_checkpoints", [])])
-        print(json.dumps({"output_dir": str(out), "best_checkpoint": meta.get("best_checkpoint"),
-                          "selection_metric": selection,
-                          "top": meta.get("top_checkpoints", [])}, indent=1))
-    return 0
+             engine.steps_per_epoch, engine.stop, peak, warmup)
+    return meta
 
 
-if __name__ == "__main__":
-    sys.exit(main())
+def _write_meta(engine: Engine, meta: dict, path: Path, selection: str) -> None:
+    """``run.json`` after a validation: the history (with checkpoint names) and the kept top checkpoints."""
+    if not engine.acc.is_main_process:
+        return
+    history = [{**e, "checkpoint": checkpoint_name(e)} for e in engine.state.evals]
+    top = [{"epoch": k["epoch"], "checkpoint": Path(k["folder"]).name, selection: k["score"]}
+           for k in engine.state.kept]
+    ckpt_root = Path(engine.cfg.output_dir) / "checkpoints"
+    meta.update({"history": history, "top_checkpoints": top,
+                 "best_checkpoint": str(ckpt_root / top[0]["checkpoint"]) if top else None,
+                 "epochs_done": history[-1]["epoch"] if history else 0, "steps_done": engine.state.step})
+    _write_json(path, meta)

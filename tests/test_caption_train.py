@@ -119,19 +119,12 @@ def test_resume_continues_from_saved_state(run):
     assert tr.main(argv + ["--resume"]) == 0
     meta = json.loads((run["out"] / tr.RUN_META).read_text())
     hist = meta["history"]
-    assert [h["epoch"] for h in hist] == [1, 2, 3, 4] and hist[-1]["step"] == 9
+    # the run stopped after the first step of epoch 3 (validated as a partial epoch 3); the resumed run
+    # finishes epoch 3 from the batch it stopped at (two more steps) and validates it again
+    assert [h["epoch"] for h in hist] == [1, 2, 3, 3] and [h["step"] for h in hist] == [3, 6, 7, 9]
+    assert hist[2]["partial_epoch"] and "partial_epoch" not in hist[3]
     assert hist[:3] == run["first"]["history"]  # earlier epochs untouched, not retrained
     assert len(list((run["out"] / "checkpoints").iterdir())) == 2
-
-
-def test_update_top_k_deletes_the_rest(tmp_path):
-    hist = [{"epoch": e, "checkpoint": f"epoch_{e:03d}", "cider_d": s} for e, s in
-            [(1, 0.1), (2, 0.5), (3, 0.3), (4, 0.5), (5, 0.05)]]
-    for h in hist:
-        (tmp_path / h["checkpoint"]).mkdir()
-    top = tr.update_top_k(tmp_path, hist, k=3)
-    assert [t["epoch"] for t in top] == [2, 4, 3]  # ties: earlier epoch first
-    assert sorted(d.name for d in tmp_path.iterdir()) == ["epoch_002", "epoch_003", "epoch_004"]
 
 
 def test_inverse_sqrt_schedule_and_no_decay_groups():
@@ -151,7 +144,7 @@ def test_most_frequent_caption_and_baseline_score():
         [["A dog barks.", "a cat meows"], ["a dog barks", "rain falls"], ["Rain falls", "a DOG barks!"]])]
     assert most_frequent_caption(clips) == "a dog barks"
     assert normalize_caption("A  DOG, barks!") == "a dog barks"
-    from captioning.train import score_fast
+    from captioning.validation import score_fast
     refs = {"x": ["a dog barks loudly", "a dog is barking"], "y": ["rain falls on a roof", "heavy rain"],
             "z": ["a dog barks", "dog barking"]}
     const = score_fast({k: "a dog barks" for k in refs}, refs)["cider_d"]
@@ -324,22 +317,6 @@ def test_bf16_training_steps_on_cpu(run, tmp_path):
     meta = json.loads((out / tr.RUN_META).read_text())
     assert meta["mixed_precision"] == "bf16" and meta["steps_done"] == 2
     assert np.isfinite(meta["history"][0]["train_loss"])
-
-
-def test_recover_state_after_a_kill_during_the_swap(tmp_path):
-    # killed after state/ became state.old and before state.tmp became state/: the complete new state wins
-    for name, epoch in (("state.old", 1), ("state.tmp", 2)):
-        (tmp_path / name).mkdir()
-        (tmp_path / name / "state.json").write_text(json.dumps({"epoch": epoch}))
-    tr.recover_state(tmp_path)
-    assert json.loads((tmp_path / "state" / "state.json").read_text())["epoch"] == 2
-    # a half-written new state (no state.json yet): the previous one
-    other = tmp_path / "b"
-    (other / "state.tmp").mkdir(parents=True)
-    (other / "state.old").mkdir()
-    (other / "state.old" / "state.json").write_text(json.dumps({"epoch": 1}))
-    tr.recover_state(other)
-    assert json.loads((other / "state" / "state.json").read_text())["epoch"] == 1
 
 
 def test_caption_cli_skips_bad_files_and_writes_csv(run, tmp_path, capsys):

@@ -235,7 +235,9 @@ class Engine:
     ``after_update(engine)`` runs after every optimiser step, before the step counter moves (M2D's EMA
     target, the temperature clamp); ``evaluate(engine) -> {metric: value}``;
     ``rows(batch)`` counts a batch's good rows (0 = every clip was bad) for the bad-batch refill; ``refill``
-    repeats rows up to ``cfg.batch_size``; ``on_epoch(epoch)`` reseeds the dataset's per-epoch draws.
+    repeats rows up to ``cfg.batch_size``; ``on_epoch(epoch)`` reseeds the dataset's per-epoch draws;
+    ``keep`` saves the models the metric ranks in the top k; ``after_eval(engine, entry)`` sees each
+    evaluation (run summaries).
     """
 
     def __init__(self, accelerator: Accelerator, cfg: LoopCfg, model: torch.nn.Module,
@@ -244,11 +246,13 @@ class Engine:
                  after_update: Callable[[Engine], None] | None = None, on_epoch: Callable[[int], None] | None = None,
                  rows: Callable[[Batch], int] | None = None,
                  refill: Callable[[Batch, int], Batch] | None = None, keep: KeepBest | None = None,
+                 after_eval: Callable[[Engine, dict[str, Any]], None] | None = None,
                  state: TrainState | None = None, params: Sequence[torch.nn.Parameter] | None = None):
         self.acc, self.cfg = accelerator, cfg
         self.model, self.optimizer, self.loader = accelerator.prepare(model, optimizer, loader)
         self.step_fn, self.schedule, self.evaluate_fn = step_fn, schedule, evaluate
         self.after_update, self.on_epoch, self.rows, self.keep = after_update, on_epoch, rows, keep
+        self.after_eval = after_eval
         self.refill = refill or (lambda batch, size: repeat_rows(batch, size, self.rows(batch)))
         self.params = list(params) if params is not None else [p for p in self.model.parameters() if p.requires_grad]
         self.state = state or TrainState()
@@ -399,6 +403,8 @@ class Engine:
             log.info("%s step %d: evaluation %s%s", self.cfg.name, state.step,
                      " ".join(f"{k}={v:.4g}" for k, v in metrics.items() if isinstance(v, (int, float))),
                      " (kept)" if entry.get("kept") else "")
+        if self.after_eval is not None:
+            self.after_eval(self, entry)
         return entry
 
     def _keep(self, entry: dict[str, Any]) -> bool:
