@@ -100,16 +100,11 @@ class Captioner:
 
 
 def expand_inputs(paths: Sequence[str | Path]) -> list[Path]:
-    """Files as given; a folder contributes its audio files (recursively, sorted)."""
-    from m2dclap.data.public import AUDIO_EXTENSIONS
+    """Files as given (a missing one too: it is reported as unreadable with the others); a folder contributes
+    its audio files (recursively, sorted)."""
+    from m2dclap.audio_files import find_audio_files
 
-    out: list[Path] = []
-    for p in map(Path, paths):
-        if p.is_dir():
-            out += sorted(f for f in p.rglob("*") if f.suffix.lower() in AUDIO_EXTENSIONS and f.is_file())
-        else:
-            out.append(p)
-    return out
+    return [item.path for item in find_audio_files(paths, keep_missing=True)]
 
 
 def name_clashes(files: Sequence[Path]) -> list[str]:

@@ -17,17 +17,18 @@ import contextlib
 import csv
 import json
 import logging
-import os
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
-from typing import Iterator, Literal, Sequence
+from typing import Literal, Sequence
 
 import numpy as np
 import torch
 from tqdm import tqdm
 
+from . import audio_files
 from .audio import AUDIO_EXTENSIONS, first_line
+from .audio_files import AudioItem
 from .cli import EXIT_SKIPPED, CliError, option, resolve_device, run_cli
 from .embed_files import AudioBatches, min_samples_of, report_skipped
 from .fileio import atomic_write
@@ -64,21 +65,6 @@ class ExtractError(ValueError):
     """A problem with the request itself (not with one audio file): the run does not start."""
 
 
-@dataclass(frozen=True)
-class AudioItem:
-    """One input file: where it is, and its path relative to the input it was found under."""
-
-    path: Path
-    rel: PurePosixPath  # e.g. sub/a.wav; outputs go to <kind>/sub/a.npy
-
-    @property
-    def file(self) -> str:
-        return self.rel.as_posix()
-
-    def output(self, out_dir: Path, kind: str) -> Path:
-        return out_dir / kind / self.rel.with_suffix(".npy")
-
-
 @dataclass
 class ExtractSummary:
     """What a run did. ``errors`` holds (file, reason) for the files that failed in this run."""
@@ -107,43 +93,12 @@ class ExtractSummary:
 # Finding files
 # ---------------------------------------------------------------------------------------------------
 def find_audio_files(inputs: Sequence[str | Path], recursive: bool = True) -> list[AudioItem]:
-    """Files given directly, plus audio files (``AUDIO_EXTENSIONS``) found in folders, sorted per input.
-
-    Raises FileNotFoundError for a missing input and :class:`ExtractError` when two different files would
-    write the same outputs (``a/x.wav`` and ``b/x.wav`` given as files, or ``x.wav`` beside ``x.flac``).
-    A file reached twice (given directly and inside a given folder) is kept once, at its first place.
-    """
-    items: list[AudioItem] = []
-    for given in inputs:
-        root = Path(given)
-        if root.is_file():
-            items.append(AudioItem(root, PurePosixPath(root.name)))
-        elif root.is_dir():
-            found = sorted(_scan(root, recursive), key=lambda p: p.relative_to(root).as_posix())
-            if not found:
-                log.warning("%s: no audio files (%s) found", root, ", ".join(AUDIO_EXTENSIONS))
-            items += [AudioItem(p, PurePosixPath(p.relative_to(root).as_posix())) for p in found]
-        else:
-            raise FileNotFoundError(f"{root}: no such file or folder")
-    seen: set[Path] = set()
-    unique = []
-    for item in items:
-        real = item.path.resolve()
-        if real not in seen:
-            seen.add(real)
-            unique.append(item)
-    check_output_names(unique)
-    return unique
-
-
-def _scan(folder: Path, recursive: bool) -> Iterator[Path]:
-    for dirpath, dirnames, filenames in os.walk(folder):
-        dirnames.sort()
-        for name in filenames:
-            if os.path.splitext(name)[1].lower() in AUDIO_EXTENSIONS:
-                yield Path(dirpath) / name
-        if not recursive:
-            break
+    """:func:`m2dclap.audio_files.find_audio_files`, refusing (:class:`ExtractError`) two different files that
+    would write the same outputs (``a/x.wav`` and ``b/x.wav`` given as files, or ``x.wav`` beside ``x.flac``).
+    A missing input raises FileNotFoundError."""
+    items = audio_files.find_audio_files(inputs, recursive)
+    check_output_names(items)
+    return items
 
 
 def check_output_names(items: Sequence[AudioItem]) -> None:

@@ -73,6 +73,15 @@ def test_find_audio_files(data, tmp_path):
         find_audio_files([tmp_path / "x" / "same.wav", tmp_path / "y" / "same.wav"])
 
 
+def test_shared_finder_keeps_a_missing_file_when_asked(data, tmp_path):
+    """captioning.caption reports a missing file with the unreadable ones: the shared finder keeps it."""
+    from m2dclap.audio_files import find_audio_files as find
+
+    items = find([tmp_path / "gone.wav", data / "sub"], keep_missing=True)
+    assert [i.path for i in items] == [tmp_path / "gone.wav", data / "sub" / "c.wav"]
+    assert [i.file for i in items] == ["gone.wav", "c.wav"]
+
+
 def test_cli_extracts_reports_and_resumes(model, ckpt, data, tmp_path, capsys):
     out = tmp_path / "feats"
     rc = main([str(data), "--checkpoint", ckpt, "--out", str(out), "--batch-size", "3", "--features", "all"])
