@@ -65,42 +65,106 @@ def test_half_written_checkpoints_are_ignored(tmp_path):
     assert latest_checkpoint(tmp_path).name == "ckpt-00000004"
 
 
-def _cli(corpus, out: Path, steps: int, resume: bool = False) -> list[str]:
+def _pretrain_cmd(out: Path, corpus) -> list[str]:
     manifest, capemb = corpus
     args = [sys.executable, str(ROOT / "scripts" / "pretrain.py"), "--stage", "1", "--data", str(manifest),
-            "--captions", str(capemb), "--output-dir", str(out), "--max-steps", str(steps)]
-    for k, v in FAST.items():
+            "--captions", str(capemb), "--output-dir", str(out), "--max-steps", "10", "-v"]
+    for k, v in {**FAST, "checkpoint_every": 3}.items():
         args += ["--" + k.replace("_", "-"), str(v)]
-    return args + (["--resume"] if resume else [])
+    return args
+
+
+def _stage11_cmd(out: Path, corpus, init: Path) -> list[str]:
+    return [sys.executable, "-m", "m2dclap.train.finetune", "--init", str(init), "--data", str(corpus[0]),
+            "--output-dir", str(out), "--input-size", "80x208", "--batch-size", "4", "--epochs", "2",
+            "--max-steps", "10", "--warmup-epochs", "0.5", "--checkpoint-every", "3", "--tracker", "none", "-v"]
+
+
+def _retrieval_cmd(out: Path, corpus, ckpt: Path) -> list[str]:
+    return [sys.executable, "-m", "retrieval.finetune", "--checkpoint", str(ckpt), "--train", str(corpus[0]),
+            "--val", str(corpus[0]), "--output-dir", str(out), "--batch-size", "8", "--epochs", "3", "--lr", "5e-4",
+            "--crop-seconds", "1.0", "--sample", "clips", "--checkpoint-every", "3", "--tracker", "none"]
+
+
+def _captioning_cmd(out: Path, index: str) -> list[str]:
+    return [sys.executable, "-m", "captioning.train", "--dataset", index, "--bart", "tiny", "--output-dir", str(out),
+            "--epochs", "3", "--batch-size", "8", "--lr", "1e-3", "--caption-sampling", "one", "--val-beams", "1",
+            "--max-val", "2", "--top-k", "10", "--checkpoint-every", "3", "--grad-accum", "1", "--no-progress"]
+
+
+def _final_weights(task: str, out: Path) -> dict[str, torch.Tensor]:
+    if task == "stage1.1":
+        from m2dclap.tagging import load_finetuned
+
+        model, tagger = load_finetuned(out / "model")
+        return {**model.state_dict(), **{"head." + k: v for k, v in tagger.head.state_dict().items()}}
+    if task == "captioning":
+        from captioning.model import EnClapCaptioner
+
+        last = json.loads((out / "run.json").read_text())["history"][-1]
+        return EnClapCaptioner.from_pretrained(out / "checkpoints" / last["checkpoint"]).state_dict()
+    return m2dclap.load(out / "model").state_dict()
+
+
+@pytest.fixture(scope="module")
+def task_setup(corpus, tmp_path_factory):
+    """Builders of each task's command line (output folder -> argv), its checkpoint folder and batches per epoch."""
+    root = tmp_path_factory.mktemp("tasks")
+
+    def stage11():
+        torch.manual_seed(0)
+        init = m2dclap.M2DCLAP(m2dclap.get_model_config("tiny", **{"text.kind": "none"})).save_pretrained(root / "init")
+        return lambda out: _stage11_cmd(out, corpus, init), "checkpoints", 8
+
+    def retrieval():
+        torch.manual_seed(0)
+        ckpt = m2dclap.create_model("tiny").save_pretrained(root / "clap")
+        return lambda out: _retrieval_cmd(out, corpus, ckpt), "checkpoints", 4
+
+    def captioning():
+        pytest.importorskip("encodec", reason="the encodec package is not installed")
+        from captioning import train as tr
+
+        torch.manual_seed(0)
+        clap = m2dclap.M2DCLAP(m2dclap.get_model_config("tiny", **{"text.kind": "none"})).save_pretrained(root / "c")
+        cache = root / "captioning"  # one in-process step makes the feature cache the runs share
+        assert tr.main(["--dataset", str(corpus[0]), "--clap-checkpoint", str(clap), "--codec", "random", "--bart",
+                        "tiny", "--output-dir", str(cache), "--epochs", "1", "--max-steps", "1", "--max-val", "2",
+                        "--val-beams", "1", "--no-progress", "--caption-sampling", "one"]) == 0
+        index = json.loads((cache / "run.json").read_text())["index"]
+        return lambda out: _captioning_cmd(out, index), "state", 4
+
+    builders = {"pretraining": lambda: ((lambda out: _pretrain_cmd(out, corpus)), "checkpoints", 4),
+                "stage1.1": stage11, "retrieval": retrieval, "captioning": captioning}
+    return lambda task: builders[task]()
 
 
 @pytest.mark.slow
-def test_kill_9_then_resume_equals_uninterrupted(corpus, tmp_path):
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    straight = subprocess.run(_cli(corpus, tmp_path / "a", 8), capture_output=True, text=True, env=env, timeout=300)
+@pytest.mark.parametrize("task", ["pretraining", "stage1.1", "retrieval", "captioning"])
+def test_kill_9_then_resume_equals_uninterrupted(task, task_setup, tmp_path):
+    """Every task on the engine: SIGKILL after a mid-epoch checkpoint, resume, same weights as a straight run."""
+    cmd, ckpt_dir, per_epoch = task_setup(task)
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
+    straight = subprocess.run(cmd(tmp_path / "a"), capture_output=True, text=True, env=env, timeout=600)
     assert straight.returncode == 0, straight.stderr[-2000:]
-    proc = subprocess.Popen(_cli(corpus, tmp_path / "b", 8), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            env=env)
-    deadline = time.time() + 240
-    while latest_checkpoint(tmp_path / "b") is None or \
-            json.loads((latest_checkpoint(tmp_path / "b") / "state.json").read_text())["step"] < 4:
+    proc = subprocess.Popen(cmd(tmp_path / "b"), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
+    deadline = time.time() + 300
+    while latest_checkpoint(tmp_path / "b", ckpt_dir) is None:
         assert proc.poll() is None, "run ended before it could be killed"
         if time.time() > deadline:  # a hang guard, not a speed requirement
             proc.kill()
-            pytest.fail("the run wrote no step-4 checkpoint within 240 s")
-        time.sleep(0.05)
+            pytest.fail("the run wrote no checkpoint within 300 s")
+        time.sleep(0.02)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
+    killed = json.loads((latest_checkpoint(tmp_path / "b", ckpt_dir) / "state.json").read_text())
+    assert 0 < killed["batch_in_epoch"] < per_epoch, killed  # the resume starts inside an epoch
     assert not (tmp_path / "b" / "model").exists()
-    killed_at = json.loads((latest_checkpoint(tmp_path / "b") / "state.json").read_text())["step"]
-    again = subprocess.run(_cli(corpus, tmp_path / "b", 8, resume=True) + ["-v"], capture_output=True, text=True,
-                           env=env, timeout=300)
+    again = subprocess.run(cmd(tmp_path / "b") + ["--resume"], capture_output=True, text=True, env=env, timeout=600)
     assert again.returncode == 0, again.stderr[-2000:]
-    assert f"at step {killed_at}" in again.stderr  # resumed from the checkpoint, not restarted
-    a = m2dclap.load(tmp_path / "a" / "model").state_dict()
-    b = m2dclap.load(tmp_path / "b" / "model").state_dict()
-    assert json.loads((tmp_path / "b" / "summary.json").read_text())["steps"] == 8
-    worst = max((a[k] - b[k]).abs().max().item() for k in a)
+    assert f"at step {killed['step']}" in again.stderr  # resumed from the checkpoint, not restarted
+    a, b = _final_weights(task, tmp_path / "a"), _final_weights(task, tmp_path / "b")
+    worst = max((a[k].float() - b[k].float()).abs().max().item() for k in a)
     assert worst < 1e-6, worst
 
 
