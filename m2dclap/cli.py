@@ -62,7 +62,8 @@ class UsageError(CliError):
 
 def option(default: Any = dataclasses.MISSING, *, help: str, aliases: str | Sequence[str] = (),
            metavar: str | None = None, positional: bool = False, append: bool = False, minimum: float | None = None,
-           const: Any = None, group: str | None = None, choices: Sequence[Any] | None = None, default_factory: Any = dataclasses.MISSING) -> Any:
+           const: Any = None, group: str | None = None, choices: Sequence[Any] | None = None,
+           default_factory: Any = dataclasses.MISSING) -> Any:
     """A dataclass field that is a command-line option; no default makes it required.
 
     ``positional``: an argument without a flag (a ``list`` takes one or more); ``append``: a ``list`` option
@@ -133,6 +134,8 @@ class OptionParser(HfArgumentParser):
 
     @staticmethod
     def _parse_dataclass_field(parser, field: dataclasses.Field) -> None:
+        # HfArgumentParser's per-field hook: the kit's own metadata is handled here, the rest is the library's
+        # (tests/test_cli.py pins the resulting flags, so a change of the hook in transformers shows there)
         meta = dict(field.metadata)
         group = meta.pop("group", None)
         if group is not None:  # one argparse group per heading, made when its first field comes
