@@ -93,6 +93,21 @@ def available_metrics(fense_options: Mapping | None = None, fense: bool = True):
     return ok, why, scorer
 
 
+def _texts(predictions: Mapping[Hashable, str], references: Mapping[Hashable, Sequence[str]], ids: list,
+           tokenize: bool) -> tuple[list[str], list[list[str]]]:
+    """Candidates and reference lists in ``ids`` order, one line each, PTB-tokenised in one Java call."""
+    cands = [coco.clean_line(predictions[i]) for i in ids]
+    refs = [[coco.clean_line(r) for r in references[i]] for i in ids]
+    if not tokenize:
+        return cands, refs
+    flat = coco.ptb_tokenize(cands + [r for rs in refs for r in rs])
+    pos, tok_refs = len(cands), []
+    for rs in refs:
+        tok_refs.append(flat[pos:pos + len(rs)])
+        pos += len(rs)
+    return flat[:len(cands)], tok_refs
+
+
 def evaluate_captions(predictions: Mapping[Hashable, str],
                       references: Mapping[Hashable, Sequence[str]],
                       metrics: Iterable[str] | str = DEFAULT_METRICS,
@@ -103,8 +118,8 @@ def evaluate_captions(predictions: Mapping[Hashable, str],
     ``metrics``: any of ``bleu`` (gives ``bleu_1``..``bleu_4``), ``meteor``, ``rouge_l``, ``cider_d``,
     ``spice``, ``spider``, ``sbert_sim``, ``fer``, ``fense``, ``spider_fl``. ``tokenize=False`` skips PTB
     tokenisation (for text that is already tokenised, lowercased and without punctuation; BLEU/ROUGE-L/CIDEr-D
-    then need no Java). ``fense``: a loaded :class:`captioning.metrics.fense.FenseScorer` (default: load one with the
-    default models when a FENSE metric is asked for).
+    then need no Java). ``fense``: a loaded :class:`captioning.metrics.fense.FenseScorer` (default: load one
+    with the default models when a FENSE metric is asked for).
 
     Returns ``{metric: corpus score}``; with ``return_per_clip=True`` returns
     ``(corpus, per_clip)`` where ``per_clip[metric][clip id]`` is the clip's score (every metric has
@@ -130,17 +145,7 @@ def evaluate_captions(predictions: Mapping[Hashable, str],
 
         fense = FenseScorer.load()
 
-    cands = [coco.clean_line(predictions[i]) for i in ids]
-    refs = [[coco.clean_line(r) for r in references[i]] for i in ids]
-    if tokenize:
-        flat = coco.ptb_tokenize(cands + [r for rs in refs for r in rs])
-        cands, pos = flat[:len(cands)], len(cands)
-        tok_refs = []
-        for rs in refs:
-            tok_refs.append(flat[pos:pos + len(rs)])
-            pos += len(rs)
-        refs = tok_refs
-
+    cands, refs = _texts(predictions, references, ids, tokenize)
     keys = list(range(len(ids)))
     res = {k: [cands[k]] for k in keys}
     gts = {k: refs[k] for k in keys}
