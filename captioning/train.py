@@ -436,3 +436,7 @@ def _write_meta(engine: Engine, meta: dict, path: Path, selection: str) -> None:
                  "best_checkpoint": str(ckpt_root / top[0]["checkpoint"]) if top else None,
                  "epochs_done": history[-1]["epoch"] if history else 0, "steps_done": engine.state.step})
     _write_json(path, meta)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

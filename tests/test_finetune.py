@@ -89,8 +89,15 @@ def test_cli_errors(setup, tmp_path, capsys):
     with pytest.raises(SystemExit) as e:
         main(["--help"])
     assert e.value.code == 0 and "--training-mask" in capsys.readouterr().out
-    assert main(["--data", str(setup[0]), "--output-dir", str(tmp_path)]) == 2  # no --init
-    assert main(["--init", str(setup[1]), "--data", str(setup[0]), "--optimizer", "rmsprop"]) == 2
+    assert main(["--data", str(setup[0]), "--output-dir", str(tmp_path / "a")]) == 2  # no --init
+    assert "--init" in capsys.readouterr().err
+    assert main(["--init", str(setup[1]), "--data", str(setup[0]), "--optimizer", "rmsprop",
+                 "--output-dir", str(tmp_path / "b")]) == 2
+    assert "optimizer must be lars, sgd or adamw" in capsys.readouterr().err
+    assert not (tmp_path / "b" / "checkpoints").exists()  # refused before training
+    with pytest.raises(SystemExit) as e:
+        main(["--init", str(setup[1]), "--epochs", "many"])
+    assert e.value.code == 2 and "--epochs" in capsys.readouterr().err
 
 
 def test_label_column(tmp_path):

@@ -14,13 +14,11 @@ loads with ``m2dclap.load``. The head is saved beside it as ``head.safetensors``
 """
 from __future__ import annotations
 
-import argparse
 import dataclasses
-import inspect
 import json
 import logging
-import re
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +28,8 @@ import torch.nn.functional as F
 from accelerate.utils import set_seed
 from torch.utils.data import DataLoader
 
+from ..checkpoint import CheckpointError
+from ..cli import CliError, option, overrides_of, run_cli
 from ..augment import mask_bands, mix, mixup, random_structured_mask, sample_bands, spec_augment, visible_indices
 from ..data.labelled import TaggingDataset, class_list, collate_tagging, read_labelled
 from ..data.manifest import split_records
@@ -179,48 +179,43 @@ def _finish(engine: Engine, model, classes: list[str], history: list[dict[str, f
 
 
 # ------------------------------------------------------------------------------------------------- CLI
-def _field_help() -> dict[str, str]:
-    """One-line help per FinetuneCfg field, from its source comment."""
-    out = {}
-    for line in inspect.getsource(FinetuneCfg).splitlines():
-        m = re.match(r"\s+(\w+): [^=]+= .*?#\s*(.+)$", line)
-        if m:
-            out[m.group(1)] = m.group(2)
-    return out
+DESCRIPTION = ("Stage 1.1 of M2D-CLAP: fine-tune the stage-1 audio encoder on a labelled (AudioSet-style, multi-label) "
+               "manifest with BCE, the paper's AS2M recipe (Table IV). Writes resumable checkpoints, best/ (best "
+               "validation mAP) and model/ (last step), each loadable with m2dclap.load, with the classifier head in "
+               "head.safetensors + head.json. Options not given keep the AS2M defaults (FinetuneCfg).")
+_Overrides = overrides_of(FinetuneCfg, exclude=("input_size", "log_mixup_exp"), name="FinetuneOverrides")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="python -m m2dclap.train.finetune",
-        description="Stage 1.1 of M2D-CLAP: fine-tune the stage-1 audio encoder on a labelled (AudioSet-style, "
-                    "multi-label) manifest with BCE, the paper's AS2M recipe (Table IV). Writes resumable "
-                    "checkpoints, best/ (best validation mAP) and model/ (last step), each loadable with "
-                    "m2dclap.load, with the classifier head in head.safetensors + head.json.")
-    p.add_argument("--resume", action="store_true", help="continue from the latest complete checkpoint")
-    p.add_argument("-v", "--verbose", action="store_true", help="log every logged step")
-    helps, defaults = _field_help(), FinetuneCfg()
-    opts = p.add_argument_group("fine-tuning options (FinetuneCfg; defaults are the paper's AS2M settings)")
-    for f in dataclasses.fields(FinetuneCfg):
-        default = getattr(defaults, f.name)
-        shown = "x".join(map(str, default)) if isinstance(default, tuple) else default
-        opts.add_argument("--" + f.name.replace("_", "-"), dest=f.name, default=None,
-                          metavar=type(default).__name__.upper(),
-                          help=f"{helps.get(f.name, '')} [{shown!s}]".replace("%", "%%"))
-    return p
+@dataclass(kw_only=True)
+class FinetuneOptions(_Overrides):
+    input_size: str | None = option(None, metavar="MELSxFRAMES",
+                                    help="mels x frames per input, e.g. 80x1001 (the default); the pos-embed is "
+                                         "resampled to it")
+    linear_mixup: bool = option(False, help="mix log-mels linearly instead of log-mixup-exp (a sound mixture)")
+    resume: bool = option(False, help="continue from the latest complete checkpoint")
+    verbose: bool = option(False, aliases="-v", help="debug messages too")
+    quiet: bool = option(False, aliases="-q", help="only warnings and errors")
+
+
+def run(opts: FinetuneOptions) -> int:
+    overrides = {f.name: getattr(opts, f.name) for f in dataclasses.fields(_Overrides)
+                 if getattr(opts, f.name) is not None}
+    if opts.input_size is not None:
+        overrides["input_size"] = opts.input_size
+    if opts.linear_mixup:
+        overrides["log_mixup_exp"] = False
+    try:
+        summary = finetune(finetune_config(**overrides), resume=opts.resume)
+    except CheckpointError:
+        raise
+    except (ValueError, KeyError, OSError) as e:
+        raise CliError(str(e).strip("'\"")) from None
+    print(json.dumps(summary, indent=2))
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
-                        format="%(asctime)s %(name)s: %(message)s")
-    overrides = {k: v for k, v in vars(args).items() if v is not None and k not in ("resume", "verbose")}
-    try:
-        summary = finetune(finetune_config(**overrides), resume=args.resume)
-    except (ValueError, KeyError, OSError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    print(json.dumps(summary, indent=2))
-    return 0
+    return run_cli(run, FinetuneOptions, argv, prog="python -m m2dclap.train.finetune", description=DESCRIPTION)
 
 
 if __name__ == "__main__":
