@@ -102,7 +102,7 @@ def _fold_key(fold: str) -> tuple[int, Any]:
 
 
 def evaluate(model, dataset: ZeroShotDataset, template=None, scale: float = 1.0, batch_size: int = 32,
-             progress: bool = True, workers: int = 2) -> dict[str, Any]:
+             progress: bool = True, workers: int | None = None) -> dict[str, Any]:
     """Zero-shot evaluation of ``model`` on ``dataset``; returns :func:`score_predictions`'s figures."""
     clf = ZeroShotClassifier.from_dataset(model, dataset, template, scale)
     t0 = time.perf_counter()
@@ -269,7 +269,9 @@ class EvaluateOptions:
                           help="multiply cosine similarities before softmax/sigmoid (1 = EVAR; metrics do not "
                                "change)")
     batch_size: int = option(32, minimum=1, group="running", help="clips per model call")
-    workers: int = option(2, minimum=0, group="running", help="threads reading audio files")
+    workers: int | None = option(None, minimum=0, group="running",
+                                 help="audio readers (default: m2dclap.embed_files' choice, reader processes when "
+                                      "there are more than two cores, else one thread; 0: in the main process)")
     device: str | None = option(None, group="running", help="cpu, cuda, cuda:1 (default: cuda if available)")
     limit: int | None = option(None, group="running", help="evaluate only the first N clips (smoke tests)")
     out: str | None = option(None, group="running",
