@@ -5,60 +5,41 @@
 """
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
-import logging
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 
-def build_parser() -> argparse.ArgumentParser:
+FINETUNE_STAGE = "1.1"  # AudioSet fine-tuning has its own options (FinetuneCfg)
+DESCRIPTION = ("Pretrain M2D-CLAP (paper section III-B). With no --stage, runs the default pipeline on the embedded "
+               "synthetic corpus (generated and cached on first use): stage 1 (M2D + CLAP on pre-computed MiniLM "
+               "caption embeddings) then stage 2 (CLAP with a trainable text encoder and a frozen audio encoder), "
+               "evaluates on the held-out test split and prints a report. With --stage it runs one stage with the "
+               "paper's hyper-parameters, each overridable (the training options: any TrainCfg field; defaults are "
+               "the stage preset's).")
+_OWN = ("stage", "resume", "fresh", "n_clips", "verbose", "quiet")
+
+
+def _options() -> type:
+    from m2dclap.cli import option, overrides_of
     from m2dclap.train.config import STAGES, TrainCfg
 
-    p = argparse.ArgumentParser(
-        description="Pretrain M2D-CLAP (paper section III-B). With no --stage, runs the default pipeline on the "
-                    "embedded synthetic corpus (generated and cached on first use): stage 1 (M2D + CLAP on "
-                    "pre-computed MiniLM caption embeddings) then stage 2 (CLAP with a trainable text encoder and "
-                    "a frozen audio encoder), evaluates on the held-out test split and prints a report. "
-                    "With --stage it runs one stage with the paper's hyper-parameters, each overridable.")
-    p.add_argument("--stage", choices=sorted(STAGES) + [FINETUNE_STAGE],
-                   help="run one stage (omit for the default pipeline); --stage 1.1 (AudioSet fine-tuning) takes "
-                        "the options of python -m m2dclap.train.finetune")
-    p.add_argument("--resume", action="store_true",
-                   help="with --stage: continue from the latest complete checkpoint in --output-dir (the default "
-                        "pipeline always reuses finished stages and resumes the unfinished one unless --fresh)")
-    p.add_argument("--fresh", action="store_true",
-                   help="default pipeline: ignore earlier results (stages and caption embeddings)")
-    p.add_argument("--n-clips", type=int, default=2000,
-                   help="default pipeline: size of the synthetic corpus (default 2000)")
-    p.add_argument("-v", "--verbose", action="store_true", help="log every logged step")
-    cfg_fields = p.add_argument_group("training options (any TrainCfg field; defaults are the stage preset's)")
-    helps = _field_help()
-    for f in dataclasses.fields(TrainCfg):
-        if f.name == "stage":
-            continue
-        cfg_fields.add_argument("--" + f.name.replace("_", "-"), dest=f.name, default=None,
-                                metavar=type(f.default).__name__.upper(), help=helps.get(f.name, ""))
-    return p
+    @dataclass(kw_only=True)
+    class PretrainOptions(overrides_of(TrainCfg, exclude=("stage",), name="TrainOverrides")):
+        stage: str | None = option(None, choices=sorted(STAGES) + [FINETUNE_STAGE],
+                                   help="run one stage (omit for the default pipeline); --stage 1.1 (AudioSet "
+                                        "fine-tuning) takes the options of python -m m2dclap.train.finetune")
+        resume: bool = option(False, help="with --stage: continue from the latest complete checkpoint in "
+                                          "--output-dir (the default pipeline always reuses finished stages and "
+                                          "resumes the unfinished one unless --fresh)")
+        fresh: bool = option(False, help="default pipeline: ignore earlier results (stages and caption embeddings)")
+        n_clips: int = option(2000, minimum=1, help="default pipeline: size of the synthetic corpus")
+        verbose: bool = option(False, aliases="-v", help="debug messages too")
+        quiet: bool = option(False, aliases="-q", help="only warnings and errors")
 
-
-def _field_help() -> dict[str, str]:
-    """One-line help per TrainCfg field, taken from its source comment."""
-    import inspect
-    import re
-
-    from m2dclap.train import config
-
-    out = {}
-    for line in inspect.getsource(config.TrainCfg).splitlines():
-        m = re.match(r"\s+(\w+): [^=]+= .*?#\s*(.+)$", line)
-        if m:
-            out[m.group(1)] = m.group(2).replace("%", "%%")
-    return out
-
-
-FINETUNE_STAGE = "1.1"  # AudioSet fine-tuning has its own options (FinetuneCfg)
+    return PretrainOptions
 
 
 def _split_stage(argv: list[str]) -> tuple[str | None, list[str]]:
@@ -77,24 +58,31 @@ def _split_stage(argv: list[str]) -> tuple[str | None, list[str]]:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from m2dclap.cli import run_cli
+
     argv = sys.argv[1:] if argv is None else list(argv)
     stage, rest = _split_stage(argv)
     if stage == FINETUNE_STAGE:
         from m2dclap.train.finetune import main as finetune_main
 
         return finetune_main(rest)
-    args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
-                        format="%(asctime)s %(name)s: %(message)s")
-    overrides = {k: v for k, v in vars(args).items()
-                 if v is not None and k not in ("stage", "resume", "fresh", "n_clips", "verbose")}
+    return run_cli(run, _options(), argv, prog="accelerate launch scripts/pretrain.py", description=DESCRIPTION)
+
+
+def run(opts) -> int:
+    from m2dclap.checkpoint import CheckpointError
+    from m2dclap.cli import CliError
+
+    overrides = {f.name: getattr(opts, f.name) for f in dataclasses.fields(opts)
+                 if f.name not in _OWN and getattr(opts, f.name) is not None}
     try:
-        if args.stage is None:
-            return _default(args, overrides)
-        return _one_stage(args, overrides)
+        if opts.stage is None:
+            return _default(opts, overrides)
+        return _one_stage(opts, overrides)
+    except CheckpointError:
+        raise
     except (ValueError, KeyError, OSError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+        raise CliError(str(e).strip("'\"")) from None
 
 
 def _default(args, overrides) -> int:
