@@ -15,7 +15,6 @@ in ``OUTPUT/best``; ``--resume`` continues from the last complete checkpoint.
 """
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import logging
@@ -31,6 +30,8 @@ from torch.utils.data import Dataset
 
 import m2dclap
 from m2dclap.clap import ContrastiveLoss
+from m2dclap.cli import (EXIT_OK, EXIT_SKIPPED, TEXT_MODEL_HELP, CliError, OptionParser, UsageError, option,
+                         run_cli)
 from m2dclap.embed_files import AudioBatches, load_clip, min_samples_of, report_skipped
 from m2dclap.data.manifest import Record, apply_exclusions, read_exclusion_list
 from m2dclap.stages import STAGES
@@ -53,42 +54,49 @@ CHOICES = {"sample": ("captions", "clips"), "on_bad_audio": ("skip", "fail"),
 class FinetuneCfg:
     """One fine-tuning run. Defaults follow the paper's stage 2.1 (= stage 2 settings without masking)."""
 
-    checkpoint: str = ""  # model to start from (folder, official .pth or pretrained name)
-    text_model: str = ""  # local folder (or hub name) of the checkpoint's text model, e.g. bert-base-uncased offline
-    train: str = "synthetic"  # comma list of clotho, audiocaps, wavcaps, synthetic, NAME:SPLIT or manifest files
-    val: str = "synthetic"  # the same for validation (each set scored separately, the mean T2A mAP@10 selects)
-    output_dir: str = "runs/retrieval-finetune"  # checkpoints, best/ and model/, summary.json
-    clotho_root: str = ""  # Clotho v2.1 folder
-    audiocaps_root: str = ""  # AudioCaps folder (train/val/test.csv and audio)
-    audiocaps_pattern: str = "{youtube_id}.wav"  # AudioCaps audio file name pattern
-    wavcaps_json: str = ""  # WavCaps JSON file or folder
-    wavcaps_audio: str = ""  # WavCaps audio folder (default: the JSON's folder)
-    wavcaps_pattern: str = "{stem}.flac"  # WavCaps audio file name pattern
-    synthetic_root: str = ""  # embedded corpus folder (default: the suite's cache)
-    exclude: str = ""  # clips never to train on (e.g. the DCASE 2025 excluded Freesound ids)
-    train_audio_encoder: bool = False  # stage 2.1 keeps the audio encoder frozen
-    freeze_text: bool = False  # train the audio projector only (cheap adaptation)
-    sample: str = "captions"  # captions: every caption once per epoch; clips: one random caption per clip
-    epochs: int = STAGE["epochs"]  # paper stage 2.1 (m2dclap.stages)
-    warmup_epochs: float = float(STAGE["warmup_epochs"])  # paper stage 2.1
-    batch_size: int = 64  # per process
-    grad_accum: int = 1  # micro-batches per optimiser step
-    blr: float = STAGE["blr"]  # paper base learning rate; lr = blr * effective batch / 256
-    lr: float = 0.0  # absolute learning rate (overrides blr when > 0)
-    min_lr: float = 0.0  # end of the cosine
-    weight_decay: float = 0.05  # AdamW, not on biases, norms, tokens
-    betas: tuple[float, float] = (0.9, 0.95)  # AdamW betas
-    clip_grad: float = 3.0  # gradient-norm clip (0 = off)
-    crop_seconds: float = STAGE["crop_seconds"]  # random crop of longer clips (paper stage 2.1: 10 s)
-    val_batch_size: int = 32  # clips per encoder batch at validation
-    checkpoint_every: int = 0  # optimiser steps between extra resumable checkpoints (0 = at epoch ends only)
-    keep_checkpoints: int = 2  # resumable checkpoints kept
-    on_bad_audio: str = "skip"  # skip (undecodable, empty, NaN/Inf or too-short clips named; exit 1) or fail
-    mixed_precision: str = "no"  # no, fp16, bf16
-    num_workers: int = 0  # DataLoader workers
-    seed: int = 0  # everything random derives from it
-    log_every: int = 10  # optimiser steps between log lines
-    tracker: str = "auto"  # auto (TensorBoard when installed), none, tensorboard
+    checkpoint: str = option("", help="model to start from (folder, official .pth or pretrained name)")
+    text_model: str = option("",
+                             help=TEXT_MODEL_HELP)
+    train: str = option("synthetic",
+                        help="comma list of clotho, audiocaps, wavcaps, synthetic, NAME:SPLIT or manifest files")
+    val: str = option("synthetic",
+                      help="the same for validation (each set scored separately, the mean T2A mAP@10 selects)")
+    output_dir: str = option("runs/retrieval-finetune", help="checkpoints, best/ and model/, summary.json")
+    clotho_root: str = option("", help="Clotho v2.1 folder")
+    audiocaps_root: str = option("", help="AudioCaps folder (train/val/test.csv and audio)")
+    audiocaps_pattern: str = option("{youtube_id}.wav", help="AudioCaps audio file name pattern")
+    wavcaps_json: str = option("", help="WavCaps JSON file or folder")
+    wavcaps_audio: str = option("", help="WavCaps audio folder (default: the JSON's folder)")
+    wavcaps_pattern: str = option("{stem}.flac", help="WavCaps audio file name pattern")
+    synthetic_root: str = option("", help="embedded corpus folder (default: the suite's cache)")
+    exclude: str = option("", help="clips never to train on (e.g. the DCASE 2025 excluded Freesound ids)")
+    train_audio_encoder: bool = option(False, help="stage 2.1 keeps the audio encoder frozen")
+    freeze_text: bool = option(False, help="train the audio projector only (cheap adaptation)")
+    sample: str = option("captions", choices=CHOICES['sample'],
+                         help="captions: every caption once per epoch; clips: one random caption per clip")
+    epochs: int = option(STAGE["epochs"], help="paper stage 2.1 (m2dclap.stages)")
+    warmup_epochs: float = option(float(STAGE["warmup_epochs"]), help="paper stage 2.1")
+    batch_size: int = option(64, help="per process")
+    grad_accum: int = option(1, help="micro-batches per optimiser step")
+    blr: float = option(STAGE["blr"], help="paper base learning rate; lr = blr * effective batch / 256")
+    lr: float = option(0.0, help="absolute learning rate (overrides blr when > 0)")
+    min_lr: float = option(0.0, help="end of the cosine")
+    weight_decay: float = option(0.05, help="AdamW, not on biases, norms, tokens")
+    betas: tuple[float, float] = option((0.9, 0.95), help="AdamW betas")
+    clip_grad: float = option(3.0, help="gradient-norm clip (0 = off)")
+    crop_seconds: float = option(STAGE["crop_seconds"], help="random crop of longer clips (paper stage 2.1: 10 s)")
+    val_batch_size: int = option(32, help="clips per encoder batch at validation")
+    checkpoint_every: int = option(0,
+                                   help="optimiser steps between extra resumable checkpoints (0 = at epoch ends)")
+    keep_checkpoints: int = option(2, help="resumable checkpoints kept")
+    on_bad_audio: str = option("skip", choices=CHOICES['on_bad_audio'],
+                               help="skip (undecodable, empty, NaN/Inf or too-short clips named; exit 1) or fail")
+    mixed_precision: str = option("no", choices=CHOICES['mixed_precision'], help="no, fp16, bf16")
+    num_workers: int = option(0, help="DataLoader workers")
+    seed: int = option(0, help="everything random derives from it")
+    log_every: int = option(10, help="optimiser steps between log lines")
+    tracker: str = option("auto", choices=CHOICES['tracker'],
+                          help="auto (TensorBoard when installed), none, tensorboard")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -244,7 +252,8 @@ def val_score(results: dict[str, Any]) -> float:
 def finetune(cfg: FinetuneCfg, resume: bool = False) -> dict[str, Any]:
     """Run the fine-tuning; returns the summary (also written to ``OUTPUT/summary.json``)."""
     accelerator, out_dir = start_run(cfg, "finetune_config.json")
-    train_sets, val_sets = read_sets(cfg, cfg.train, TRAIN_SPLITS), read_sets(cfg, cfg.val, VAL_SPLITS)  # bad input first
+    # the data sets are read first: bad input is reported before the model is loaded
+    train_sets, val_sets = read_sets(cfg, cfg.train, TRAIN_SPLITS), read_sets(cfg, cfg.val, VAL_SPLITS)
     model = m2dclap.load(cfg.checkpoint, text_name=cfg.text_model or None)
     model.set_trainable(audio_encoder=cfg.train_audio_encoder, audio_proj=True, text=not cfg.freeze_text)
     records = [r for _, rs in train_sets for r in rs]
@@ -311,73 +320,60 @@ def batch_loss(model, batch: dict[str, Any], loss_fn: ContrastiveLoss, sample_ra
 
 
 # -------------------------------------------------------------------------------------------------- CLI
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="accelerate launch -m retrieval.finetune",
-        description="Fine-tune an M2D-CLAP checkpoint for audio-text retrieval, stage 2.1 style: frozen audio "
-                    "encoder (--train-audio-encoder to unfreeze), audio projector + text encoder trained with the "
-                    "contrastive loss gathered across processes, several datasets mixed, duplicates of a clip "
-                    "in a batch treated as positives. Validation text->audio mAP@10 (CLAP convention) before "
-                    "training and after every epoch; the best model is kept in OUTPUT/best, the last in "
-                    "OUTPUT/model; --resume continues an interrupted run. Also runs as python -m "
-                    "retrieval.finetune (one process).",
-        epilog="datasets (--train/--val): comma lists of clotho, audiocaps, wavcaps, synthetic (the embedded "
-               "corpus), NAME:SPLIT (e.g. clotho:evaluation), or manifest files (.csv/.jsonl, split train/val).\n"
-               "example:\n  accelerate launch -m retrieval.finetune --checkpoint runs/default/stage2/model "
-               "--train clotho,audiocaps --val clotho --clotho-root data/clotho --audiocaps-root data/audiocaps\n"
-               "exit status: 0 done; 1 done, but clips were skipped as bad audio (named on stderr; training "
-               "with --on-bad-audio skip, and validation); 2 usage error.",
-        formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--resume", action="store_true", help="continue from the last complete checkpoint")
-    comments = _field_comments()
-    for f in dataclasses.fields(FinetuneCfg):
-        flag, default, about = "--" + f.name.replace("_", "-"), f.default, comments.get(f.name, "")
-        if isinstance(default, bool):
-            parser.add_argument(flag, action="store_true", help=f"{about} (default: off)")
-        elif isinstance(default, tuple):
-            parser.add_argument(flag, type=float, nargs=len(default), default=default,
-                                help=f"{about} (default: {' '.join(map(str, default))})")
-        else:
-            kind = {"int": int, "float": float, "str": str}[str(f.type)]  # the annotation, not the default's type
-            parser.add_argument(flag, type=kind, default=default, choices=CHOICES.get(f.name),
-                                help=f"{about} (default: {default!r})")
-    return parser
+DESCRIPTION = (
+    "Fine-tune an M2D-CLAP checkpoint for audio-text retrieval, the paper's stage 2.1 (m2dclap.stages): frozen audio "
+    "encoder (--train-audio-encoder to unfreeze), audio projector + text encoder trained with the contrastive loss "
+    "gathered across processes, several datasets mixed, duplicates of a clip in a batch treated as positives. "
+    "Validation text->audio mAP@10 (CLAP convention) before training and after every epoch; the best model is kept "
+    "in OUTPUT/best, the last in OUTPUT/model; --resume continues an interrupted run at the batch where it stopped. "
+    "Also runs as python -m retrieval.finetune (one process).")
+EPILOG = ("datasets (--train/--val): comma lists of clotho, audiocaps, wavcaps, synthetic (the embedded corpus), "
+          "NAME:SPLIT (e.g. clotho:evaluation), or manifest files (.csv/.jsonl, split train/val).\n"
+          "example:\n  accelerate launch -m retrieval.finetune --checkpoint runs/default/stage2/model "
+          "--train clotho,audiocaps --val clotho --clotho-root data/clotho --audiocaps-root data/audiocaps\n"
+          "exit status 1 also covers clips skipped as bad audio in training (with --on-bad-audio skip) and "
+          "validation.")
 
 
-def _field_comments() -> dict[str, str]:
-    """The one-line comment of every FinetuneCfg field, used as its --help text."""
-    import inspect
-
-    comments = {}
-    for line in inspect.getsource(FinetuneCfg).splitlines():
-        name, sep, rest = line.strip().partition(":")
-        if sep and "#" in rest:
-            comments[name] = rest.split("#", 1)[1].strip().replace("%", "%%")
-    return comments
+@dataclass(kw_only=True)
+class FinetuneOptions(FinetuneCfg):
+    betas: list[float] = option(default_factory=lambda: [0.9, 0.95], metavar="B", help="AdamW betas (two values)")
+    resume: bool = option(False, help="continue from the last complete checkpoint")
+    quiet: bool = option(False, aliases="-q", help="only warnings and errors")
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
-    values = {f.name: getattr(args, f.name) for f in dataclasses.fields(FinetuneCfg)}
-    values["betas"] = tuple(values["betas"])
-    cfg = FinetuneCfg(**values)
+def build_parser() -> OptionParser:
+    return OptionParser(FinetuneOptions, prog=PROG, description=DESCRIPTION, epilog=EPILOG)
+
+
+PROG = "accelerate launch -m retrieval.finetune"
+
+
+def run(opts: FinetuneOptions) -> int:
+    values = {f.name: getattr(opts, f.name) for f in dataclasses.fields(FinetuneCfg)}
+    if len(values["betas"]) != 2:
+        raise UsageError(f"--betas takes two values, got {len(values['betas'])}")
+    cfg = FinetuneCfg(**{**values, "betas": tuple(values["betas"])})
     if not cfg.checkpoint:
-        parser.error("--checkpoint is required (a model folder, official .pth file or pretrained name)")
+        raise UsageError("--checkpoint is required (a model folder, official .pth file or pretrained name)")
     try:
-        summary = finetune(cfg, resume=args.resume)
-    except (ValueError, FileNotFoundError) as e:  # CheckpointError is a ValueError
-        print(f"error: {e.for_cli() if isinstance(e, m2dclap.CheckpointError) else e}", file=sys.stderr)
-        return 2
+        summary = finetune(cfg, resume=opts.resume)
+    except m2dclap.CheckpointError:
+        raise
+    except (ValueError, FileNotFoundError) as e:
+        raise CliError(str(e)) from None
     if not summary["main_process"]:
-        return 0
+        return EXIT_OK
     print(f"validation T2A mAP@10: start {100 * summary['initial_score']:.2f} -> best "
           f"{100 * summary['best_score']:.2f} (epoch {summary['best_epoch']}); best model in {summary['best_model']}")
     bad = [(f, f"{f}: bad audio (training)") for f in summary["skipped_files"]]
     bad += [(f, f) for f in summary["val_skipped_files"]]
     rc = report_skipped(bad, what="clip", stream=sys.stderr)
-    return 1 if rc or summary["skipped_clips"] else 0
+    return EXIT_SKIPPED if rc or summary["skipped_clips"] else EXIT_OK
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    return run_cli(run, FinetuneOptions, argv, prog=PROG, description=DESCRIPTION, epilog=EPILOG)
 
 
 if __name__ == "__main__":
