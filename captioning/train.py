@@ -24,13 +24,13 @@ with a word-level tokenizer built from the training captions, on CPU in minutes.
 """
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import math
 import sys
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -38,11 +38,15 @@ import torch
 from accelerate.utils import broadcast_object_list, set_seed
 from torch.utils.data import DataLoader
 
+from m2dclap.checkpoint import CheckpointError
+from m2dclap.cli import CliError, OptionParser, option, run_cli
 from m2dclap.fileio import atomic_write_text
 from m2dclap.train.engine import Engine, KeepBest, LoopCfg, make_accelerator
 
 from .codec import DEFAULT_BANDWIDTH
 from .metrics import MetricUnavailableError
+from .features import DATASET_PRESETS, DEFAULT_CLAP_CHECKPOINT, dataset_preset, prepare_cache
+from .features import read_named_split  # noqa: F401  (captioning.evaluate imports it, and predict, from here)
 from .validation import choose_selection_metric, predict, validation_scores
 from .data import (
     CAPTION_SAMPLING,
@@ -57,16 +61,8 @@ log = logging.getLogger("captioning.train")
 RUN_META = "run.json"
 CKPT_META = "captioning.json"
 STATE_DIR = "state"
-DEFAULT_CLAP_CHECKPOINT = Path("runs/default/stage2/model")
 SELECTION_METRICS = ("auto", "spider", "cider_d")
 TOP_K = 5
-
-# EnCLAP's base configurations (cfg/audiocaps/base.yaml, cfg/clotho/base.yaml: warm-up steps, global batch)
-# with the paper's peak learning rates (section IV-C3: 6e-6 AudioCaps, 4e-6 Clotho); flags override them
-DATASET_PRESETS = {
-    "audiocaps": {"lr": 6e-6, "warmup": 2000, "batch_size": 16},
-    "clotho": {"lr": 4e-6, "warmup": 1000, "batch_size": 64},
-}
 
 # tiny BART for offline CPU runs (the vocabulary size is filled in from the word-level tokenizer)
 TINY_BART = {
@@ -102,12 +98,6 @@ def param_groups(model: torch.nn.Module, weight_decay: float = 0.01) -> list[dic
 
 
 # ------------------------------------------------------------------------------------------------- data
-def dataset_preset(args) -> str | None:
-    """``audiocaps`` or ``clotho`` when ``--dataset`` names one of them, else None."""
-    ds = args.dataset or []
-    return ds[0] if len(ds) == 1 and ds[0] in DATASET_PRESETS else None
-
-
 def apply_presets(args) -> None:
     """Fill the unset ``--bart``, ``--batch-size``, ``--lr`` and ``--warmup`` from the dataset preset."""
     preset = DATASET_PRESETS.get(dataset_preset(args) or "", {})
@@ -118,92 +108,6 @@ def apply_presets(args) -> None:
     for name, default in (("batch_size", 16), ("lr", None), ("warmup", None)):
         if getattr(args, name) is None:
             setattr(args, name, preset.get(name, default))
-
-
-def read_named_split(name: str, root: str | Path | None, split: str, audio_pattern: str | None = None):
-    """``ReadResult`` of one split (train/val/test) of AudioCaps or Clotho v2.1 under ``root``."""
-    from m2dclap.data.public import AUDIOCAPS_PATTERN, read_audiocaps, read_clotho
-
-    if not root:
-        raise ValueError(f"--dataset {name} needs --data-root (the folder holding the {name} CSV files and audio)")
-    res = (read_clotho(root, split) if name == "clotho"
-           else read_audiocaps(root, split, pattern=audio_pattern or AUDIOCAPS_PATTERN))
-    log.info("%s: %d clips on disk, %d listed but missing", res.source, len(res.records), len(res.missing))
-    return res
-
-
-def read_named_dataset(name: str, root: str | Path | None, audio_pattern: str | None = None) -> list:
-    """Records of the train/val/test splits of AudioCaps or Clotho v2.1 under ``root``."""
-    records = []
-    for split in ("train", "val", "test"):
-        res = read_named_split(name, root, split, audio_pattern)
-        if not res.records and split != "test":
-            raise FileNotFoundError(f"{res.source}: none of the {res.n_listed} listed clips is on disk "
-                                    "(check --data-root and, for AudioCaps, --audio-pattern)")
-        records += res.records
-    return records
-
-
-def _auto_codec() -> str:
-    from .codec import CHECKPOINT_NAME, _hub_dir
-
-    if (_hub_dir() / CHECKPOINT_NAME).is_file():
-        return "pretrained"
-    log.warning("the EnCodec 24 kHz weights are not in the torch hub cache and cannot be downloaded offline: "
-                "using EnCodec with seeded RANDOM weights (its tokens carry little information; the CLAP "
-                "embedding does the work). Pass --codec pretrained or --codec PATH when the weights are available.")
-    return "random"
-
-
-def prepare_cache(args) -> tuple[Path, dict]:
-    """Return (index.csv, preprocess info): an existing preprocess index, or preprocess a manifest (the
-    embedded corpus when no dataset is given) into ``OUTPUT_DIR/cache``."""
-    from . import preprocess as pp
-    from .clap_backends import get_backend
-
-    datasets = list(args.dataset or [])
-    if len(datasets) == 1 and Path(datasets[0]).name == pp.INDEX_NAME or (
-            len(datasets) == 1 and (Path(datasets[0]) / pp.INDEX_NAME).is_file()):
-        index = Path(datasets[0])
-        index = index / pp.INDEX_NAME if index.is_dir() else index
-        meta = json.loads((index.parent / pp.META_NAME).read_text()) if (index.parent / pp.META_NAME).is_file() else {}
-        clap_meta = meta.get("clap", {}).get(args.clap, {})
-        return index, {"codec": meta.get("codec"), "bandwidth": meta.get("bandwidth", DEFAULT_BANDWIDTH), "clap": args.clap,
-                       "clap_checkpoint": clap_meta.get("checkpoint", args.clap_checkpoint),
-                       "clap_dim": clap_meta.get("dim"), "cache": str(index.parent)}
-
-    from m2dclap.data.manifest import read_manifest
-
-    if not datasets:
-        from m2dclap.data.synthetic import default_corpus_dir, generate_corpus
-
-        corpus_dir = Path(args.corpus_dir) if args.corpus_dir else default_corpus_dir()
-        if not args.corpus_dir and args.n_clips != 2000:  # never regenerate the shared default corpus
-            corpus_dir = corpus_dir.with_name(f"{corpus_dir.name}-n{args.n_clips}")
-        datasets = [str(generate_corpus(corpus_dir, n_clips=args.n_clips, seed=0))]
-        log.info("no --dataset: using the embedded synthetic corpus %s", datasets[0])
-    clap_ckpt = args.clap_checkpoint
-    if args.clap == "m2d-clap" and clap_ckpt is None:
-        clap_ckpt = str(DEFAULT_CLAP_CHECKPOINT)
-        if not DEFAULT_CLAP_CHECKPOINT.exists():
-            raise FileNotFoundError(
-                f"no --clap-checkpoint given and the default M2D-CLAP checkpoint {DEFAULT_CLAP_CHECKPOINT} is missing; "
-                "make it with `accelerate launch scripts/pretrain.py` (the default pretraining run) or pass "
-                "--clap-checkpoint C")
-    codec_source = args.codec if args.codec != "auto" else _auto_codec()
-    preset = dataset_preset(args)
-    records = (read_named_dataset(preset, args.data_root, args.audio_pattern) if preset
-               else [r for d in datasets for r in read_manifest(d)])
-    cache = Path(args.output_dir) / "cache"
-    clap = get_backend(args.clap, **({"checkpoint": clap_ckpt} if clap_ckpt is not None else {}))
-    codec = pp._LazyCodec(codec_source, DEFAULT_BANDWIDTH, "cuda" if torch.cuda.is_available() else "cpu")
-    stats = pp.preprocess(records, cache, codec, clap, codec_source=codec_source, bandwidth=DEFAULT_BANDWIDTH,
-                          progress=not args.no_progress)
-    if stats["errors"]:
-        log.warning("%d clip(s) could not be read (listed in %s)", len(stats["errors"]), cache / pp.ERRORS_NAME)
-    return cache / pp.INDEX_NAME, {"codec": codec_source, "bandwidth": DEFAULT_BANDWIDTH, "clap": args.clap,
-                                   "clap_checkpoint": str(Path(clap_ckpt).resolve()) if clap_ckpt and Path(clap_ckpt).exists() else clap_ckpt,
-                                   "clap_dim": clap.dim, "cache": str(cache)}
 
 
 # ------------------------------------------------------------------------------------------------ train
@@ -218,74 +122,95 @@ def checkpoint_name(entry: dict) -> str:
     return f"{name}_step_{entry['step']:07d}" if entry.get("partial_epoch") else name
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m captioning.train", description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--clap", default="m2d-clap", help="CLAP backend (default m2d-clap)")
-    p.add_argument("--clap-checkpoint", metavar="C", help=f"CLAP checkpoint (default for m2d-clap: {DEFAULT_CLAP_CHECKPOINT})")
-    p.add_argument("--dataset", nargs="+", metavar="audiocaps|clotho|MANIFEST",
-                   help="audiocaps or clotho (with --data-root; the paper's learning rate and EnCLAP's warm-up and "
-                        "batch), manifest(s) with train/val/test splits, or one preprocess index.csv / cache "
-                        "folder; default: the embedded synthetic corpus")
-    p.add_argument("--data-root", metavar="DIR", help="the AudioCaps or Clotho v2.1 folder (CSV files and audio)")
-    p.add_argument("--audio-pattern", metavar="PATTERN",
-                   help="AudioCaps audio file names, e.g. 'Y{youtube_id}.wav' (default '{youtube_id}.wav')")
-    p.add_argument("--codec", default="auto", metavar="auto|pretrained|random|PATH",
-                   help="EnCodec weights for preprocessing (auto: the published weights if cached, else random)")
-    p.add_argument("--n-clips", type=int, default=2000, help="size of the embedded corpus (no --dataset)")
-    p.add_argument("--corpus-dir", help="where the embedded corpus lives (default: m2dclap's cache)")
-    p.add_argument("--bart", metavar="NAME|tiny",
-                   help="BART: 'tiny' (random init, word-level tokenizer from the training captions; offline) or "
-                        "a Hugging Face name / folder (default: tiny on the embedded corpus, facebook/bart-base "
-                        "with --dataset)")
-    p.add_argument("--output-dir", default="runs/captioning/default", metavar="DIR",
-                   help="run folder: cache/, checkpoints/ (top epochs), state/ (resumable checkpoints), run.json")
-    p.add_argument("--epochs", type=int, default=15, help="training epochs (EnCLAP and the paper: 15)")
-    p.add_argument("--lr", type=float, help="peak learning rate (default: the paper's 6e-6 for audiocaps and other "
-                                            "datasets, 4e-6 for clotho; 5e-4 for tiny)")
-    p.add_argument("--warmup", type=int, help="warm-up steps (default: EnCLAP's 2000 for audiocaps and other "
-                                              "datasets, 1000 for clotho; 10%% of the run, at most 1000, for tiny)")
-    p.add_argument("--batch-size", type=int, help="global batch size (default: EnCLAP's 16 for audiocaps and other "
-                                                  "datasets, 64 for clotho)")
-    p.add_argument("--weight-decay", type=float, default=0.01, help="AdamW weight decay, none on biases and norms")
-    p.add_argument("--clip-grad", type=float, default=1.0, help="gradient-norm clipping (0: off)")
-    p.add_argument("--caption-sampling", choices=CAPTION_SAMPLING,
-                   help="all: every (clip, caption) pair once per epoch, as EnCLAP's one-row-per-caption training "
-                        "CSVs (default with --dataset); one: one caption per clip, drawn per epoch (default on "
-                        "the embedded corpus, whose 15 epochs then take minutes)")
-    p.add_argument("--max-steps", type=int, help="stop after this many optimiser steps (the epoch is then "
-                                                 "validated and checkpointed)")
-    p.add_argument("--max-val", type=int, help="validate on at most this many clips")
-    p.add_argument("--val-beams", type=int, default=None, help="beam size for validation (default: the model's 4)")
-    p.add_argument("--top-k", type=int, default=TOP_K, help=f"epoch checkpoints kept (default {TOP_K})")
-    p.add_argument("--selection-metric", choices=SELECTION_METRICS, default="auto",
-                   help="validation metric that ranks the checkpoints: spider as EnCLAP (needs Java and SPICE's "
-                        "CoreNLP jars), cider_d, or auto (spider when SPICE can run, else cider_d)")
-    p.add_argument("--seed", type=int, default=1115, help="random seed (EnCLAP's 1115)")
-    p.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimiser step (default 1)")
-    p.add_argument("--checkpoint-every", type=int, default=0,
-                   help="optimiser steps between extra resumable checkpoints (default 0: at epoch ends only); "
-                        "a resumed run continues at the exact batch where its checkpoint was written")
-    p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in OUTPUT_DIR/state")
-    p.add_argument("--mixed-precision", choices=("no", "fp16", "bf16"),
-                   help="autocast for the training steps (default: accelerate's configuration or launch flag, "
-                        "else no); bf16 runs on CPUs too, fp16 needs a GPU")
-    p.add_argument("--num-workers", type=int, default=0, help="DataLoader workers")
-    p.add_argument("--no-progress", action="store_true", help="no progress bars (preprocessing)")
-    return p
+@dataclass(kw_only=True)
+class TrainOptions:
+    """The options of ``python -m captioning.train``; unset dataset-dependent ones are filled by
+    :func:`apply_presets`."""
+
+    clap: str = option("m2d-clap", help="CLAP backend")
+    clap_checkpoint: str | None = option(None, metavar="C",
+                                         help=f"CLAP checkpoint (default for m2d-clap: {DEFAULT_CLAP_CHECKPOINT})")
+    dataset: list[str] | None = option(None, metavar="audiocaps|clotho|MANIFEST",
+                                       help="audiocaps or clotho (with --data-root; the paper's learning rate and "
+                                            "EnCLAP's warm-up and batch), manifest(s) with train/val/test splits, or "
+                                            "one preprocess index.csv / cache folder; default: the embedded "
+                                            "synthetic corpus")
+    data_root: str | None = option(None, metavar="DIR",
+                                   help="the AudioCaps or Clotho v2.1 folder (CSV files and audio)")
+    audio_pattern: str | None = option(None, metavar="PATTERN",
+                                       help="AudioCaps audio file names, e.g. 'Y{youtube_id}.wav' (default "
+                                            "'{youtube_id}.wav')")
+    codec: str = option("auto", metavar="auto|pretrained|random|PATH",
+                        help="EnCodec weights for preprocessing (auto: the published weights if cached, else random)")
+    n_clips: int = option(2000, minimum=1, help="size of the embedded corpus (no --dataset)")
+    corpus_dir: str | None = option(None, metavar="DIR", help="where the embedded corpus lives (default: m2dclap's "
+                                                              "cache)")
+    bart: str | None = option(None, metavar="NAME|tiny",
+                              help="BART: 'tiny' (random init, word-level tokenizer from the training captions; "
+                                   "offline) or a Hugging Face name / folder (default: tiny on the embedded corpus, "
+                                   "facebook/bart-base with --dataset)")
+    output_dir: str = option("runs/captioning/default", metavar="DIR",
+                             help="run folder: cache/, checkpoints/ (top epochs), state/ (resumable checkpoints), "
+                                  "run.json")
+    epochs: int = option(15, minimum=1, help="training epochs (EnCLAP and the paper: 15)")
+    lr: float | None = option(None, help="peak learning rate (default: the paper's 6e-6 for audiocaps and other "
+                                         "datasets, 4e-6 for clotho; 5e-4 for tiny)")
+    warmup: int | None = option(None, minimum=0,
+                                help="warm-up steps (default: EnCLAP's 2000 for audiocaps and other datasets, 1000 "
+                                     "for clotho; 10%% of the run, at most 1000, for tiny)")
+    batch_size: int | None = option(None, minimum=1,
+                                    help="global batch size (default: EnCLAP's 16 for audiocaps and other datasets, "
+                                         "64 for clotho)")
+    weight_decay: float = option(0.01, help="AdamW weight decay, none on biases and norms")
+    clip_grad: float = option(1.0, help="gradient-norm clipping (0: off)")
+    caption_sampling: str | None = option(None, choices=CAPTION_SAMPLING,
+                                          help="all: every (clip, caption) pair once per epoch, as EnCLAP's "
+                                               "one-row-per-caption training CSVs (default with --dataset); one: one "
+                                               "caption per clip, drawn per epoch (default on the embedded corpus, "
+                                               "whose 15 epochs then take minutes)")
+    max_steps: int | None = option(None, minimum=1, help="stop after this many optimiser steps (the weights are then "
+                                                         "validated and checkpointed)")
+    max_val: int | None = option(None, minimum=2, help="validate on at most this many clips")
+    val_beams: int | None = option(None, minimum=1, help="beam size for validation (default: the model's 4)")
+    top_k: int = option(TOP_K, minimum=1, help="epoch checkpoints kept")
+    selection_metric: str = option("auto", choices=SELECTION_METRICS,
+                                   help="validation metric that ranks the checkpoints: spider as EnCLAP (needs Java "
+                                        "and SPICE's CoreNLP jars), cider_d, or auto (spider when SPICE can run, "
+                                        "else cider_d)")
+    seed: int = option(1115, help="random seed (EnCLAP's 1115)")
+    grad_accum: int = option(1, minimum=1, help="micro-batches per optimiser step")
+    checkpoint_every: int = option(0, minimum=0,
+                                   help="optimiser steps between extra resumable checkpoints (default 0: at epoch "
+                                        "ends only); a resumed run continues at the exact batch where its "
+                                        "checkpoint was written")
+    resume: bool = option(False, help="continue from the latest checkpoint in OUTPUT_DIR/state")
+    mixed_precision: str | None = option(None, choices=("no", "fp16", "bf16"),
+                                         help="autocast for the training steps (default: accelerate's configuration "
+                                              "or launch flag, else no); bf16 runs on CPUs too, fp16 needs a GPU")
+    num_workers: int = option(0, minimum=0, help="DataLoader workers")
+    no_progress: bool = option(False, help="no progress bars (preprocessing)")
+    quiet: bool = option(False, aliases="-q", help="only warnings and errors")
+
+
+PROG = "python -m captioning.train"
+
+
+def build_parser() -> OptionParser:
+    return OptionParser(TrainOptions, prog=PROG, description=__doc__.split("\n\n")[0])
+
+
+def run(opts: TrainOptions) -> int:
+    try:
+        apply_presets(opts)
+        return train(opts)
+    except CheckpointError:
+        raise
+    except (FileNotFoundError, ValueError, MetricUnavailableError) as e:
+        raise CliError(str(e)) from None
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    try:
-        apply_presets(args)
-        return train(args)
-    except (FileNotFoundError, ValueError, MetricUnavailableError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-
-
+    return run_cli(run, TrainOptions, argv, prog=PROG, description=__doc__.split("\n\n")[0])
 
 
 def train(args) -> int:

@@ -19,6 +19,7 @@ from conftest import accelerate_launch, needs_launcher  # noqa: E402
 import m2dclap
 from captioning import caption as cap_cli
 from captioning import evaluate as eval_cli
+from captioning import features
 from captioning import train as tr
 from captioning.data import (
     CachedClip,
@@ -216,14 +217,14 @@ def test_dataset_presets_fill_only_unset_flags():
 
 def test_named_dataset_needs_root_and_audio(tmp_path):
     with pytest.raises(ValueError, match="--data-root"):
-        tr.read_named_dataset("clotho", None)
+        features.read_named_dataset("clotho", None)
     root = _fake_clotho(tmp_path / "clotho", {"development": 2, "validation": 1, "evaluation": 1})
-    recs = tr.read_named_dataset("clotho", str(root))
+    recs = features.read_named_dataset("clotho", str(root))
     assert [r.split for r in recs] == ["train", "train", "val", "test"] and len(recs[0].captions) == 5
     for wav in (root / "validation").glob("*.wav"):
         wav.unlink()
     with pytest.raises(FileNotFoundError, match="validation.*none of the 1 listed clips"):
-        tr.read_named_dataset("clotho", str(root))
+        features.read_named_dataset("clotho", str(root))
 
 
 def test_train_on_clotho_layout(run, tmp_path):

@@ -279,7 +279,8 @@ class Engine:
         else:
             self.acc.load_state(str(ckpt))
             self._saved_step = self.state.step
-            log.info("resumed from %s at step %d (epoch %d)", ckpt, self.state.step, self.state.epoch)
+            (log.info if self.acc.is_main_process else log.debug)(
+                "resumed from %s at step %d (epoch %d)", ckpt, self.state.step, self.state.epoch)
         self.start_trackers(run_name, config)
         return ckpt is not None
 
@@ -374,7 +375,7 @@ class Engine:
         self.history.append(logs)
         bar.set_postfix(loss=f"{logs['loss']:.4f}")
         self.acc.log(logs, step=self.state.step)
-        log.info("%s step %d: %s", self.cfg.name, self.state.step,
+        (log.info if self.acc.is_main_process else log.debug)("%s step %d: %s", self.cfg.name, self.state.step,
                  " ".join(f"{k}={v:.4g}" for k, v in logs.items() if k != "step"))
 
     def save(self) -> None:
