@@ -105,7 +105,7 @@ def build(preset: str, stage: str, bert_folder: str):
 def run_case(preset: str, stage: str, batch: int, steps: int, warmup: int, device: str, bert_folder: str,
              threads: int | None) -> dict[str, Any]:
     """Build, warm up and time one (preset, stage); returns the figures."""
-    from m2dclap.train.pretrain import param_groups
+    from m2dclap.train.engine import param_groups
 
     if threads:
         torch.set_num_threads(threads)
