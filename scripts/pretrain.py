@@ -104,13 +104,14 @@ def _default(args, overrides) -> int:
 def _one_stage(args, overrides) -> int:
     from m2dclap.data.synthetic import default_corpus_dir, generate_corpus
     from m2dclap.train import stage_config
+    from m2dclap.train.finetune import exit_status
     from m2dclap.train.pretrain import train
 
     overrides["data"] = overrides.get("data") or str(generate_corpus(default_corpus_dir()))
     cfg = stage_config(args.stage, **overrides)  # the resolved config records the manifest
     summary = train(cfg, cfg.data, resume=args.resume)
     print(json.dumps(summary, indent=2))
-    return 0
+    return exit_status(summary)  # 1 when clips were skipped as bad audio
 
 
 if __name__ == "__main__":

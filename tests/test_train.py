@@ -197,7 +197,7 @@ def test_bad_clip_skip_and_fail(corpus, tmp_path):
     victim.audio = broken
     write_manifest(records, tmp_path / "bad.csv")
     summary = train(stage1(corpus, tmp_path / "skip", max_steps=5), tmp_path / "bad.csv")
-    assert summary["skipped_clips"] >= 1
+    assert summary["skipped_clips"] >= 1 and summary["skipped_files"] == [str(broken)]
     with pytest.raises(m2dclap.AudioError, match="broken.wav"):
         train(stage1(corpus, tmp_path / "fail", max_steps=5, on_bad_audio="fail"), tmp_path / "bad.csv")
 
@@ -233,6 +233,28 @@ def test_split_records_never_trains_on_other_splits():
     assert [r.id for r in train_rows] == ["c"] and [r.id for r in val_rows] == ["a"]
     train_rows, _ = split_records(rows + [Record("d", "d.wav", split="train")])
     assert [r.id for r in train_rows] == ["d"]
+
+
+def test_cli_exits_1_and_names_a_skipped_clip(corpus, tmp_path, capsys):
+    pretrain = _pretrain_script()
+    records = read_manifest(corpus[0])
+    broken = tmp_path / "broken.wav"
+    broken.write_bytes(b"RIFF0000WAVEjunk")
+    next(r for r in records if r.split == "train").audio = broken
+    write_manifest(records, tmp_path / "bad.csv")
+    args = ["--stage", "1", "--data", str(tmp_path / "bad.csv"), "--captions", str(corpus[1]), "--output-dir",
+            str(tmp_path / "run"), "--max-steps", "4"]
+    for k, v in FAST.items():
+        args += ["--" + k.replace("_", "-"), str(v)]
+    assert pretrain.main(args) == 1
+    assert "broken.wav" in capsys.readouterr().err
+
+
+def _pretrain_script():
+    sys.path.insert(0, str(ROOT / "scripts"))
+    import pretrain
+
+    return pretrain
 
 
 def test_default_run_refuses_stage_only_options(capsys):

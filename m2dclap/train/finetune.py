@@ -29,7 +29,8 @@ from accelerate.utils import set_seed
 from torch.utils.data import DataLoader
 
 from ..checkpoint import CheckpointError
-from ..cli import CliError, option, overrides_of, run_cli
+from ..cli import EXIT_OK, EXIT_SKIPPED, CliError, option, overrides_of, run_cli
+from ..embed_files import report_skipped
 from ..augment import mask_bands, mix, mixup, random_structured_mask, sample_bands, spec_augment, visible_indices
 from ..data.labelled import TaggingDataset, class_list, collate_tagging, read_labelled
 from ..data.manifest import split_records
@@ -164,6 +165,7 @@ def _finish(engine: Engine, model, classes: list[str], history: list[dict[str, f
     tagger = acc.unwrap_model(engine.model)
     best = state.best
     summary = {"stage": "1.1", "steps": state.step, "resumed_from": start, "skipped_clips": state.skipped,
+               "skipped_files": sorted(engine.skipped_items),
                "classes": len(classes), "pooling": tagger.pooling,
                "best_map": best["score"] if best else None, "best_step": best["step"] if best else None,
                "val_history": [e for e in state.evals if "val_map" in e],
@@ -211,7 +213,15 @@ def run(opts: FinetuneOptions) -> int:
     except (ValueError, KeyError, OSError) as e:
         raise CliError(str(e).strip("'\"")) from None
     print(json.dumps(summary, indent=2))
-    return 0
+    return exit_status(summary)
+
+
+def exit_status(summary: dict[str, Any]) -> int:
+    """1 when the run skipped clips as bad audio (each named on stderr; those skipped before a resume are
+    counted in ``skipped_clips`` but named by the earlier run), else 0."""
+    named = report_skipped([(f, "bad audio (training)") for f in summary.get("skipped_files", [])], what="clip",
+                           stream=sys.stderr)
+    return EXIT_SKIPPED if named or summary.get("skipped_clips") else EXIT_OK
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -166,7 +166,8 @@ def train(cfg: TrainCfg, manifest: str | Path, resume: bool = False) -> dict[str
         engine.start_trackers(f"stage{cfg.stage}", cfg.to_dict())
     history = engine.fit()
     state = engine.state
-    summary = {"stage": cfg.stage, "steps": state.step, "skipped_clips": state.skipped, "peak_lr": peak_lr,
+    summary = {"stage": cfg.stage, "steps": state.step, "skipped_clips": state.skipped,
+               "skipped_files": sorted(engine.skipped_items), "peak_lr": peak_lr,
                "effective_batch": eff_batch, "final_losses": history[-1] if history else {}}
     if accelerator.is_main_process:
         final = accelerator.unwrap_model(engine.model).model
