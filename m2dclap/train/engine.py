@@ -8,6 +8,14 @@ evaluation function ``() -> {metric: value}`` and hooks; the engine owns the loo
 Trainer's callbacks). The step counter and the position in the epoch live in the saved state
 (``TrainState``), never in a directory name, so every task resumes mid-epoch after a kill exactly where it
 stopped: the samplers are seeded per epoch and ``skip_first_batches`` skips what was already trained on.
+
+    accelerator, out = start_run(cfg, "config.json")
+    engine = Engine(accelerator, LoopCfg(output_dir=str(out), epochs=10, metric="val_map"), model, optimizer,
+                    loader, step_fn=lambda model, batch: {"loss": loss_of(model, batch)},
+                    schedule=cosine_schedule(peak, floor, warmup_epochs), evaluate=validate,
+                    keep=KeepBest(lambda entry: out / "best", save_model))
+    engine.resume("run", cfg.to_dict()) if resume else engine.start_trackers("run", cfg.to_dict())
+    history = engine.fit()  # engine.state: step, epoch, evals, kept (best first)
 """
 from __future__ import annotations
 
@@ -31,6 +39,7 @@ from tqdm.auto import tqdm
 log = logging.getLogger(__name__)
 
 Batch = dict[str, Any]
+StepFn = Callable[[torch.nn.Module, Batch], dict[str, torch.Tensor]]  # (prepared model, batch) -> {"loss": ...}
 
 
 class TrainState:
@@ -241,10 +250,10 @@ class Engine:
     """
 
     def __init__(self, accelerator: Accelerator, cfg: LoopCfg, model: torch.nn.Module,
-                 optimizer: torch.optim.Optimizer, loader, step_fn: Callable[[torch.nn.Module, Batch], dict[str, torch.Tensor]],
-                 schedule: Callable[[Engine], float], *, evaluate: Callable[[Engine], dict[str, Any]] | None = None,
-                 after_update: Callable[[Engine], None] | None = None, on_epoch: Callable[[int], None] | None = None,
-                 rows: Callable[[Batch], int] | None = None,
+                 optimizer: torch.optim.Optimizer, loader, step_fn: StepFn, schedule: Callable[[Engine], float], *,
+                 evaluate: Callable[[Engine], dict[str, Any]] | None = None,
+                 after_update: Callable[[Engine], None] | None = None,
+                 on_epoch: Callable[[int], None] | None = None, rows: Callable[[Batch], int] | None = None,
                  refill: Callable[[Batch, int], Batch] | None = None, keep: KeepBest | None = None,
                  after_eval: Callable[[Engine, dict[str, Any]], None] | None = None,
                  state: TrainState | None = None, params: Sequence[torch.nn.Parameter] | None = None):
@@ -254,7 +263,8 @@ class Engine:
         self.after_update, self.on_epoch, self.rows, self.keep = after_update, on_epoch, rows, keep
         self.after_eval = after_eval
         self.refill = refill or (lambda batch, size: repeat_rows(batch, size, self.rows(batch)))
-        self.params = list(params) if params is not None else [p for p in self.model.parameters() if p.requires_grad]
+        self.params = list(params) if params is not None else [p for p in self.model.parameters()
+                                                               if p.requires_grad]
         self.state = state or TrainState()
         accelerator.register_for_checkpointing(self.state)
         self.out_dir = Path(cfg.output_dir)
