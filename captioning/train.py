@@ -244,6 +244,7 @@ def train(args) -> int:
         if acc.is_main_process:  # one process decodes (beam search); the others wait for its scores
             raw = acc.unwrap_model(engine.model)
             preds, refs = predict(raw, val_loader, acc.device, num_beams=args.val_beams)
+            raw.train()  # predict() leaves the model in evaluation mode
             scores = [validation_scores(preds, refs, selection)]
             log.info("epoch %d: step %d, val %s (selection metric) %.4f, e.g. %r", engine.state.epoch +
                      (engine.state.batch_in_epoch > 0), engine.state.step, selection, scores[0][selection],
@@ -272,6 +273,7 @@ def train(args) -> int:
         "checkpoint selection: %s; keeping the top %d epochs", selection_note, args.top_k)
     if args.resume:
         engine.resume("captioning", {})
+    engine.model.train()
     engine.fit()
     if acc.is_main_process:
         log.info("done: %d epoch(s), %d step(s); top checkpoints by %s: %s", engine.state.epoch, engine.state.step,

@@ -294,6 +294,7 @@ def finetune(cfg: FinetuneCfg, resume: bool = False) -> dict[str, Any]:
     info("training on %s (%d items, %d clips), validating on %s; lr %.3g, effective batch %d",
          ", ".join(n for n, _ in train_sets), len(ds), len(records), ", ".join(n for n, _ in val_sets), peak,
          eff_batch)
+    engine.model.train()  # validate() puts the model back in training mode after each evaluation
     engine.fit()
     state = engine.state
     val_skipped = sorted({f for entry in state.evals for f in entry.get("val_skipped", [])})

@@ -305,8 +305,7 @@ class Engine:
             self.run_evaluation(train_loss=math.nan)
         bar = tqdm(total=self.stop, initial=state.step, desc=cfg.name, unit="step",
                    disable=not self.acc.is_local_main_process, dynamic_ncols=True)
-        self.model.train()
-        while not self.done:
+        while not self.done:  # train/eval modes are the task's: its evaluation restores the mode it found
             if not self._epoch(bar):
                 break
             state.epoch += 1

@@ -137,6 +137,7 @@ def finetune(cfg: FinetuneCfg, resume: bool = False) -> dict[str, Any]:
     else:
         engine.start_trackers("stage1.1", cfg.to_dict())
     start = engine.state.step
+    engine.model.train()
     history = engine.fit()
     return _finish(engine, model, classes, history, start)
 

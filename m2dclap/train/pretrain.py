@@ -164,6 +164,8 @@ def train(cfg: TrainCfg, manifest: str | Path, resume: bool = False) -> dict[str
         engine.resume(f"stage{cfg.stage}", cfg.to_dict())
     else:
         engine.start_trackers(f"stage{cfg.stage}", cfg.to_dict())
+    # The modules keep the modes they were built or loaded in (a Hugging Face text encoder loads in eval
+    # mode, so stage 2 trains it without dropout): the default run's figures were measured that way.
     history = engine.fit()
     state = engine.state
     summary = {"stage": cfg.stage, "steps": state.step, "skipped_clips": state.skipped,
