@@ -141,3 +141,18 @@ def test_gather_for_metrics_concatenates_every_batch(tmp_path):
     loader = acc.prepare(DataLoader(Points(), batch_size=5, collate_fn=collate))
     xs, ys = gather_for_metrics(acc, loader, lambda b: (b["x"], b["y"]))
     assert xs.shape == (32, 3) and torch.equal(ys, Points().y)
+
+
+def test_downstream_packages_use_only_the_public_engine_of_m2dclap_train():
+    import ast
+
+    root = Path(__file__).resolve().parents[1]
+    bad = []
+    for package in ("retrieval", "zeroshot", "captioning"):
+        for path in sorted((root / package).glob("*.py")):
+            for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+                if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("m2dclap"):
+                    if node.module.startswith("m2dclap.train") and node.module != "m2dclap.train.engine":
+                        bad.append(f"{path.name}: {node.module}")
+                    bad += [f"{path.name}: {node.module}.{a.name}" for a in node.names if a.name.startswith("_")]
+    assert not bad, bad
