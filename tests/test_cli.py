@@ -152,9 +152,17 @@ def test_every_command_has_a_console_script():
     scripts = _console_scripts()
     assert all(name.startswith("m2dclap-") for name in scripts)
     targets = set(scripts.values())
-    for module in ("m2dclap.extract", "zeroshot.evaluate", "zeroshot.classify", "retrieval.evaluate",
-                   "retrieval.submit", "retrieval.datasets", "captioning.caption", "captioning.evaluate",
-                   "captioning.preprocess", "m2dclap.embed_captions"):
+    # every module runnable as ``python -m`` (a __main__ guard, or a package's __main__.py) has one
+    commands = set()
+    for package in ("m2dclap", "retrieval", "zeroshot", "captioning"):
+        for path in (ROOT / package).rglob("*.py"):
+            module = ".".join(path.relative_to(ROOT).with_suffix("").parts)
+            if path.name == "__main__.py":
+                commands.add(module.rsplit(".", 1)[0])
+            elif 'if __name__ == "__main__":' in path.read_text(encoding="utf-8"):
+                commands.add(module)
+    assert len(commands) >= 17
+    for module in commands:
         assert f"{module}:main" in targets, module
 
 
