@@ -9,7 +9,7 @@ from pathlib import Path
 
 import torch
 
-from .codec import DEFAULT_BANDWIDTH
+from .codec import DEFAULT_BANDWIDTH, LazyCodec
 
 log = logging.getLogger("captioning.train")
 
@@ -53,9 +53,9 @@ def read_named_dataset(name: str, root: str | Path | None, audio_pattern: str | 
 
 
 def _auto_codec() -> str:
-    from .codec import CHECKPOINT_NAME, _hub_dir
+    from .codec import pretrained_checkpoint_path
 
-    if (_hub_dir() / CHECKPOINT_NAME).is_file():
+    if pretrained_checkpoint_path().is_file():
         return "pretrained"
     log.warning("the EnCodec 24 kHz weights are not in the torch hub cache and cannot be downloaded offline: "
                 "using EnCodec with seeded RANDOM weights (its tokens carry little information; the CLAP "
@@ -104,7 +104,7 @@ def prepare_cache(args) -> tuple[Path, dict]:
                else [r for d in datasets for r in read_manifest(d)])
     cache = Path(args.output_dir) / "cache"
     clap = get_backend(args.clap, **({"checkpoint": clap_ckpt} if clap_ckpt is not None else {}))
-    codec = pp._LazyCodec(codec_source, DEFAULT_BANDWIDTH, "cuda" if torch.cuda.is_available() else "cpu")
+    codec = LazyCodec(codec_source, DEFAULT_BANDWIDTH, "cuda" if torch.cuda.is_available() else "cpu")
     stats = pp.preprocess(records, cache, codec, clap, codec_source=codec_source, bandwidth=DEFAULT_BANDWIDTH,
                           progress=not args.no_progress)
     if stats["errors"]:

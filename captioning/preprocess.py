@@ -36,8 +36,7 @@ from m2dclap.embed_files import AudioBatches, min_samples_at, report_skipped
 from m2dclap.fileio import atomic_write
 
 from .clap_backends import BackendError, ClapBackend, get_backend, list_backends
-from .codec import CODEBOOK_SIZE, CODEC_SAMPLE_RATE, DEFAULT_BANDWIDTH, CodecError, encode_batch, load_codec
-from .codec import LazyCodec as _LazyCodec  # moved to codec; captioning.train still uses this name
+from .codec import CODEBOOK_SIZE, CODEC_SAMPLE_RATE, DEFAULT_BANDWIDTH, CodecError, LazyCodec, encode_batch
 
 log = logging.getLogger("captioning.preprocess")
 
@@ -141,7 +140,7 @@ def preprocess(records: Sequence[Record], out: str | Path, codec, clap: ClapBack
         need_clap = [k for k, (_, p) in enumerate(good) if not p.clap.is_file()]
         codes = []
         if need_tok:
-            model = codec.get() if isinstance(codec, _LazyCodec) else codec
+            model = codec.get() if isinstance(codec, LazyCodec) else codec
             codes = encode_batch(model, [waves[k] for k in need_tok], CODEC_SAMPLE_RATE)
             for k, c in zip(need_tok, codes):
                 if int(c.min()) < 0 or int(c.max()) >= CODEBOOK_SIZE:
@@ -227,7 +226,7 @@ def run(args: PreprocessOptions) -> int:
         if args.clap_checkpoint is not None:
             kwargs["checkpoint"] = args.clap_checkpoint
         clap = get_backend(args.clap, **kwargs)
-        codec = _LazyCodec(args.codec, args.bandwidth, device)
+        codec = LazyCodec(args.codec, args.bandwidth, device)
         stats = preprocess(records, args.out, codec, clap, codec_source=str(args.codec), bandwidth=args.bandwidth,
                            batch_size=args.batch_size, progress=not args.no_progress)
     except (ManifestError, BackendError, CodecError, ValueError, OSError) as e:

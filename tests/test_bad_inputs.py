@@ -364,7 +364,8 @@ def test_preprocess_retry_after_a_failed_pretrained_codec_load(good, audio_ckpt,
 
     def offline(*a, **k):
         raise OSError("no network")
-    monkeypatch.setattr(codec, "_hub_dir", lambda: tmp_path / "empty-hub")  # the weights are not cached
+    not_cached = tmp_path / "empty-hub" / codec.CHECKPOINT_NAME  # the published weights are not cached
+    monkeypatch.setattr(codec, "pretrained_checkpoint_path", lambda: not_cached)
     monkeypatch.setattr(torch.hub, "load_state_dict_from_url", offline)
     data = manifest(tmp_path / "m.csv", good)
     out = tmp_path / "cache"

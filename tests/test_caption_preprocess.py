@@ -97,7 +97,10 @@ def test_backend_registry_errors(clap_ckpt):
 @pytest.fixture
 def shared_codec(codec, monkeypatch):
     """The CLI builds the same seeded random codec as the module fixture (checked above); reuse it to save time."""
-    monkeypatch.setattr(pp, "load_codec", lambda source, **kw: codec if source == "random" else load_codec(source, **kw))
+    import captioning.codec as codec_module  # where LazyCodec looks the loader up
+
+    monkeypatch.setattr(codec_module, "load_codec",
+                        lambda source, **kw: codec if source == "random" else load_codec(source, **kw))
 
 
 def _read_csv(path: Path) -> list[dict]:
