@@ -14,7 +14,6 @@ from typing import Any, Sequence
 import torch
 import torch.nn as nn
 
-from . import metrics
 from .augment import random_structured_mask, visible_indices
 from .encoder import AudioEncoder, clip_features
 from .fileio import usual_permissions
@@ -112,10 +111,3 @@ def tag_audio(model: M2DCLAP, tagger: AudioTagger, audio: Any, sample_rate: int 
     probs = [torch.sigmoid(tagger(model.log_mel(w).to(model.dtype))).float()
              for w in model.prepare_audio(audio, sample_rate)]
     return torch.cat(probs)
-
-
-def mean_average_precision(scores: torch.Tensor, targets: torch.Tensor) -> tuple[float, list[float]]:
-    """Macro mAP of (N, C) scores against (N, C) 0/1 targets over the classes with a positive; per-class APs."""
-    mean, aps, _ = metrics.mean_average_precision((targets > 0.5).cpu().numpy(), scores.double().cpu().numpy(),
-                                                  no_positive="exclude")
-    return mean, [float(a) for a in aps]

@@ -15,7 +15,8 @@ from m2dclap.data.synthetic import generate_corpus
 from m2dclap.augment import mask_bands, mix, mixup, random_structured_mask, sample_bands, spec_augment, visible_indices
 from m2dclap.data.labelled import read_labelled
 from m2dclap.metrics import average_precision as _ap
-from m2dclap.tagging import AudioTagger, load_finetuned, mean_average_precision, tag_audio
+from m2dclap.metrics import mean_average_precision
+from m2dclap.tagging import AudioTagger, load_finetuned, tag_audio
 from m2dclap.train.engine import latest_checkpoint
 from m2dclap.train.finetune import finetune, finetune_config, main
 from m2dclap.train.lars import LARS
@@ -259,9 +260,9 @@ def test_map_hand_computed():
     # class 2: the two 0.5s tie (one threshold: P = 1/2 at R = 1/2), then 0.2 (P = 2/3 at R = 1)
     ties = torch.tensor([0.5, 0.5, 0.1, 0.2])
     assert average_precision(ties, torch.tensor([1, 0, 0, 1])) == pytest.approx(0.5 * 0.5 + 0.5 * 2 / 3)
-    mAP, aps = mean_average_precision(scores[:, :2], targets[:, :2])
+    mAP, aps, _ = mean_average_precision(targets[:, :2], scores[:, :2], no_positive="exclude")
     assert mAP == pytest.approx((5 / 6 + 0.5) / 2)
-    mAP, aps = mean_average_precision(scores, torch.cat([targets[:, :2], torch.zeros(4, 1)], 1))
+    mAP, aps, _ = mean_average_precision(torch.cat([targets[:, :2], torch.zeros(4, 1)], 1), scores, no_positive="exclude")
     assert np.isnan(aps[2]) and mAP == pytest.approx((5 / 6 + 0.5) / 2)  # no positive: left out
 
 
@@ -270,7 +271,7 @@ def test_map_matches_scikit_learn():
     rng = np.random.default_rng(0)
     y = (rng.random((50, 6)) < 0.3).astype(int)
     s = np.round(rng.random((50, 6)), 1)  # rounded: many ties
-    mAP, aps = mean_average_precision(torch.from_numpy(s), torch.from_numpy(y))
+    mAP, aps, _ = mean_average_precision(torch.from_numpy(y), torch.from_numpy(s), no_positive="exclude")
     assert np.allclose(aps, metrics.average_precision_score(y, s, average=None))
     assert mAP == pytest.approx(metrics.average_precision_score(y, s, average="macro"))
 

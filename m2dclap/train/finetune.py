@@ -35,7 +35,8 @@ from ..augment import mask_bands, mix, mixup, random_structured_mask, sample_ban
 from ..data.labelled import TaggingDataset, class_list, collate_tagging, read_labelled
 from ..data.manifest import split_records
 from ..fileio import atomic_write_text
-from ..tagging import AudioTagger, load_finetuned, mean_average_precision, save_finetuned, tag_audio
+from ..metrics import mean_average_precision
+from ..tagging import AudioTagger, load_finetuned, save_finetuned, tag_audio
 from .config import FinetuneCfg, finetune_config
 from .engine import Engine, KeepBest, LoopCfg, TrainState, cosine_schedule, gather_for_metrics, param_groups, start_run
 from .lars import LARS
@@ -68,8 +69,8 @@ def evaluate(tagger: nn.Module, loader: DataLoader, accelerator: Any, norm: torc
         tagger((b["lms"] - norm[0]) / norm[1]).float(), b["target"], b["valid"].to(torch.uint8)))
     tagger.train(was_training)
     keep = valid.bool()
-    mAP, aps = mean_average_precision(scores[keep], targets[keep])
-    return mAP, aps, int((~keep).sum())
+    mAP, aps, _ = mean_average_precision(targets[keep] > 0.5, scores[keep], no_positive="exclude")
+    return mAP, [float(a) for a in aps], int((~keep).sum())
 
 
 def finetune(cfg: FinetuneCfg, resume: bool = False) -> dict[str, Any]:
