@@ -1,5 +1,5 @@
 """Audio tagging with a stage-1.1 (AudioSet fine-tuned) M2D-CLAP: the tagger, its head, saving and loading
-a fine-tuned folder, class probabilities and the mAP that scores them. Inference only: importing it never
+a fine-tuned folder, class probabilities. Inference only: importing it never
 imports accelerate or the training code.
 
     model, tagger = load_finetuned("runs/stage1.1/best")

@@ -15,7 +15,7 @@ from typing import Any
 # Names are imported on first use, so `python -m retrieval.datasets` (etc.) runs without runpy's
 # "found in sys.modules" warning.
 _EXPORTS = {
-    "datasets": ("DcaseEvalSet", "MissingAudioError", "ReadResult", "load_dataset", "read_audiocaps",
+    "datasets": ("DcaseEvalSet", "MissingAudioError", "ReadResult", "read_retrieval_dataset", "read_audiocaps",
                  "read_clotho", "read_dcase_eval", "read_relevance", "read_wavcaps"),
     "metrics": ("PROTOCOLS", "Relevance", "caption_retrieval", "relevant_positions", "retrieval_scores"),
 }

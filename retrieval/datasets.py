@@ -108,7 +108,7 @@ def read_relevance(path: str | Path) -> list[tuple[str, list[str]]]:
 
 
 # ------------------------------------------------------------------------------------------ dispatcher
-def load_dataset(name: str, root: str | Path | None, split: str, strict: bool = False,
+def read_retrieval_dataset(name: str, root: str | Path | None, split: str, strict: bool = False,
                  audio_dir: str | Path | None = None, audio_pattern: str | None = None) -> ReadResult:
     """One of :data:`DATASETS` -> records of ``split``. ``root``: the dataset folder, the manifest file,
     the WavCaps JSON (file or folder); for ``synthetic`` the corpus folder (default: the suite's cache)."""
@@ -169,7 +169,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 def run(args: DatasetsOptions) -> int:
     default_split = {"clotho": "evaluation", "audiocaps": "test"}.get(args.dataset, "")
     try:
-        result = load_dataset(args.dataset, args.root, args.split or default_split, args.strict, args.audio_dir,
+        result = read_retrieval_dataset(args.dataset, args.root, args.split or default_split, args.strict, args.audio_dir,
                               args.audio_pattern)
     except MissingAudioError as e:
         print(f"error: {e}", file=sys.stderr)

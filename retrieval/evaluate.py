@@ -27,7 +27,7 @@ from m2dclap.data.manifest import Record, atomic_write_text
 from m2dclap.embed_files import report_skipped
 
 from .cache import EmbeddingCache, default_cache_dir, embed_audio_files, embed_texts
-from .datasets import DATASETS, MissingAudioError, ReadResult, load_dataset, read_relevance
+from .datasets import DATASETS, MissingAudioError, ReadResult, read_retrieval_dataset, read_relevance
 from .metrics import DEFAULT_BLOCK_BYTES, PROTOCOL_TEXT, PROTOCOLS, Relevance, caption_retrieval, retrieval_scores
 
 log = logging.getLogger(__name__)
@@ -194,7 +194,7 @@ def run(args: EvaluateOptions) -> int:
     if split == "all" and args.dataset in ("manifest", "synthetic"):
         split = ""  # every record, whatever its split column says
     try:
-        data: ReadResult = load_dataset(args.dataset, args.root, split, args.strict, args.audio_dir,
+        data: ReadResult = read_retrieval_dataset(args.dataset, args.root, split, args.strict, args.audio_dir,
                                         args.audio_pattern)
         relevance = read_relevance(args.relevance) if args.relevance else None
     except MissingAudioError as e:

@@ -37,7 +37,7 @@ from m2dclap.data.manifest import Record, apply_exclusions, read_exclusion_list
 from m2dclap.stages import STAGES
 from m2dclap.train.engine import Engine, KeepBest, LoopCfg, cosine_schedule, loader_and_adamw, start_run
 
-from .datasets import load_dataset
+from .datasets import read_retrieval_dataset
 from .metrics import caption_retrieval
 
 log = logging.getLogger(__name__)
@@ -51,7 +51,7 @@ CHOICES = {"sample": ("captions", "clips"), "on_bad_audio": ("skip", "fail"),
 
 
 @dataclass
-class FinetuneCfg:
+class RetrievalFinetuneCfg:
     """One fine-tuning run. Defaults follow the paper's stage 2.1 (= stage 2 settings without masking)."""
 
     checkpoint: str = option("", help="model to start from (folder, official .pth or pretrained name)")
@@ -103,7 +103,7 @@ class FinetuneCfg:
 
 
 # ------------------------------------------------------------------------------------------------- data
-def read_sets(cfg: FinetuneCfg, spec: str, splits: dict[str, str]) -> list[tuple[str, list[Record]]]:
+def read_sets(cfg: RetrievalFinetuneCfg, spec: str, splits: dict[str, str]) -> list[tuple[str, list[Record]]]:
     """``clotho,audiocaps:val,path/to/manifest.csv`` -> ``[(name, records)]``; missing clips are reported."""
     roots = {"clotho": cfg.clotho_root, "audiocaps": cfg.audiocaps_root, "wavcaps": cfg.wavcaps_json,
              "synthetic": cfg.synthetic_root}
@@ -116,13 +116,13 @@ def read_sets(cfg: FinetuneCfg, spec: str, splits: dict[str, str]) -> list[tuple
             raise ValueError(f"dataset {name!r} in {spec!r} needs {flag}")
         if name not in roots:  # a manifest file, optionally manifest.csv:split
             path, split = (name, split) if Path(name).suffix.lower() in (".csv", ".jsonl") else (item, "")
-            data = load_dataset("manifest", path, split or splits["manifest"])
+            data = read_retrieval_dataset("manifest", path, split or splits["manifest"])
             if not data.records and not split:  # no such split: the rows without a split, never other splits'
-                data = load_dataset("manifest", path, "")
+                data = read_retrieval_dataset("manifest", path, "")
                 data = dataclasses.replace(data, records=[r for r in data.records if r.split is None])
             label = Path(path).stem
         else:
-            data = load_dataset(name, roots[name] or None, split or splits[name],
+            data = read_retrieval_dataset(name, roots[name] or None, split or splits[name],
                                 audio_dir=cfg.wavcaps_audio or None if name == "wavcaps" else None,
                                 audio_pattern=patterns.get(name))
             label = f"{name}:{split or splits[name]}" if split or splits[name] else name
@@ -249,7 +249,7 @@ def val_score(results: dict[str, Any]) -> float:
 
 
 # ------------------------------------------------------------------------------------------------ train
-def finetune(cfg: FinetuneCfg, resume: bool = False) -> dict[str, Any]:
+def finetune_retrieval(cfg: RetrievalFinetuneCfg, resume: bool = False) -> dict[str, Any]:
     """Run the fine-tuning; returns the summary (also written to ``OUTPUT/summary.json``)."""
     accelerator, out_dir = start_run(cfg, "finetune_config.json")
     # the data sets are read first: bad input is reported before the model is loaded
@@ -337,28 +337,28 @@ EPILOG = ("datasets (--train/--val): comma lists of clotho, audiocaps, wavcaps, 
 
 
 @dataclass(kw_only=True)
-class FinetuneOptions(FinetuneCfg):
+class RetrievalFinetuneOptions(RetrievalFinetuneCfg):
     betas: list[float] = option(default_factory=lambda: [0.9, 0.95], metavar="B", help="AdamW betas (two values)")
     resume: bool = option(False, help="continue from the last complete checkpoint")
     quiet: bool = option(False, aliases="-q", help="only warnings and errors")
 
 
 def build_parser() -> OptionParser:
-    return OptionParser(FinetuneOptions, prog=PROG, description=DESCRIPTION, epilog=EPILOG)
+    return OptionParser(RetrievalFinetuneOptions, prog=PROG, description=DESCRIPTION, epilog=EPILOG)
 
 
 PROG = "accelerate launch -m retrieval.finetune"
 
 
-def run(opts: FinetuneOptions) -> int:
-    values = {f.name: getattr(opts, f.name) for f in dataclasses.fields(FinetuneCfg)}
+def run(opts: RetrievalFinetuneOptions) -> int:
+    values = {f.name: getattr(opts, f.name) for f in dataclasses.fields(RetrievalFinetuneCfg)}
     if len(values["betas"]) != 2:
         raise UsageError(f"--betas takes two values, got {len(values['betas'])}")
-    cfg = FinetuneCfg(**{**values, "betas": tuple(values["betas"])})
+    cfg = RetrievalFinetuneCfg(**{**values, "betas": tuple(values["betas"])})
     if not cfg.checkpoint:
         raise UsageError("--checkpoint is required (a model folder, official .pth file or pretrained name)")
     try:
-        summary = finetune(cfg, resume=opts.resume)
+        summary = finetune_retrieval(cfg, resume=opts.resume)
     except m2dclap.CheckpointError:
         raise
     except (ValueError, FileNotFoundError) as e:
@@ -374,7 +374,7 @@ def run(opts: FinetuneOptions) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    return run_cli(run, FinetuneOptions, argv, prog=PROG, description=DESCRIPTION, epilog=EPILOG)
+    return run_cli(run, RetrievalFinetuneOptions, argv, prog=PROG, description=DESCRIPTION, epilog=EPILOG)
 
 
 if __name__ == "__main__":

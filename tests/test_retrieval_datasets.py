@@ -119,24 +119,24 @@ def test_dcase_eval_set_and_2025_relevance(tmp_path):
         D.read_relevance(bad)
 
 
-def test_load_dataset_manifest_and_errors(tmp_path):
+def test_read_retrieval_dataset_manifest_and_errors(tmp_path):
     wav(tmp_path / "x.wav")
     write(tmp_path / "m.csv", "audio,caption,split\nx.wav,hello,test\ny.wav,bye,test\nz.wav,no,train\n")
-    result = D.load_dataset("manifest", tmp_path / "m.csv", "test")
+    result = D.read_retrieval_dataset("manifest", tmp_path / "m.csv", "test")
     assert [r.id for r in result.records] == ["x"] and [p.name for p in result.missing] == ["y.wav"]
     with pytest.raises(ValueError, match="needs --root"):
-        D.load_dataset("clotho", None, "evaluation")
+        D.read_retrieval_dataset("clotho", None, "evaluation")
     with pytest.raises(ValueError, match="unknown dataset"):
-        D.load_dataset("esc50", tmp_path, "test")
+        D.read_retrieval_dataset("esc50", tmp_path, "test")
 
 
 def test_finetune_dataset_specs_mix_layouts(clotho, tmp_path):
-    from retrieval.finetune import TRAIN_SPLITS, FinetuneCfg, read_sets
+    from retrieval.finetune import TRAIN_SPLITS, RetrievalFinetuneCfg, read_sets
 
     wav(tmp_path / "x.wav")
     write(tmp_path / "m.csv", "audio,caption_1,caption_2,split\nx.wav,hello,hi,train\ny.wav,bye,ciao,val\n")
     wav(tmp_path / "y.wav")
-    cfg = FinetuneCfg(clotho_root=str(clotho))
+    cfg = RetrievalFinetuneCfg(clotho_root=str(clotho))
     sets = read_sets(cfg, f"clotho:evaluation, {tmp_path / 'm.csv'}", TRAIN_SPLITS)
     assert [(name, [r.id for r in recs]) for name, recs in sets] == [("clotho:evaluation", ["a dog", "rain_01"]),
                                                                       ("m", ["x"])]
@@ -148,10 +148,10 @@ def test_finetune_dataset_specs_mix_layouts(clotho, tmp_path):
 
 
 def test_finetune_cli_types_follow_the_config_annotations():
-    from retrieval.finetune import FinetuneCfg, build_parser
+    from retrieval.finetune import RetrievalFinetuneCfg, build_parser
 
     args = build_parser().parse_args(["--warmup-epochs", "0.5", "--epochs", "3", "--train-audio-encoder"])
     assert args.warmup_epochs == 0.5 and args.epochs == 3 and args.train_audio_encoder and not args.freeze_text
-    assert args.crop_seconds == FinetuneCfg().crop_seconds and tuple(args.betas) == FinetuneCfg().betas
+    assert args.crop_seconds == RetrievalFinetuneCfg().crop_seconds and tuple(args.betas) == RetrievalFinetuneCfg().betas
     with pytest.raises(SystemExit):
         build_parser().parse_args(["--sample", "frames"])

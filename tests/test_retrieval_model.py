@@ -249,12 +249,12 @@ def test_finetune_under_accelerate_launch_with_two_processes(setup, tmp_path):
 
 def test_read_sets_never_trains_on_val_or_test_rows(tmp_path):
     from m2dclap.data.manifest import Record, write_manifest
-    from retrieval.finetune import FinetuneCfg, read_sets
+    from retrieval.finetune import RetrievalFinetuneCfg, read_sets
 
     audio = tmp_path / "x.wav"
     audio.write_bytes(b"")
     rows = [Record("v", audio, captions=["a"], split="val"), Record("t", audio, captions=["b"], split="test"),
             Record("n", audio, captions=["c"])]
     manifest = write_manifest(rows, tmp_path / "m.csv")
-    sets = read_sets(FinetuneCfg(), str(manifest), {"manifest": "train"})
+    sets = read_sets(RetrievalFinetuneCfg(), str(manifest), {"manifest": "train"})
     assert [r.id for r in sets[0][1]] == ["n"]

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import soundfile as sf
 
-from zeroshot.datasets import (NSYNTH_FAMILIES, DatasetError, cremad_label, load_dataset, read_audioset, read_cremad,
+from zeroshot.datasets import (NSYNTH_FAMILIES, DatasetError, cremad_label, read_zeroshot_dataset, read_audioset, read_cremad,
                                read_esc50, read_fsd50k, read_gtzan, read_manifest_dataset, read_nsynth, read_us8k)
 from zeroshot.templates import make_prompts
 
@@ -327,6 +327,6 @@ def test_manifest_errors_and_dispatch(tmp_path):
     with pytest.raises(DatasetError, match=r"bad\.csv, line 3"):
         read_manifest_dataset(bad, split=None)
     with pytest.raises(DatasetError, match="unknown dataset 'esc10'"):
-        load_dataset("esc10", tmp_path)
+        read_zeroshot_dataset("esc10", tmp_path)
     m = manifest(tmp_path)
-    assert load_dataset("manifest", m, split=None, task="single").name == "manifest"  # None -> default (test)
+    assert read_zeroshot_dataset("manifest", m, split=None, task="single").name == "manifest"  # None -> default (test)

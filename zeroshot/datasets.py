@@ -421,7 +421,7 @@ READERS: dict[str, Callable[..., ZeroShotDataset]] = {
 }
 
 
-def load_dataset(name: str, *args: Any, **kwargs: Any) -> ZeroShotDataset:
+def read_zeroshot_dataset(name: str, *args: Any, **kwargs: Any) -> ZeroShotDataset:
     """``READERS[name](*args, **kwargs)``; options given as None take the reader's default."""
     if name not in READERS:
         raise DatasetError(f"unknown dataset {name!r}; choose one of {', '.join(READERS)}")

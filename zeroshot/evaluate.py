@@ -29,7 +29,7 @@ from m2dclap.embed_files import report_skipped
 from . import metrics
 from .classifier import FilePredictions, ZeroShotClassifier
 from .classify import load_model
-from .datasets import DATASETS, DatasetError, ZeroShotDataset, load_dataset
+from .datasets import DATASETS, DatasetError, ZeroShotDataset, read_zeroshot_dataset
 from .templates import TemplateError, as_template_list
 
 log = logging.getLogger(__name__)
@@ -289,7 +289,7 @@ def _dataset_from_args(args: EvaluateOptions) -> ZeroShotDataset:
         if not args.manifest and not args.root:
             raise DatasetError("--dataset manifest needs --manifest M or --root DIR (holding manifest.csv)")
         manifest = Path(args.manifest) if args.manifest else Path(args.root) / "manifest.csv"
-        return load_dataset(name, manifest, label_column=args.label_column, split=args.split or "test", task=args.task,
+        return read_zeroshot_dataset(name, manifest, label_column=args.label_column, split=args.split or "test", task=args.task,
                             strict=args.strict)
     if not args.root:
         raise DatasetError(f"--dataset {name} needs --root (the dataset's folder)")
@@ -307,7 +307,7 @@ def _dataset_from_args(args: EvaluateOptions) -> ZeroShotDataset:
         kw["split"] = args.split
     elif name == "audioset":
         kw.update(segments=args.segments, class_index=args.class_index, audio_pattern=args.audio_pattern)
-    return load_dataset(name, root, **kw)
+    return read_zeroshot_dataset(name, root, **kw)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
