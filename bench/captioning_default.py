@@ -20,12 +20,11 @@ import sys
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
 from captioning import train as tr
 from captioning.data import most_frequent_caption, read_index
 from captioning.evaluate import evaluate_run_or_checkpoint, score
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def baseline_scores(index, java: bool = True) -> tuple[str, dict]:

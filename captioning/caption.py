@@ -55,7 +55,8 @@ class Captioner:
         self.device = device
         self.model = EnClapCaptioner.from_pretrained(self.ckpt).to(device).eval()
         codec_src = codec or self.settings.get("codec") or "pretrained"
-        self.codec = load_codec(codec_src, bandwidth=float(self.settings.get("bandwidth") or DEFAULT_BANDWIDTH), device=device)
+        self.codec = load_codec(codec_src, bandwidth=float(self.settings.get("bandwidth") or DEFAULT_BANDWIDTH),
+                                device=device)
         clap_name = clap or self.settings.get("clap") or "m2d-clap"
         cc = clap_checkpoint or self.settings.get("clap_checkpoint")
         self.clap = get_backend(clap_name, **({"checkpoint": cc} if cc else {}), device=device)

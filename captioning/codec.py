@@ -113,8 +113,8 @@ def _random_codec(model, seed: int) -> None:
             residual = residual - cb.dequantize(cb.quantize(residual))  # later codebooks see the residual
 
 
-def load_codec(source: str | Path = "pretrained", bandwidth: float = DEFAULT_BANDWIDTH, device: str | torch.device = "cpu",
-               seed: int = 0):
+def load_codec(source: str | Path = "pretrained", bandwidth: float = DEFAULT_BANDWIDTH,
+               device: str | torch.device = "cpu", seed: int = 0):
     """The EnCodec 24 kHz model, in eval mode, set to ``bandwidth`` kbps.
 
     ``source``: ``"pretrained"`` (the published weights, downloaded into the torch hub cache if absent),

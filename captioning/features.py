@@ -76,8 +76,8 @@ def prepare_cache(args) -> tuple[Path, dict]:
         index = index / pp.INDEX_NAME if index.is_dir() else index
         meta = json.loads((index.parent / pp.META_NAME).read_text()) if (index.parent / pp.META_NAME).is_file() else {}
         clap_meta = meta.get("clap", {}).get(args.clap, {})
-        return index, {"codec": meta.get("codec"), "bandwidth": meta.get("bandwidth", DEFAULT_BANDWIDTH), "clap": args.clap,
-                       "clap_checkpoint": clap_meta.get("checkpoint", args.clap_checkpoint),
+        return index, {"codec": meta.get("codec"), "bandwidth": meta.get("bandwidth", DEFAULT_BANDWIDTH),
+                       "clap": args.clap, "clap_checkpoint": clap_meta.get("checkpoint", args.clap_checkpoint),
                        "clap_dim": clap_meta.get("dim"), "cache": str(index.parent)}
 
     from m2dclap.data.manifest import read_manifest
@@ -110,5 +110,6 @@ def prepare_cache(args) -> tuple[Path, dict]:
     if stats["errors"]:
         log.warning("%d clip(s) could not be read (listed in %s)", len(stats["errors"]), cache / pp.ERRORS_NAME)
     return cache / pp.INDEX_NAME, {"codec": codec_source, "bandwidth": DEFAULT_BANDWIDTH, "clap": args.clap,
-                                   "clap_checkpoint": str(Path(clap_ckpt).resolve()) if clap_ckpt and Path(clap_ckpt).exists() else clap_ckpt,
+                                   "clap_checkpoint": (str(Path(clap_ckpt).resolve())
+                                                       if clap_ckpt and Path(clap_ckpt).exists() else clap_ckpt),
                                    "clap_dim": clap.dim, "cache": str(cache)}

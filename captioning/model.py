@@ -319,7 +319,8 @@ class EnClapCaptioner(nn.Module):
                 encoder_outputs=BaseModelOutput(last_hidden_state=hidden),
                 attention_mask=attn,
                 num_beams=num_beams or self.cfg.num_beams,
-                no_repeat_ngram_size=self.cfg.no_repeat_ngram_size if no_repeat_ngram_size is None else no_repeat_ngram_size,
+                no_repeat_ngram_size=(self.cfg.no_repeat_ngram_size if no_repeat_ngram_size is None
+                                      else no_repeat_ngram_size),
                 max_length=max_length or self.cfg.max_length,
                 early_stopping=True,
                 decoder_start_token_id=bc.decoder_start_token_id,
@@ -332,7 +333,8 @@ class EnClapCaptioner(nn.Module):
         finally:
             self.train(was_training)
 
-    def generate(self, tokens, token_mask, clap, num_beams=None, no_repeat_ngram_size=None, max_length=None) -> list[str]:
+    def generate(self, tokens, token_mask, clap, num_beams=None, no_repeat_ngram_size=None,
+                 max_length=None) -> list[str]:
         """Beam-search captions (EnCLAP inference.py settings by default)."""
         if self.tokenizer is None:
             raise RuntimeError("EnClapCaptioner.generate needs a tokenizer")

@@ -57,7 +57,8 @@ def check_length(wave: torch.Tensor, min_samples: int, where: str, sample_rate: 
     n = int(wave.shape[-1])
     if n < min_samples:
         raise AudioError(f"{where}: too short: {n} sample(s) ({n / sample_rate * 1e3:.1f} ms at {sample_rate} Hz); "
-                         f"the log-mel frontend needs at least {min_samples} ({min_samples / sample_rate * 1e3:.1f} ms)")
+                         f"the log-mel frontend needs at least {min_samples} "
+                         f"({min_samples / sample_rate * 1e3:.1f} ms)")
 
 
 def load_clip(path: str | Path, sample_rate: int, min_samples: int = 1,

@@ -277,7 +277,8 @@ def extract_features(model, items: Sequence[AudioItem], out_dir: str | Path,
     """Write the requested features of ``items`` under ``out_dir`` (layout in ``LAYOUT``).
 
     Args:
-        model: an :class:`m2dclap.M2DCLAP`, already on its device and in its dtype (``model.to(dtype)`` keeps the frontend and statistics in float32).
+        model: an :class:`m2dclap.M2DCLAP`, already on its device and in its dtype (``model.to(dtype)`` keeps the
+            frontend and statistics in float32).
         items: from :func:`find_audio_files`.
         features: kinds among ``clip``, ``frame``, ``clap`` (or ``all``).
         batch_size: files per model call.

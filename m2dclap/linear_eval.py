@@ -6,9 +6,10 @@ Each clip of the manifest becomes its clip feature z'' (``model.audio_features(.
 for ViT-B), extracted once and cached. As in EVAR (paper IV-A: "we randomly cropped or zero-padded the average
 audio length"), every clip is first cut to one unit length: a random crop (seeded per clip) when longer, zeros
 appended when shorter. The unit is the mean duration of the manifest's clips unless ``--unit-seconds`` says
-otherwise (``0`` keeps every clip whole; the encoder then averages over its chunks). The features are standardised with the train split's mean and
-standard deviation and a single linear layer is trained on them with Adam (lr 3e-5) for up to 200 epochs;
-the epoch with the best validation score is kept (early stopping, patience 20) and scored on the test split.
+otherwise (``0`` keeps every clip whole; the encoder then averages over its chunks). The features are
+standardised with the train split's mean and standard deviation and a single linear layer is trained on them
+with Adam (lr 3e-5) for up to 200 epochs; the epoch with the best validation score is kept (early stopping,
+patience 20) and scored on the test split.
 
 Single-label tasks (every row has one label) use cross-entropy and report accuracy. Multi-label tasks (any
 row has several ``;``-separated labels) use binary cross-entropy and report macro mAP: the average precision
@@ -172,7 +173,8 @@ def cache_key(checkpoint: str | Path, manifest: str | Path, records: Sequence[Re
     body = {"version": CACHE_VERSION, "checkpoint": ckpt_id, "manifest": str(manifest.resolve()),
             "manifest_sha256": hashlib.sha256(manifest.read_bytes()).hexdigest(),
             "audio": [_stat(Path(r.audio)) for r in records],
-            "unit_seconds": round(unit_seconds, 6) if unit_seconds else None, "crop_seed": seed if unit_seconds else None}
+            "unit_seconds": round(unit_seconds, 6) if unit_seconds else None,
+            "crop_seed": seed if unit_seconds else None}
     return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()[:20]
 
 
@@ -342,7 +344,8 @@ def linear_eval(checkpoint: str | Path, manifest: str | Path, label_column: str 
         "metric": probe.metric, "value": score_predictions(y["test"], test_scores),
         "chance": chance_level(y["train"], y["test"]), "val_value": probe.val_score,
         "epochs_run": probe.epochs_run, "best_epoch": probe.best_epoch, "stopped_early": probe.stopped_early,
-        "maybe_unconverged": unconverged, "n_train": len(ids["train"]), "n_val": len(ids["val"]), "n_test": len(ids["test"]),
+        "maybe_unconverged": unconverged, "n_train": len(ids["train"]), "n_val": len(ids["val"]),
+        "n_test": len(ids["test"]),
         "val_from_train": carved, "n_classes": len(classes), "classes": classes,
         "feature_dim": int(feats.clip.shape[1]), "n_bad": len(feats.bad),
         "bad_files": [{"path": p, "error": e} for p, e in feats.bad],

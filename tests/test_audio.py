@@ -13,8 +13,9 @@ signals, max |log-mel error|, measured on the 2-core CPU dev machine (``pytest -
     exact silence      4.3e-07 / 4.3e-07             4.3e-07 / 4.3e-07   (log(eps) = -15.942 in float32)
 
 (nnAudio's error is against nnAudio run in float64, its own kernels.) Our FFT runs in float64 (see
-``m2dclap.audio``), so what remains is the float32 rounding of the power and the mel sum. The bound is 1e-3, or 1.5x nnAudio's own float32 error where that is larger; before the float64
-FFT, MKL's AVX-512 FFT kernels put the 32-kHz chirp at 1.5e-3 (nnAudio's own: 7e-4), which failed it.
+``m2dclap.audio``), so what remains is the float32 rounding of the power and the mel sum. The bound is 1e-3,
+or 1.5x nnAudio's own float32 error where that is larger; before the float64 FFT, MKL's AVX-512 FFT kernels
+put the 32-kHz chirp at 1.5e-3 (nnAudio's own: 7e-4), which failed it.
 ``test_logmel_accuracy_on_both_mkl_kernel_paths`` checks every signal under MKL's AVX2 and AVX-512 paths.
 The mel filterbank is bit-identical to nnAudio's; with torchaudio's ``melscale_fbanks`` (an earlier
 implementation) noise differed by 1e-4.

@@ -211,7 +211,8 @@ def test_download_url_comes_from_pycocoevalcap():
     assert download._spice_download_url().endswith("stanford-corenlp-full-2015-12-09.zip")
 
 
-@pytest.mark.skipif(importlib.util.find_spec("aac_metrics") is None, reason="aac-metrics (optional extra) is not installed")
+@pytest.mark.skipif(importlib.util.find_spec("aac_metrics") is None,
+                    reason="aac-metrics (optional extra) is not installed")
 def test_matches_aac_metrics_golden_pair():
     from aac_metrics.functional.cider_d import cider_d
     from aac_metrics.functional.rouge_l import rouge_l
@@ -224,7 +225,8 @@ def test_matches_aac_metrics_golden_pair():
 
 
 @needs_java
-@pytest.mark.skipif(importlib.util.find_spec("aac_metrics") is None, reason="aac-metrics (optional extra) is not installed")
+@pytest.mark.skipif(importlib.util.find_spec("aac_metrics") is None,
+                    reason="aac-metrics (optional extra) is not installed")
 def test_matches_aac_metrics_evaluate(tmp_path, monkeypatch):
     """aac-metrics' own evaluate() (PTB tokenisation, METEOR, BLEU, ROUGE-L, CIDEr-D) on a random corpus with
     case and punctuation gives the suite's figures. Its jars are linked from pycocoevalcap (aac-metrics ships

@@ -262,8 +262,9 @@ def test_train_under_accelerate_launch_with_two_processes(run, tmp_path):
     index = run["first"]["index"]
     n_train = run["first"]["n_train"]
     cmd = accelerate_launch("-m", "captioning.train",
-                            "--dataset", index, "--bart", "tiny", "--output-dir", str(out), "--epochs", "1", "--batch-size", "8",
-                            "--val-beams", "1", "--no-progress", "--lr", "1e-3", "--caption-sampling", "one")
+                            "--dataset", index, "--bart", "tiny", "--output-dir", str(out), "--epochs", "1",
+                            "--batch-size", "8", "--val-beams", "1", "--no-progress", "--lr", "1e-3",
+                            "--caption-sampling", "one")
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(Path(__file__).resolve().parents[1]))
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]

@@ -181,7 +181,8 @@ def test_cli_lists_unavailable_fense(tmp_path, monkeypatch, capsys):
     assert rc == 2 and "echecker" in capsys.readouterr().err
 
 
-@pytest.mark.skipif(importlib.util.find_spec("aac_metrics") is None, reason="aac-metrics (optional extra) is not installed")
+@pytest.mark.skipif(importlib.util.find_spec("aac_metrics") is None,
+                    reason="aac-metrics (optional extra) is not installed")
 def test_matches_aac_metrics_fense(scorer_factory):
     from aac_metrics.functional.fense import fense as aac_fense
 

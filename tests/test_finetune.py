@@ -262,7 +262,8 @@ def test_map_hand_computed():
     assert average_precision(ties, torch.tensor([1, 0, 0, 1])) == pytest.approx(0.5 * 0.5 + 0.5 * 2 / 3)
     mAP, aps, _ = mean_average_precision(targets[:, :2], scores[:, :2], no_positive="exclude")
     assert mAP == pytest.approx((5 / 6 + 0.5) / 2)
-    mAP, aps, _ = mean_average_precision(torch.cat([targets[:, :2], torch.zeros(4, 1)], 1), scores, no_positive="exclude")
+    mAP, aps, _ = mean_average_precision(torch.cat([targets[:, :2], torch.zeros(4, 1)], 1), scores,
+                                         no_positive="exclude")
     assert np.isnan(aps[2]) and mAP == pytest.approx((5 / 6 + 0.5) / 2)  # no positive: left out
 
 

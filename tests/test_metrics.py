@@ -20,8 +20,12 @@ def test_text_to_audio_rank_10_and_11():
     n = 12
     audio = torch.eye(n)
     # caption 0 scores its clip (0) below 9 others -> rank 10 (inside); caption 1 below 10 others -> rank 11
-    t0 = torch.full((n,), 0.5); t0[0] = 0.4; t0[10:] = 0.0
-    t1 = torch.full((n,), 0.5); t1[1] = 0.4; t1[11] = 0.0
+    t0 = torch.full((n,), 0.5)
+    t0[0] = 0.4
+    t0[10:] = 0.0
+    t1 = torch.full((n,), 0.5)
+    t1[1] = 0.4
+    t1[11] = 0.0
     out = text_to_audio(torch.stack([t0, t1]), audio, torch.tensor([0, 1]))
     assert out["R@10"] == 0.5 and out["mAP@10"] == pytest.approx(0.1 / 2)
 

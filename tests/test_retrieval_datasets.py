@@ -152,6 +152,7 @@ def test_finetune_cli_types_follow_the_config_annotations():
 
     args = build_parser().parse_args(["--warmup-epochs", "0.5", "--epochs", "3", "--train-audio-encoder"])
     assert args.warmup_epochs == 0.5 and args.epochs == 3 and args.train_audio_encoder and not args.freeze_text
-    assert args.crop_seconds == RetrievalFinetuneCfg().crop_seconds and tuple(args.betas) == RetrievalFinetuneCfg().betas
+    assert (args.crop_seconds == RetrievalFinetuneCfg().crop_seconds
+            and tuple(args.betas) == RetrievalFinetuneCfg().betas)
     with pytest.raises(SystemExit):
         build_parser().parse_args(["--sample", "frames"])

@@ -8,8 +8,9 @@ import numpy as np
 import pytest
 import soundfile as sf
 
-from zeroshot.datasets import (NSYNTH_FAMILIES, DatasetError, cremad_label, read_zeroshot_dataset, read_audioset, read_cremad,
-                               read_esc50, read_fsd50k, read_gtzan, read_manifest_dataset, read_nsynth, read_us8k)
+from zeroshot.datasets import (NSYNTH_FAMILIES, DatasetError, cremad_label, read_zeroshot_dataset, read_audioset,
+                               read_cremad, read_esc50, read_fsd50k, read_gtzan, read_manifest_dataset, read_nsynth,
+                               read_us8k)
 from zeroshot.templates import make_prompts
 
 

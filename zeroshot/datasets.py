@@ -15,8 +15,9 @@ display names of the labels where the raw labels are codes (AudioSet MIDs, CREMA
     manifest      the suite's CSV/JSONL manifest with a label column
 
 As EVAR does, the folds of ESC-50 and US8K are pooled (every clip is a test clip once); the tasks with an
-official split use their test/eval split, and GTZAN and CREMA-D without ``--split-file`` use every clip. Audio files that do not exist are listed in ``missing`` and logged; with
-``strict=True`` they are an error. Malformed metadata raises :class:`DatasetError` naming the file and line.
+official split use their test/eval split, and GTZAN and CREMA-D without ``--split-file`` use every clip.
+Audio files that do not exist are listed in ``missing`` and logged; with ``strict=True`` they are an error.
+Malformed metadata raises :class:`DatasetError` naming the file and line.
 """
 from __future__ import annotations
 

@@ -289,8 +289,8 @@ def _dataset_from_args(args: EvaluateOptions) -> ZeroShotDataset:
         if not args.manifest and not args.root:
             raise DatasetError("--dataset manifest needs --manifest M or --root DIR (holding manifest.csv)")
         manifest = Path(args.manifest) if args.manifest else Path(args.root) / "manifest.csv"
-        return read_zeroshot_dataset(name, manifest, label_column=args.label_column, split=args.split or "test", task=args.task,
-                            strict=args.strict)
+        return read_zeroshot_dataset(name, manifest, label_column=args.label_column, split=args.split or "test",
+                                     task=args.task, strict=args.strict)
     if not args.root:
         raise DatasetError(f"--dataset {name} needs --root (the dataset's folder)")
     root = Path(args.root)

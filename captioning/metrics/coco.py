@@ -96,7 +96,8 @@ def ptb_tokenize(sentences: Sequence[str]) -> list[str]:
              "-preserveLines", "-lowerCase", "-encoding", "utf-8", str(src)],
             cwd=tmp, stdout=subprocess.PIPE, stderr=subprocess.PIPE, check=False)
     if proc.returncode != 0:
-        raise RuntimeError(f"PTB tokenizer failed (exit {proc.returncode}): {proc.stderr.decode(errors='replace')[-2000:]}")
+        raise RuntimeError(f"PTB tokenizer failed (exit {proc.returncode}): "
+                           f"{proc.stderr.decode(errors='replace')[-2000:]}")
     lines = proc.stdout.decode("utf-8").split("\n")
     if len(lines) > len(sentences) and all(not x.strip() for x in lines[len(sentences):]):
         lines = lines[:len(sentences)]
