@@ -12,6 +12,7 @@ holds a finished run, then scores on the test split of its feature cache:
 Both are scored with the same scorer (PTB tokenisation with Java, or normalised text with --no-java).
 Target: the model's CIDEr-D is at least 2x the baseline's. Exit status 0 when met, 1 when not.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -37,7 +38,7 @@ def baseline_scores(index, java: bool = True) -> tuple[str, dict]:
 
 def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    extra = argv[argv.index("--") + 1:] if "--" in argv else []
+    extra = argv[argv.index("--") + 1 :] if "--" in argv else []
     argv = argv[: argv.index("--")] if "--" in argv else argv
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--run-dir", default=str(ROOT / "runs" / "captioning" / "default"))
@@ -61,19 +62,35 @@ def main(argv=None) -> int:
     caption, base = baseline_scores(meta["index"], java=not args.no_java)
     ratio = model_cider / base["cider_d"] if base["cider_d"] > 0 else float("inf")
     summary = res.get("summary", {}).get("cider_d", {})
-    print(f"codec: {meta.get('features_codec')} ({meta.get('codec_note')}); CLAP: {meta.get('features_clap')} "
-          f"{meta.get('features_clap_checkpoint')}; BART: {meta.get('bart')}")
+    print(
+        f"codec: {meta.get('features_codec')} ({meta.get('codec_note')}); CLAP: {meta.get('features_clap')} "
+        f"{meta.get('features_clap_checkpoint')}; BART: {meta.get('bart')}"
+    )
     print(f"selection metric: {meta['selection_metric']} ({meta['selection_note']})")
     print(f"test clips: {res['n_clips']}; epochs: {meta.get('epochs_done')}, steps: {meta.get('steps_done')}")
     print(f"test CIDEr-D, best checkpoint ({best}):          {model_cider:.4f}")
     if summary:
-        print(f"test CIDEr-D, top-{len(res['checkpoints'])} mean ± 95% CI:            "
-              f"{summary['mean']:.4f} ± {summary['ci95']:.4f}")
+        print(
+            f"test CIDEr-D, top-{len(res['checkpoints'])} mean ± 95% CI:            "
+            f"{summary['mean']:.4f} ± {summary['ci95']:.4f}"
+        )
     print(f"baseline (always {caption!r}): {base['cider_d']:.4f}")
     print(f"ratio: {ratio:.2f}x (target >= 2x: {'met' if ratio >= 2 else 'NOT met'})")
     out = Path(args.out) if args.out else run / "bench.json"
-    out.write_text(json.dumps({"model": res, "baseline_caption": caption, "baseline": base, "best": best,
-                               "ratio_cider_d": ratio, "train_seconds": train_s}, indent=1) + "\n")
+    out.write_text(
+        json.dumps(
+            {
+                "model": res,
+                "baseline_caption": caption,
+                "baseline": base,
+                "best": best,
+                "ratio_cider_d": ratio,
+                "train_seconds": train_s,
+            },
+            indent=1,
+        )
+        + "\n"
+    )
     return 0 if ratio >= 2 else 1
 
 

@@ -6,6 +6,7 @@
 Runs the pipeline from scratch (corpus cached) in a fresh output folder, exactly as
 ``accelerate launch scripts/pretrain.py`` does, and prints the figures and the ratios to chance.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -27,9 +28,24 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.output_dir)
     shutil.rmtree(out, ignore_errors=True)
     launcher = Path(sys.executable).parent / "accelerate"
-    cmd = [str(launcher), "launch", "--num_processes", "1", "--num_machines", "1", "--mixed_precision", "no",
-           "--dynamo_backend", "no", str(ROOT / "scripts" / "pretrain.py"), "--output-dir", str(out),
-           "--n-clips", str(args.n_clips), "--fresh"]
+    cmd = [
+        str(launcher),
+        "launch",
+        "--num_processes",
+        "1",
+        "--num_machines",
+        "1",
+        "--mixed_precision",
+        "no",
+        "--dynamo_backend",
+        "no",
+        str(ROOT / "scripts" / "pretrain.py"),
+        "--output-dir",
+        str(out),
+        "--n-clips",
+        str(args.n_clips),
+        "--fresh",
+    ]
     t0 = time.time()
     proc = subprocess.run(cmd, text=True, capture_output=True)
     wall = time.time() - t0

@@ -15,6 +15,7 @@ overlaps with the model. ``threads`` with 0 workers still reads ahead in one thr
 DataLoader); ``processes`` with 0 workers reads in the calling process. Worker processes run one intra-op
 thread each; the calling process keeps torch's default. Figures only, no asserts.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -72,8 +73,12 @@ def main(argv=None) -> int:
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--workers", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--repeats", type=int, default=2)
-    p.add_argument("--model", choices=["none", "tiny"], default="none",
-                   help="encode each batch with a tiny CLAP in the calling process meanwhile")
+    p.add_argument(
+        "--model",
+        choices=["none", "tiny"],
+        default="none",
+        help="encode each batch with a tiny CLAP in the calling process meanwhile",
+    )
     p.add_argument("--dir", type=Path, default=None, help="keep the generated files here (default: a temp folder)")
     args = p.parse_args(argv)
 
@@ -90,9 +95,11 @@ def main(argv=None) -> int:
         folder = args.dir or Path(tmp)
         t0 = time.perf_counter()
         paths = make_files(folder, args.files, args.seconds, args.file_rate)
-        print(f"{len(paths)} files x {args.seconds:g} s at {args.file_rate} Hz -> {args.sample_rate} Hz, batches "
-              f"of {args.batch_size}, model: {args.model}; {cores} core(s), torch {torch.__version__} with "
-              f"{torch.get_num_threads()} intra-op thread(s); files ready in {time.perf_counter() - t0:.1f} s")
+        print(
+            f"{len(paths)} files x {args.seconds:g} s at {args.file_rate} Hz -> {args.sample_rate} Hz, batches "
+            f"of {args.batch_size}, model: {args.model}; {cores} core(s), torch {torch.__version__} with "
+            f"{torch.get_num_threads()} intra-op thread(s); files ready in {time.perf_counter() - t0:.1f} s"
+        )
         for path in paths:
             path.read_bytes()  # into the page cache: every timed run reads from memory
         times: dict[tuple[str, int], list[float]] = {}
@@ -101,11 +108,14 @@ def main(argv=None) -> int:
                 for w in args.workers:
                     for backend in ("threads", "processes"):
                         times.setdefault((backend, w), []).append(
-                            read_all(paths, backend, w, args.batch_size, args.sample_rate, model))
+                            read_all(paths, backend, w, args.batch_size, args.sample_rate, model)
+                        )
     print(f"{'workers':>7}  {'threads (files/s)':>20}  {'DataLoader (files/s)':>22}  {'ratio':>5}")
     for w in args.workers:
-        rate = {b: (len(paths) / min(times[b, w]), len(paths) / statistics.median(times[b, w]))
-                for b in ("threads", "processes")}
+        rate = {
+            b: (len(paths) / min(times[b, w]), len(paths) / statistics.median(times[b, w]))
+            for b in ("threads", "processes")
+        }
         cells = [f"{rate[b][0]:8.1f} ({rate[b][1]:.1f})" for b in ("threads", "processes")]
         print(f"{w:>7}  {cells[0]:>20}  {cells[1]:>22}  {rate['processes'][0] / rate['threads'][0]:5.2f}")
     return 0

@@ -14,6 +14,7 @@ Reference figures:
   * nnAudio's ``MelSpectrogram`` (the official frontend), when installed.
   * the official runtime's chunk loop: each chunk of the batch through ``forward_features`` in turn.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -57,8 +58,9 @@ def chunk_frames(cfg: EncoderCfg, total_frames: int) -> list[int]:
 
 
 # -- timing --------------------------------------------------------------------------------------------
-def timed(fns: dict[str, Callable[[], object]], repeats: int, warmup: int,
-          sync: Callable[[], None]) -> dict[str, tuple[float, float]]:
+def timed(
+    fns: dict[str, Callable[[], object]], repeats: int, warmup: int, sync: Callable[[], None]
+) -> dict[str, tuple[float, float]]:
     """(median, best) wall seconds of each ``fn()`` over ``repeats`` runs after ``warmup`` runs.
 
     The functions take turns (a b c a b c ...), so a figure and its reference see the same machine load.
@@ -91,7 +93,7 @@ def square_matmul(device: torch.device, dtype: torch.dtype, n: int = 4096) -> tu
     """A GEMM reference: (run it, its FLOPs)."""
     a = torch.randn(n, n, device=device, dtype=dtype)
     b = torch.randn(n, n, device=device, dtype=dtype)
-    return (lambda: torch.matmul(a, b)), 2.0 * n ** 3
+    return (lambda: torch.matmul(a, b)), 2.0 * n**3
 
 
 def official_chunk_loop(model: m2dclap.M2DCLAP, lms: torch.Tensor) -> torch.Tensor:
@@ -102,14 +104,14 @@ def official_chunk_loop(model: m2dclap.M2DCLAP, lms: torch.Tensor) -> torch.Tens
     x = F.pad(lms, (0, pad)) if pad else lms
     outs = []
     for i in range(math.ceil(x.shape[-1] / unit)):
-        z = enc.forward_features(x[..., i * unit:(i + 1) * unit])[:, 1:]  # drop CLS: (B, F'*t, D)
+        z = enc.forward_features(x[..., i * unit : (i + 1) * unit])[:, 1:]  # drop CLS: (B, F'*t, D)
         outs.append(z.unflatten(1, (enc.grid_size[0], -1)))  # (B, F', t, D)
     return torch.cat(outs, dim=2)
 
 
 def per_clip_chunk_loop(model: m2dclap.M2DCLAP, lms: torch.Tensor) -> torch.Tensor:
     """One clip and one chunk per forward (batch size 1), the slowest way to run the same model."""
-    return torch.cat([official_chunk_loop(model, lms[i:i + 1]) for i in range(lms.shape[0])])
+    return torch.cat([official_chunk_loop(model, lms[i : i + 1]) for i in range(lms.shape[0])])
 
 
 # -- the bench -----------------------------------------------------------------------------------------
@@ -127,8 +129,10 @@ def bench_device(args: argparse.Namespace, model: m2dclap.M2DCLAP, device: torch
     def autocast():
         return torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp)
 
-    print(f"\n== {args.preset} on {label}: {args.batch} clips x {args.seconds:g} s at {sr} Hz, "
-          f"{torch.get_num_threads()} CPU threads ==")
+    print(
+        f"\n== {args.preset} on {label}: {args.batch} clips x {args.seconds:g} s at {sr} Hz, "
+        f"{torch.get_num_threads()} CPU threads =="
+    )
 
     # 1. The whole audio path: waveform -> log-mel -> chunked encoder -> clip / frame features.
     if cuda:
@@ -136,10 +140,16 @@ def bench_device(args: argparse.Namespace, model: m2dclap.M2DCLAP, device: torch
     rss_before = peak_rss_mib()
     with torch.no_grad(), autocast():
         t_all, best_all = timed({"all": lambda: model.audio_features(waves)}, R, W, sync)["all"]
-    mem = (f"peak CUDA memory {torch.cuda.max_memory_allocated() / 2 ** 20:.0f} MiB" if cuda
-           else f"peak RSS {peak_rss_mib():.0f} MiB, {rss_before:.0f} MiB before the first call")
-    line("audio_features", f"{args.batch / t_all:.2f} clips/s, real-time factor {audio_s / t_all:.1f} "
-         f"(best {audio_s / best_all:.1f}) audio-s per wall-s; {t_all * 1e3:.0f} ms per batch")
+    mem = (
+        f"peak CUDA memory {torch.cuda.max_memory_allocated() / 2**20:.0f} MiB"
+        if cuda
+        else f"peak RSS {peak_rss_mib():.0f} MiB, {rss_before:.0f} MiB before the first call"
+    )
+    line(
+        "audio_features",
+        f"{args.batch / t_all:.2f} clips/s, real-time factor {audio_s / t_all:.1f} "
+        f"(best {audio_s / best_all:.1f}) audio-s per wall-s; {t_all * 1e3:.0f} ms per batch",
+    )
     line("memory", mem)
 
     # 2. Frontend: ours vs nnAudio (the official frontend) on the same batch.
@@ -151,24 +161,39 @@ def bench_device(args: argparse.Namespace, model: m2dclap.M2DCLAP, device: torch
         ref = None
     else:
         c: FrontendCfg = model.cfg.frontend
-        ref = MelSpectrogram(sr=c.sample_rate, n_fft=c.n_fft, win_length=c.win_length, hop_length=c.hop_length,
-                             n_mels=c.n_mels, fmin=c.f_min, fmax=c.f_max, center=True, power=2,
-                             verbose=False).to(device)
+        ref = MelSpectrogram(
+            sr=c.sample_rate,
+            n_fft=c.n_fft,
+            win_length=c.win_length,
+            hop_length=c.hop_length,
+            n_mels=c.n_mels,
+            fmin=c.f_min,
+            fmax=c.f_max,
+            center=True,
+            power=2,
+            verbose=False,
+        ).to(device)
         eps = torch.finfo().eps
         fns["nnAudio"] = lambda: (ref(waves) + eps).log()
     with torch.no_grad():
         t = timed(fns, R * 4, W, sync)  # milliseconds each: cheap to repeat more
     for name, label in (("ours", "LogMelSpectrogram"), ("nnAudio", "nnAudio (official)")):
         if name in t:
-            line(f"frontend {label}", f"{audio_s / t[name][0]:.0f} audio-s/s (best {audio_s / t[name][1]:.0f}); "
-                 f"{t[name][0] * 1e3:.2f} ms per batch")
+            line(
+                f"frontend {label}",
+                f"{audio_s / t[name][0]:.0f} audio-s/s (best {audio_s / t[name][1]:.0f}); "
+                f"{t[name][0] * 1e3:.2f} ms per batch",
+            )
     if ref is None:
         line("frontend nnAudio", "not installed (pip install nnAudio): no ratio")
     else:
         with torch.no_grad():
             diff = (fns["nnAudio"]() - fe(waves)).abs().max().item()
-        line("frontend speed-up", f"{t['nnAudio'][0] / t['ours'][0]:.2f}x nnAudio "
-             f"(best-run ratio {t['nnAudio'][1] / t['ours'][1]:.2f}; target >= 1.3); max |log-mel diff| {diff:.2e}")
+        line(
+            "frontend speed-up",
+            f"{t['nnAudio'][0] / t['ours'][0]:.2f}x nnAudio "
+            f"(best-run ratio {t['nnAudio'][1] / t['ours'][1]:.2f}; target >= 1.3); max |log-mel diff| {diff:.2e}",
+        )
 
     # 3. Encoder alone on the normalised log-mel, against this machine's GEMM and the chunk loops.
     with torch.no_grad():
@@ -186,23 +211,30 @@ def bench_device(args: argparse.Namespace, model: m2dclap.M2DCLAP, device: torch
         fns["per clip"] = lambda: per_clip_chunk_loop(model, lms)
     with torch.no_grad(), autocast():
         t = timed(fns, R, W, sync)
-    rate = {k: (f / t[k][0] / 1e9, f / t[k][1] / 1e9)
-            for k, f in [(k, mm_flops if "matmul" in k else flops) for k in t]}  # GFLOP/s (median, best)
+    rate = {
+        k: (f / t[k][0] / 1e9, f / t[k][1] / 1e9) for k, f in [(k, mm_flops if "matmul" in k else flops) for k in t]
+    }  # GFLOP/s (median, best)
     for k in ("fp32 matmul", "bf16 matmul"):
         if k in rate:
             line(f"{k} 4096x4096", f"{rate[k][0]:.1f} GFLOP/s (best {rate[k][1]:.1f})")
     ref_name = "bf16 matmul" if amp else "fp32 matmul"
     enc = rate["batched"]
     line("encoder encode_lms", f"{enc[0]:.1f} GFLOP/s (best {enc[1]:.1f}); {t['batched'][0] * 1e3:.0f} ms per batch")
-    line("encoder / matmul", f"{enc[0] / rate[ref_name][0]:.2f} of {ref_name} (best-run ratio "
-         f"{enc[1] / rate[ref_name][1]:.2f}; target >= 0.8)")
+    line(
+        "encoder / matmul",
+        f"{enc[0] / rate[ref_name][0]:.2f} of {ref_name} (best-run ratio "
+        f"{enc[1] / rate[ref_name][1]:.2f}; target >= 0.8)",
+    )
     if amp:
         line("encoder / fp32 matmul", f"{enc[0] / rate['fp32 matmul'][0]:.2f}")
     for k, label in (("loop", "chunk loop (official)"), ("per clip", "one clip, one chunk")):
         if k in t:
             speedup, best_speedup = t[k][0] / t["batched"][0], t[k][1] / t["batched"][1]
-            line(f"baseline {label}", f"{rate[k][0]:.1f} GFLOP/s (best {rate[k][1]:.1f}); {t[k][0] * 1e3:.0f} ms per "
-                 f"batch; time / encode_lms time = {speedup:.2f} (best-run {best_speedup:.2f})")
+            line(
+                f"baseline {label}",
+                f"{rate[k][0]:.1f} GFLOP/s (best {rate[k][1]:.1f}); {t[k][0] * 1e3:.0f} ms per "
+                f"batch; time / encode_lms time = {speedup:.2f} (best-run {best_speedup:.2f})",
+            )
     if not cuda:
         line("peak RSS after all runs", f"{peak_rss_mib():.0f} MiB (includes the 4096x4096 matrices)")
 
@@ -222,8 +254,10 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     model = m2dclap.M2DCLAP(m2dclap.get_model_config(args.preset, **{"text.kind": "none"})).eval()
-    print(f"torch {torch.__version__}; preset {args.preset}: encoder {model.cfg.encoder.input_size} chunks, "
-          f"patch {model.cfg.encoder.patch_size}, D {model.cfg.encoder.embed_dim}, depth {model.cfg.encoder.depth}")
+    print(
+        f"torch {torch.__version__}; preset {args.preset}: encoder {model.cfg.encoder.input_size} chunks, "
+        f"patch {model.cfg.encoder.patch_size}, D {model.cfg.encoder.embed_dim}, depth {model.cfg.encoder.depth}"
+    )
     bench_device(args, model, torch.device("cpu"), amp=False)
     if torch.cuda.is_available() and not args.cpu_only:
         bench_device(args, model, torch.device("cuda"), amp=True)

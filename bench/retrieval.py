@@ -8,6 +8,7 @@ Each case runs in a fresh subprocess so its peak resident memory (``ru_maxrss``)
 assigned to clips round-robin (5 per clip for 5,000 x 1,000, 10 per clip for 200,000 x 20,000); the
 figures are computed in both directions, as ``python -m retrieval.evaluate`` does.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -32,7 +33,7 @@ def _unit_vectors(n: int, dim: int, seed: int):
     g = torch.Generator().manual_seed(seed)
     out = torch.empty(n, dim)
     for s in range(0, n, 16384):
-        block = out[s:s + 16384]
+        block = out[s : s + 16384]
         block.normal_(generator=g)
         block.div_(block.norm(dim=1, keepdim=True))
     return out
@@ -49,16 +50,25 @@ def run_case(n_captions: int, n_clips: int, dim: int, protocols: list[str], repe
     audio = _unit_vectors(n_clips, dim, 1)
     owner = torch.arange(n_captions) % n_clips  # caption c describes clip c mod N
     rss_data = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    out = {"captions": n_captions, "clips": n_clips, "dim": dim, "threads": torch.get_num_threads(),
-           "rss_after_data_mb": round(rss_data, 1)}
+    out = {
+        "captions": n_captions,
+        "clips": n_clips,
+        "dim": dim,
+        "threads": torch.get_num_threads(),
+        "rss_after_data_mb": round(rss_data, 1),
+    }
     for protocol in protocols:
         times = []
         for _ in range(repeats):
             t0 = time.perf_counter()
             figures = caption_retrieval(text, audio, owner, protocol)
             times.append(time.perf_counter() - t0)
-        out[protocol] = {"seconds_best": round(min(times), 3), "seconds_all": [round(t, 3) for t in times],
-                         "text_to_audio": figures["text_to_audio"], "audio_to_text": figures["audio_to_text"]}
+        out[protocol] = {
+            "seconds_best": round(min(times), 3),
+            "seconds_all": [round(t, 3) for t in times],
+            "text_to_audio": figures["text_to_audio"],
+            "audio_to_text": figures["audio_to_text"],
+        }
     out["peak_rss_mb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
     return out
 
@@ -75,11 +85,15 @@ def _show(name: str, r: dict, target: str) -> None:
     for p in ("clap", "dcase"):
         if p in r:
             t2a, a2t = r[p]["text_to_audio"], r[p]["audio_to_text"]
-            print(f"  {p:5s}: {r[p]['seconds_best']:.3f} s (runs: {r[p]['seconds_all']})  "
-                  f"T2A R@1 {100 * t2a['R@1']:.3f} mAP@10 {100 * t2a['mAP@10']:.3f}  "
-                  f"A2T R@1 {100 * a2t['R@1']:.3f} mAP@10 {100 * a2t['mAP@10']:.3f}")
-    print(f"  peak RSS {r['peak_rss_mb']:.0f} MB (embeddings and interpreter alone: {r['rss_after_data_mb']:.0f} MB)"
-          f"   target: {target}")
+            print(
+                f"  {p:5s}: {r[p]['seconds_best']:.3f} s (runs: {r[p]['seconds_all']})  "
+                f"T2A R@1 {100 * t2a['R@1']:.3f} mAP@10 {100 * t2a['mAP@10']:.3f}  "
+                f"A2T R@1 {100 * a2t['R@1']:.3f} mAP@10 {100 * a2t['mAP@10']:.3f}"
+            )
+    print(
+        f"  peak RSS {r['peak_rss_mb']:.0f} MB (embeddings and interpreter alone: {r['rss_after_data_mb']:.0f} MB)"
+        f"   target: {target}"
+    )
 
 
 def main(argv=None) -> int:
@@ -106,8 +120,7 @@ def main(argv=None) -> int:
     if not args.skip_large:
         q, n = (int(x) for x in args.large.split("x"))
         t0 = time.perf_counter()
-        large = _subprocess(["--case", str(q), str(n), *common, "--protocols", args.large_protocols,
-                             "--repeats", "1"])
+        large = _subprocess(["--case", str(q), str(n), *common, "--protocols", args.large_protocols, "--repeats", "1"])
         _show("large", large, "completes with peak RSS < 2048 MB")
         print(f"  wall time of the large case (with data generation): {time.perf_counter() - t0:.1f} s")
         ok = ok and large["peak_rss_mb"] < 2048

@@ -26,6 +26,7 @@ by default it then computes only its own rows, two (512, 2048) blocks (``local_l
 ``local_loss=False`` it computes the full 2048x2048 logits, as the official code does, whatever the number of
 processes. Both are measured at smaller global batches (one process's share of a 4-process run) and scaled.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -47,7 +48,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import torch  # noqa: E402
 
-MiB = 2 ** 20
+MiB = 2**20
 CAPTIONS = [  # caption-like strings of the embedded corpus's lengths (10-25 words)
     "A loud mid-pitched beep sounds twice, then a faint low rumble is heard with a steady hum in the background",
     "Two quiet high-pitched chirps followed by a single powerful drum hit in silence",
@@ -86,8 +87,14 @@ def build(preset: str, stage: str, bert_folder: str):
 
     cfg = m2dclap.get_model_config(preset)
     if stage == "1":
-        cfg.text = TextCfg(kind="sentence", name="nvidia/NV-Embed-v2", pooling="mean", width=NV_EMBED_WIDTH,
-                           max_length=32768, add_eos=True)
+        cfg.text = TextCfg(
+            kind="sentence",
+            name="nvidia/NV-Embed-v2",
+            pooling="mean",
+            width=NV_EMBED_WIDTH,
+            max_length=32768,
+            add_eos=True,
+        )
         model = m2dclap.M2DCLAP(cfg)  # the sentence model is loaded lazily, never here
         return model, M2DCLAPPretrainer(model, 0.7, 1.0, 0.01)
     if preset == "tiny":
@@ -102,8 +109,9 @@ def build(preset: str, stage: str, bert_folder: str):
 # ---------------------------------------------------------------------------------------------------
 # One configuration, in its own process
 # ---------------------------------------------------------------------------------------------------
-def run_case(preset: str, stage: str, batch: int, steps: int, warmup: int, device: str, bert_folder: str,
-             threads: int | None) -> dict[str, Any]:
+def run_case(
+    preset: str, stage: str, batch: int, steps: int, warmup: int, device: str, bert_folder: str, threads: int | None
+) -> dict[str, Any]:
     """Build, warm up and time one (preset, stage); returns the figures."""
     from m2dclap.train.engine import param_groups
 
@@ -119,8 +127,11 @@ def run_case(preset: str, stage: str, batch: int, steps: int, warmup: int, devic
     optimizer = torch.optim.AdamW(param_groups(trainer, 0.05, model.no_weight_decay()), lr=1e-4, betas=(0.9, 0.95))
     F, T = model.cfg.encoder.input_size
     lms = torch.randn(batch, 1, F, T, device=dev)  # (B, 1, F, T), already normalised
-    text = ({"text_emb": torch.randn(batch, NV_EMBED_WIDTH, device=dev)} if stage == "1"
-            else {"texts": [CAPTIONS[i % len(CAPTIONS)] for i in range(batch)]})
+    text = (
+        {"text_emb": torch.randn(batch, NV_EMBED_WIDTH, device=dev)}
+        if stage == "1"
+        else {"texts": [CAPTIONS[i % len(CAPTIONS)] for i in range(batch)]}
+    )
     sync = torch.cuda.synchronize if cuda else (lambda: None)
 
     def step() -> float:
@@ -147,13 +158,22 @@ def run_case(preset: str, stage: str, batch: int, steps: int, warmup: int, devic
         times.append(time.perf_counter() - t0)
     sec = statistics.median(times)
     return {
-        "preset": preset, "stage": stage, "batch": batch, "input": f"{F}x{T}", "device": device,
-        "precision": "bf16 autocast" if cuda else "fp32", "threads": torch.get_num_threads(),
+        "preset": preset,
+        "stage": stage,
+        "batch": batch,
+        "input": f"{F}x{T}",
+        "device": device,
+        "precision": "bf16 autocast" if cuda else "fp32",
+        "threads": torch.get_num_threads(),
         "trainable_m": sum(p.numel() for p in params) / 1e6,
         "total_m": sum(p.numel() for p in trainer.parameters()) / 1e6,
-        "step_s": sec, "min_s": min(times), "max_s": max(times), "samples_per_s": batch / sec,
+        "step_s": sec,
+        "min_s": min(times),
+        "max_s": max(times),
+        "samples_per_s": batch / sec,
         "peak_mib": torch.cuda.max_memory_allocated() / MiB if cuda else peak_rss_mib(),
-        "start_mib": rss_start, "loss": losses[-1],
+        "start_mib": rss_start,
+        "loss": losses[-1],
     }
 
 
@@ -165,15 +185,22 @@ def in_fresh_process(fn, *args) -> Any:
 
 def print_steps(rows: list[dict[str, Any]]) -> None:
     mem = "peak GPU alloc" if rows and rows[0]["device"] == "cuda" else "peak RSS (start)"
-    print(f"{'preset':8s} {'stage':5s} {'device':18s} {'batch':>5s} {'input':>7s} {'trainable':>10s} "
-          f"{'step s':>16s} {'samples/s':>9s}  {mem}")
+    print(
+        f"{'preset':8s} {'stage':5s} {'device':18s} {'batch':>5s} {'input':>7s} {'trainable':>10s} "
+        f"{'step s':>16s} {'samples/s':>9s}  {mem}"
+    )
     for r in rows:
         where = f"{r['device']} {r['precision']}" + (f" {r['threads']}thr" if r["device"] == "cpu" else "")
         spread = f"{r['step_s']:.3f} [{r['min_s']:.2f}-{r['max_s']:.2f}]"
-        memory = (f"{r['peak_mib'] / 1024:.2f} GiB" if r["device"] == "cuda"
-                  else f"{r['peak_mib'] / 1024:.2f} GiB ({r['start_mib'] / 1024:.2f})")
-        print(f"{r['preset']:8s} {r['stage']:5s} {where:18s} {r['batch']:5d} {r['input']:>7s} "
-              f"{r['trainable_m']:8.1f} M {spread:>16s} {r['samples_per_s']:9.1f}  {memory}")
+        memory = (
+            f"{r['peak_mib'] / 1024:.2f} GiB"
+            if r["device"] == "cuda"
+            else f"{r['peak_mib'] / 1024:.2f} GiB ({r['start_mib'] / 1024:.2f})"
+        )
+        print(
+            f"{r['preset']:8s} {r['stage']:5s} {where:18s} {r['batch']:5d} {r['input']:>7s} "
+            f"{r['trainable_m']:8.1f} M {spread:>16s} {r['samples_per_s']:9.1f}  {memory}"
+        )
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -253,8 +280,15 @@ def measure_logits(n: int, dim: int, device: str, procs: int = 1) -> dict[str, f
             if abs(e.nbytes()) == block:
                 nb += 1 if e.nbytes() > 0 else -1
                 nb_peak = max(nb_peak, nb)
-    out = {"n": n, "rows": rows, "block_mib": block / MiB, "saved_mib": sum(saved.values()) / MiB,
-           "peak_mib": peak / MiB, "blocks_live": nb_peak, "formula_mib": logits_formula_mib(rows, n)}
+    out = {
+        "n": n,
+        "rows": rows,
+        "block_mib": block / MiB,
+        "saved_mib": sum(saved.values()) / MiB,
+        "peak_mib": peak / MiB,
+        "blocks_live": nb_peak,
+        "formula_mib": logits_formula_mib(rows, n),
+    }
     if dev.type == "cuda":
         out["cuda_peak_mib"] = (torch.cuda.max_memory_allocated() - base) / MiB
     return out
@@ -263,45 +297,64 @@ def measure_logits(n: int, dim: int, device: str, procs: int = 1) -> dict[str, f
 def logits_section(sizes: list[int], dim: int, device: str) -> None:
     n, procs = 2048, 4
     print(f"\n== contrastive logits: global batch {n} on {procs} processes ({n // procs} each) ==")
-    print(f"each process gathers all {n} audio and text features (autograd-aware all_gather); with the local "
-          f"loss (default) it computes its {n // procs} rows against all {n} columns in both directions, "
-          f"with local_loss=False the full {n}x{n} logits. Measured on {device} with {dim}-d features "
-          "(allocator trace of one forward + backward; 'saved' = logit blocks autograd keeps for backward; "
-          "'live' = most logit blocks alive at once; 'peak' = most memory alive at once, feature copies included):")
-    print(f"{'mode':>12s} {'global n':>8s} {'block':>9s} {'formula':>9s} {'saved':>15s} {'live':>16s} {'peak':>10s}"
-          + (f" {'cuda peak':>10s}" if device == "cuda" else ""))
+    print(
+        f"each process gathers all {n} audio and text features (autograd-aware all_gather); with the local "
+        f"loss (default) it computes its {n // procs} rows against all {n} columns in both directions, "
+        f"with local_loss=False the full {n}x{n} logits. Measured on {device} with {dim}-d features "
+        "(allocator trace of one forward + backward; 'saved' = logit blocks autograd keeps for backward; "
+        "'live' = most logit blocks alive at once; 'peak' = most memory alive at once, feature copies included):"
+    )
+    print(
+        f"{'mode':>12s} {'global n':>8s} {'block':>9s} {'formula':>9s} {'saved':>15s} {'live':>16s} {'peak':>10s}"
+        + (f" {'cuda peak':>10s}" if device == "cuda" else "")
+    )
     per_process = {}
     for mode, p in (("full", 1), (f"local/{procs}", procs)):
         for size in sizes:
             m = in_fresh_process(measure_logits, size, dim, device, p)
             live = m["blocks_live"] * m["block_mib"]
             per_process[mode] = live / (size * m["rows"]) * n * (n // p)  # scales with rows x columns
-            print(f"{mode:>12s} {size:8d} {m['block_mib']:7.1f} M {m['formula_mib']:7.1f} M "
-                  f"{m['saved_mib']:7.1f} M ({m['saved_mib'] / m['block_mib']:.0f}x) "
-                  f"{live:8.1f} M ({m['blocks_live']}x) {m['peak_mib']:8.1f} M"
-                  + (f" {m['cuda_peak_mib']:8.1f} M" if "cuda_peak_mib" in m else ""))
-    print(f"-> at a global batch of {n} on {procs} processes, logit buffers alive at once per process: "
-          + ", ".join(f"{mode} {mib:.0f} MiB" for mode, mib in per_process.items())
-          + f" (scaled from the largest measured size; plus about {3 * n * dim * 4 / MiB:.0f} MiB of "
-          f"({n}, {dim}) feature copies).")
+            print(
+                f"{mode:>12s} {size:8d} {m['block_mib']:7.1f} M {m['formula_mib']:7.1f} M "
+                f"{m['saved_mib']:7.1f} M ({m['saved_mib'] / m['block_mib']:.0f}x) "
+                f"{live:8.1f} M ({m['blocks_live']}x) {m['peak_mib']:8.1f} M"
+                + (f" {m['cuda_peak_mib']:8.1f} M" if "cuda_peak_mib" in m else "")
+            )
+    print(
+        f"-> at a global batch of {n} on {procs} processes, logit buffers alive at once per process: "
+        + ", ".join(f"{mode} {mib:.0f} MiB" for mode, mib in per_process.items())
+        + f" (scaled from the largest measured size; plus about {3 * n * dim * 4 / MiB:.0f} MiB of "
+        f"({n}, {dim}) feature copies)."
+    )
 
 
 # ---------------------------------------------------------------------------------------------------
 # Entry point
 # ---------------------------------------------------------------------------------------------------
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python bench/train_step.py", description=__doc__.split("\n")[0],
-                                epilog="Figures depend on the machine's load; rerun on an idle machine to compare.")
+    p = argparse.ArgumentParser(
+        prog="python bench/train_step.py",
+        description=__doc__.split("\n")[0],
+        epilog="Figures depend on the machine's load; rerun on an idle machine to compare.",
+    )
     p.add_argument("--presets", default="tiny,base", help="comma list of architecture presets (default: tiny,base)")
     p.add_argument("--stages", default="1,2", help="comma list among 1, 2 (default: 1,2)")
-    p.add_argument("--batch-size", type=int, default=None, metavar="N",
-                   help="clips per step for every preset (default: CPU tiny 8, base 4; CUDA tiny 256, base 64)")
+    p.add_argument(
+        "--batch-size",
+        type=int,
+        default=None,
+        metavar="N",
+        help="clips per step for every preset (default: CPU tiny 8, base 4; CUDA tiny 256, base 64)",
+    )
     p.add_argument("--steps", type=int, default=3, help="timed steps; the median is reported (default: 3)")
     p.add_argument("--warmup", type=int, default=1, help="untimed steps first (default: 1)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--device", choices=["cpu", "cuda"], default=None, help="default: cuda when available")
-    p.add_argument("--logits-sizes", default="512,1024", help="global batches at which the logits' memory is "
-                   "measured (default: 512,1024)")
+    p.add_argument(
+        "--logits-sizes",
+        default="512,1024",
+        help="global batches at which the logits' memory is measured (default: 512,1024)",
+    )
     p.add_argument("--skip-steps", action="store_true", help="only the contrastive-logits section")
     return p
 
@@ -319,9 +372,11 @@ def main(argv: list[str] | None = None) -> int:
     if bad := [p for p in presets if p not in m2dclap.list_models()]:
         print(f"unknown preset(s) {bad}: choose among {', '.join(m2dclap.list_models())}", file=sys.stderr)
         return 2
-    print(f"torch {torch.__version__}, device {device}"
-          + (f" ({torch.cuda.get_device_name()})" if device == "cuda" else f", {os.cpu_count()} CPU cores")
-          + f", load average {os.getloadavg()[0]:.1f}")
+    print(
+        f"torch {torch.__version__}, device {device}"
+        + (f" ({torch.cuda.get_device_name()})" if device == "cuda" else f", {os.cpu_count()} CPU cores")
+        + f", load average {os.getloadavg()[0]:.1f}"
+    )
     if not args.skip_steps:
         with tempfile.TemporaryDirectory() as tmp:
             bert = str(bert_base_folder(Path(tmp) / "bert-base")) if "2" in stages and presets != ["tiny"] else ""
@@ -330,22 +385,33 @@ def main(argv: list[str] | None = None) -> int:
                 for preset in presets:
                     batch = args.batch_size or DEFAULT_BATCH[device].get(preset, 4)
                     try:
-                        rows.append(in_fresh_process(run_case, preset, stage, batch, args.steps, args.warmup,
-                                                     device, bert, args.threads))
+                        rows.append(
+                            in_fresh_process(
+                                run_case, preset, stage, batch, args.steps, args.warmup, device, bert, args.threads
+                            )
+                        )
                     except (RuntimeError, BrokenProcessPool) as e:  # e.g. out of memory: report, go on
-                        print(f"{preset} stage {stage} batch {batch}: failed ({type(e).__name__}: "
-                              f"{str(e).splitlines()[0] if str(e) else 'the process died'})")
+                        print(
+                            f"{preset} stage {stage} batch {batch}: failed ({type(e).__name__}: "
+                            f"{str(e).splitlines()[0] if str(e) else 'the process died'})"
+                        )
         print("\n== one training step: forward + backward + clip + AdamW + EMA ==")
         print("stage 1: M2D + CLAP, mask 0.7, lambda_m2d 1, lambda_clap 0.01, 4096-d pre-computed text embeddings")
-        print("stage 2: CLAP only, mask 0.3, frozen audio encoder, trainable text encoder (tiny: MiniLM-L6; "
-              "base: BERT-base)")
+        print(
+            "stage 2: CLAP only, mask 0.3, frozen audio encoder, trainable text encoder (tiny: MiniLM-L6; "
+            "base: BERT-base)"
+        )
         print_steps(rows)
         if device == "cpu":
-            print("peak RSS: the process's high-water mark (ru_maxrss), so weights, AdamW state, activations and "
-                  "the Python/torch runtime; (start): the same after the imports, before the model exists")
+            print(
+                "peak RSS: the process's high-water mark (ru_maxrss), so weights, AdamW state, activations and "
+                "the Python/torch runtime; (start): the same after the imports, before the model exists"
+            )
         else:
-            print("peak GPU alloc: torch.cuda.max_memory_allocated over the timed steps: weights, AdamW state, "
-                  "activations")
+            print(
+                "peak GPU alloc: torch.cuda.max_memory_allocated over the timed steps: weights, AdamW state, "
+                "activations"
+            )
     dim_preset = "base" if "base" in presets else presets[0]
     dim = m2dclap.get_model_config(dim_preset).encoder.embed_dim
     logits_section([int(s) for s in args.logits_sizes.split(",") if s.strip()], dim, device)

@@ -7,6 +7,7 @@ split of the embedded corpus (``generate_corpus()``'s default folder, generated 
 clip's first label as its class, builds a zero-shot classifier over the corpus's 12 classes with the paper's
 "(label) can be heard" rule and prints the accuracy beside chance (1/12) with the ratio (target >= 3x).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -38,8 +39,9 @@ def main(argv: list[str] | None = None) -> int:
 
     ckpt = Path(args.checkpoint)
     if not ckpt.exists():
-        print(f"no checkpoint at {ckpt}: run the main job first (accelerate launch scripts/pretrain.py)",
-              file=sys.stderr)
+        print(
+            f"no checkpoint at {ckpt}: run the main job first (accelerate launch scripts/pretrain.py)", file=sys.stderr
+        )
         return 2
     corpus = Path(args.corpus) if args.corpus else default_corpus_dir()
     manifest = corpus / MANIFEST_NAME
@@ -56,11 +58,15 @@ def main(argv: list[str] | None = None) -> int:
     chance = 1.0 / len(CLASS_NAMES)
     ratio = acc / chance
     print(f"checkpoint: {ckpt}")
-    print(f"corpus: {manifest} (test split: {len(preds.indices)} clips, {len(preds.failed)} unreadable, "
-          f"{len(CLASS_NAMES)} classes; embedded in {time.perf_counter() - t0:.1f} s)")
+    print(
+        f"corpus: {manifest} (test split: {len(preds.indices)} clips, {len(preds.failed)} unreadable, "
+        f"{len(CLASS_NAMES)} classes; embedded in {time.perf_counter() - t0:.1f} s)"
+    )
     print(f"prompts: {clf.prompts[0][0]!r}, {clf.prompts[1][0]!r}, ...")
-    print(f"zero-shot accuracy {100 * acc:.1f}% vs chance {100 * chance:.1f}%: {ratio:.2f}x chance "
-          f"(target >= {TARGET:.0f}x: {'met' if ratio >= TARGET else 'NOT met'})")
+    print(
+        f"zero-shot accuracy {100 * acc:.1f}% vs chance {100 * chance:.1f}%: {ratio:.2f}x chance "
+        f"(target >= {TARGET:.0f}x: {'met' if ratio >= TARGET else 'NOT met'})"
+    )
     return 0
 
 

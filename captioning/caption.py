@@ -7,6 +7,7 @@ by the selection metric is used). The codec tokens and the CLAP embedding are co
 codec and CLAP recorded in the checkpoint's ``captioning.json`` (override with ``--codec`` /
 ``--clap-checkpoint``). Prints ``file<TAB>caption`` per file.
 """
+
 from __future__ import annotations
 
 import json
@@ -16,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+
 from m2dclap.cli import CliError, option, resolve_device, run_cli
 from m2dclap.embed_files import report_skipped
 
@@ -33,8 +35,9 @@ def resolve_checkpoint(path: str | Path) -> Path:
         best = json.loads(meta.read_text()).get("top_checkpoints") or []
         if best:
             return path / "checkpoints" / best[0]["checkpoint"]
-    raise FileNotFoundError(f"{path}: neither an EnCLAP checkpoint (enclap_config.json) nor a training run "
-                            f"with checkpoints ({RUN_META})")
+    raise FileNotFoundError(
+        f"{path}: neither an EnCLAP checkpoint (enclap_config.json) nor a training run with checkpoints ({RUN_META})"
+    )
 
 
 def feature_settings(ckpt: Path) -> dict:
@@ -55,8 +58,9 @@ class Captioner:
         self.device = device
         self.model = EnClapCaptioner.from_pretrained(self.ckpt).to(device).eval()
         codec_src = codec or self.settings.get("codec") or "pretrained"
-        self.codec = load_codec(codec_src, bandwidth=float(self.settings.get("bandwidth") or DEFAULT_BANDWIDTH),
-                                device=device)
+        self.codec = load_codec(
+            codec_src, bandwidth=float(self.settings.get("bandwidth") or DEFAULT_BANDWIDTH), device=device
+        )
         clap_name = clap or self.settings.get("clap") or "m2d-clap"
         cc = clap_checkpoint or self.settings.get("clap_checkpoint")
         self.clap = get_backend(clap_name, **({"checkpoint": cc} if cc else {}), device=device)
@@ -68,7 +72,7 @@ class Captioner:
 
         out = []
         for s in range(0, len(waves), batch_size):
-            chunk = waves[s:s + batch_size]
+            chunk = waves[s : s + batch_size]
             codes = [c[:, : self.model.max_frames] for c in encode_batch(self.codec, chunk, sample_rate)]
             T = max(c.shape[1] for c in codes)
             tokens = torch.full((len(codes), codes[0].shape[0], T), PAD_CODE, dtype=torch.long)
@@ -79,8 +83,9 @@ class Captioner:
             out += self.model.generate(tokens.to(self.device), mask.to(self.device), clap.to(self.device), **gen)
         return out
 
-    def caption_files(self, files: Sequence[str | Path], batch_size: int = 8,
-                      **gen) -> tuple[list[str | None], list[tuple[Path, str]]]:
+    def caption_files(
+        self, files: Sequence[str | Path], batch_size: int = 8, **gen
+    ) -> tuple[list[str | None], list[tuple[Path, str]]]:
         """(caption or None per file, [(file, why it was skipped)]); audio is read a batch at a time through
         :class:`m2dclap.embed_files.AudioBatches` (undecodable, empty, NaN/Inf and too-short files skipped)."""
         from m2dclap.embed_files import AudioBatches
@@ -90,8 +95,7 @@ class Captioner:
 
         texts: list[str | None] = [None] * len(files)
         bad: list[tuple[Path, str]] = []
-        for batch in AudioBatches(files, CODEC_SAMPLE_RATE, clap_min_samples(self.clap, CODEC_SAMPLE_RATE),
-                                  batch_size):
+        for batch in AudioBatches(files, CODEC_SAMPLE_RATE, clap_min_samples(self.clap, CODEC_SAMPLE_RATE), batch_size):
             bad += [(Path(files[i]), reason) for i, reason in batch.skipped]
             if batch.waves:
                 captions = self.caption_waves(batch.waves, CODEC_SAMPLE_RATE, batch_size=batch_size, **gen)
@@ -126,27 +130,42 @@ class CaptionOptions:
     num_beams: int | None = option(None, minimum=1, help="beam size (default: the model's 4)")
     max_length: int | None = option(None, minimum=1, help="longest caption in tokens (default: the model's 50)")
     batch_size: int = option(8, minimum=1, help="clips per generation call (default 8)")
-    out: str | None = option(None, metavar="CSV", help="also write file_name,caption here (the format "
-                                                       "captioning.evaluate --predictions reads; the key is the "
-                                                       "file's name)")
+    out: str | None = option(
+        None,
+        metavar="CSV",
+        help="also write file_name,caption here (the format "
+        "captioning.evaluate --predictions reads; the key is the "
+        "file's name)",
+    )
     device: str | None = option(None, help="cpu, cuda, cuda:1 (default: cuda if available)")
 
 
-EPILOG = ("Files that cannot be used (undecodable, empty, NaN/Inf, shorter than one STFT window) are named on stderr "
-          "and skipped; the others are captioned. With --out, files sharing a name (the CSV's key) are refused.")
+EPILOG = (
+    "Files that cannot be used (undecodable, empty, NaN/Inf, shorter than one STFT window) are named on stderr "
+    "and skipped; the others are captioned. With --out, files sharing a name (the CSV's key) are refused."
+)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    return run_cli(run, CaptionOptions, argv, prog="python -m captioning.caption",
-                   description=__doc__.split("\n\n")[0], epilog=EPILOG)
+    return run_cli(
+        run,
+        CaptionOptions,
+        argv,
+        prog="python -m captioning.caption",
+        description=__doc__.split("\n\n")[0],
+        epilog=EPILOG,
+    )
 
 
 def run(args: CaptionOptions) -> int:
     files = expand_inputs(args.audio)
     clashes = name_clashes(files) if args.out else []
     if clashes:  # one CSV row per name: a second file of that name would overwrite the first's caption
-        raise CliError(f"--out {args.out}: files share a name, which is the CSV's key: " + "; ".join(clashes)
-                       + ". Caption them in separate runs or rename them.")
+        raise CliError(
+            f"--out {args.out}: files share a name, which is the CSV's key: "
+            + "; ".join(clashes)
+            + ". Caption them in separate runs or rename them."
+        )
     if args.out and Path(args.out).is_dir():
         raise CliError(f"--out {args.out}: is a folder, not a CSV file")
     device = resolve_device(args.device)
@@ -154,8 +173,9 @@ def run(args: CaptionOptions) -> int:
         cap = Captioner(args.checkpoint, args.clap_checkpoint, args.codec, args.clap, device)
     except Exception as e:  # noqa: BLE001 - a CLI: report and exit
         raise CliError(f"{type(e).__name__}: {e}") from None
-    texts, bad = cap.caption_files(files, batch_size=args.batch_size, num_beams=args.num_beams,
-                                   max_length=args.max_length)
+    texts, bad = cap.caption_files(
+        files, batch_size=args.batch_size, num_beams=args.num_beams, max_length=args.max_length
+    )
     done = [(f, t) for f, t in zip(files, texts) if t is not None]
     for f, t in done:
         print(f"{f}\t{t}")

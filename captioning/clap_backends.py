@@ -6,6 +6,7 @@
 A new CLAP (e.g. laion-clap) is added by subclassing :class:`ClapBackend` and decorating it with
 ``@register_backend("laion-clap")``; nothing else changes.
 """
+
 from __future__ import annotations
 
 import abc
@@ -44,11 +45,13 @@ _REGISTRY: dict[str, Callable[..., ClapBackend]] = {}
 
 def register_backend(name: str) -> Callable[[Callable[..., ClapBackend]], Callable[..., ClapBackend]]:
     """Class decorator: make ``get_backend(name, ...)`` build this backend."""
+
     def deco(factory: Callable[..., ClapBackend]) -> Callable[..., ClapBackend]:
         if name in _REGISTRY and _REGISTRY[name] is not factory:
             raise BackendError(f"a CLAP backend named {name!r} is already registered")
         _REGISTRY[name] = factory
         return factory
+
     return deco
 
 
@@ -72,13 +75,20 @@ class M2DClapBackend(ClapBackend):
 
     name = "m2d-clap"
 
-    def __init__(self, checkpoint: str | Path | None = None, device: str | torch.device = "cpu",
-                 batch_size: int = 16, normalize: bool = False):
+    def __init__(
+        self,
+        checkpoint: str | Path | None = None,
+        device: str | torch.device = "cpu",
+        batch_size: int = 16,
+        normalize: bool = False,
+    ):
         import m2dclap
 
         if checkpoint is None or str(checkpoint) == "":
-            raise BackendError("the m2d-clap backend needs a checkpoint (a folder, a .pth file or a name from "
-                               f"m2dclap.list_pretrained(): {', '.join(m2dclap.list_pretrained())})")
+            raise BackendError(
+                "the m2d-clap backend needs a checkpoint (a folder, a .pth file or a name from "
+                f"m2dclap.list_pretrained(): {', '.join(m2dclap.list_pretrained())})"
+            )
         self.checkpoint = str(checkpoint)
         self.model = m2dclap.load(checkpoint, device=device, audio_only=True).eval()
         self.batch_size = int(batch_size)
@@ -96,8 +106,9 @@ class M2DClapBackend(ClapBackend):
         if isinstance(waves, (torch.Tensor, np.ndarray)) and np.ndim(waves) == 1:
             waves = [waves]
         waves = [torch.as_tensor(w, dtype=torch.float32) for w in waves]
-        emb = self.model.encode_audio(waves, sample_rate=sample_rate, normalize=self.normalize,
-                                      batch_size=self.batch_size)
+        emb = self.model.encode_audio(
+            waves, sample_rate=sample_rate, normalize=self.normalize, batch_size=self.batch_size
+        )
         emb = emb.detach().float().cpu()
         self._dim = int(emb.shape[1])
         return emb

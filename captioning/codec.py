@@ -10,6 +10,7 @@ The published weights are ``encodec_24khz-d7cc33bc.th`` from ``https://dl.fbaipu
 ``load_codec("pretrained")`` downloads them into the torch hub cache, and fails offline with an error that
 names the file, the URL and where to put it.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -68,8 +69,10 @@ def _load_state_file(path: Path) -> dict:
                 for block in iter(lambda: f.read(1 << 20), b""):
                     h.update(block)
             if not h.hexdigest().startswith(expected):
-                raise CodecError(f"{path}: checksum mismatch (sha256 does not start with {expected}); "
-                                 f"the file is corrupt or incomplete: download {CHECKPOINT_URL} again")
+                raise CodecError(
+                    f"{path}: checksum mismatch (sha256 does not start with {expected}); "
+                    f"the file is corrupt or incomplete: download {CHECKPOINT_URL} again"
+                )
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
@@ -113,8 +116,12 @@ def _random_codec(model, seed: int) -> None:
             residual = residual - cb.dequantize(cb.quantize(residual))  # later codebooks see the residual
 
 
-def load_codec(source: str | Path = "pretrained", bandwidth: float = DEFAULT_BANDWIDTH,
-               device: str | torch.device = "cpu", seed: int = 0):
+def load_codec(
+    source: str | Path = "pretrained",
+    bandwidth: float = DEFAULT_BANDWIDTH,
+    device: str | torch.device = "cpu",
+    seed: int = 0,
+):
     """The EnCodec 24 kHz model, in eval mode, set to ``bandwidth`` kbps.
 
     ``source``: ``"pretrained"`` (the published weights, downloaded into the torch hub cache if absent),
@@ -142,14 +149,17 @@ def load_codec(source: str | Path = "pretrained", bandwidth: float = DEFAULT_BAN
                     raise CodecError(
                         f"cannot download the EnCodec 24 kHz weights ({type(e).__name__}: {e}). "
                         f"Download {CHECKPOINT_URL} on a machine with internet access and either put it at "
-                        f"{cached} or pass its folder/file as the codec source (--codec PATH)") from None
+                        f"{cached} or pass its folder/file as the codec source (--codec PATH)"
+                    ) from None
         else:
             path = Path(source).expanduser()
             if path.is_dir():
                 path = path / CHECKPOINT_NAME
             if not path.is_file():
-                raise CodecError(f"{path}: no such EnCodec checkpoint; download {CHECKPOINT_URL} and put it "
-                                 f"there (or pass 'pretrained' to download it, or 'random' for tests)")
+                raise CodecError(
+                    f"{path}: no such EnCodec checkpoint; download {CHECKPOINT_URL} and put it "
+                    f"there (or pass 'pretrained' to download it, or 'random' for tests)"
+                )
             state = _load_state_file(path)
         try:
             model.load_state_dict(state)
@@ -172,8 +182,9 @@ def _prepare(wave: torch.Tensor | np.ndarray, sample_rate: int, where: str) -> t
 
 
 @torch.no_grad()
-def encode_batch(codec, waves: Sequence[torch.Tensor | np.ndarray], sample_rate: int,
-                 batch_size: int = 16) -> list[torch.Tensor]:
+def encode_batch(
+    codec, waves: Sequence[torch.Tensor | np.ndarray], sample_rate: int, batch_size: int = 16
+) -> list[torch.Tensor]:
     """Tokens (K, T_i) for each waveform; clips of the same length (after resampling) run as one batch.
 
     Clips of different lengths are not zero-padded into one batch: the last, partial frame would then
@@ -188,7 +199,7 @@ def encode_batch(codec, waves: Sequence[torch.Tensor | np.ndarray], sample_rate:
         by_len.setdefault(w.shape[0], []).append(i)
     for idx in by_len.values():
         for start in range(0, len(idx), batch_size):
-            chunk = idx[start:start + batch_size]
+            chunk = idx[start : start + batch_size]
             x = torch.stack([prepared[i] for i in chunk])[:, None, :].to(device)  # (B, 1, T)
             frames = codec.encode(x)  # list of (codes (B, K, T'), scale)
             codes = torch.cat([c for c, _ in frames], dim=-1).long().cpu()

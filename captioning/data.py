@@ -10,6 +10,7 @@
 ``token_mask`` (B, T_max), ``clap`` (B, D), the captions and ids; labels are made by the model's tokenizer
 (``model.tokenize_captions``), via :func:`make_collate`.
 """
+
 from __future__ import annotations
 
 import re
@@ -74,8 +75,14 @@ class CaptionDataset(Dataset):
     items are clips (first ``max_frames`` frames, every reference caption).
     """
 
-    def __init__(self, clips: Sequence[CachedClip], training: bool, max_frames: int = MAX_FRAMES, seed: int = 0,
-                 captions: str = "all"):
+    def __init__(
+        self,
+        clips: Sequence[CachedClip],
+        training: bool,
+        max_frames: int = MAX_FRAMES,
+        seed: int = 0,
+        captions: str = "all",
+    ):
         if captions not in CAPTION_SAMPLING:
             raise ValueError(f"captions must be one of {CAPTION_SAMPLING}, not {captions!r}")
         self.clips = [c for c in clips if (c.captions or not training)]
@@ -84,8 +91,11 @@ class CaptionDataset(Dataset):
         self.training, self.max_frames, self.seed = training, int(max_frames), int(seed)
         self.sampling = captions if training else "one"
         # (clip index, caption index or -1 for "draw one")
-        self.items = ([(ci, k) for ci, c in enumerate(self.clips) for k in range(len(c.captions))]
-                      if self.sampling == "all" else [(ci, -1) for ci in range(len(self.clips))])
+        self.items = (
+            [(ci, k) for ci, c in enumerate(self.clips) for k in range(len(c.captions))]
+            if self.sampling == "all"
+            else [(ci, -1) for ci in range(len(self.clips))]
+        )
         self.epoch = 0
 
     def set_epoch(self, epoch: int) -> None:
@@ -107,7 +117,7 @@ class CaptionDataset(Dataset):
                 start = int(rng.integers(T - self.max_frames + 1))
         else:
             caption = c.captions[0] if c.captions else ""  # evaluation truncates from the start
-        tokens = torch.from_numpy(codes[:, start:start + self.max_frames].astype(np.int64))
+        tokens = torch.from_numpy(codes[:, start : start + self.max_frames].astype(np.int64))
         return {"id": c.id, "tokens": tokens, "clap": clap, "caption": caption, "captions": list(c.captions)}
 
 
@@ -120,18 +130,25 @@ def collate(items: Sequence[dict]) -> dict:
         n = int(it["tokens"].shape[1])
         tokens[b, :, :n] = it["tokens"]
         mask[b, :n] = True
-    return {"tokens": tokens, "token_mask": mask, "clap": torch.stack([it["clap"] for it in items]),
-            "caption": [it["caption"] for it in items], "captions": [it["captions"] for it in items],
-            "id": [it["id"] for it in items]}
+    return {
+        "tokens": tokens,
+        "token_mask": mask,
+        "clap": torch.stack([it["clap"] for it in items]),
+        "caption": [it["caption"] for it in items],
+        "captions": [it["captions"] for it in items],
+        "id": [it["id"] for it in items],
+    }
 
 
 def make_collate(tokenize: Callable[[list[str]], torch.Tensor] | None) -> Callable[[Sequence[dict]], dict]:
     """``collate`` plus ``labels`` (B, L) from ``tokenize`` (e.g. ``model.tokenize_captions``)."""
+
     def fn(items):
         batch = collate(items)
         if tokenize is not None:
             batch["labels"] = tokenize(batch["caption"])
         return batch
+
     return fn
 
 
@@ -163,8 +180,9 @@ def build_word_tokenizer(captions: Sequence[str], min_count: int = 1):
     tk.normalizer = normalizers.Sequence([normalizers.Lowercase(), normalizers.Replace(Regex(r"[^\w\s'-]"), " ")])
     tk.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     tk.post_processor = processors.TemplateProcessing(single="<s> $A </s>", special_tokens=[("<s>", 0), ("</s>", 2)])
-    return PreTrainedTokenizerFast(tokenizer_object=tk, bos_token="<s>", eos_token="</s>", pad_token="<pad>",
-                                   unk_token="<unk>")
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tk, bos_token="<s>", eos_token="</s>", pad_token="<pad>", unk_token="<unk>"
+    )
 
 
 __all__ = [

@@ -14,6 +14,7 @@ Follows EnCLAP (``jaeyeonkim99/EnCLAP``, ``modeling/enclap_bart.py`` and ``data/
   cross-entropy (mean over its masked positions in the batch) is weighted 1/2^(i+1); the sum is scaled by
   0.7 and added to the caption loss (cross-entropy with label smoothing 0.2).
 """
+
 from __future__ import annotations
 
 import functools
@@ -319,8 +320,9 @@ class EnClapCaptioner(nn.Module):
                 encoder_outputs=BaseModelOutput(last_hidden_state=hidden),
                 attention_mask=attn,
                 num_beams=num_beams or self.cfg.num_beams,
-                no_repeat_ngram_size=(self.cfg.no_repeat_ngram_size if no_repeat_ngram_size is None
-                                      else no_repeat_ngram_size),
+                no_repeat_ngram_size=(
+                    self.cfg.no_repeat_ngram_size if no_repeat_ngram_size is None else no_repeat_ngram_size
+                ),
                 max_length=max_length or self.cfg.max_length,
                 early_stopping=True,
                 decoder_start_token_id=bc.decoder_start_token_id,
@@ -333,8 +335,9 @@ class EnClapCaptioner(nn.Module):
         finally:
             self.train(was_training)
 
-    def generate(self, tokens, token_mask, clap, num_beams=None, no_repeat_ngram_size=None,
-                 max_length=None) -> list[str]:
+    def generate(
+        self, tokens, token_mask, clap, num_beams=None, no_repeat_ngram_size=None, max_length=None
+    ) -> list[str]:
         """Beam-search captions (EnCLAP inference.py settings by default)."""
         if self.tokenizer is None:
             raise RuntimeError("EnClapCaptioner.generate needs a tokenizer")

@@ -16,6 +16,7 @@ Writes, under DIR:
 
 The run is resumable: a clip whose outputs exist is not recomputed, and every file is written atomically.
 """
+
 from __future__ import annotations
 
 import csv
@@ -57,6 +58,7 @@ def _safe_name(clip_id: str) -> str:
     safe = _UNSAFE.sub("_", clip_id)
     if safe != clip_id:
         import hashlib
+
         safe = f"{safe}-{hashlib.sha1(clip_id.encode()).hexdigest()[:8]}"
     return safe
 
@@ -88,14 +90,18 @@ def _merged_meta(out: Path, meta: dict) -> dict:
     have_tokens = any((out / "tokens").glob("*.npy"))
     for key in ("codec", "bandwidth"):
         if have_tokens and key in old and old[key] != meta[key]:
-            raise ValueError(f"{out}: the cached tokens were made with {key}={old[key]!r}, this run uses "
-                             f"{meta[key]!r}; use another --out folder")
+            raise ValueError(
+                f"{out}: the cached tokens were made with {key}={old[key]!r}, this run uses "
+                f"{meta[key]!r}; use another --out folder"
+            )
     claps = dict(old.get("clap", {})) if have_tokens else {}
     name = meta["clap_name"]
     have_clap = any((out / "clap" / _safe_name(name)).glob("*.npy"))
     if have_clap and name in claps and claps[name] != meta["clap"]:
-        raise ValueError(f"{out}: the cached {name} embeddings were made with {claps[name]!r}, this run uses "
-                         f"{meta['clap']!r}; use another --out folder")
+        raise ValueError(
+            f"{out}: the cached {name} embeddings were made with {claps[name]!r}, this run uses "
+            f"{meta['clap']!r}; use another --out folder"
+        )
     claps[name] = meta["clap"]
     return {**(old if have_tokens else {}), "codec": meta["codec"], "bandwidth": meta["bandwidth"], "clap": claps}
 
@@ -105,8 +111,16 @@ def _write_meta(out: Path, meta: dict) -> None:
         f.write(json.dumps(meta, indent=1, sort_keys=True) + "\n")
 
 
-def preprocess(records: Sequence[Record], out: str | Path, codec, clap: ClapBackend, codec_source: str,
-               bandwidth: float, batch_size: int = 8, progress: bool = True) -> dict:
+def preprocess(
+    records: Sequence[Record],
+    out: str | Path,
+    codec,
+    clap: ClapBackend,
+    codec_source: str,
+    bandwidth: float,
+    batch_size: int = 8,
+    progress: bool = True,
+) -> dict:
     """Cache tokens and embeddings for ``records`` under ``out``; return counts and the skipped clips.
 
     Audio is read through :class:`m2dclap.embed_files.AudioBatches`: undecodable, empty, NaN/Inf and
@@ -114,8 +128,15 @@ def preprocess(records: Sequence[Record], out: str | Path, codec, clap: ClapBack
     output, so a run that fails earlier (e.g. the codec cannot be loaded) records nothing."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    meta = _merged_meta(out, {"codec": codec_source, "bandwidth": float(bandwidth), "clap_name": clap.name,
-                              "clap": json.loads(json.dumps(clap.describe(), default=str))})
+    meta = _merged_meta(
+        out,
+        {
+            "codec": codec_source,
+            "bandwidth": float(bandwidth),
+            "clap_name": clap.name,
+            "clap": json.loads(json.dumps(clap.describe(), default=str)),
+        },
+    )
     stats = {"clips": len(records), "tokens_computed": 0, "clap_computed": 0, "skipped": 0, "errors": []}
     todo = []
     for rec in records:
@@ -128,12 +149,18 @@ def preprocess(records: Sequence[Record], out: str | Path, codec, clap: ClapBack
         _write_meta(out, meta)  # outputs of these settings are there already
     log.info("%d clip(s): %d cached, %d to compute", len(records), stats["skipped"], len(todo))
     pending_meta = not stats["skipped"]
-    batches = AudioBatches([rec.audio for rec, _ in todo], CODEC_SAMPLE_RATE,
-                           clap_min_samples(clap, CODEC_SAMPLE_RATE), batch_size, progress=progress,
-                           desc="preprocess")
+    batches = AudioBatches(
+        [rec.audio for rec, _ in todo],
+        CODEC_SAMPLE_RATE,
+        clap_min_samples(clap, CODEC_SAMPLE_RATE),
+        batch_size,
+        progress=progress,
+        desc="preprocess",
+    )
     for batch in batches:
-        stats["errors"] += [{"id": todo[i][0].id, "audio": str(todo[i][0].audio), "error": reason}
-                            for i, reason in batch.skipped]
+        stats["errors"] += [
+            {"id": todo[i][0].id, "audio": str(todo[i][0].audio), "error": reason} for i, reason in batch.skipped
+        ]
         good = [todo[i] for i in batch.indices]
         waves = batch.waves
         need_tok = [k for k, (_, p) in enumerate(good) if not p.tokens.is_file()]
@@ -174,8 +201,18 @@ def _write_index(out: Path, records: Sequence[Record], clap_name: str) -> None:
         w = csv.writer(f)
         w.writerow(["id", "audio", "split", "frames", "tokens", "clap"] + [f"caption_{i + 1}" for i in range(k)])
         for rec, frames, p in rows:
-            w.writerow([rec.id, str(rec.audio), rec.split or "", frames, p.tokens.relative_to(out).as_posix(),
-                        p.clap.relative_to(out).as_posix()] + rec.captions + [""] * (k - len(rec.captions)))
+            w.writerow(
+                [
+                    rec.id,
+                    str(rec.audio),
+                    rec.split or "",
+                    frames,
+                    p.tokens.relative_to(out).as_posix(),
+                    p.clap.relative_to(out).as_posix(),
+                ]
+                + rec.captions
+                + [""] * (k - len(rec.captions))
+            )
 
 
 def _write_errors(out: Path, errors: list[dict]) -> None:
@@ -185,11 +222,13 @@ def _write_errors(out: Path, errors: list[dict]) -> None:
         w.writerows(errors)
 
 
-DESCRIPTION = ("Cache, per clip of a manifest, EnCodec tokens (24 kHz model, 12 kbps: int16 (16, T) at 75 frames/s) "
-               "and the CLAP audio embedding (float32 (D,)) for EnCLAP-style captioning. Resumable: clips already "
-               "cached are skipped. Clips that cannot be used (undecodable, empty, NaN/Inf, shorter than one STFT "
-               f"window) are named on stderr, listed in DIR/{ERRORS_NAME} and skipped (exit status 1); "
-               f"DIR/{INDEX_NAME} lists the cached clips. Nothing is written before the codec and CLAP load.")
+DESCRIPTION = (
+    "Cache, per clip of a manifest, EnCodec tokens (24 kHz model, 12 kbps: int16 (16, T) at 75 frames/s) "
+    "and the CLAP audio embedding (float32 (D,)) for EnCLAP-style captioning. Resumable: clips already "
+    "cached are skipped. Clips that cannot be used (undecodable, empty, NaN/Inf, shorter than one STFT "
+    f"window) are named on stderr, listed in DIR/{ERRORS_NAME} and skipped (exit status 1); "
+    f"DIR/{INDEX_NAME} lists the cached clips. Nothing is written before the codec and CLAP load."
+)
 
 
 @dataclass(kw_only=True)
@@ -197,15 +236,21 @@ class PreprocessOptions:
     data: str = option(metavar="MANIFEST", help="the suite's .csv/.jsonl manifest")
     out: str = option(metavar="DIR", help="cache folder (created if missing)")
     clap: str = option("m2d-clap", help=f"CLAP backend (known: {', '.join(list_backends())})")
-    clap_checkpoint: str | None = option(None, metavar="C",
-                                         help="the CLAP checkpoint: a folder, file or registered name")
-    codec: str = option("pretrained", metavar="pretrained|random|PATH",
-                        help="EnCodec weights: 'pretrained' (downloads encodec_24khz-d7cc33bc.th into the torch hub "
-                             "cache), a folder or file holding it, or 'random' (seeded random weights, tests only)")
-    bandwidth: float = option(DEFAULT_BANDWIDTH, help=f"EnCodec bandwidth in kbps (default {DEFAULT_BANDWIDTH:g} "
-                                                      "-> 16 codebooks)")
-    split: list[str] | None = option(None, choices=["train", "val", "test"],
-                                     help="only these splits of the manifest (default: all clips)")
+    clap_checkpoint: str | None = option(
+        None, metavar="C", help="the CLAP checkpoint: a folder, file or registered name"
+    )
+    codec: str = option(
+        "pretrained",
+        metavar="pretrained|random|PATH",
+        help="EnCodec weights: 'pretrained' (downloads encodec_24khz-d7cc33bc.th into the torch hub "
+        "cache), a folder or file holding it, or 'random' (seeded random weights, tests only)",
+    )
+    bandwidth: float = option(
+        DEFAULT_BANDWIDTH, help=f"EnCodec bandwidth in kbps (default {DEFAULT_BANDWIDTH:g} -> 16 codebooks)"
+    )
+    split: list[str] | None = option(
+        None, choices=["train", "val", "test"], help="only these splits of the manifest (default: all clips)"
+    )
     batch_size: int = option(8, minimum=1, help="clips loaded and encoded together")
     device: str | None = option(None, help="cpu, cuda, cuda:1 (default: cuda if available)")
     no_progress: bool = option(False, help="no progress bar")
@@ -227,15 +272,25 @@ def run(args: PreprocessOptions) -> int:
             kwargs["checkpoint"] = args.clap_checkpoint
         clap = get_backend(args.clap, **kwargs)
         codec = LazyCodec(args.codec, args.bandwidth, device)
-        stats = preprocess(records, args.out, codec, clap, codec_source=str(args.codec), bandwidth=args.bandwidth,
-                           batch_size=args.batch_size, progress=not args.no_progress)
+        stats = preprocess(
+            records,
+            args.out,
+            codec,
+            clap,
+            codec_source=str(args.codec),
+            bandwidth=args.bandwidth,
+            batch_size=args.batch_size,
+            progress=not args.no_progress,
+        )
     except (ManifestError, BackendError, CodecError, ValueError, OSError) as e:
         raise CliError(str(e)) from None
     n_err = len(stats["errors"])
     report_skipped([(e["audio"], e["error"]) for e in stats["errors"]], what="clip", stream=sys.stderr)
-    print(f"{stats['clips']} clip(s): {stats['tokens_computed']} token file(s) and {stats['clap_computed']} "
-          f"embedding(s) computed, {stats['skipped']} already cached, {n_err} skipped"
-          + (f" (listed in {Path(args.out) / ERRORS_NAME})" if n_err else ""))
+    print(
+        f"{stats['clips']} clip(s): {stats['tokens_computed']} token file(s) and {stats['clap_computed']} "
+        f"embedding(s) computed, {stats['skipped']} already cached, {n_err} skipped"
+        + (f" (listed in {Path(args.out) / ERRORS_NAME})" if n_err else "")
+    )
     return 1 if n_err else 0
 
 

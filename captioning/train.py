@@ -22,6 +22,7 @@ With no ``--dataset`` it trains on the embedded synthetic corpus: it generates t
 downloaded offline; the default M2D-CLAP checkpoint ``runs/default/stage2/model``), and trains a tiny BART
 with a word-level tokenizer built from the training captions, on CPU in minutes.
 """
+
 from __future__ import annotations
 
 import json
@@ -44,17 +45,16 @@ from m2dclap.fileio import atomic_write_text
 from m2dclap.train.engine import Engine, KeepBest, LoopCfg, make_accelerator
 
 from .codec import DEFAULT_BANDWIDTH
-from .metrics import MetricUnavailableError
-from .features import DATASET_PRESETS, DEFAULT_CLAP_CHECKPOINT, dataset_preset, prepare_cache
-from .features import read_named_split  # noqa: F401  (captioning.evaluate imports it, and predict, from here)
-from .validation import choose_selection_metric, predict, validation_scores
-from .data import (
-    CAPTION_SAMPLING,
-    CaptionDataset,
-    build_word_tokenizer,
-    make_collate,
-    read_index,
+from .data import CAPTION_SAMPLING, CaptionDataset, build_word_tokenizer, make_collate, read_index
+from .features import (
+    DATASET_PRESETS,
+    DEFAULT_CLAP_CHECKPOINT,
+    dataset_preset,
+    prepare_cache,
+    read_named_split,  # noqa: F401  (captioning.evaluate imports it, and predict, from here)
 )
+from .metrics import MetricUnavailableError
+from .validation import choose_selection_metric, predict, validation_scores
 
 log = logging.getLogger("captioning.train")
 
@@ -66,10 +66,23 @@ TOP_K = 5
 
 # tiny BART for offline CPU runs (the vocabulary size is filled in from the word-level tokenizer)
 TINY_BART = {
-    "d_model": 128, "encoder_layers": 2, "decoder_layers": 2, "encoder_attention_heads": 4,
-    "decoder_attention_heads": 4, "encoder_ffn_dim": 256, "decoder_ffn_dim": 256, "max_position_embeddings": 1024,
-    "dropout": 0.1, "attention_dropout": 0.0, "activation_dropout": 0.0, "bos_token_id": 0, "pad_token_id": 1,
-    "eos_token_id": 2, "decoder_start_token_id": 2, "forced_bos_token_id": 0, "forced_eos_token_id": 2,
+    "d_model": 128,
+    "encoder_layers": 2,
+    "decoder_layers": 2,
+    "encoder_attention_heads": 4,
+    "decoder_attention_heads": 4,
+    "encoder_ffn_dim": 256,
+    "decoder_ffn_dim": 256,
+    "max_position_embeddings": 1024,
+    "dropout": 0.1,
+    "attention_dropout": 0.0,
+    "activation_dropout": 0.0,
+    "bos_token_id": 0,
+    "pad_token_id": 1,
+    "eos_token_id": 2,
+    "decoder_start_token_id": 2,
+    "forced_bos_token_id": 0,
+    "forced_eos_token_id": 2,
 }
 
 
@@ -128,65 +141,100 @@ class TrainOptions:
     :func:`apply_presets`."""
 
     clap: str = option("m2d-clap", help="CLAP backend")
-    clap_checkpoint: str | None = option(None, metavar="C",
-                                         help=f"CLAP checkpoint (default for m2d-clap: {DEFAULT_CLAP_CHECKPOINT})")
-    dataset: list[str] | None = option(None, metavar="audiocaps|clotho|MANIFEST",
-                                       help="audiocaps or clotho (with --data-root; the paper's learning rate and "
-                                            "EnCLAP's warm-up and batch), manifest(s) with train/val/test splits, or "
-                                            "one preprocess index.csv / cache folder; default: the embedded "
-                                            "synthetic corpus")
-    data_root: str | None = option(None, metavar="DIR",
-                                   help="the AudioCaps or Clotho v2.1 folder (CSV files and audio)")
-    audio_pattern: str | None = option(None, metavar="PATTERN",
-                                       help="AudioCaps audio file names, e.g. 'Y{youtube_id}.wav' (default "
-                                            "'{youtube_id}.wav')")
-    codec: str = option("auto", metavar="auto|pretrained|random|PATH",
-                        help="EnCodec weights for preprocessing (auto: the published weights if cached, else random)")
+    clap_checkpoint: str | None = option(
+        None, metavar="C", help=f"CLAP checkpoint (default for m2d-clap: {DEFAULT_CLAP_CHECKPOINT})"
+    )
+    dataset: list[str] | None = option(
+        None,
+        metavar="audiocaps|clotho|MANIFEST",
+        help="audiocaps or clotho (with --data-root; the paper's learning rate and "
+        "EnCLAP's warm-up and batch), manifest(s) with train/val/test splits, or "
+        "one preprocess index.csv / cache folder; default: the embedded "
+        "synthetic corpus",
+    )
+    data_root: str | None = option(
+        None, metavar="DIR", help="the AudioCaps or Clotho v2.1 folder (CSV files and audio)"
+    )
+    audio_pattern: str | None = option(
+        None,
+        metavar="PATTERN",
+        help="AudioCaps audio file names, e.g. 'Y{youtube_id}.wav' (default '{youtube_id}.wav')",
+    )
+    codec: str = option(
+        "auto",
+        metavar="auto|pretrained|random|PATH",
+        help="EnCodec weights for preprocessing (auto: the published weights if cached, else random)",
+    )
     n_clips: int = option(2000, minimum=1, help="size of the embedded corpus (no --dataset)")
-    corpus_dir: str | None = option(None, metavar="DIR", help="where the embedded corpus lives (default: m2dclap's "
-                                                              "cache)")
-    bart: str | None = option(None, metavar="NAME|tiny",
-                              help="BART: 'tiny' (random init, word-level tokenizer from the training captions; "
-                                   "offline) or a Hugging Face name / folder (default: tiny on the embedded corpus, "
-                                   "facebook/bart-base with --dataset)")
-    output_dir: str = option("runs/captioning/default", metavar="DIR",
-                             help="run folder: cache/, checkpoints/ (top epochs), state/ (resumable checkpoints), "
-                                  "run.json")
+    corpus_dir: str | None = option(
+        None, metavar="DIR", help="where the embedded corpus lives (default: m2dclap's cache)"
+    )
+    bart: str | None = option(
+        None,
+        metavar="NAME|tiny",
+        help="BART: 'tiny' (random init, word-level tokenizer from the training captions; "
+        "offline) or a Hugging Face name / folder (default: tiny on the embedded corpus, "
+        "facebook/bart-base with --dataset)",
+    )
+    output_dir: str = option(
+        "runs/captioning/default",
+        metavar="DIR",
+        help="run folder: cache/, checkpoints/ (top epochs), state/ (resumable checkpoints), run.json",
+    )
     epochs: int = option(15, minimum=1, help="training epochs (EnCLAP and the paper: 15)")
-    lr: float | None = option(None, help="peak learning rate (default: the paper's 6e-6 for audiocaps and other "
-                                         "datasets, 4e-6 for clotho; 5e-4 for tiny)")
-    warmup: int | None = option(None, minimum=0,
-                                help="warm-up steps (default: EnCLAP's 2000 for audiocaps and other datasets, 1000 "
-                                     "for clotho; 10%% of the run, at most 1000, for tiny)")
-    batch_size: int | None = option(None, minimum=1,
-                                    help="global batch size (default: EnCLAP's 16 for audiocaps and other datasets, "
-                                         "64 for clotho)")
+    lr: float | None = option(
+        None,
+        help="peak learning rate (default: the paper's 6e-6 for audiocaps and other "
+        "datasets, 4e-6 for clotho; 5e-4 for tiny)",
+    )
+    warmup: int | None = option(
+        None,
+        minimum=0,
+        help="warm-up steps (default: EnCLAP's 2000 for audiocaps and other datasets, 1000 "
+        "for clotho; 10%% of the run, at most 1000, for tiny)",
+    )
+    batch_size: int | None = option(
+        None, minimum=1, help="global batch size (default: EnCLAP's 16 for audiocaps and other datasets, 64 for clotho)"
+    )
     weight_decay: float = option(0.01, help="AdamW weight decay, none on biases and norms")
     clip_grad: float = option(1.0, help="gradient-norm clipping (0: off)")
-    caption_sampling: str | None = option(None, choices=CAPTION_SAMPLING,
-                                          help="all: every (clip, caption) pair once per epoch, as EnCLAP's "
-                                               "one-row-per-caption training CSVs (default with --dataset); one: one "
-                                               "caption per clip, drawn per epoch (default on the embedded corpus, "
-                                               "whose 15 epochs then take minutes)")
-    max_steps: int | None = option(None, minimum=1, help="stop after this many optimiser steps (the weights are then "
-                                                         "validated and checkpointed)")
+    caption_sampling: str | None = option(
+        None,
+        choices=CAPTION_SAMPLING,
+        help="all: every (clip, caption) pair once per epoch, as EnCLAP's "
+        "one-row-per-caption training CSVs (default with --dataset); one: one "
+        "caption per clip, drawn per epoch (default on the embedded corpus, "
+        "whose 15 epochs then take minutes)",
+    )
+    max_steps: int | None = option(
+        None, minimum=1, help="stop after this many optimiser steps (the weights are then validated and checkpointed)"
+    )
     max_val: int | None = option(None, minimum=2, help="validate on at most this many clips")
     val_beams: int | None = option(None, minimum=1, help="beam size for validation (default: the model's 4)")
     top_k: int = option(TOP_K, minimum=1, help="epoch checkpoints kept")
-    selection_metric: str = option("auto", choices=SELECTION_METRICS,
-                                   help="validation metric that ranks the checkpoints: spider as EnCLAP (needs Java "
-                                        "and SPICE's CoreNLP jars), cider_d, or auto (spider when SPICE can run, "
-                                        "else cider_d)")
+    selection_metric: str = option(
+        "auto",
+        choices=SELECTION_METRICS,
+        help="validation metric that ranks the checkpoints: spider as EnCLAP (needs Java "
+        "and SPICE's CoreNLP jars), cider_d, or auto (spider when SPICE can run, "
+        "else cider_d)",
+    )
     seed: int = option(1115, help="random seed (EnCLAP's 1115)")
     grad_accum: int = option(1, minimum=1, help="micro-batches per optimiser step")
-    checkpoint_every: int = option(0, minimum=0,
-                                   help="optimiser steps between extra resumable checkpoints (default 0: at epoch "
-                                        "ends only); a resumed run continues at the exact batch where its "
-                                        "checkpoint was written")
+    checkpoint_every: int = option(
+        0,
+        minimum=0,
+        help="optimiser steps between extra resumable checkpoints (default 0: at epoch "
+        "ends only); a resumed run continues at the exact batch where its "
+        "checkpoint was written",
+    )
     resume: bool = option(False, help="continue from the latest checkpoint in OUTPUT_DIR/state")
-    mixed_precision: str | None = option(None, choices=("no", "fp16", "bf16"),
-                                         help="autocast for the training steps (default: accelerate's configuration "
-                                              "or launch flag, else no); bf16 runs on CPUs too, fp16 needs a GPU")
+    mixed_precision: str | None = option(
+        None,
+        choices=("no", "fp16", "bf16"),
+        help="autocast for the training steps (default: accelerate's configuration "
+        "or launch flag, else no); bf16 runs on CPUs too, fp16 needs a GPU",
+    )
     num_workers: int = option(0, minimum=0, help="DataLoader workers")
     no_progress: bool = option(False, help="no progress bars (preprocessing)")
     quiet: bool = option(False, aliases="-q", help="only warnings and errors")
@@ -227,14 +275,30 @@ def train(args) -> int:
     selection, selection_note = choose_selection_metric(requested)
     index, feat = _features(acc, args, out)
     model, train_ds, val_loader, peak = build_model_and_data(args, index)
-    loader = DataLoader(train_ds, batch_size=args.batch_size, shuffle=True, drop_last=False,
-                        collate_fn=make_collate(model.tokenize_captions), num_workers=args.num_workers,
-                        generator=torch.Generator().manual_seed(args.seed))
+    loader = DataLoader(
+        train_ds,
+        batch_size=args.batch_size,
+        shuffle=True,
+        drop_last=False,
+        collate_fn=make_collate(model.tokenize_captions),
+        num_workers=args.num_workers,
+        generator=torch.Generator().manual_seed(args.seed),
+    )
     optimizer = torch.optim.AdamW(param_groups(model, args.weight_decay), lr=peak)
-    loop = LoopCfg(output_dir=str(out), epochs=args.epochs, max_steps=args.max_steps or 0,
-                   clip_grad=args.clip_grad, checkpoint_every=args.checkpoint_every, checkpoint_epochs=True,
-                   keep_checkpoints=2, checkpoint_dir=STATE_DIR, log_every=10, metric=selection,
-                   keep_top=args.top_k, name="captioning")
+    loop = LoopCfg(
+        output_dir=str(out),
+        epochs=args.epochs,
+        max_steps=args.max_steps or 0,
+        clip_grad=args.clip_grad,
+        checkpoint_every=args.checkpoint_every,
+        checkpoint_epochs=True,
+        keep_checkpoints=2,
+        checkpoint_dir=STATE_DIR,
+        log_every=10,
+        metric=selection,
+        keep_top=args.top_k,
+        name="captioning",
+    )
     warmup = [args.warmup]  # known once the engine has counted the steps
     feat_meta = {k: feat.get(k) for k in ("codec", "bandwidth", "clap", "clap_checkpoint")}
     feat_meta["bandwidth"] = feat_meta["bandwidth"] or DEFAULT_BANDWIDTH
@@ -246,40 +310,86 @@ def train(args) -> int:
             preds, refs = predict(raw, val_loader, acc.device, num_beams=args.val_beams)
             raw.train()  # predict() leaves the model in evaluation mode
             scores = [validation_scores(preds, refs, selection)]
-            log.info("epoch %d: step %d, val %s (selection metric) %.4f, e.g. %r", engine.state.epoch +
-                     (engine.state.batch_in_epoch > 0), engine.state.step, selection, scores[0][selection],
-                     next(iter(preds.values()), ""))
+            log.info(
+                "epoch %d: step %d, val %s (selection metric) %.4f, e.g. %r",
+                engine.state.epoch + (engine.state.batch_in_epoch > 0),
+                engine.state.step,
+                selection,
+                scores[0][selection],
+                next(iter(preds.values()), ""),
+            )
         broadcast_object_list(scores)
         return dict(scores[0])
 
     def save_checkpoint(folder: Path, entry: dict) -> None:
         acc.unwrap_model(engine.model).save_pretrained(folder)
-        _write_json(folder / CKPT_META, {**feat_meta, "epoch": entry["epoch"], "step": entry["step"],
-                                         "val": {k: entry[k] for k in entry if k not in _ENTRY_KEYS},
-                                         "selection_metric": selection})
+        _write_json(
+            folder / CKPT_META,
+            {
+                **feat_meta,
+                "epoch": entry["epoch"],
+                "step": entry["step"],
+                "val": {k: entry[k] for k in entry if k not in _ENTRY_KEYS},
+                "selection_metric": selection,
+            },
+        )
 
-    engine = Engine(acc, loop, model, optimizer, loader,
-                    lambda module, b: {"loss": module(b["tokens"], b["token_mask"], b["clap"], b["labels"])["loss"]},
-                    lambda engine: inverse_sqrt_lr(engine.state.step + 1, peak, warmup[0]), evaluate=validate,
-                    on_epoch=lambda epoch: train_ds.set_epoch(epoch + 1),  # the dataset counts epochs from 1
-                    keep=KeepBest(lambda entry: out / "checkpoints" / checkpoint_name(entry), save_checkpoint),
-                    after_eval=lambda engine, entry: _write_meta(engine, meta, meta_path, selection))
+    engine = Engine(
+        acc,
+        loop,
+        model,
+        optimizer,
+        loader,
+        lambda module, b: {"loss": module(b["tokens"], b["token_mask"], b["clap"], b["labels"])["loss"]},
+        lambda engine: inverse_sqrt_lr(engine.state.step + 1, peak, warmup[0]),
+        evaluate=validate,
+        on_epoch=lambda epoch: train_ds.set_epoch(epoch + 1),  # the dataset counts epochs from 1
+        keep=KeepBest(lambda entry: out / "checkpoints" / checkpoint_name(entry), save_checkpoint),
+        after_eval=lambda engine, entry: _write_meta(engine, meta, meta_path, selection),
+    )
     total = engine.stop
     if warmup[0] is None:
         warmup[0] = min(1000, max(1, total // 10)) if args.bart == "tiny" else 2000
-    meta = _run_meta(args, acc, selection, selection_note, index, feat, train_ds, val_loader.dataset, engine,
-                     peak, warmup[0], old_meta)
+    meta = _run_meta(
+        args,
+        acc,
+        selection,
+        selection_note,
+        index,
+        feat,
+        train_ds,
+        val_loader.dataset,
+        engine,
+        peak,
+        warmup[0],
+        old_meta,
+    )
     (log.info if selection == "spider" or args.selection_metric == "cider_d" else log.warning)(
-        "checkpoint selection: %s; keeping the top %d epochs", selection_note, args.top_k)
+        "checkpoint selection: %s; keeping the top %d epochs", selection_note, args.top_k
+    )
     if args.resume:
         engine.resume("captioning", {})
     engine.model.train()
     engine.fit()
     if acc.is_main_process:
-        log.info("done: %d epoch(s), %d step(s); top checkpoints by %s: %s", engine.state.epoch, engine.state.step,
-                 selection, [(t["checkpoint"], round(t[selection], 4)) for t in meta.get("top_checkpoints", [])])
-        print(json.dumps({"output_dir": str(out), "best_checkpoint": meta.get("best_checkpoint"),
-                          "selection_metric": selection, "top": meta.get("top_checkpoints", [])}, indent=1))
+        log.info(
+            "done: %d epoch(s), %d step(s); top checkpoints by %s: %s",
+            engine.state.epoch,
+            engine.state.step,
+            selection,
+            [(t["checkpoint"], round(t[selection], 4)) for t in meta.get("top_checkpoints", [])],
+        )
+        print(
+            json.dumps(
+                {
+                    "output_dir": str(out),
+                    "best_checkpoint": meta.get("best_checkpoint"),
+                    "selection_metric": selection,
+                    "top": meta.get("top_checkpoints", []),
+                },
+                indent=1,
+            )
+        )
     acc.end_training()
     return 0
 
@@ -321,33 +431,67 @@ def build_model_and_data(args, index: Path):
     else:
         model = EnClapCaptioner(EnClapCfg(bart_name=args.bart, clap_dim=clap_dim))
     peak = args.lr if args.lr is not None else (5e-4 if tiny else 6e-6)
-    train_ds = CaptionDataset(train_clips, training=True, max_frames=model.max_frames, seed=args.seed,
-                              captions=args.caption_sampling)
+    train_ds = CaptionDataset(
+        train_clips, training=True, max_frames=model.max_frames, seed=args.seed, captions=args.caption_sampling
+    )
     val_ds = CaptionDataset(val_clips, training=False, max_frames=model.max_frames)
     val_loader = DataLoader(val_ds, batch_size=32, shuffle=False, collate_fn=make_collate(None))
     return model, train_ds, val_loader, peak
 
 
-def _run_meta(args, acc, selection, selection_note, index, feat, train_ds, val_ds, engine, peak, warmup,
-              old_meta) -> dict:
+def _run_meta(
+    args, acc, selection, selection_note, index, feat, train_ds, val_ds, engine, peak, warmup, old_meta
+) -> dict:
     """What ``run.json`` records about the run (history and top checkpoints are added after each validation)."""
     meta = {
-        "task": "captioning", "model": "EnCLAP", "bart": args.bart, "selection_metric": selection,
-        "selection_note": selection_note, "dataset": args.dataset, "data_root": args.data_root,
-        "top_k": args.top_k, "lr": peak, "warmup": warmup, "schedule": "inverse_sqrt", "optimizer": "AdamW",
-        "weight_decay": args.weight_decay, "clip_grad": args.clip_grad, "batch_size": args.batch_size,
-        "grad_accum": args.grad_accum, "mixed_precision": acc.mixed_precision, "processes": acc.num_processes,
-        "epochs": args.epochs, "max_steps": args.max_steps, "seed": args.seed, "index": str(Path(index).resolve()),
+        "task": "captioning",
+        "model": "EnCLAP",
+        "bart": args.bart,
+        "selection_metric": selection,
+        "selection_note": selection_note,
+        "dataset": args.dataset,
+        "data_root": args.data_root,
+        "top_k": args.top_k,
+        "lr": peak,
+        "warmup": warmup,
+        "schedule": "inverse_sqrt",
+        "optimizer": "AdamW",
+        "weight_decay": args.weight_decay,
+        "clip_grad": args.clip_grad,
+        "batch_size": args.batch_size,
+        "grad_accum": args.grad_accum,
+        "mixed_precision": acc.mixed_precision,
+        "processes": acc.num_processes,
+        "epochs": args.epochs,
+        "max_steps": args.max_steps,
+        "seed": args.seed,
+        "index": str(Path(index).resolve()),
         **{f"features_{k}": v for k, v in feat.items()},
-        "codec_note": ("EnCodec with seeded random weights (published weights not available offline)"
-                       if feat.get("codec") == "random" else "published EnCodec 24 kHz weights"),
-        "n_train": len(train_ds), "n_train_clips": len(train_ds.clips), "caption_sampling": args.caption_sampling,
-        "n_val": len(val_ds), "steps_per_epoch": engine.steps_per_epoch, "total_steps": engine.stop,
+        "codec_note": (
+            "EnCodec with seeded random weights (published weights not available offline)"
+            if feat.get("codec") == "random"
+            else "published EnCodec 24 kHz weights"
+        ),
+        "n_train": len(train_ds),
+        "n_train_clips": len(train_ds.clips),
+        "caption_sampling": args.caption_sampling,
+        "n_val": len(val_ds),
+        "steps_per_epoch": engine.steps_per_epoch,
+        "total_steps": engine.stop,
         "started": (old_meta or {}).get("started") or time.strftime("%Y-%m-%dT%H:%M:%S"),
     }
-    log.info("%d training items (%d clips, caption sampling %r) / %d val clips, %d steps per epoch, %d steps, "
-             "peak lr %g, warm-up %d", len(train_ds), len(train_ds.clips), args.caption_sampling, len(val_ds),
-             engine.steps_per_epoch, engine.stop, peak, warmup)
+    log.info(
+        "%d training items (%d clips, caption sampling %r) / %d val clips, %d steps per epoch, %d steps, "
+        "peak lr %g, warm-up %d",
+        len(train_ds),
+        len(train_ds.clips),
+        args.caption_sampling,
+        len(val_ds),
+        engine.steps_per_epoch,
+        engine.stop,
+        peak,
+        warmup,
+    )
     return meta
 
 
@@ -356,12 +500,19 @@ def _write_meta(engine: Engine, meta: dict, path: Path, selection: str) -> None:
     if not engine.acc.is_main_process:
         return
     history = [{**e, "checkpoint": checkpoint_name(e)} for e in engine.state.evals]
-    top = [{"epoch": k["epoch"], "checkpoint": Path(k["folder"]).name, selection: k["score"]}
-           for k in engine.state.kept]
+    top = [
+        {"epoch": k["epoch"], "checkpoint": Path(k["folder"]).name, selection: k["score"]} for k in engine.state.kept
+    ]
     ckpt_root = Path(engine.cfg.output_dir) / "checkpoints"
-    meta.update({"history": history, "top_checkpoints": top,
-                 "best_checkpoint": str(ckpt_root / top[0]["checkpoint"]) if top else None,
-                 "epochs_done": history[-1]["epoch"] if history else 0, "steps_done": engine.state.step})
+    meta.update(
+        {
+            "history": history,
+            "top_checkpoints": top,
+            "best_checkpoint": str(ckpt_root / top[0]["checkpoint"]) if top else None,
+            "epochs_done": history[-1]["epoch"] if history else 0,
+            "steps_done": engine.state.step,
+        }
+    )
     _write_json(path, meta)
 
 

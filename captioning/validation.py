@@ -1,5 +1,6 @@
 """Per-epoch validation of the captioner during training: captions for the validation clips and the score
 that ranks the epoch checkpoints (SPIDEr as EnCLAP where SPICE can run, else the Java-free CIDEr-D)."""
+
 from __future__ import annotations
 
 import torch
@@ -13,8 +14,13 @@ def predict(model, loader, device, num_beams=None, max_length=None) -> tuple[dic
     model.eval()
     preds, refs = {}, {}
     for batch in loader:
-        texts = model.generate(batch["tokens"].to(device), batch["token_mask"].to(device), batch["clap"].to(device),
-                               num_beams=num_beams, max_length=max_length)
+        texts = model.generate(
+            batch["tokens"].to(device),
+            batch["token_mask"].to(device),
+            batch["clap"].to(device),
+            num_beams=num_beams,
+            max_length=max_length,
+        )
         for i, t, r in zip(batch["id"], texts, batch["captions"]):
             preds[i], refs[i] = t, r
     return preds, refs
@@ -40,8 +46,10 @@ def choose_selection_metric(requested: str) -> tuple[str, str]:
         return "cider_d", "validation CIDEr-D (normalised text, no PTB tokenisation), chosen by --selection-metric"
     if "spider" in ok:
         return "spider", "validation SPIDEr (PTB tokenisation, CIDEr-D + SPICE) as in EnCLAP"
-    return "cider_d", ("EnCLAP selects by validation SPIDEr, but SPICE cannot run here (" + why["spider"] + "); "
-                       "checkpoints are selected by validation CIDEr-D (normalised text, no PTB tokenisation)")
+    return "cider_d", (
+        "EnCLAP selects by validation SPIDEr, but SPICE cannot run here (" + why["spider"] + "); "
+        "checkpoints are selected by validation CIDEr-D (normalised text, no PTB tokenisation)"
+    )
 
 
 def validation_scores(preds: dict, refs: dict, metric: str) -> dict:

@@ -1,15 +1,24 @@
 """M2D-CLAP: general-purpose audio-language representations (the model, its pretraining, its loaders).
 
-    import m2dclap
-    model = m2dclap.load("m2d_clap_vit_base-80x1001p16x16p16kpBpTI-2025")   # or a folder / .pth file
-    a = model.encode_audio(waves, sample_rate=16000)
-    t = model.encode_text(["a dog barks"])
-    model.similarity(a, t)
+import m2dclap
+model = m2dclap.load("m2d_clap_vit_base-80x1001p16x16p16kpBpTI-2025")   # or a folder / .pth file
+a = model.encode_audio(waves, sample_rate=16000)
+t = model.encode_text(["a dog barks"])
+model.similarity(a, t)
 """
+
 from .audio import AudioError, LogMelSpectrogram, load_audio
 from .checkpoint import CheckpointError, load, save_pretrained
-from .config import (EncoderCfg, FrontendCfg, ModelCfg, PredictorCfg, ProjectorCfg, TextCfg, get_model_config,
-                     list_models)
+from .config import (
+    EncoderCfg,
+    FrontendCfg,
+    ModelCfg,
+    PredictorCfg,
+    ProjectorCfg,
+    TextCfg,
+    get_model_config,
+    list_models,
+)
 from .model import M2DCLAP
 from .pretrained import list_pretrained
 
@@ -22,7 +31,21 @@ def create_model(name: str = "base", pretrained_text: bool = True, **overrides) 
 
 
 __all__ = [
-    "AudioError", "CheckpointError", "EncoderCfg", "FrontendCfg", "LogMelSpectrogram", "M2DCLAP", "ModelCfg",
-    "PredictorCfg", "ProjectorCfg", "TextCfg", "create_model", "get_model_config", "list_models",
-    "list_pretrained", "load", "load_audio", "save_pretrained",
+    "AudioError",
+    "CheckpointError",
+    "EncoderCfg",
+    "FrontendCfg",
+    "LogMelSpectrogram",
+    "M2DCLAP",
+    "ModelCfg",
+    "PredictorCfg",
+    "ProjectorCfg",
+    "TextCfg",
+    "create_model",
+    "get_model_config",
+    "list_models",
+    "list_pretrained",
+    "load",
+    "load_audio",
+    "save_pretrained",
 ]

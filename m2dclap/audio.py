@@ -8,6 +8,7 @@ kernels, twice nnAudio's own float32 error. In float64 the result is float32-exa
 (``tests/test_audio.py`` measures it against a float64 reference) and still faster than nnAudio
 (``bench/encoder.py``).
 """
+
 from __future__ import annotations
 
 import logging
@@ -48,8 +49,9 @@ def load_audio(path: str | Path, sample_rate: int | None = None) -> torch.Tensor
     try:
         data, sr = sf.read(str(path), dtype="float32", always_2d=True)  # (T, C), ints scaled to [-1, 1)
     except (sf.LibsndfileError, RuntimeError, TypeError) as e:
-        raise AudioError(f"{path}: cannot decode audio ({first_line(e)}); "
-                         "the file is corrupt, truncated or of an unknown format") from None
+        raise AudioError(
+            f"{path}: cannot decode audio ({first_line(e)}); the file is corrupt, truncated or of an unknown format"
+        ) from None
     _check_not_truncated(path, data.shape[0])
     wave = torch.from_numpy(np.ascontiguousarray(data.mean(axis=1)))  # (T, C) -> (T,)
     check_waveform(wave, str(path))
@@ -66,8 +68,9 @@ def _check_not_truncated(path: Path, frames_read: int) -> None:
     """
     declared = _wav_declared_frames(path)
     if declared is not None and declared > frames_read:
-        raise AudioError(f"{path}: truncated file: the WAV header declares {declared} frames but only "
-                         f"{frames_read} are present")
+        raise AudioError(
+            f"{path}: truncated file: the WAV header declares {declared} frames but only {frames_read} are present"
+        )
 
 
 def _wav_declared_frames(path: Path) -> int | None:
@@ -105,8 +108,10 @@ def check_waveform(wave: torch.Tensor, where: str = "waveform") -> None:
         n_nan = int(torch.isnan(wave).sum())
         n_inf = int(torch.isinf(wave).sum())
         first = (~finite).flatten().nonzero()[0, 0].item() % wave.shape[-1]
-        raise AudioError(f"{where}: {n_nan + n_inf} non-finite sample(s) (NaN: {n_nan}, Inf: {n_inf}), "
-                         f"first NaN/Inf at sample {first}")
+        raise AudioError(
+            f"{where}: {n_nan + n_inf} non-finite sample(s) (NaN: {n_nan}, Inf: {n_inf}), "
+            f"first NaN/Inf at sample {first}"
+        )
 
 
 def resample(wave: torch.Tensor, orig_sr: int, new_sr: int) -> torch.Tensor:
@@ -129,8 +134,9 @@ def _hz_to_slaney_mel(hz: np.ndarray) -> np.ndarray:
     """Slaney's Auditory-Toolbox mel scale: linear (200/3 Hz per mel) below 1 kHz, logarithmic above."""
     hz = np.asarray(hz, dtype=np.float64)
     f_sp, min_log_hz, logstep = 200.0 / 3, 1000.0, np.log(6.4) / 27.0
-    return np.where(hz >= min_log_hz, min_log_hz / f_sp + np.log(np.maximum(hz, min_log_hz) / min_log_hz) / logstep,
-                    hz / f_sp)
+    return np.where(
+        hz >= min_log_hz, min_log_hz / f_sp + np.log(np.maximum(hz, min_log_hz) / min_log_hz) / logstep, hz / f_sp
+    )
 
 
 def _slaney_mel_to_hz(mel: np.ndarray) -> np.ndarray:
@@ -185,8 +191,10 @@ class LogMelSpectrogram(nn.Module):
         wave = wave.float()
         need = self.cfg.min_samples
         if wave.shape[-1] < need:
-            raise AudioError(f"waveform of {wave.shape[-1]} samples is too short for the log-mel frontend: "
-                             f"it needs at least {need} ({need / self.cfg.sample_rate * 1e3:.1f} ms)")
+            raise AudioError(
+                f"waveform of {wave.shape[-1]} samples is too short for the log-mel frontend: "
+                f"it needs at least {need} ({need / self.cfg.sample_rate * 1e3:.1f} ms)"
+            )
         # float64 FFT (module docstring); MPS has no float64, so there it is float32 (nnAudio-level accuracy).
         fft_dtype = torch.float32 if wave.device.type == "mps" else torch.float64
         half = self.cfg.n_fft // 2

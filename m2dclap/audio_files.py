@@ -5,6 +5,7 @@
 Shared by the commands that take files and folders (``m2dclap.extract``, ``captioning.caption``); reading
 the files is :mod:`m2dclap.embed_files`' job.
 """
+
 from __future__ import annotations
 
 import logging
@@ -33,8 +34,9 @@ class AudioItem:
         return out_dir / kind / self.rel.with_suffix(".npy")
 
 
-def find_audio_files(inputs: Sequence[str | Path], recursive: bool = True,
-                     keep_missing: bool = False) -> list[AudioItem]:
+def find_audio_files(
+    inputs: Sequence[str | Path], recursive: bool = True, keep_missing: bool = False
+) -> list[AudioItem]:
     """Files given directly, plus audio files (``AUDIO_EXTENSIONS``) found in folders, sorted per input.
 
     A missing input raises FileNotFoundError, or with ``keep_missing`` is kept as a file (for a command that

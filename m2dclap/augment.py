@@ -1,12 +1,18 @@
 """Training-time augmentation of log-mel spectrograms: structured patchout, SpecAugment and mixup
 (the stage-1.1 recipe of the paper, Table IV, after EVAR and the official M2D runtime)."""
+
 from __future__ import annotations
 
 import torch
 
 
-def random_structured_mask(batch: int, grid: tuple[int, int], ratio: float, device: torch.device | None = None,
-                           generator: torch.Generator | None = None) -> torch.Tensor:
+def random_structured_mask(
+    batch: int,
+    grid: tuple[int, int],
+    ratio: float,
+    device: torch.device | None = None,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
     """Structured patchout over a (F', T') patch grid -> (B, F', T') bool, True = dropped.
 
     The official recipe: n_f = floor(u * (F' * ratio + 1)) frequency rows (u ~ U[0, 1), at most F' - 1), then
@@ -37,8 +43,9 @@ def visible_indices(mask: torch.Tensor) -> torch.Tensor:
     return flat.to(torch.uint8).argsort(dim=1, stable=True)[:, :n_keep]
 
 
-def sample_bands(batch: int, size: int, max_width: int, generator: torch.Generator | None = None
-                 ) -> tuple[torch.Tensor, torch.Tensor]:
+def sample_bands(
+    batch: int, size: int, max_width: int, generator: torch.Generator | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """SpecAugment band per clip: width = floor(u * max_width) (in [0, max_width), as torchaudio's masking)
     and a start uniform over the positions where the band fits. Returns (starts, widths), each (B,)."""
     widths = (torch.rand(batch, generator=generator) * max_width).long().clamp(max=size)
@@ -55,8 +62,9 @@ def mask_bands(x: torch.Tensor, dim: int, starts: torch.Tensor, widths: torch.Te
     return x.masked_fill(band.view(shape), 0.0)
 
 
-def spec_augment(lms: torch.Tensor, freq_mask: int, time_mask: int,
-                 generator: torch.Generator | None = None) -> torch.Tensor:
+def spec_augment(
+    lms: torch.Tensor, freq_mask: int, time_mask: int, generator: torch.Generator | None = None
+) -> torch.Tensor:
     """One frequency and one time mask per clip on a normalised log-mel (B, 1, F, T)."""
     B, _, n_mels, frames = lms.shape
     if freq_mask > 0:
@@ -66,8 +74,9 @@ def spec_augment(lms: torch.Tensor, freq_mask: int, time_mask: int,
     return lms
 
 
-def mix(lms: torch.Tensor, targets: torch.Tensor, lam: torch.Tensor, perm: torch.Tensor,
-        log_mixup_exp: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+def mix(
+    lms: torch.Tensor, targets: torch.Tensor, lam: torch.Tensor, perm: torch.Tensor, log_mixup_exp: bool = True
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Mix clip b with clip perm[b] at weight lam[b]: un-normalised log-mels (B, 1, F, T), targets (B, C).
 
     Log-mixup-exp, log(l e^a + (1 - l) e^b), adds the mel powers, i.e. it sounds like the two clips played
@@ -83,8 +92,9 @@ def mix(lms: torch.Tensor, targets: torch.Tensor, lam: torch.Tensor, perm: torch
     return mixed, lam[:, None] * targets + (1 - lam[:, None]) * targets[perm]
 
 
-def mixup(lms: torch.Tensor, targets: torch.Tensor, alpha: float, log_mixup_exp: bool = True
-          ) -> tuple[torch.Tensor, torch.Tensor]:
+def mixup(
+    lms: torch.Tensor, targets: torch.Tensor, alpha: float, log_mixup_exp: bool = True
+) -> tuple[torch.Tensor, torch.Tensor]:
     """EVAR's Mixup: per-clip lam ~ Beta(alpha, alpha) and a random partner from the same batch."""
     if alpha <= 0:
         return lms, targets

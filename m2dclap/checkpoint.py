@@ -9,6 +9,7 @@ Formats read by :func:`load`:
 Official files are read with ``torch.load(weights_only=True)`` and a minimal allow-list, never by
 unrestricted unpickling. Their configuration comes from the folder name, as the official loader does.
 """
+
 from __future__ import annotations
 
 import logging
@@ -20,19 +21,46 @@ import torch
 from .clap import quiet_transformers
 from .config import TextCfg
 from .model import M2DCLAP
-from .official import (DEFAULT_NORM_STATS, OFFICIAL_TEXT, build_model, load_official, official_layout,  # noqa: F401
-                       parse_official_name)
-from .saving import (FORMAT, FORMAT_VERSION, SAFE_GLOBALS, CheckpointError, load_strict,  # noqa: F401
-                     read_model_config, safe_torch_load, save_pretrained)
+from .official import (  # noqa: F401
+    DEFAULT_NORM_STATS,
+    OFFICIAL_TEXT,
+    build_model,
+    load_official,
+    official_layout,
+    parse_official_name,
+)
+from .saving import (  # noqa: F401
+    FORMAT,
+    FORMAT_VERSION,
+    SAFE_GLOBALS,
+    CheckpointError,
+    load_strict,
+    read_model_config,
+    safe_torch_load,
+    save_pretrained,
+)
 
 log = logging.getLogger(__name__)
 
-__all__ = ["CheckpointError", "DEFAULT_NORM_STATS", "FORMAT", "FORMAT_VERSION", "OFFICIAL_TEXT", "SAFE_GLOBALS", "load",
-           "official_layout", "parse_official_name", "read_model_config", "safe_torch_load", "save_pretrained"]
+__all__ = [
+    "CheckpointError",
+    "DEFAULT_NORM_STATS",
+    "FORMAT",
+    "FORMAT_VERSION",
+    "OFFICIAL_TEXT",
+    "SAFE_GLOBALS",
+    "load",
+    "official_layout",
+    "parse_official_name",
+    "read_model_config",
+    "safe_torch_load",
+    "save_pretrained",
+]
 
 
-def _load_ours(folder: Path, device: str | torch.device, audio_only: bool = False,
-               text_name: str | None = None) -> M2DCLAP:
+def _load_ours(
+    folder: Path, device: str | torch.device, audio_only: bool = False, text_name: str | None = None
+) -> M2DCLAP:
     from safetensors import safe_open
 
     cfg = read_model_config(folder / "config.json")
@@ -45,8 +73,9 @@ def _load_ours(folder: Path, device: str | torch.device, audio_only: bool = Fals
             state = {k: f.get_tensor(k) for k in f.keys() if not k.startswith(skip)}
     except Exception as e:  # safetensors raises its own error types
         reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise CheckpointError(f"{weights}: not a readable safetensors file (truncated or another kind of "
-                              f"file: {reason})") from None
+        raise CheckpointError(
+            f"{weights}: not a readable safetensors file (truncated or another kind of file: {reason})"
+        ) from None
     text_src = folder / "text_encoder"
     if audio_only:
         cfg.text = TextCfg(kind="none")
@@ -56,8 +85,15 @@ def _load_ours(folder: Path, device: str | torch.device, audio_only: bool = Fals
     load_strict(model, state, weights)
     return model.to(device).eval()
 
-def load(path_or_name: str | Path, device: str | torch.device = "cpu", text_name: str | None = None,
-         input_size: tuple[int, int] | None = None, download: bool = True, audio_only: bool = False) -> M2DCLAP:
+
+def load(
+    path_or_name: str | Path,
+    device: str | torch.device = "cpu",
+    text_name: str | None = None,
+    input_size: tuple[int, int] | None = None,
+    download: bool = True,
+    audio_only: bool = False,
+) -> M2DCLAP:
     """Load a model from a saved folder, an official checkpoint file, or a registered pretrained name.
 
     Args:
@@ -90,8 +126,9 @@ def load(path_or_name: str | Path, device: str | torch.device = "cpu", text_name
 
         found = find_checkpoint_file(p)
         if found is None:
-            raise CheckpointError(f"{p}: folder holds neither config.json (this suite's format) nor one "
-                                  "official checkpoint-N.pth file")
+            raise CheckpointError(
+                f"{p}: folder holds neither config.json (this suite's format) nor one official checkpoint-N.pth file"
+            )
         p = found
     elif not p.exists():
         if str(path_or_name) in list_pretrained():
@@ -100,8 +137,10 @@ def load(path_or_name: str | Path, device: str | torch.device = "cpu", text_name
             except FileNotFoundError as e:  # not cached and not downloadable: a CheckpointError for the CLIs
                 raise CheckpointError(str(e)) from None
         else:
-            raise CheckpointError(f"{path_or_name}: no such file or folder, and not a registered pretrained "
-                                  f"name (known: {', '.join(list_pretrained())})")
+            raise CheckpointError(
+                f"{path_or_name}: no such file or folder, and not a registered pretrained "
+                f"name (known: {', '.join(list_pretrained())})"
+            )
     if p.suffix == ".safetensors":
         if (p.parent / "config.json").exists():
             return _load_ours(p.parent, device, audio_only, text_name)
@@ -110,7 +149,10 @@ def load(path_or_name: str | Path, device: str | torch.device = "cpu", text_name
 
 
 def _checked_input_size(size: Any) -> tuple[int, int] | None:
-    if size is None or (isinstance(size, (list, tuple)) and len(size) == 2 and all(
-            isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in size)):
+    if size is None or (
+        isinstance(size, (list, tuple))
+        and len(size) == 2
+        and all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in size)
+    ):
         return None if size is None else (size[0], size[1])
     raise CheckpointError(f"input_size={size!r}: expected (mel bins, frames), two positive integers")

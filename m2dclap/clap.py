@@ -1,4 +1,5 @@
 """CLAP parts: audio projectors, text towers, the contrastive loss (paper Eq. 3-4) and its gather."""
+
 from __future__ import annotations
 
 import contextlib
@@ -34,7 +35,8 @@ class AudioProjector(nn.Module):
         self.sem_token = nn.Parameter(torch.zeros(1, 1, dim))
         norm_layer = partial(nn.LayerNorm, eps=cfg.norm_eps)
         self.sem_blocks = nn.ModuleList(
-            [Block(dim, cfg.num_heads, cfg.mlp_ratio, True, norm_layer) for _ in range(cfg.depth)])
+            [Block(dim, cfg.num_heads, cfg.mlp_ratio, True, norm_layer) for _ in range(cfg.depth)]
+        )
         self.norm = norm_layer(dim)
         self.apply(init_vit_weights)
 
@@ -137,10 +139,14 @@ def text_model_errors(name: str, source: str):
         elif os.path.isabs(source) or source.startswith((".", "~")) or source.count("/") > 1:
             first, fix = "no such folder", "Give the folder of a local copy with text_name=PATH (m2dclap.load)"
         else:
-            fix = (f"Give a local copy of it with text_name=PATH (m2dclap.load), or run `huggingface-cli download "
-                   f"{name}` where there is network and copy the Hugging Face cache (HF_HOME) here")
-        err = TextModelError(f"cannot load the text model {name!r}{where}: {first.rstrip('.')}. {fix}. Audio-only "
-                             "use needs no text model: m2dclap.load(..., audio_only=True)")
+            fix = (
+                f"Give a local copy of it with text_name=PATH (m2dclap.load), or run `huggingface-cli download "
+                f"{name}` where there is network and copy the Hugging Face cache (HF_HOME) here"
+            )
+        err = TextModelError(
+            f"cannot load the text model {name!r}{where}: {first.rstrip('.')}. {fix}. Audio-only "
+            "use needs no text model: m2dclap.load(..., audio_only=True)"
+        )
         err.model_name = name
         raise err from None
 
@@ -155,8 +161,9 @@ def load_local_first(load, source: str, **kwargs):
         if os.path.isdir(source):  # a local copy with a problem: its own error says which
             raise
         if _hub_offline():
-            raise OSError("not a local folder, not in the Hugging Face cache, and downloads are off "
-                          "(HF_HUB_OFFLINE)") from None
+            raise OSError(
+                "not a local folder, not in the Hugging Face cache, and downloads are off (HF_HUB_OFFLINE)"
+            ) from None
         unreachable = _hub_unreachable()
         if unreachable:
             raise OSError(f"not a local folder, not in the Hugging Face cache, and {unreachable}") from None
@@ -169,15 +176,17 @@ def from_pretrained_local_first(klass, source: str, **kwargs):
 
 
 def _hub_offline() -> bool:
-    return any(os.environ.get(v, "").lower() in {"1", "true", "yes", "on"}
-               for v in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"))
+    return any(
+        os.environ.get(v, "").lower() in {"1", "true", "yes", "on"} for v in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")
+    )
 
 
 def _hub_unreachable(timeout: float = 5.0) -> str | None:
     """Why the hub's host cannot be reached (one connection attempt), or None. Behind a proxy the direct
     attempt says nothing, so the hub client is left to try."""
-    if any(os.environ.get(v) for v in ("HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy",
-                                       "ALL_PROXY", "all_proxy")):
+    if any(
+        os.environ.get(v) for v in ("HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy", "ALL_PROXY", "all_proxy")
+    ):
         return None
     from huggingface_hub import constants
 
@@ -198,10 +207,10 @@ class HFTextEncoder(nn.Module):
 
     def __init__(self, cfg: TextCfg, pretrained_weights: bool = True, source: str | None = None):
         """Args:
-            cfg: the text tower config (``cfg.name`` is a hub name, folder or packaged alias).
-            pretrained_weights: load the model's published weights; False builds it from its config only
-                (used when a checkpoint supplies the weights).
-            source: a folder to read the tokenizer and config from instead of ``cfg.name``.
+        cfg: the text tower config (``cfg.name`` is a hub name, folder or packaged alias).
+        pretrained_weights: load the model's published weights; False builds it from its config only
+            (used when a checkpoint supplies the weights).
+        source: a folder to read the tokenizer and config from instead of ``cfg.name``.
         """
         super().__init__()
         from transformers import AutoConfig, AutoModel, AutoTokenizer
@@ -224,11 +233,14 @@ class HFTextEncoder(nn.Module):
         device = next(self.text_encoder.parameters()).device
         if self.cfg.add_eos and self.tokenizer.eos_token:
             texts = [t + self.tokenizer.eos_token for t in texts]
-        batch = self.tokenizer(list(texts), padding="longest", truncation=True, max_length=self.cfg.max_length,
-                               return_tensors="pt").to(device)
-        hidden = self.text_encoder(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                                   **({"token_type_ids": batch["token_type_ids"]}
-                                      if "token_type_ids" in batch else {})).last_hidden_state
+        batch = self.tokenizer(
+            list(texts), padding="longest", truncation=True, max_length=self.cfg.max_length, return_tensors="pt"
+        ).to(device)
+        hidden = self.text_encoder(
+            input_ids=batch["input_ids"],
+            attention_mask=batch["attention_mask"],
+            **({"token_type_ids": batch["token_type_ids"]} if "token_type_ids" in batch else {}),
+        ).last_hidden_state
         if self.cfg.pooling == "cls":
             return hidden[:, 0]
         if self.cfg.pooling == "mean":
@@ -267,13 +279,13 @@ class SentenceTextEncoder(nn.Module):
         texts = list(texts)
         if self.cfg.add_eos and model.tokenizer.eos_token:
             texts = [t + model.tokenizer.eos_token for t in texts]
-        emb = model.encode(texts, batch_size=64, show_progress_bar=False, convert_to_tensor=True,
-                           normalize_embeddings=False)
+        emb = model.encode(
+            texts, batch_size=64, show_progress_bar=False, convert_to_tensor=True, normalize_embeddings=False
+        )
         return emb.float()
 
 
-def build_text_encoder(cfg: TextCfg, pretrained_weights: bool = True,
-                       source: str | None = None) -> nn.Module | None:
+def build_text_encoder(cfg: TextCfg, pretrained_weights: bool = True, source: str | None = None) -> nn.Module | None:
     if cfg.kind == "hf":
         return HFTextEncoder(cfg, pretrained_weights, source)
     if cfg.kind == "sentence":
@@ -286,8 +298,9 @@ def build_text_encoder(cfg: TextCfg, pretrained_weights: bool = True,
 # ---------------------------------------------------------------------------------------------------
 # Contrastive loss
 # ---------------------------------------------------------------------------------------------------
-def gather_features(audio: torch.Tensor, text: torch.Tensor, world_size: int,
-                    rank: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def gather_features(
+    audio: torch.Tensor, text: torch.Tensor, world_size: int, rank: int | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """All-gather features from every process with gradients flowing back to each process's own slice.
 
     ``accelerator.gather`` carries no gradient; ``torch.distributed.nn.functional.all_gather`` does, so
@@ -318,8 +331,13 @@ class ContrastiveLoss(nn.Module):
         super().__init__()
         self.world_size, self.rank, self.local_loss = world_size, rank, local_loss
 
-    def forward(self, audio: torch.Tensor, text: torch.Tensor, logit_scale: torch.Tensor,
-                positive_groups: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+    def forward(
+        self,
+        audio: torch.Tensor,
+        text: torch.Tensor,
+        logit_scale: torch.Tensor,
+        positive_groups: torch.Tensor | None = None,
+    ) -> dict[str, torch.Tensor]:
         a_loc, t_loc = F.normalize(audio.float(), dim=-1), F.normalize(text.float(), dim=-1)  # (n, D)
         a_all, t_all = gather_features(a_loc, t_loc, self.world_size, self.rank)  # (N, D)
         groups_all = positive_groups
@@ -332,8 +350,13 @@ class ContrastiveLoss(nn.Module):
             logits = scale * a_all @ t_all.T  # S_mn / tau, (N, N)
             return {"contrastive_loss": contrastive_rows(logits, logits.T, 0, groups_all, groups_all)}
         n = a_loc.shape[0]  # every process holds n rows (all_gather needs equal shards)
-        rows = contrastive_rows(scale * a_loc @ t_all.T, scale * t_loc @ a_all.T,  # (n, N) each
-                                self.rank * n, positive_groups, groups_all)
+        rows = contrastive_rows(
+            scale * a_loc @ t_all.T,
+            scale * t_loc @ a_all.T,  # (n, N) each
+            self.rank * n,
+            positive_groups,
+            groups_all,
+        )
         import torch.distributed as dist
 
         total = rows.detach().clone()
@@ -342,8 +365,13 @@ class ContrastiveLoss(nn.Module):
         return {"contrastive_loss": rows + (total / self.world_size - rows.detach())}
 
 
-def contrastive_rows(audio_rows: torch.Tensor, text_rows: torch.Tensor, offset: int,
-                     groups: torch.Tensor | None = None, groups_all: torch.Tensor | None = None) -> torch.Tensor:
+def contrastive_rows(
+    audio_rows: torch.Tensor,
+    text_rows: torch.Tensor,
+    offset: int,
+    groups: torch.Tensor | None = None,
+    groups_all: torch.Tensor | None = None,
+) -> torch.Tensor:
     """Eq. 3-4 on some rows of the logits: ``audio_rows`` (n, N) = audio items offset..offset+n against every
     text, ``text_rows`` (n, N) = the same items' texts against every audio. Positives are the diagonal, or
     every item sharing the row's group id when ``groups`` ((n,) ids of the rows, ``groups_all`` (N,))."""

@@ -22,6 +22,7 @@ A training config becomes options with :func:`overrides_of` / :func:`apply_overr
 Exit codes (:data:`EXIT_STATUS`, appended to every ``--help``): 0 ok, 1 finished but skipped items (each
 named on stderr), 2 bad input or usage -- argparse's own errors included (``SystemExit(2)``).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -42,12 +43,16 @@ log = logging.getLogger(__name__)
 EXIT_OK = 0  # everything done
 EXIT_SKIPPED = 1  # finished, but items were skipped (each named on stderr)
 EXIT_BAD_INPUT = 2  # bad input or usage; the run did not start, or stopped before writing
-EXIT_STATUS = ("exit status: 0 ok; 1 finished, but items were skipped (each named on stderr); "
-               "2 bad input or usage (one line on stderr naming the file or option)")
+EXIT_STATUS = (
+    "exit status: 0 ok; 1 finished, but items were skipped (each named on stderr); "
+    "2 bad input or usage (one line on stderr naming the file or option)"
+)
 PACKAGES = ("m2dclap", "zeroshot", "retrieval", "captioning")  # the loggers a command shows
 LOG_FORMAT = "%(levelname)s: %(message)s"
-TEXT_MODEL_HELP = ("local folder (or hub name) of the checkpoint's text model, e.g. a copy of bert-base-uncased for "
-                   "an official 2025 checkpoint offline")
+TEXT_MODEL_HELP = (
+    "local folder (or hub name) of the checkpoint's text model, e.g. a copy of bert-base-uncased for "
+    "an official 2025 checkpoint offline"
+)
 
 T = TypeVar("T")
 
@@ -60,10 +65,20 @@ class UsageError(CliError):
     """A wrong combination of options: reported as argparse does (usage line, then the message), exit 2."""
 
 
-def option(default: Any = dataclasses.MISSING, *, help: str, aliases: str | Sequence[str] = (),
-           metavar: str | None = None, positional: bool = False, append: bool = False, minimum: float | None = None,
-           const: Any = None, group: str | None = None, choices: Sequence[Any] | None = None,
-           default_factory: Any = dataclasses.MISSING) -> Any:
+def option(
+    default: Any = dataclasses.MISSING,
+    *,
+    help: str,
+    aliases: str | Sequence[str] = (),
+    metavar: str | None = None,
+    positional: bool = False,
+    append: bool = False,
+    minimum: float | None = None,
+    const: Any = None,
+    group: str | None = None,
+    choices: Sequence[Any] | None = None,
+    default_factory: Any = dataclasses.MISSING,
+) -> Any:
     """A dataclass field that is a command-line option; no default makes it required.
 
     ``positional``: an argument without a flag (a ``list`` takes one or more); ``append``: a ``list`` option
@@ -96,8 +111,12 @@ class HelpFormatter(argparse.RawDescriptionHelpFormatter):
 
     def _get_help_string(self, action: argparse.Action) -> str:
         text = action.help or ""
-        if ("default" in text.lower() or action.default in (None, False, [], argparse.SUPPRESS)
-                or not action.option_strings or action.nargs == 0):
+        if (
+            "default" in text.lower()
+            or action.default in (None, False, [], argparse.SUPPRESS)
+            or not action.option_strings
+            or action.nargs == 0
+        ):
             return text
         return f"{text} (default: %(default)s)"
 
@@ -126,8 +145,9 @@ class _DashedOptions:
 class OptionParser(HfArgumentParser):
     """HfArgumentParser for one options dataclass, with the suite's help format and exit-code table."""
 
-    def __init__(self, options: type, *, prog: str | None = None, description: str | None = None,
-                 epilog: str | None = None):
+    def __init__(
+        self, options: type, *, prog: str | None = None, description: str | None = None, epilog: str | None = None
+    ):
         epilog = f"{epilog.rstrip()}\n\n{EXIT_STATUS}" if epilog else EXIT_STATUS
         super().__init__(options, prog=prog, description=description, epilog=epilog, formatter_class=HelpFormatter)
         self.options = options
@@ -250,8 +270,15 @@ def fail(prog: str, msg: str) -> int:
     return EXIT_BAD_INPUT
 
 
-def run_cli(main_fn: Callable[[T], int], options: type[T], argv: Sequence[str] | None = None, *, prog: str,
-            description: str | None = None, epilog: str | None = None) -> int:
+def run_cli(
+    main_fn: Callable[[T], int],
+    options: type[T],
+    argv: Sequence[str] | None = None,
+    *,
+    prog: str,
+    description: str | None = None,
+    epilog: str | None = None,
+) -> int:
     """Parse ``argv`` into ``options``, run ``main_fn(opts)`` with the suite's logging, return its exit code.
 
     ``CliError`` (and a ``CheckpointError``, said in its one-line CLI form) becomes ``prog: error: ...`` and

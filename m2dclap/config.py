@@ -3,6 +3,7 @@
 Architecture presets (``base``, ``base-1001``, ``tiny``) live here; pretrained weights live in
 ``m2dclap.pretrained`` and carry their own normalisation statistics (STYLE.md item 3).
 """
+
 from __future__ import annotations
 
 import copy
@@ -127,8 +128,13 @@ class ModelCfg:
         """Build from a JSON mapping, checking every field's type and value (errors name the dotted field)."""
         if not isinstance(d, dict):
             raise ConfigError(f"the model config must be a mapping, got {type(d).__name__}")
-        sub = {"frontend": FrontendCfg, "encoder": EncoderCfg, "predictor": PredictorCfg,
-               "projector": ProjectorCfg, "text": TextCfg}
+        sub = {
+            "frontend": FrontendCfg,
+            "encoder": EncoderCfg,
+            "predictor": PredictorCfg,
+            "projector": ProjectorCfg,
+            "text": TextCfg,
+        }
         top = {k: v for k, v in d.items() if k not in sub}
         kwargs = _typed_fields(cls, top, "")
         for key, klass in sub.items():
@@ -173,9 +179,12 @@ def _typed(value: Any, hint: Any, where: str) -> Any:
             raise ConfigError(f"{where}={value!r} must be a list of {len(kinds)} {_PLURALS[kinds[0]]}")
         return tuple(_typed(v, k, f"{where}[{i}]") for i, (v, k) in enumerate(zip(value, kinds)))
     # bool is an int in Python, but true/false where a number is expected is a mistake in the file
-    ok = {int: lambda v: isinstance(v, int) and not isinstance(v, bool),
-          float: lambda v: isinstance(v, (int, float)) and not isinstance(v, bool),
-          bool: lambda v: isinstance(v, bool), str: lambda v: isinstance(v, str)}[hint]
+    ok = {
+        int: lambda v: isinstance(v, int) and not isinstance(v, bool),
+        float: lambda v: isinstance(v, (int, float)) and not isinstance(v, bool),
+        bool: lambda v: isinstance(v, bool),
+        str: lambda v: isinstance(v, str),
+    }[hint]
     if not ok(value):
         raise ConfigError(f"{where}={value!r} is not {_NAMES[hint]}")
     if hint is float:
@@ -203,16 +212,27 @@ def _check_model(cfg: "ModelCfg") -> None:
         need(getattr(fe, name) > 0, f"frontend.{name}", getattr(fe, name), "must be positive")
     need(fe.win_length <= fe.n_fft, "frontend.win_length", fe.win_length, f"exceeds n_fft={fe.n_fft}")
     need(0 <= fe.f_min < fe.f_max, "frontend.f_min", fe.f_min, f"must be >= 0 and below f_max={fe.f_max}")
-    need(fe.f_max <= fe.sample_rate / 2, "frontend.f_max", fe.f_max,
-         f"exceeds the Nyquist frequency of sample_rate={fe.sample_rate}")
+    need(
+        fe.f_max <= fe.sample_rate / 2,
+        "frontend.f_max",
+        fe.f_max,
+        f"exceeds the Nyquist frequency of sample_rate={fe.sample_rate}",
+    )
     need(fe.norm_stats[1] > 0, "frontend.norm_stats", list(fe.norm_stats), "needs a positive std (2nd value)")
     for name in ("input_size", "patch_size"):
-        need(all(v > 0 for v in getattr(enc, name)), f"encoder.{name}", list(getattr(enc, name)),
-             "must be positive")
-    need(all(p <= i for p, i in zip(enc.patch_size, enc.input_size)), "encoder.patch_size", list(enc.patch_size),
-         f"is larger than input_size={list(enc.input_size)}")
-    need(enc.input_size[0] == fe.n_mels, "encoder.input_size", list(enc.input_size),
-         f"must start with frontend.n_mels={fe.n_mels}")
+        need(all(v > 0 for v in getattr(enc, name)), f"encoder.{name}", list(getattr(enc, name)), "must be positive")
+    need(
+        all(p <= i for p, i in zip(enc.patch_size, enc.input_size)),
+        "encoder.patch_size",
+        list(enc.patch_size),
+        f"is larger than input_size={list(enc.input_size)}",
+    )
+    need(
+        enc.input_size[0] == fe.n_mels,
+        "encoder.input_size",
+        list(enc.input_size),
+        f"must start with frontend.n_mels={fe.n_mels}",
+    )
     for section, c in (("encoder", enc), ("predictor", pred)):
         need(c.embed_dim > 0, f"{section}.embed_dim", c.embed_dim, "must be positive")
         need(c.depth >= 1, f"{section}.depth", c.depth, "must be at least 1")

@@ -15,6 +15,7 @@ list them at the end and exit 1. Files are decoded and resampled by a ``torch.ut
 over :func:`load_clip` in worker processes, a batch per worker, while the caller works on the current one;
 this is where the time goes on real corpora (``bench/embed_files.py``).
 """
+
 from __future__ import annotations
 
 import logging
@@ -56,13 +57,16 @@ def check_length(wave: torch.Tensor, min_samples: int, where: str, sample_rate: 
     """Raise :class:`AudioError` naming ``where`` when ``wave`` (T,) is shorter than ``min_samples``."""
     n = int(wave.shape[-1])
     if n < min_samples:
-        raise AudioError(f"{where}: too short: {n} sample(s) ({n / sample_rate * 1e3:.1f} ms at {sample_rate} Hz); "
-                         f"the log-mel frontend needs at least {min_samples} "
-                         f"({min_samples / sample_rate * 1e3:.1f} ms)")
+        raise AudioError(
+            f"{where}: too short: {n} sample(s) ({n / sample_rate * 1e3:.1f} ms at {sample_rate} Hz); "
+            f"the log-mel frontend needs at least {min_samples} "
+            f"({min_samples / sample_rate * 1e3:.1f} ms)"
+        )
 
 
-def load_clip(path: str | Path, sample_rate: int, min_samples: int = 1,
-              transform: Transform | None = None, index: int = 0) -> torch.Tensor:
+def load_clip(
+    path: str | Path, sample_rate: int, min_samples: int = 1, transform: Transform | None = None, index: int = 0
+) -> torch.Tensor:
     """:func:`m2dclap.load_audio` at ``sample_rate``, then ``transform(index, wave)``, then the length check.
 
     Every failure is an :class:`AudioError` whose message names the file (an OSError such as permission
@@ -171,9 +175,18 @@ class AudioBatches:
             the current one is used); default :func:`default_backend`.
     """
 
-    def __init__(self, paths: Sequence[str | Path], sample_rate: int, min_samples: int = 1, batch_size: int = 16,
-                 workers: int | None = None, transform: Transform | None = None, progress: bool | None = False,
-                 desc: str = "reading audio", backend: str | None = None):
+    def __init__(
+        self,
+        paths: Sequence[str | Path],
+        sample_rate: int,
+        min_samples: int = 1,
+        batch_size: int = 16,
+        workers: int | None = None,
+        transform: Transform | None = None,
+        progress: bool | None = False,
+        desc: str = "reading audio",
+        backend: str | None = None,
+    ):
         if batch_size < 1:
             raise ValueError(f"batch size must be at least 1, got {batch_size}")
         backend = backend or default_backend()
@@ -190,8 +203,13 @@ class AudioBatches:
 
     def __iter__(self) -> Iterator[Batch]:
         self.skipped = []
-        bar = tqdm(total=len(self.paths), desc=self.desc, unit="file", dynamic_ncols=True,
-                   disable=None if self.progress is None else not self.progress)
+        bar = tqdm(
+            total=len(self.paths),
+            desc=self.desc,
+            unit="file",
+            dynamic_ncols=True,
+            disable=None if self.progress is None else not self.progress,
+        )
         with bar:
             for batch in self._batches(min(self.workers, len(self)) if len(self) > 1 else 0):
                 for i, reason in batch.skipped:  # logged here: a worker process's log records would be lost
@@ -207,15 +225,22 @@ class AudioBatches:
         if self.backend == "threads" or (workers and not _forks() and not _picklable(self.transform)):
             yield from self._thread_batches(clips, workers)
             return
-        loader = DataLoader(clips, batch_size=self.batch_size, shuffle=False, num_workers=workers,
-                            collate_fn=_collate, worker_init_fn=_one_thread if workers else None,
-                            persistent_workers=False)
+        loader = DataLoader(
+            clips,
+            batch_size=self.batch_size,
+            shuffle=False,
+            num_workers=workers,
+            collate_fn=_collate,
+            worker_init_fn=_one_thread if workers else None,
+            persistent_workers=False,
+        )
         for indices, waves, skipped in loader:  # batches come back in sampler order whatever worker read them
             yield Batch(indices, [torch.from_numpy(w) for w in waves], skipped)
 
     def _thread_batches(self, clips: _Clips, workers: int) -> Iterator[Batch]:
         starts = range(0, len(clips), self.batch_size)
         with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
+
             def submit(start: int) -> list[Future]:
                 end = min(start + self.batch_size, len(clips))
                 return [pool.submit(clips.__getitem__, i) for i in range(start, end)]
@@ -227,10 +252,16 @@ class AudioBatches:
 
 
 @torch.no_grad()
-def embed_files(model, paths: Sequence[str | Path], batch_size: int = 32, normalize: bool = False,
-                workers: int | None = None, progress: bool | None = False, desc: str = "embedding audio",
-                on_batch: Callable[[list[int], torch.Tensor], None] | None = None
-                ) -> tuple[torch.Tensor, list[tuple[int, str]]]:
+def embed_files(
+    model,
+    paths: Sequence[str | Path],
+    batch_size: int = 32,
+    normalize: bool = False,
+    workers: int | None = None,
+    progress: bool | None = False,
+    desc: str = "embedding audio",
+    on_batch: Callable[[list[int], torch.Tensor], None] | None = None,
+) -> tuple[torch.Tensor, list[tuple[int, str]]]:
     """CLAP audio embeddings of whole files through :class:`AudioBatches`, ``batch_size`` per model call.
 
     Returns the embeddings (N, D), float32 on the CPU, with a row of NaN for each skipped file, and the
@@ -238,20 +269,28 @@ def embed_files(model, paths: Sequence[str | Path], batch_size: int = 32, normal
     (e.g. to cache it, so an interrupted run keeps what it computed)."""
     out = torch.full((len(paths), model.cfg.encoder.embed_dim), math.nan)
     skipped: list[tuple[int, str]] = []
-    for batch in AudioBatches(paths, model.sample_rate, min_samples_of(model), batch_size, workers,
-                              progress=progress, desc=desc):
+    for batch in AudioBatches(
+        paths, model.sample_rate, min_samples_of(model), batch_size, workers, progress=progress, desc=desc
+    ):
         skipped += batch.skipped
         if batch.waves:
-            emb = model.encode_audio(batch.waves, model.sample_rate, normalize=normalize,
-                                     batch_size=batch_size).float().cpu()
+            emb = (
+                model.encode_audio(batch.waves, model.sample_rate, normalize=normalize, batch_size=batch_size)
+                .float()
+                .cpu()
+            )
             out[batch.indices] = emb
             if on_batch is not None:
                 on_batch(batch.indices, emb)
     return out, skipped
 
 
-def report_skipped(skipped: Sequence[tuple[str | Path, str]], logger: logging.Logger | None = None,
-                   what: str = "file", stream: TextIO | None = None) -> int:
+def report_skipped(
+    skipped: Sequence[tuple[str | Path, str]],
+    logger: logging.Logger | None = None,
+    what: str = "file",
+    stream: TextIO | None = None,
+) -> int:
     """Report every skipped file by name at the end of a run; return the exit code: 1 when any was skipped.
 
     The list is logged as a warning, or printed on ``stream`` (a CLI's ``sys.stderr``, so it shows whatever

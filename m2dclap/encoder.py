@@ -3,6 +3,7 @@
 State-dict names equal the official encoder-only checkpoints: ``cls_token, pos_embed,
 patch_embed.proj.*, blocks.N.*, norm.*``.
 """
+
 from __future__ import annotations
 
 from functools import partial
@@ -28,7 +29,8 @@ class AudioEncoder(nn.Module):
         self.pos_embed = nn.Parameter(sincos_2d_pos_embed(D, cfg.grid_size), requires_grad=False)
         norm_layer = partial(nn.LayerNorm, eps=cfg.norm_eps)
         self.blocks = nn.ModuleList(
-            [Block(D, cfg.num_heads, cfg.mlp_ratio, cfg.qkv_bias, norm_layer) for _ in range(cfg.depth)])
+            [Block(D, cfg.num_heads, cfg.mlp_ratio, cfg.qkv_bias, norm_layer) for _ in range(cfg.depth)]
+        )
         self.norm = norm_layer(D)
         self.grad_checkpointing = False
         self._init_weights()
@@ -67,8 +69,10 @@ class AudioEncoder(nn.Module):
         tokens, (gf, gt) = self.patch_embed(x)
         full_f, full_t = self.grid_size
         if gf != full_f or gt > full_t:
-            raise ValueError(f"input of {x.shape[-2]}x{x.shape[-1]} gives a {gf}x{gt} patch grid; the model "
-                             f"takes at most {full_f}x{full_t} (input size {self.cfg.input_size})")
+            raise ValueError(
+                f"input of {x.shape[-2]}x{x.shape[-1]} gives a {gf}x{gt} patch grid; the model "
+                f"takes at most {full_f}x{full_t} (input size {self.cfg.input_size})"
+            )
         pos = self.pos_embed[:, 1:]
         if gt < full_t:
             pos = pos.reshape(1, full_f, full_t, -1)[:, :, :gt].reshape(1, gf * gt, -1)
@@ -116,7 +120,7 @@ class AudioEncoder(nn.Module):
             z = z.unflatten(0, (B, n_full)).permute(0, 2, 1, 3, 4)  # (B, F', n, t, D)
             outputs.append(z.flatten(2, 3))  # (B, F', n*t, D)
         if rest:
-            outputs.append(self._encode_chunks(lms[..., n_full * U:]))
+            outputs.append(self._encode_chunks(lms[..., n_full * U :]))
         return torch.cat(outputs, dim=2)
 
     def encode_lms_list(self, lms_list: list[torch.Tensor], max_chunks: int = 64) -> list[torch.Tensor]:
@@ -132,14 +136,14 @@ class AudioEncoder(nn.Module):
             T = lms.shape[-1]
             lms = F.pad(lms, (0, (p - (T % U % p)) % p))
             for j, start in enumerate(range(0, lms.shape[-1], U)):
-                pieces.append((i, j, lms[..., start:start + U]))
+                pieces.append((i, j, lms[..., start : start + U]))
         by_len: dict[int, list[int]] = {}
         for k, (_, _, chunk) in enumerate(pieces):
             by_len.setdefault(chunk.shape[-1], []).append(k)
         encoded: list[torch.Tensor | None] = [None] * len(pieces)
         for ks in by_len.values():
             for s in range(0, len(ks), max_chunks):
-                group = ks[s:s + max_chunks]
+                group = ks[s : s + max_chunks]
                 z = self._encode_chunks(torch.stack([pieces[k][2] for k in group]))  # (n, F', t, D)
                 for k, zk in zip(group, z):
                     encoded[k] = zk

@@ -3,6 +3,7 @@
 Used for the pretraining report; the full retrieval and zero-shot tools live in ``retrieval/`` and
 ``zeroshot/``. Uses only the public model API.
 """
+
 from __future__ import annotations
 
 import logging
@@ -28,8 +29,9 @@ def embed_records(model, records: Sequence[Any], batch_size: int = 32, progress:
     return emb[keep].to(model.device), [records[i] for i in keep], [str(records[i].audio) for i in sorted(bad)]
 
 
-def evaluate_clap(model, records: Sequence[Any], class_names: Sequence[str] | None = None,
-                  batch_size: int = 32, progress: bool = True) -> dict[str, Any]:
+def evaluate_clap(
+    model, records: Sequence[Any], class_names: Sequence[str] | None = None, batch_size: int = 32, progress: bool = True
+) -> dict[str, Any]:
     """Text->audio / audio->text retrieval (CLAP-paper convention) and zero-shot accuracy on the first
     label of each clip, each beside its chance level."""
     model.eval()
@@ -64,14 +66,18 @@ def evaluate_clap(model, records: Sequence[Any], class_names: Sequence[str] | No
 
 def format_report(result: dict[str, Any]) -> str:
     """A short table of every figure beside its chance level."""
-    lines = [f"evaluated {result['n_clips']} clips, {result['n_captions']} captions"
-             + (f", {len(result['bad_clips'])} unusable clips skipped" if result.get("bad_clips") else "")]
+    lines = [
+        f"evaluated {result['n_clips']} clips, {result['n_captions']} captions"
+        + (f", {len(result['bad_clips'])} unusable clips skipped" if result.get("bad_clips") else "")
+    ]
     for key, title in (("text_to_audio", "text->audio"), ("audio_to_text", "audio->text")):
         if key in result:
             got, chance = result[key], result["chance_" + key]
             cells = "  ".join(f"{m} {100 * got[m]:5.1f} (chance {100 * chance[m]:4.1f})" for m in got)
             lines.append(f"{title:12s} {cells}")
     if "zeroshot_accuracy" in result:
-        lines.append(f"zero-shot    accuracy {100 * result['zeroshot_accuracy']:5.1f} "
-                     f"(chance {100 * result['zeroshot_chance']:4.1f}, {result['n_classes']} classes)")
+        lines.append(
+            f"zero-shot    accuracy {100 * result['zeroshot_accuracy']:5.1f} "
+            f"(chance {100 * result['zeroshot_chance']:4.1f}, {result['n_classes']} classes)"
+        )
     return "\n".join(lines)

@@ -11,6 +11,7 @@ A file counts as done when all its requested ``.npy`` files exist and ``index.cs
 Every ``.npy`` is written to a temporary file and renamed into place, and the index row is appended only
 after the arrays, so a killed run leaves nothing that a re-run would mistake for finished work.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -113,8 +114,12 @@ def check_output_names(items: Sequence[AudioItem]) -> None:
             owner[key] = item
     if clashes:
         more = f" (and {len(clashes) - 5} more)" if len(clashes) > 5 else ""
-        raise ExtractError("these files would write the same outputs: " + "; ".join(clashes[:5]) + more
-                           + ". Give their common parent folder as the input, or rename them.")
+        raise ExtractError(
+            "these files would write the same outputs: "
+            + "; ".join(clashes[:5])
+            + more
+            + ". Give their common parent folder as the input, or rename them."
+        )
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -182,7 +187,7 @@ def _lock(out_dir: Path):
 def _remove_stale_tmp(out_dir: Path) -> None:
     for where in [out_dir] + [out_dir / k for k in FEATURE_KINDS]:
         if where.is_dir():
-            for tmp in (where.rglob(".*.tmp") if where != out_dir else where.glob(".*.tmp")):
+            for tmp in where.rglob(".*.tmp") if where != out_dir else where.glob(".*.tmp"):
                 with contextlib.suppress(OSError):
                     tmp.unlink()
 
@@ -202,8 +207,9 @@ def parse_features(spec: str | Sequence[str]) -> tuple[str, ...]:
     return tuple(k for k in FEATURE_KINDS if k in names)
 
 
-def _prepare_out_dir(model, out_dir: Path, kinds: tuple[str, ...], checkpoint: str | None,
-                     overwrite: bool) -> tuple[dict, dict]:
+def _prepare_out_dir(
+    model, out_dir: Path, kinds: tuple[str, ...], checkpoint: str | None, overwrite: bool
+) -> tuple[dict, dict]:
     """Check ``meta.json`` against this run, write the new one, return the previous (index, errors) rows."""
     meta_path = out_dir / "meta.json"
     meta = {
@@ -223,15 +229,23 @@ def _prepare_out_dir(model, out_dir: Path, kinds: tuple[str, ...], checkpoint: s
             old = json.loads(meta_path.read_text())
         except (json.JSONDecodeError, OSError):
             old = {}
-        diff = [k for k in ("checkpoint", "model", "dtype")
-                if old.get(k) is not None and meta[k] is not None and old[k] != meta[k]]
+        diff = [
+            k
+            for k in ("checkpoint", "model", "dtype")
+            if old.get(k) is not None and meta[k] is not None and old[k] != meta[k]
+        ]
         if diff and not overwrite:
-            raise ExtractError(f"{out_dir} holds features of another run ("
-                               + ", ".join(f"{k}: {old[k]!r} there, {meta[k]!r} now" for k in diff)
-                               + "); use another --out, or --overwrite to recompute into it")
+            raise ExtractError(
+                f"{out_dir} holds features of another run ("
+                + ", ".join(f"{k}: {old[k]!r} there, {meta[k]!r} now" for k in diff)
+                + "); use another --out, or --overwrite to recompute into it"
+            )
         if diff:
-            log.warning("%s: replacing features of %s; outputs of files not in this run are stale",
-                        out_dir, ", ".join(f"{k}={old[k]!r}" for k in diff))
+            log.warning(
+                "%s: replacing features of %s; outputs of files not in this run are stale",
+                out_dir,
+                ", ".join(f"{k}={old[k]!r}" for k in diff),
+            )
             index, errors = {}, {}
         else:
             meta["features"] = [k for k in FEATURE_KINDS if k in set(kinds) | set(old.get("features", []))]
@@ -270,10 +284,16 @@ def compute_features_safe(model, waves: list[torch.Tensor], kinds) -> list[dict 
         return [r for w in waves for r in compute_features_safe(model, [w], kinds)]
 
 
-def extract_features(model, items: Sequence[AudioItem], out_dir: str | Path,
-                     features: str | Sequence[str] = FEATURE_KINDS, batch_size: int = 8,
-                     overwrite: bool = False, checkpoint: str | None = None,
-                     progress: bool | None = None) -> ExtractSummary:
+def extract_features(
+    model,
+    items: Sequence[AudioItem],
+    out_dir: str | Path,
+    features: str | Sequence[str] = FEATURE_KINDS,
+    batch_size: int = 8,
+    overwrite: bool = False,
+    checkpoint: str | None = None,
+    progress: bool | None = None,
+) -> ExtractSummary:
     """Write the requested features of ``items`` under ``out_dir`` (layout in ``LAYOUT``).
 
     Args:
@@ -300,14 +320,24 @@ def extract_features(model, items: Sequence[AudioItem], out_dir: str | Path,
         todo = []
         for item in items:
             row = index.get(item.file)
-            done = (not overwrite and _valid_index_row(row) and row["status"] == "ok"
-                    and all(item.output(out_dir, k).exists() for k in kinds))
+            done = (
+                not overwrite
+                and _valid_index_row(row)
+                and row["status"] == "ok"
+                and all(item.output(out_dir, k).exists() for k in kinds)
+            )
             if done:
                 summary.skipped += 1
             else:
                 todo.append(item)
-        log.info("%d files: %d already done, %d to extract (%s) into %s", len(items), summary.skipped,
-                 len(todo), ", ".join(kinds), out_dir)
+        log.info(
+            "%d files: %d already done, %d to extract (%s) into %s",
+            len(items),
+            summary.skipped,
+            len(todo),
+            ", ".join(kinds),
+            out_dir,
+        )
         # Rewrite the ledgers cleanly (a killed run may have cut a row), then append to them as files finish.
         _write_csv(out_dir / "index.csv", INDEX_FIELDS, list(index.values()))
         _write_csv(out_dir / "errors.csv", ERROR_FIELDS, list(errors.values()))
@@ -315,19 +345,41 @@ def extract_features(model, items: Sequence[AudioItem], out_dir: str | Path,
         final = sorted((r for r in index.values() if _valid_index_row(r)), key=lambda r: r["file"])
         failed = {r["file"] for r in final if r["status"] == "failed"}
         _write_csv(out_dir / "index.csv", INDEX_FIELDS, final)
-        _write_csv(out_dir / "errors.csv", ERROR_FIELDS,
-                   [errors.get(f, {"file": f, "error": "unknown (not recorded)"}) for f in sorted(failed)])
+        _write_csv(
+            out_dir / "errors.csv",
+            ERROR_FIELDS,
+            [errors.get(f, {"file": f, "error": "unknown (not recorded)"}) for f in sorted(failed)],
+        )
     return summary
 
 
-def _run(model, todo: list[AudioItem], out_dir: Path, kinds, batch_size: int, index: dict, errors: dict,
-         summary: ExtractSummary, progress: bool | None) -> None:
+def _run(
+    model,
+    todo: list[AudioItem],
+    out_dir: Path,
+    kinds,
+    batch_size: int,
+    index: dict,
+    errors: dict,
+    summary: ExtractSummary,
+    progress: bool | None,
+) -> None:
     """Read batch i+1 (m2dclap.embed_files) while the model works on batch i; record every file's outcome."""
     batches = AudioBatches([item.path for item in todo], model.sample_rate, min_samples_of(model), batch_size)
-    bar = tqdm(total=summary.total, initial=summary.skipped, unit="file", desc="extract", file=sys.stderr,
-               disable=None if progress is None else not progress, dynamic_ncols=True)
-    with bar, open(out_dir / "index.csv", "a", newline="", encoding="utf-8") as index_f, \
-            open(out_dir / "errors.csv", "a", newline="", encoding="utf-8") as errors_f:
+    bar = tqdm(
+        total=summary.total,
+        initial=summary.skipped,
+        unit="file",
+        desc="extract",
+        file=sys.stderr,
+        disable=None if progress is None else not progress,
+        dynamic_ncols=True,
+    )
+    with (
+        bar,
+        open(out_dir / "index.csv", "a", newline="", encoding="utf-8") as index_f,
+        open(out_dir / "errors.csv", "a", newline="", encoding="utf-8") as errors_f,
+    ):
         index_w, errors_w = csv.DictWriter(index_f, INDEX_FIELDS), csv.DictWriter(errors_f, ERROR_FIELDS)
         for batch in batches:
             results: dict[int, dict | str] = dict(batch.skipped)
@@ -349,13 +401,26 @@ def _run(model, todo: list[AudioItem], out_dir: Path, kinds, batch_size: int, in
             bar.set_postfix(failed=summary.failed, refresh=False)
 
 
-def _record(item: AudioItem, res: dict | str, out_dir: Path, kinds, index: dict, errors: dict,
-            index_w: csv.DictWriter, errors_w: csv.DictWriter, summary: ExtractSummary) -> None:
+def _record(
+    item: AudioItem,
+    res: dict | str,
+    out_dir: Path,
+    kinds,
+    index: dict,
+    errors: dict,
+    index_w: csv.DictWriter,
+    errors_w: csv.DictWriter,
+    summary: ExtractSummary,
+) -> None:
     if isinstance(res, dict):
         for k in kinds:
             save_npy(item.output(out_dir, k), np.ascontiguousarray(res[k], dtype=np.float32))
-        row = {"file": item.file, "duration_s": f"{res['duration_s']:.6f}", "n_frames": str(res["n_frames"]),
-               "status": "ok"}
+        row = {
+            "file": item.file,
+            "duration_s": f"{res['duration_s']:.6f}",
+            "n_frames": str(res["n_frames"]),
+            "status": "ok",
+        }
         errors.pop(item.file, None)
         summary.extracted += 1
     else:
@@ -374,32 +439,48 @@ def _record(item: AudioItem, res: dict | str, out_dir: Path, kinds, index: dict,
 # ---------------------------------------------------------------------------------------------------
 @dataclass(kw_only=True)
 class ExtractOptions:
-    inputs: list[str] = option(positional=True, metavar="INPUT",
-                               help="audio files and/or folders; folders are searched for "
-                                    + " ".join(AUDIO_EXTENSIONS))
-    checkpoint: str = option(aliases="-c", help="model: a save_pretrained folder, an official .pth file, or a "
-                                                "registered pretrained name")
+    inputs: list[str] = option(
+        positional=True,
+        metavar="INPUT",
+        help="audio files and/or folders; folders are searched for " + " ".join(AUDIO_EXTENSIONS),
+    )
+    checkpoint: str = option(
+        aliases="-c", help="model: a save_pretrained folder, an official .pth file, or a registered pretrained name"
+    )
     out: str = option(aliases="-o", metavar="DIR", help="output folder (layout below)")
-    features: str = option("all", metavar="KINDS",
-                           help="clip, frame, clap, or all; several as a comma list, e.g. clip,clap (default: all)")
-    batch_size: int = option(8, minimum=1, help="files per model call; files of different lengths may share a "
-                                                "batch (default: 8)")
-    device: str | None = option(None, help="where the model runs: cpu, cuda, cuda:1 (default: cuda when "
-                                           "available, else cpu)")
+    features: str = option(
+        "all", metavar="KINDS", help="clip, frame, clap, or all; several as a comma list, e.g. clip,clap (default: all)"
+    )
+    batch_size: int = option(
+        8, minimum=1, help="files per model call; files of different lengths may share a batch (default: 8)"
+    )
+    device: str | None = option(
+        None, help="where the model runs: cpu, cuda, cuda:1 (default: cuda when available, else cpu)"
+    )
     dtype: Literal["float32", "bfloat16"] = option(
-        "float32", help="model weights and compute dtype; the log-mel frontend stays float32 and the saved "
-                        "arrays are float32 either way (default: float32)")
+        "float32",
+        help="model weights and compute dtype; the log-mel frontend stays float32 and the saved "
+        "arrays are float32 either way (default: float32)",
+    )
     recursive: bool = option(True, help="search input folders recursively (default: --recursive)")
-    overwrite: bool = option(False, help="recompute files whose outputs already exist (default: skip them, "
-                                         "which resumes an interrupted run); also allows writing into a DIR made "
-                                         "with another checkpoint")
+    overwrite: bool = option(
+        False,
+        help="recompute files whose outputs already exist (default: skip them, "
+        "which resumes an interrupted run); also allows writing into a DIR made "
+        "with another checkpoint",
+    )
     quiet: bool = option(False, aliases="-q", help="only warnings and errors; no progress bar")
 
 
 def main(argv: list[str] | None = None) -> int:
-    return run_cli(run, ExtractOptions, argv, prog="m2dclap-extract",
-                   description="Extract M2D / M2D-CLAP audio features of audio files into .npy files (resumable).",
-                   epilog=LAYOUT)
+    return run_cli(
+        run,
+        ExtractOptions,
+        argv,
+        prog="m2dclap-extract",
+        description="Extract M2D / M2D-CLAP audio features of audio files into .npy files (resumable).",
+        epilog=LAYOUT,
+    )
 
 
 def run(opts: ExtractOptions) -> int:
@@ -420,10 +501,16 @@ def run(opts: ExtractOptions) -> int:
     model = load(opts.checkpoint, device=device, audio_only=True).to(DTYPES[opts.dtype])
     ckpt = Path(opts.checkpoint)
     try:
-        summary = extract_features(model, items, opts.out, kinds, batch_size=opts.batch_size,
-                                   overwrite=opts.overwrite,
-                                   checkpoint=str(ckpt.resolve()) if ckpt.exists() else opts.checkpoint,
-                                   progress=False if opts.quiet else None)
+        summary = extract_features(
+            model,
+            items,
+            opts.out,
+            kinds,
+            batch_size=opts.batch_size,
+            overwrite=opts.overwrite,
+            checkpoint=str(ckpt.resolve()) if ckpt.exists() else opts.checkpoint,
+            progress=False if opts.quiet else None,
+        )
     except ExtractError as e:
         raise CliError(str(e)) from None
     print(summary.line())

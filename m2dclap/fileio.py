@@ -1,5 +1,6 @@
 """File writing and reading shared by every tool of the suite: atomic writes (a killed job never leaves a
 half-written file) with the usual permissions, and a CSV reader whose every error names the file and the line."""
+
 from __future__ import annotations
 
 import contextlib
@@ -52,6 +53,7 @@ def atomic_write_text(path: str | Path, text: str) -> None:
 
 # ----------------------------------------------------------------------------------------------- reading CSV
 
+
 class TextFileError(ValueError):
     """A text file that cannot be read as such; the message names the file and the line."""
 
@@ -67,13 +69,14 @@ def undecodable_line(path: str | Path, encoding: str = "utf-8-sig") -> str | Non
             try:
                 raw.decode(encoding if line == 1 else encoding.replace("-sig", ""))
             except UnicodeDecodeError as e:
-                return (f"{path}, line {line}: bytes {raw[e.start:e.end]!r} at column {e.start + 1} are not "
-                        f"{encoding.replace('-sig', '').upper()} text")
+                return (
+                    f"{path}, line {line}: bytes {raw[e.start : e.end]!r} at column {e.start + 1} are not "
+                    f"{encoding.replace('-sig', '').upper()} text"
+                )
     return None
 
 
-def csv_rows(path: str | Path, encoding: str = "utf-8-sig", multiline: bool = True
-             ) -> Iterator[tuple[int, list[str]]]:
+def csv_rows(path: str | Path, encoding: str = "utf-8-sig", multiline: bool = True) -> Iterator[tuple[int, list[str]]]:
     """The rows of a CSV file, header first, as ``(line where the row starts, cells)``; blank lines skipped.
 
     Raises :class:`TextFileError` naming the file and the line for a folder given as the file, an
@@ -95,27 +98,32 @@ def csv_rows(path: str | Path, encoding: str = "utf-8-sig", multiline: bool = Tr
                 except StopIteration:
                     return
                 except csv.Error as e:
-                    raise TextFileError(f"{path}, line {start}: malformed CSV row ({e}; "
-                                        f"an unbalanced quote?)") from None
+                    raise TextFileError(
+                        f"{path}, line {start}: malformed CSV row ({e}; an unbalanced quote?)"
+                    ) from None
                 end = reader.line_num
                 if not row or all(not cell.strip() for cell in row):
                     continue
                 if end > start and not multiline:
-                    raise TextFileError(f"{path}, line {start}: a quoted cell runs on to line {end} "
-                                        f"(an unbalanced quote?)")
+                    raise TextFileError(
+                        f"{path}, line {start}: a quoted cell runs on to line {end} (an unbalanced quote?)"
+                    )
                 if width is None:
                     width = len(row)
                 elif len(row) != width:
-                    raise TextFileError(f"{path}, line {start}: malformed CSV row: {len(row)} field(s), the header "
-                                        f"has {width}" + (f" (the row runs to line {end})" if end > start else ""))
+                    raise TextFileError(
+                        f"{path}, line {start}: malformed CSV row: {len(row)} field(s), the header "
+                        f"has {width}" + (f" (the row runs to line {end})" if end > start else "")
+                    )
                 yield start, row
     except UnicodeDecodeError:
         where = undecodable_line(path, encoding) or f"{path}: not {encoding} text"
         raise UndecodableError(f"{where}; save the file as UTF-8") from None
 
 
-def csv_dicts(path: str | Path, encoding: str = "utf-8-sig", multiline: bool = True
-              ) -> tuple[list[str], list[tuple[int, dict[str, str]]]]:
+def csv_dicts(
+    path: str | Path, encoding: str = "utf-8-sig", multiline: bool = True
+) -> tuple[list[str], list[tuple[int, dict[str, str]]]]:
     """The header (names stripped) and the rows as ``(line, {column: cell})`` of a CSV file (errors as
     :func:`csv_rows`; an empty file has no columns and no rows)."""
     rows = csv_rows(path, encoding, multiline)

@@ -2,6 +2,7 @@
 
 Layer types are passed in as arguments; attention runs through ``F.scaled_dot_product_attention``.
 """
+
 from __future__ import annotations
 
 from functools import partial
@@ -62,9 +63,15 @@ class Mlp(nn.Module):
 class Block(nn.Module):
     """Pre-norm transformer block: x + attn(norm1(x)), then x + mlp(norm2(x))."""
 
-    def __init__(self, dim: int, num_heads: int, mlp_ratio: float = 4.0, qkv_bias: bool = True,
-                 norm_layer: Callable[[int], nn.Module] = partial(nn.LayerNorm, eps=1e-6),
-                 act_layer: Callable[[], nn.Module] = nn.GELU):
+    def __init__(
+        self,
+        dim: int,
+        num_heads: int,
+        mlp_ratio: float = 4.0,
+        qkv_bias: bool = True,
+        norm_layer: Callable[[int], nn.Module] = partial(nn.LayerNorm, eps=1e-6),
+        act_layer: Callable[[], nn.Module] = nn.GELU,
+    ):
         super().__init__()
         self.norm1 = norm_layer(dim)
         self.attn = Attention(dim, num_heads, qkv_bias=qkv_bias)
@@ -110,8 +117,13 @@ def sincos_2d_pos_embed(dim: int, grid: tuple[int, int], cls_token: bool = True)
     return torch.from_numpy(emb).float().unsqueeze(0)
 
 
-def resample_pos_embed(posemb: torch.Tensor, old_grid: tuple[int, int], new_grid: tuple[int, int],
-                       num_prefix_tokens: int = 1, mode: str = "bicubic") -> torch.Tensor:
+def resample_pos_embed(
+    posemb: torch.Tensor,
+    old_grid: tuple[int, int],
+    new_grid: tuple[int, int],
+    num_prefix_tokens: int = 1,
+    mode: str = "bicubic",
+) -> torch.Tensor:
     """Resize a (1, prefix + F*T, D) position embedding from ``old_grid`` to ``new_grid`` (freq, time).
 
     Both grids are required because spectrogram grids are not square. Interpolates in float32 without

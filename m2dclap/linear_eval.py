@@ -20,6 +20,7 @@ Library use::
     result = linear_eval("ckpt/", "manifest.csv", cache_dir="feats/")
     probe = train_linear_probe(x_train, y_train, x_val, y_val)   # features already at hand (m2dclap.probe)
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -36,13 +37,21 @@ import torch
 import torch.nn.functional as F
 
 from .cli import CliError, UsageError, option, resolve_device, run_cli
+from .data.manifest import SPLITS, ManifestError, Record, atomic_write_text, parse_labels, raw_columns, read_manifest
 from .embed_files import AudioBatches, min_samples_of, report_skipped
 from .metrics import mean_average_precision
+
 # the probe lives in m2dclap.probe; its names stay importable from here
-from .probe import (LinearEvalError, ProbeResult, chance_level, cpu_threads, score_predictions,  # noqa: F401
-                    standardisation, target_matrix, train_linear_probe)
-from .data.manifest import (SPLITS, ManifestError, Record, parse_labels, raw_columns,
-                            atomic_write_text, read_manifest)
+from .probe import (  # noqa: F401
+    LinearEvalError,
+    ProbeResult,
+    chance_level,
+    cpu_threads,
+    score_predictions,
+    standardisation,
+    target_matrix,
+    train_linear_probe,
+)
 
 log = logging.getLogger(__name__)
 
@@ -92,9 +101,11 @@ def read_task(manifest: str | Path, label_column: str = "labels", split_column: 
     raw_labels, raw_splits = raw[label_column], raw[split_column]
     for column, cells in ((label_column, raw_labels), (split_column, raw_splits)):
         if cells is None:
-            raise LinearEvalError(f"{path}: no {column!r} column (columns: {', '.join(seen)}); "
-                                  f"name the {'label' if column == label_column else 'split'} column with "
-                                  f"--{'label' if column == label_column else 'split'}-column")
+            raise LinearEvalError(
+                f"{path}: no {column!r} column (columns: {', '.join(seen)}); "
+                f"name the {'label' if column == label_column else 'split'} column with "
+                f"--{'label' if column == label_column else 'split'}-column"
+            )
     labels, splits = {}, {}
     n_unlabelled = n_no_split = 0
     for rec, lab_cell, split_cell in zip(records, raw_labels, raw_splits):
@@ -104,13 +115,14 @@ def read_task(manifest: str | Path, label_column: str = "labels", split_column: 
         if labs and split:
             labels[rec.id], splits[rec.id] = list(dict.fromkeys(labs)), split
     if not labels:
-        raise LinearEvalError(f"{path}: no clip has both labels in column {label_column!r} and a split in "
-                              f"column {split_column!r}; nothing to evaluate")
+        raise LinearEvalError(
+            f"{path}: no clip has both labels in column {label_column!r} and a split in "
+            f"column {split_column!r}; nothing to evaluate"
+        )
     task = Task(records, labels, splits, n_unlabelled, n_no_split)
     check_splits(task, path)
     if n_unlabelled or n_no_split:
-        log.warning("%s: left out %d clip(s) without labels and %d without a split", path, n_unlabelled,
-                    n_no_split)
+        log.warning("%s: left out %d clip(s) without labels and %d without a split", path, n_unlabelled, n_no_split)
     return task
 
 
@@ -119,15 +131,15 @@ def check_splits(task: Task, where: Path | str, bad: set[str] = frozenset()) -> 
     for split in ("train", "test"):
         if not [i for i in task.ids(split) if i not in bad]:
             extra = " once the unreadable clips are left out" if bad else ""
-            raise LinearEvalError(f"{where}: the {split} split is empty{extra} (no labelled clip has "
-                                  f"split {split!r})")
+            raise LinearEvalError(f"{where}: the {split} split is empty{extra} (no labelled clip has split {split!r})")
 
 
 def carve_val(train_ids: Sequence[str], seed: int, fraction: float = VAL_FRACTION) -> tuple[list[str], list[str]]:
     """Move a seeded ``fraction`` of train (at least one clip) to validation; returns (train, val)."""
     if len(train_ids) < 2:
-        raise LinearEvalError(f"no val split and only {len(train_ids)} train clip(s): cannot carve a "
-                              "validation set; add a val split")
+        raise LinearEvalError(
+            f"no val split and only {len(train_ids)} train clip(s): cannot carve a validation set; add a val split"
+        )
     n_val = max(1, round(fraction * len(train_ids)))
     perm = np.random.default_rng(seed).permutation(len(train_ids))
     val = set(perm[:n_val].tolist())
@@ -158,23 +170,33 @@ def _stat(p: Path) -> list[Any]:
         return ["missing"]
 
 
-def cache_key(checkpoint: str | Path, manifest: str | Path, records: Sequence[Record],
-              unit_seconds: float | None = None, seed: int = 0) -> str:
+def cache_key(
+    checkpoint: str | Path,
+    manifest: str | Path,
+    records: Sequence[Record],
+    unit_seconds: float | None = None,
+    seed: int = 0,
+) -> str:
     """A hash of the checkpoint (its files' paths, sizes and times, or its registered name), the manifest's
     bytes and location, the size and time of every audio file it lists, and the crop settings."""
     ckpt = Path(checkpoint)
     if ckpt.exists():
         files = [ckpt] if ckpt.is_file() else sorted(f for f in ckpt.rglob("*") if f.is_file())
-        ckpt_id: Any = [str(ckpt.resolve())] + [[f.relative_to(ckpt).as_posix() if f != ckpt else "", *_stat(f)]
-                                                 for f in files]
+        ckpt_id: Any = [str(ckpt.resolve())] + [
+            [f.relative_to(ckpt).as_posix() if f != ckpt else "", *_stat(f)] for f in files
+        ]
     else:
         ckpt_id = str(checkpoint)  # a registered pretrained name
     manifest = Path(manifest)
-    body = {"version": CACHE_VERSION, "checkpoint": ckpt_id, "manifest": str(manifest.resolve()),
-            "manifest_sha256": hashlib.sha256(manifest.read_bytes()).hexdigest(),
-            "audio": [_stat(Path(r.audio)) for r in records],
-            "unit_seconds": round(unit_seconds, 6) if unit_seconds else None,
-            "crop_seed": seed if unit_seconds else None}
+    body = {
+        "version": CACHE_VERSION,
+        "checkpoint": ckpt_id,
+        "manifest": str(manifest.resolve()),
+        "manifest_sha256": hashlib.sha256(manifest.read_bytes()).hexdigest(),
+        "audio": [_stat(Path(r.audio)) for r in records],
+        "unit_seconds": round(unit_seconds, 6) if unit_seconds else None,
+        "crop_seed": seed if unit_seconds else None,
+    }
     return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()[:20]
 
 
@@ -184,8 +206,11 @@ def load_cache(path: Path) -> Features | None:
         return None
     try:
         with np.load(path, allow_pickle=False) as z:
-            feats = Features(ids=z["ids"].tolist(), clip=z["clip"].astype(np.float32, copy=False),
-                             bad=list(zip(z["bad_paths"].tolist(), z["bad_reasons"].tolist())))
+            feats = Features(
+                ids=z["ids"].tolist(),
+                clip=z["clip"].astype(np.float32, copy=False),
+                bad=list(zip(z["bad_paths"].tolist(), z["bad_reasons"].tolist())),
+            )
     except (OSError, ValueError, KeyError, EOFError) as e:
         log.warning("%s: unreadable feature cache (%s); extracting again", path, e)
         return None
@@ -200,9 +225,13 @@ def save_cache(path: Path, feats: Features) -> None:
     from .fileio import atomic_write
 
     with atomic_write(path) as f:
-        np.savez(f, ids=np.array(feats.ids, dtype=str), clip=feats.clip,
-                 bad_paths=np.array([b[0] for b in feats.bad], dtype=str),
-                 bad_reasons=np.array([b[1] for b in feats.bad], dtype=str))
+        np.savez(
+            f,
+            ids=np.array(feats.ids, dtype=str),
+            clip=feats.clip,
+            bad_paths=np.array([b[0] for b in feats.bad], dtype=str),
+            bad_reasons=np.array([b[1] for b in feats.bad], dtype=str),
+        )
 
 
 def mean_duration(records: Sequence[Record]) -> float | None:
@@ -224,7 +253,7 @@ def fit_to_unit(wave: torch.Tensor, unit: int, rng: np.random.Generator) -> torc
     n = wave.shape[-1]
     if n > unit:
         start = int(rng.integers(0, n - unit + 1))
-        return wave[start:start + unit]
+        return wave[start : start + unit]
     return F.pad(wave, (0, unit - n)) if n < unit else wave
 
 
@@ -241,16 +270,29 @@ def _encode(model, waves: list[torch.Tensor]) -> list[np.ndarray | str]:
     return out
 
 
-def extract_clip_features(model, records: Sequence[Record], batch_size: int = 16,
-                          progress: bool | None = None, unit_samples: int | None = None, seed: int = 0) -> Features:
+def extract_clip_features(
+    model,
+    records: Sequence[Record],
+    batch_size: int = 16,
+    progress: bool | None = None,
+    unit_samples: int | None = None,
+    seed: int = 0,
+) -> Features:
     """z'' of every record, ``batch_size`` clips per model call; unreadable clips are logged and listed.
     ``unit_samples``: cut every clip to this length first (:func:`fit_to_unit`, crop seeded by ``seed`` and the
     clip's position), so a clip shorter than one STFT window is padded, not skipped."""
     model.eval()
     ids, rows = [], []
     fit = (lambda i, w: fit_to_unit(w, unit_samples, np.random.default_rng([seed, i]))) if unit_samples else None
-    batches = AudioBatches([r.audio for r in records], model.sample_rate, min_samples_of(model), batch_size,
-                           transform=fit, progress=progress, desc="extracting clip features")
+    batches = AudioBatches(
+        [r.audio for r in records],
+        model.sample_rate,
+        min_samples_of(model),
+        batch_size,
+        transform=fit,
+        progress=progress,
+        desc="extracting clip features",
+    )
     bad: list[tuple[str, str]] = []
     for batch in batches:
         bad += [(str(records[i].audio), reason) for i, reason in batch.skipped]
@@ -267,10 +309,17 @@ def extract_clip_features(model, records: Sequence[Record], batch_size: int = 16
     return Features(ids, np.stack(rows).astype(np.float32) if rows else np.zeros((0, dim), np.float32), bad)
 
 
-def clip_features(checkpoint: str | Path, manifest: str | Path, records: Sequence[Record],
-                  cache_dir: str | Path | None = None, batch_size: int = 16, device: str | None = None,
-                  progress: bool | None = None, unit_seconds: float | str | None = "auto",
-                  seed: int = 0) -> tuple[Features, dict[str, Any]]:
+def clip_features(
+    checkpoint: str | Path,
+    manifest: str | Path,
+    records: Sequence[Record],
+    cache_dir: str | Path | None = None,
+    batch_size: int = 16,
+    device: str | None = None,
+    progress: bool | None = None,
+    unit_seconds: float | str | None = "auto",
+    seed: int = 0,
+) -> tuple[Features, dict[str, Any]]:
     """Features of ``records`` from the cache when present, else extracted (and cached when ``cache_dir``).
     ``unit_seconds``: ``"auto"`` (the records' mean duration), a number of seconds, or None/0 (whole clips)."""
     from .checkpoint import load
@@ -302,16 +351,28 @@ def clip_features(checkpoint: str | Path, manifest: str | Path, records: Sequenc
 # ---------------------------------------------------------------------------------------------------
 # The evaluation
 # ---------------------------------------------------------------------------------------------------
-def linear_eval(checkpoint: str | Path, manifest: str | Path, label_column: str = "labels",
-                split_column: str = "split", batch_size: int = 16, epochs: int = 200, patience: int = 20,
-                lr: float = 3e-5, probe_batch_size: int = 200, cache_dir: str | Path | None = None,
-                seed: int = 0, device: str | None = None, progress: bool | None = None,
-                unit_seconds: float | str | None = "auto") -> dict[str, Any]:
+def linear_eval(
+    checkpoint: str | Path,
+    manifest: str | Path,
+    label_column: str = "labels",
+    split_column: str = "split",
+    batch_size: int = 16,
+    epochs: int = 200,
+    patience: int = 20,
+    lr: float = 3e-5,
+    probe_batch_size: int = 200,
+    cache_dir: str | Path | None = None,
+    seed: int = 0,
+    device: str | None = None,
+    progress: bool | None = None,
+    unit_seconds: float | str | None = "auto",
+) -> dict[str, Any]:
     """Linear evaluation of ``checkpoint``'s clip features on ``manifest``; returns the result dict.
     ``unit_seconds``: the clips' common length (``"auto"``: their mean duration; None or 0: whole clips)."""
     task = read_task(manifest, label_column, split_column)
-    feats, info = clip_features(checkpoint, manifest, task.records, cache_dir, batch_size, device, progress,
-                                unit_seconds, seed)
+    feats, info = clip_features(
+        checkpoint, manifest, task.records, cache_dir, batch_size, device, progress, unit_seconds, seed
+    )
     have = set(feats.ids)
     bad_ids = {r.id for r in task.records if r.id not in have}
     check_splits(task, manifest, bad_ids)
@@ -330,28 +391,60 @@ def linear_eval(checkpoint: str | Path, manifest: str | Path, label_column: str 
         log.warning("test labels never seen in train: %s", ", ".join(unseen[:10]))
     t0 = time.perf_counter()
     with cpu_threads(1):
-        probe = train_linear_probe(x["train"], y["train"], x["val"], y["val"], n_classes=len(classes),
-                                   epochs=epochs, patience=patience, lr=lr, batch_size=probe_batch_size, seed=seed,
-                                   device=device or "cpu")
+        probe = train_linear_probe(
+            x["train"],
+            y["train"],
+            x["val"],
+            y["val"],
+            n_classes=len(classes),
+            epochs=epochs,
+            patience=patience,
+            lr=lr,
+            batch_size=probe_batch_size,
+            seed=seed,
+            device=device or "cpu",
+        )
         test_scores = probe.predict(x["test"])
     unconverged = not probe.stopped_early and probe.best_epoch > 0.9 * epochs
     if unconverged:  # still improving at the cap: the figure understates the features
-        log.warning("the best validation epoch is %d of at most %d: the probe may not have converged; "
-                    "raise --epochs or --lr (the paper's lr 3e-5 is slow on small sets)", probe.best_epoch, epochs)
+        log.warning(
+            "the best validation epoch is %d of at most %d: the probe may not have converged; "
+            "raise --epochs or --lr (the paper's lr 3e-5 is slow on small sets)",
+            probe.best_epoch,
+            epochs,
+        )
     result: dict[str, Any] = {
-        "checkpoint": str(checkpoint), "data": str(manifest), "label_column": label_column,
-        "split_column": split_column, "task": "multi-label" if multilabel else "single-label",
-        "metric": probe.metric, "value": score_predictions(y["test"], test_scores),
-        "chance": chance_level(y["train"], y["test"]), "val_value": probe.val_score,
-        "epochs_run": probe.epochs_run, "best_epoch": probe.best_epoch, "stopped_early": probe.stopped_early,
-        "maybe_unconverged": unconverged, "n_train": len(ids["train"]), "n_val": len(ids["val"]),
+        "checkpoint": str(checkpoint),
+        "data": str(manifest),
+        "label_column": label_column,
+        "split_column": split_column,
+        "task": "multi-label" if multilabel else "single-label",
+        "metric": probe.metric,
+        "value": score_predictions(y["test"], test_scores),
+        "chance": chance_level(y["train"], y["test"]),
+        "val_value": probe.val_score,
+        "epochs_run": probe.epochs_run,
+        "best_epoch": probe.best_epoch,
+        "stopped_early": probe.stopped_early,
+        "maybe_unconverged": unconverged,
+        "n_train": len(ids["train"]),
+        "n_val": len(ids["val"]),
         "n_test": len(ids["test"]),
-        "val_from_train": carved, "n_classes": len(classes), "classes": classes,
-        "feature_dim": int(feats.clip.shape[1]), "n_bad": len(feats.bad),
+        "val_from_train": carved,
+        "n_classes": len(classes),
+        "classes": classes,
+        "feature_dim": int(feats.clip.shape[1]),
+        "n_bad": len(feats.bad),
         "bad_files": [{"path": p, "error": e} for p, e in feats.bad],
-        "n_unlabelled": task.n_unlabelled, "n_no_split": task.n_no_split,
-        "epochs": epochs, "patience": patience, "lr": lr, "probe_batch_size": probe_batch_size, "seed": seed,
-        **info, "train_seconds": round(time.perf_counter() - t0, 3),
+        "n_unlabelled": task.n_unlabelled,
+        "n_no_split": task.n_no_split,
+        "epochs": epochs,
+        "patience": patience,
+        "lr": lr,
+        "probe_batch_size": probe_batch_size,
+        "seed": seed,
+        **info,
+        "train_seconds": round(time.perf_counter() - t0, 3),
         "history": probe.history,
     }
     if multilabel:
@@ -366,44 +459,63 @@ def format_result(result: dict[str, Any]) -> str:
     val = " (carved from train)" if result["val_from_train"] else ""
     bad = f"; {result['n_bad']} unreadable file(s) skipped" if result["n_bad"] else ""
     unit = f"; clips cut to {result['unit_seconds']:.2f} s" if result.get("unit_seconds") else ""
-    return (f"linear eval {result['metric']} {result['value']:.4f} (chance {result['chance']:.4f}){unit}; "
-            f"epochs run {result['epochs_run']}, best epoch {result['best_epoch']}"
-            f"{' (in the last tenth of --epochs: may not have converged)' if result.get('maybe_unconverged') else ''}; "
-            f"train {result['n_train']} / val {result['n_val']}{val} / test {result['n_test']}{bad}")
+    return (
+        f"linear eval {result['metric']} {result['value']:.4f} (chance {result['chance']:.4f}){unit}; "
+        f"epochs run {result['epochs_run']}, best epoch {result['best_epoch']}"
+        f"{' (in the last tenth of --epochs: may not have converged)' if result.get('maybe_unconverged') else ''}; "
+        f"train {result['n_train']} / val {result['n_val']}{val} / test {result['n_test']}{bad}"
+    )
 
 
 # ---------------------------------------------------------------------------------------------------
 # Command line
 # ---------------------------------------------------------------------------------------------------
 PROG = "python -m m2dclap.linear_eval"
-DESCRIPTION = ("Linear evaluation of frozen M2D / M2D-CLAP clip features (paper IV-B1): standardised clip features, "
-               "one linear layer, Adam, early stopping on the val split, score on test. Accuracy for single-label "
-               "tasks, macro mAP when any clip has several ';'-separated labels. Clips that cannot be read "
-               "(undecodable, empty, NaN/Inf, or too short when --unit-seconds 0) are skipped and named on stderr "
-               "and in the result.")
+DESCRIPTION = (
+    "Linear evaluation of frozen M2D / M2D-CLAP clip features (paper IV-B1): standardised clip features, "
+    "one linear layer, Adam, early stopping on the val split, score on test. Accuracy for single-label "
+    "tasks, macro mAP when any clip has several ';'-separated labels. Clips that cannot be read "
+    "(undecodable, empty, NaN/Inf, or too short when --unit-seconds 0) are skipped and named on stderr "
+    "and in the result."
+)
 
 
 @dataclass(kw_only=True)
 class LinearEvalOptions:
-    checkpoint: str = option(aliases="-c", help="model: a save_pretrained folder, an official .pth file, or a "
-                                                "registered pretrained name")
+    checkpoint: str = option(
+        aliases="-c", help="model: a save_pretrained folder, an official .pth file, or a registered pretrained name"
+    )
     data: str = option(metavar="MANIFEST", help="manifest (.csv or .jsonl) with splits")
     label_column: str = option("labels", help="column holding the labels (default: labels)")
-    split_column: str = option("split", help="column holding train/val/test (default: split); without a val "
-                                             "split, 10%% of train (seeded) validates")
+    split_column: str = option(
+        "split",
+        help="column holding train/val/test (default: split); without a val split, 10%% of train (seeded) validates",
+    )
     batch_size: int = option(16, minimum=1, help="clips per model call (default: 16)")
-    probe_batch_size: int = option(200, minimum=1, help="mini-batch of the linear layer's training, capped at "
-                                                        "the train size (default: 200)")
-    epochs: int = option(200, minimum=1, help="most training epochs (default: 200); a best epoch in the last "
-                                              "tenth of them is reported as possibly unconverged")
+    probe_batch_size: int = option(
+        200, minimum=1, help="mini-batch of the linear layer's training, capped at the train size (default: 200)"
+    )
+    epochs: int = option(
+        200,
+        minimum=1,
+        help="most training epochs (default: 200); a best epoch in the last "
+        "tenth of them is reported as possibly unconverged",
+    )
     patience: int = option(20, minimum=1, help="early-stopping patience in epochs (default: 20)")
     lr: float = option(3e-5, help="Adam learning rate (default: 3e-5)")
     out: Path | None = option(None, metavar="JSON", help="write the full result here")
-    cache: Path | None = option(None, metavar="DIR", help="keep the extracted features here (one .npz per "
-                                                          "checkpoint and manifest) and reuse them")
-    unit_seconds: str = option("auto", metavar="auto|S", help="cut every clip to this length first, random crop "
-                               "or zeros appended, as EVAR does (default auto: the mean clip duration of the "
-                               "manifest; 0: whole clips)")
+    cache: Path | None = option(
+        None,
+        metavar="DIR",
+        help="keep the extracted features here (one .npz per checkpoint and manifest) and reuse them",
+    )
+    unit_seconds: str = option(
+        "auto",
+        metavar="auto|S",
+        help="cut every clip to this length first, random crop "
+        "or zeros appended, as EVAR does (default auto: the mean clip duration of the "
+        "manifest; 0: whole clips)",
+    )
     seed: int = option(0, help="seed of the crops, the layer's init, the batch order and the val carving")
     device: str | None = option(None, help="cpu, cuda, cuda:1 (default: cuda when available)")
     quiet: bool = option(False, aliases="-q", help="only warnings; no progress bar")
@@ -428,9 +540,22 @@ def run(opts: LinearEvalOptions) -> int:
     unit_seconds = _unit_seconds(opts.unit_seconds)
     device = resolve_device(opts.device)
     try:
-        result = linear_eval(opts.checkpoint, opts.data, opts.label_column, opts.split_column, opts.batch_size,
-                             opts.epochs, opts.patience, opts.lr, opts.probe_batch_size, opts.cache, opts.seed,
-                             device, progress=False if opts.quiet else None, unit_seconds=unit_seconds)
+        result = linear_eval(
+            opts.checkpoint,
+            opts.data,
+            opts.label_column,
+            opts.split_column,
+            opts.batch_size,
+            opts.epochs,
+            opts.patience,
+            opts.lr,
+            opts.probe_batch_size,
+            opts.cache,
+            opts.seed,
+            device,
+            progress=False if opts.quiet else None,
+            unit_seconds=unit_seconds,
+        )
     except (LinearEvalError, ManifestError, FileNotFoundError) as e:
         raise CliError(str(e)) from None
     if opts.out is not None:
@@ -438,8 +563,7 @@ def run(opts: LinearEvalOptions) -> int:
         atomic_write_text(opts.out, json.dumps(result, indent=2) + "\n")
     print(format_result(result))
     # the figures leave these clips out: exit 1 so that a script notices
-    return report_skipped([(b["path"], b["error"]) for b in result["bad_files"]], what="clip",
-                          stream=sys.stderr)
+    return report_skipped([(b["path"], b["error"]) for b in result["bad_files"]], what="clip", stream=sys.stderr)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -3,6 +3,7 @@
 The target network shares the online patch embedding, position embedding and CLS token (as officially)
 and owns copies of the blocks and final norm (``target_blocks``, ``target_norm``), updated only by EMA.
 """
+
 from __future__ import annotations
 
 import copy
@@ -17,8 +18,13 @@ from .encoder import AudioEncoder
 from .layers import Block, init_vit_weights, sincos_2d_pos_embed
 
 
-def random_masking(batch: int, num_tokens: int, mask_ratio: float, device: torch.device | None = None,
-                   generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def random_masking(
+    batch: int,
+    num_tokens: int,
+    mask_ratio: float,
+    device: torch.device | None = None,
+    generator: torch.Generator | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Per-sample random unstructured masking, as MAE/M2D: argsort of uniform noise.
 
     Returns ``ids_keep`` (B, n_keep) visible indices, ``ids_masked`` (B, N - n_keep) masked indices and
@@ -48,8 +54,9 @@ class Predictor(nn.Module):
         self.mask_token = nn.Parameter(torch.zeros(1, 1, W))
         self.decoder_pos_embed = nn.Parameter(sincos_2d_pos_embed(W, enc.grid_size), requires_grad=False)
         norm_layer = partial(nn.LayerNorm, eps=1e-6)
-        self.decoder_blocks = nn.ModuleList([Block(W, cfg.num_heads, cfg.mlp_ratio, True, norm_layer)
-                                             for _ in range(cfg.depth)])
+        self.decoder_blocks = nn.ModuleList(
+            [Block(W, cfg.num_heads, cfg.mlp_ratio, True, norm_layer) for _ in range(cfg.depth)]
+        )
         self.decoder_norm = norm_layer(W)
         self.decoder_pred = nn.Linear(W, enc.embed_dim)
         nn.init.normal_(self.mask_token, std=0.02)
@@ -94,8 +101,9 @@ class TargetEncoder(nn.Module):
         """xi <- alpha xi + (1 - alpha) theta."""
         online_params = list(online.blocks.parameters()) + list(online.norm.parameters())
         target_params = list(self.target_blocks.parameters()) + list(self.target_norm.parameters())
-        torch._foreach_lerp_(target_params, [p.detach().to(t.dtype) for p, t in zip(online_params, target_params)],
-                             1.0 - momentum)
+        torch._foreach_lerp_(
+            target_params, [p.detach().to(t.dtype) for p, t in zip(online_params, target_params)], 1.0 - momentum
+        )
 
 
 def m2d_loss(pred: torch.Tensor, target: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
@@ -132,8 +140,15 @@ class M2DCLAPPretrainer(nn.Module):
         world_size, rank: for the contrastive loss's autograd-aware gather.
     """
 
-    def __init__(self, model: nn.Module, mask_ratio: float = 0.7, lambda_m2d: float = 1.0,
-                 lambda_clap: float = 0.01, world_size: int = 1, rank: int = 0):
+    def __init__(
+        self,
+        model: nn.Module,
+        mask_ratio: float = 0.7,
+        lambda_m2d: float = 1.0,
+        lambda_clap: float = 0.01,
+        world_size: int = 1,
+        rank: int = 0,
+    ):
         super().__init__()
         from .clap import ContrastiveLoss
 
@@ -146,9 +161,14 @@ class M2DCLAPPretrainer(nn.Module):
             self.predictor, self.target = None, None
         self.clap_loss = ContrastiveLoss(world_size, rank)
 
-    def forward(self, lms: torch.Tensor, text_emb: torch.Tensor | None = None,
-                texts: list[str] | None = None, positive_groups: torch.Tensor | None = None,
-                generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
+    def forward(
+        self,
+        lms: torch.Tensor,
+        text_emb: torch.Tensor | None = None,
+        texts: list[str] | None = None,
+        positive_groups: torch.Tensor | None = None,
+        generator: torch.Generator | None = None,
+    ) -> dict[str, torch.Tensor]:
         """lms: normalised log-mel crops (B, 1, F, T). Text as pre-computed embeddings or strings."""
         model, enc = self.model, self.model.encoder
         encoder_trains = any(p.requires_grad for p in enc.parameters())

@@ -7,6 +7,7 @@ i / rank_i over the clip's captions ranked in the top 10 (ranks sorted, 1-based)
 captions of the clip (WavCaps; LAION-CLAP forgets to sort the ranks, which inflates the figure).
 Similarities are processed in blocks of queries so memory stays bounded.
 """
+
 from __future__ import annotations
 
 import logging
@@ -26,39 +27,45 @@ def _ranks_of_relevant(sim: torch.Tensor, relevant: torch.Tensor) -> torch.Tenso
     return (sim > target).sum(1) + (sim == target).sum(1) - 1
 
 
-def text_to_audio(text_emb: torch.Tensor, audio_emb: torch.Tensor, caption_audio: torch.Tensor,
-                  block: int = 4096) -> dict[str, float]:
+def text_to_audio(
+    text_emb: torch.Tensor, audio_emb: torch.Tensor, caption_audio: torch.Tensor, block: int = 4096
+) -> dict[str, float]:
     """text_emb (Q, D), audio_emb (N, D), caption_audio (Q,) index of each caption's clip."""
-    ranks = torch.cat([_ranks_of_relevant(text_emb[i:i + block] @ audio_emb.T, caption_audio[i:i + block])
-                       for i in range(0, len(text_emb), block)]).float()
+    ranks = torch.cat(
+        [
+            _ranks_of_relevant(text_emb[i : i + block] @ audio_emb.T, caption_audio[i : i + block])
+            for i in range(0, len(text_emb), block)
+        ]
+    ).float()
     out = {f"R@{k}": (ranks < k).float().mean().item() for k in KS}
     out["mAP@10"] = torch.where(ranks < 10, 1.0 / (ranks + 1), torch.zeros_like(ranks)).mean().item()
     return out
 
 
-def audio_to_text(audio_emb: torch.Tensor, text_emb: torch.Tensor, caption_audio: torch.Tensor,
-                  block: int = 1024) -> dict[str, float]:
+def audio_to_text(
+    audio_emb: torch.Tensor, text_emb: torch.Tensor, caption_audio: torch.Tensor, block: int = 1024
+) -> dict[str, float]:
     """Each clip queries all captions; its relevant captions are those with caption_audio == clip."""
     n_audio = audio_emb.shape[0]
     n_caps = torch.bincount(caption_audio, minlength=n_audio).float()
     hits = {k: torch.zeros(n_audio) for k in KS}
     ap = torch.zeros(n_audio)
     for s in range(0, n_audio, block):
-        sim = audio_emb[s:s + block] @ text_emb.T  # (b, Q)
+        sim = audio_emb[s : s + block] @ text_emb.T  # (b, Q)
         rel = caption_audio[None, :] == torch.arange(s, s + sim.shape[0])[:, None]  # (b, Q)
         # Relevant scores sorted best first, padded with -inf: (b, C_max)
         c_max = int(rel.sum(1).max().item()) if rel.numel() else 0
         rel_scores = torch.where(rel, sim, torch.full_like(sim, -math.inf)).topk(max(c_max, 1), dim=1).values
         # Position (1-based) of the i-th relevant caption, ties counted against the query: every irrelevant
         # caption scoring >= it comes first, then the i - 1 better relevant ones.
-        irr_ge = torch.stack([((sim >= rel_scores[:, i:i + 1]) & ~rel).sum(1) for i in range(rel_scores.shape[1])], 1)
+        irr_ge = torch.stack([((sim >= rel_scores[:, i : i + 1]) & ~rel).sum(1) for i in range(rel_scores.shape[1])], 1)
         order = torch.arange(1, rel_scores.shape[1] + 1)
         position = (irr_ge + order).float()
         valid = torch.isfinite(rel_scores)
         for k in KS:
-            hits[k][s:s + sim.shape[0]] = ((position[:, 0] <= k) & valid[:, 0]).float()
+            hits[k][s : s + sim.shape[0]] = ((position[:, 0] <= k) & valid[:, 0]).float()
         in_top = valid & (position <= 10)
-        ap[s:s + sim.shape[0]] = torch.where(in_top, order / position, torch.zeros_like(position)).sum(1)
+        ap[s : s + sim.shape[0]] = torch.where(in_top, order / position, torch.zeros_like(position)).sum(1)
     out = {f"R@{k}": hits[k].mean().item() for k in KS}
     out["mAP@10"] = (ap / n_caps.clamp_min(1)).mean().item()
     return out
@@ -144,8 +151,12 @@ def mean_average_precision(y_true, scores, no_positive: str = "zero") -> tuple[f
     ap = np.array([average_precision(y[:, c], s[:, c]) for c in range(s.shape[1])])
     empty = [int(c) for c in np.flatnonzero(np.isnan(ap))]
     if empty:
-        log.warning("%d of %d class(es) have no positive clip; their AP is %s", len(empty), len(ap),
-                    "0 in the mean (as scikit-learn)" if no_positive == "zero" else "left out of the mean")
+        log.warning(
+            "%d of %d class(es) have no positive clip; their AP is %s",
+            len(empty),
+            len(ap),
+            "0 in the mean (as scikit-learn)" if no_positive == "zero" else "left out of the mean",
+        )
     if len(empty) == len(ap):
         return float("nan"), ap, empty
     mean = np.nan_to_num(ap, nan=0.0).mean() if no_positive == "zero" else np.nanmean(ap)

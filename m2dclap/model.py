@@ -1,9 +1,10 @@
 """M2DCLAP: the inference model every consumer uses.
 
-    audio (any length, any rate) -> log-mel -> normalise -> chunked ViT -> patch features z
-    z -> frame features z' (Eq. 2) and clip features z'' (mean over time)
-    z -> audio projector -> CLAP audio feature s_a;   text -> text tower -> text_proj -> s_t
+audio (any length, any rate) -> log-mel -> normalise -> chunked ViT -> patch features z
+z -> frame features z' (Eq. 2) and clip features z'' (mean over time)
+z -> audio projector -> CLAP audio feature s_a;   text -> text tower -> text_proj -> s_t
 """
+
 from __future__ import annotations
 
 import logging
@@ -53,8 +54,11 @@ class M2DCLAP(nn.Module):
     def _apply(self, fn, recurse: bool = True):
         """Casting the model (``.to(torch.bfloat16)``) moves but never casts the frontend buffers and the
         normalisation statistics: bf16 would round (-7.1, 4.2) to (-7.09375, 4.1875)."""
-        keep = {"norm_stats": self.norm_stats, "frontend.window": self.frontend.window,
-                "frontend.mel_fb": self.frontend.mel_fb}
+        keep = {
+            "norm_stats": self.norm_stats,
+            "frontend.window": self.frontend.window,
+            "frontend.mel_fb": self.frontend.mel_fb,
+        }
         super()._apply(fn, recurse)
         for name, value in keep.items():
             owner, attr = (self.frontend, name.split(".")[1]) if "." in name else (self, name)
@@ -182,13 +186,14 @@ class M2DCLAP(nn.Module):
         return self.audio_proj(padded, key_padding).float()
 
     @torch.no_grad()
-    def encode_audio(self, audio: AudioInput, sample_rate: int | None = None, normalize: bool = False,
-                     batch_size: int = 32) -> torch.Tensor:
+    def encode_audio(
+        self, audio: AudioInput, sample_rate: int | None = None, normalize: bool = False, batch_size: int = 32
+    ) -> torch.Tensor:
         """CLAP audio embeddings s_a (B, D) for waveforms of any length."""
         waves = self.prepare_audio(audio, sample_rate)
         outs = []
         for start in range(0, len(waves), batch_size):
-            patches = self._encode_waves(waves[start:start + batch_size])  # already checked once
+            patches = self._encode_waves(waves[start : start + batch_size])  # already checked once
             outs.append(self.project_audio(patches))
         emb = torch.cat(outs)
         return F.normalize(emb, dim=-1) if normalize else emb
@@ -209,7 +214,7 @@ class M2DCLAP(nn.Module):
         """CLAP text embeddings s_t (B, D) for a list of captions."""
         if isinstance(texts, str):
             texts = [texts]
-        outs = [self.project_text(texts[i:i + batch_size]).float() for i in range(0, len(texts), batch_size)]
+        outs = [self.project_text(texts[i : i + batch_size]).float() for i in range(0, len(texts), batch_size)]
         emb = torch.cat(outs) if outs else torch.zeros(0, self.cfg.encoder.embed_dim)
         return F.normalize(emb, dim=-1) if normalize else emb
 
@@ -218,8 +223,9 @@ class M2DCLAP(nn.Module):
         """Cosine similarity matrix (A, T) between audio and text embeddings (Eq. 3)."""
         return F.normalize(audio_emb.float(), dim=-1) @ F.normalize(text_emb.float(), dim=-1).T
 
-    def forward(self, audio: AudioInput | None = None, texts: Sequence[str] | None = None,
-                sample_rate: int | None = None) -> dict[str, torch.Tensor]:
+    def forward(
+        self, audio: AudioInput | None = None, texts: Sequence[str] | None = None, sample_rate: int | None = None
+    ) -> dict[str, torch.Tensor]:
         """Differentiable forward: ``audio_features`` (B, D), ``text_features`` (B, D), ``logit_scale``."""
         out: dict[str, torch.Tensor] = {"logit_scale": self.logit_scale.exp()}
         if audio is not None:

@@ -5,6 +5,7 @@ Layouts: 2024 files (flat ``model`` dict: encoder, target, decoder, ``audio_proj
 2025 files (``backbone.*`` = encoder + ``audio_proj.sem_*`` + ``norm_stats``, ``text_encoder.*``);
 encoder-only files (``*_enconly``) and EVAR fine-tuned files (``module.ar.runtime.backbone.*``).
 """
+
 from __future__ import annotations
 
 import logging
@@ -27,8 +28,9 @@ DEFAULT_NORM_STATS = (-7.1, 4.2)  # official default for checkpoints without nor
 OFFICIAL_TEXT = {
     "A": TextCfg(kind="hf", name="thenlper/gte-base", pooling="mean", width=768, max_length=512),
     "B": TextCfg(kind="hf", name="google-bert/bert-base-uncased", pooling="cls", width=768, max_length=512),
-    "N": TextCfg(kind="sentence", name="nvidia/NV-Embed-v2", pooling="mean", width=4096, max_length=32768,
-                 add_eos=True),
+    "N": TextCfg(
+        kind="sentence", name="nvidia/NV-Embed-v2", pooling="mean", width=4096, max_length=32768, add_eos=True
+    ),
 }
 
 
@@ -54,12 +56,17 @@ def parse_official_name(name: str) -> dict[str, Any] | None:
     sr = fields[2] if len(fields) > 2 else "16k"
     if sr not in ("16k", "32k"):
         return None
-    return {"model": parts[0], "input_size": (int(m_in[1]), int(m_in[2])),
-            "patch_size": (int(m_patch[1]), int(m_patch[2])), "sr": sr, "extra": fields[3:]}
+    return {
+        "model": parts[0],
+        "input_size": (int(m_in[1]), int(m_in[2])),
+        "patch_size": (int(m_patch[1]), int(m_patch[2])),
+        "sr": sr,
+        "extra": fields[3:],
+    }
 
 
 def _strip(sd: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
-    return {k[len(prefix):]: v for k, v in sd.items() if k.startswith(prefix)}
+    return {k[len(prefix) :]: v for k, v in sd.items() if k.startswith(prefix)}
 
 
 def official_layout(sd: dict[str, Any]) -> str:
@@ -77,13 +84,20 @@ def official_layout(sd: dict[str, Any]) -> str:
     return "encoder"
 
 
-def load_official(path: Path, device: str | torch.device, text_name: str | None,
-                   input_size: tuple[int, int] | None, audio_only: bool = False) -> M2DCLAP:
+def load_official(
+    path: Path,
+    device: str | torch.device,
+    text_name: str | None,
+    input_size: tuple[int, int] | None,
+    audio_only: bool = False,
+) -> M2DCLAP:
     sd = _state_dict_of(safe_torch_load(path), path)
     layout = official_layout(sd)
     if layout == "unknown":
-        raise CheckpointError(f"{path}: not an M2D checkpoint: no 'patch_embed.proj.weight' or 'backbone.*' "
-                              f"keys (first keys: {list(sd)[:5]})")
+        raise CheckpointError(
+            f"{path}: not an M2D checkpoint: no 'patch_embed.proj.weight' or 'backbone.*' "
+            f"keys (first keys: {list(sd)[:5]})"
+        )
     text_sd = _strip(sd, "text_encoder.") if layout == "2025" else {}
     if layout == "2025":
         sd = _strip(sd, "backbone.")
@@ -120,8 +134,10 @@ def load_official(path: Path, device: str | torch.device, text_name: str | None,
         else:
             state.update({"text_encoder." + k: v for k, v in model.text_encoder.state_dict().items()})
     if "pos_embed" in sd and cfg.encoder.grid_size[1] * cfg.encoder.grid_size[0] + 1 != sd["pos_embed"].shape[1]:
-        raise CheckpointError(f"{path}: pos_embed has {sd['pos_embed'].shape[1]} tokens but the input size "
-                              f"{cfg.encoder.input_size} gives {cfg.encoder.grid_size}; pass input_size=")
+        raise CheckpointError(
+            f"{path}: pos_embed has {sd['pos_embed'].shape[1]} tokens but the input size "
+            f"{cfg.encoder.input_size} gives {cfg.encoder.grid_size}; pass input_size="
+        )
     load_strict(model, state, path)
     return model.to(device).eval()
 
@@ -129,8 +145,9 @@ def load_official(path: Path, device: str | torch.device, text_name: str | None,
 def _state_dict_of(obj: Any, path: Path) -> dict[str, torch.Tensor]:
     """The model state dict inside an official file (``{'model': sd, ...}`` or a bare state dict)."""
     if not isinstance(obj, dict):
-        raise CheckpointError(f"{path}: not an M2D checkpoint: it holds a {type(obj).__name__}, "
-                              "not a dictionary of weights")
+        raise CheckpointError(
+            f"{path}: not an M2D checkpoint: it holds a {type(obj).__name__}, not a dictionary of weights"
+        )
     if {"state", "param_groups"} <= set(obj):
         raise CheckpointError(f"{path}: not an M2D checkpoint: it is an optimizer state (state, param_groups)")
     sd = obj.get("model", obj)
@@ -139,8 +156,10 @@ def _state_dict_of(obj: Any, path: Path) -> dict[str, torch.Tensor]:
     others = [k for k, v in sd.items() if not isinstance(v, torch.Tensor)]
     if others:
         where = "its 'model' entry" if "model" in obj else "it"
-        raise CheckpointError(f"{path}: not an M2D checkpoint: {where} is not a state dict of tensors "
-                              f"(non-tensor entries: {[str(k) for k in others[:5]]})")
+        raise CheckpointError(
+            f"{path}: not an M2D checkpoint: {where} is not a state dict of tensors "
+            f"(non-tensor entries: {[str(k) for k in others[:5]]})"
+        )
     return sd
 
 
@@ -151,8 +170,9 @@ def _check_encoder_tensors(sd: dict[str, torch.Tensor], path: Path) -> None:
         if key not in sd:
             raise CheckpointError(f"{path}: not a usable M2D checkpoint: missing key {key!r}")
         if sd[key].dim() != ndim:
-            raise CheckpointError(f"{path}: {key} has shape {tuple(sd[key].shape)}; an M2D encoder's has "
-                                  f"{ndim} dimensions")
+            raise CheckpointError(
+                f"{path}: {key} has shape {tuple(sd[key].shape)}; an M2D encoder's has {ndim} dimensions"
+            )
     if not any(re.fullmatch(r"blocks\.\d+\..+", k) for k in sd):
         raise CheckpointError(f"{path}: not a usable M2D checkpoint: no transformer blocks (blocks.N.*)")
     if "norm_stats" in sd and tuple(sd["norm_stats"].shape) != (2,):
@@ -161,8 +181,9 @@ def _check_encoder_tensors(sd: dict[str, torch.Tensor], path: Path) -> None:
         raise CheckpointError(f"{path}: audio_proj.sem_token without its blocks (audio_proj.sem_blocks.0.*)")
 
 
-def _official_config(path: Path, sd: dict[str, torch.Tensor], input_size: tuple[int, int] | None,
-                     text_name: str | None) -> ModelCfg:
+def _official_config(
+    path: Path, sd: dict[str, torch.Tensor], input_size: tuple[int, int] | None, text_name: str | None
+) -> ModelCfg:
     parsed = parse_official_name(path.parent.name) or parse_official_name(path.stem)
     w = sd["patch_embed.proj.weight"]  # (D, 1, pf, pt)
     D, patch = w.shape[0], (w.shape[2], w.shape[3])
@@ -178,8 +199,9 @@ def _official_config(path: Path, sd: dict[str, torch.Tensor], input_size: tuple[
         log.warning("%s: folder name gives no configuration; inferred input size %s", path, input_size)
     if "norm_stats" in sd:
         frontend.norm_stats = tuple(float(x) for x in sd["norm_stats"])
-    encoder = EncoderCfg(input_size=tuple(input_size), patch_size=patch, embed_dim=D, depth=depth,
-                         num_heads=max(D // 64, 1))  # all released ViTs use 64-dim heads
+    encoder = EncoderCfg(
+        input_size=tuple(input_size), patch_size=patch, embed_dim=D, depth=depth, num_heads=max(D // 64, 1)
+    )  # all released ViTs use 64-dim heads
     if "audio_proj.sem_token" in sd:
         sem_depth = 1 + max(int(m[1]) for k in sd if (m := re.match(r"audio_proj\.sem_blocks\.(\d+)\.", k)))
         ratio = sd["audio_proj.sem_blocks.0.mlp.fc1.weight"].shape[0] / D
@@ -214,10 +236,16 @@ def _official_config(path: Path, sd: dict[str, torch.Tensor], input_size: tuple[
                     text.width = from_pretrained_local_first(AutoConfig, source).hidden_size
             except TextModelError as e:
                 raise CheckpointError.text_model_failed(path, e) from None
-    cfg = ModelCfg(name=parsed["model"] if parsed else path.stem, frontend=frontend, encoder=encoder,
-                   projector=projector, text=text)
+    cfg = ModelCfg(
+        name=parsed["model"] if parsed else path.stem,
+        frontend=frontend,
+        encoder=encoder,
+        projector=projector,
+        text=text,
+    )
     try:
         return cfg.validate()
     except ConfigError as e:
-        raise CheckpointError(f"{path}: the configuration read from the file and its folder name is not "
-                              f"usable: {e}") from None
+        raise CheckpointError(
+            f"{path}: the configuration read from the file and its folder name is not usable: {e}"
+        ) from None

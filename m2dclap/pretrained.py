@@ -5,6 +5,7 @@ checkpoint in the local cache (``$M2DCLAP_CACHE`` or ``~/.cache/m2dclap``) and, 
 downloads and unpacks it there first. The folder name is kept: the official loader reads the
 configuration from it.
 """
+
 from __future__ import annotations
 
 import logging
@@ -26,12 +27,15 @@ class PretrainedTag:
 
 
 _PRETRAINED: dict[str, PretrainedTag] = {
-    "m2d_clap_vit_base-80x1001p16x16p16kpBpTI-2025":
-        PretrainedTag("v0.5.0", "M2D-CLAP 2025 (paper's final model, BERT text encoder included)"),
-    "m2d_clap_vit_base-80x608p16x16-240128":
-        PretrainedTag("v0.1.0", "M2D-CLAP 2024 stage 1 (GTE-base text, MLP projector)"),
-    "m2d_clap_vit_base-80x1001p16x16-240128_AS-FT_enconly":
-        PretrainedTag("v0.3.0", "M2D-CLAP 2024 encoder fine-tuned on AudioSet-2M"),
+    "m2d_clap_vit_base-80x1001p16x16p16kpBpTI-2025": PretrainedTag(
+        "v0.5.0", "M2D-CLAP 2025 (paper's final model, BERT text encoder included)"
+    ),
+    "m2d_clap_vit_base-80x608p16x16-240128": PretrainedTag(
+        "v0.1.0", "M2D-CLAP 2024 stage 1 (GTE-base text, MLP projector)"
+    ),
+    "m2d_clap_vit_base-80x1001p16x16-240128_AS-FT_enconly": PretrainedTag(
+        "v0.3.0", "M2D-CLAP 2024 encoder fine-tuned on AudioSet-2M"
+    ),
     "m2d_vit_base-80x608p16x16-221006-mr7": PretrainedTag("v0.1.0", "M2D ViT-B, mask ratio 0.7"),
     "m2d_vit_base-80x608p16x16-221006-mr7_enconly": PretrainedTag("v0.1.0", "M2D ViT-B encoder only"),
     "m2d_as_vit_base-80x608p16x16-240213": PretrainedTag("v0.1.0", "M2D-AS ViT-B"),
@@ -67,13 +71,17 @@ def resolve(name: str, download: bool = True) -> Path:
         return found
     url = f"{RELEASES}/{_PRETRAINED[name].release}/{name}.zip"
     if not download:
-        raise FileNotFoundError(f"{name} is not in the cache ({folder}); download {url} and unzip it into "
-                                f"{cache_dir()} (keep the folder name)")
+        raise FileNotFoundError(
+            f"{name} is not in the cache ({folder}); download {url} and unzip it into "
+            f"{cache_dir()} (keep the folder name)"
+        )
     try:
         _download_and_unzip(url, cache_dir())
     except (OSError, zipfile.BadZipFile) as e:  # no network, a full disk, or a damaged download
-        raise FileNotFoundError(f"could not download and unpack {url} ({e}); on a machine with network access, "
-                                f"download it and unzip it into {cache_dir()} keeping the folder name {name}") from None
+        raise FileNotFoundError(
+            f"could not download and unpack {url} ({e}); on a machine with network access, "
+            f"download it and unzip it into {cache_dir()} keeping the folder name {name}"
+        ) from None
     found = find_checkpoint_file(folder)
     if found is None:
         raise FileNotFoundError(f"{url} unpacked, but {folder} holds no single checkpoint (.pth) file")

@@ -8,6 +8,7 @@ Single-label targets (N,) use cross-entropy and accuracy; multi-hot targets (N, 
 the macro mAP over the classes with a positive (:func:`m2dclap.metrics.mean_average_precision`).
 :mod:`m2dclap.linear_eval` reads a manifest, extracts and caches the features and calls this.
 """
+
 from __future__ import annotations
 
 import logging
@@ -36,8 +37,7 @@ def score_predictions(y_true: np.ndarray, y_score: np.ndarray) -> float:
     return mean_average_precision(y_true, y_score, no_positive="exclude")[0]
 
 
-def target_matrix(ids: Sequence[str], labels: dict[str, list[str]], classes: list[str],
-                  multilabel: bool) -> np.ndarray:
+def target_matrix(ids: Sequence[str], labels: dict[str, list[str]], classes: list[str], multilabel: bool) -> np.ndarray:
     """The probe's targets of clips ``ids``: class indices (N,), or multi-hot (N, C) when ``multilabel``."""
     index = {c: j for j, c in enumerate(classes)}
     if not multilabel:
@@ -90,9 +90,19 @@ def _loss(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(logits, y) if y.dim() == 1 else F.binary_cross_entropy_with_logits(logits, y)
 
 
-def train_linear_probe(x_train: np.ndarray, y_train: np.ndarray, x_val: np.ndarray, y_val: np.ndarray,
-                       n_classes: int | None = None, epochs: int = 200, patience: int = 20, lr: float = 3e-5,
-                       batch_size: int = 200, seed: int = 0, device: str | torch.device = "cpu") -> ProbeResult:
+def train_linear_probe(
+    x_train: np.ndarray,
+    y_train: np.ndarray,
+    x_val: np.ndarray,
+    y_val: np.ndarray,
+    n_classes: int | None = None,
+    epochs: int = 200,
+    patience: int = 20,
+    lr: float = 3e-5,
+    batch_size: int = 200,
+    seed: int = 0,
+    device: str | torch.device = "cpu",
+) -> ProbeResult:
     """Train one linear layer on standardised features with Adam, keeping the best-validation epoch.
 
     Args:
@@ -147,9 +157,18 @@ def train_linear_probe(x_train: np.ndarray, y_train: np.ndarray, x_val: np.ndarr
         elif epoch - best[1] >= patience:
             break
     val_score, best_epoch, weight, bias = best
-    return ProbeResult(metric="mAP" if multilabel else "accuracy", val_score=val_score, best_epoch=best_epoch,
-                       epochs_run=epoch, stopped_early=epoch < epochs, mean=mean, std=std,
-                       weight=weight.cpu(), bias=bias.cpu(), history=history)
+    return ProbeResult(
+        metric="mAP" if multilabel else "accuracy",
+        val_score=val_score,
+        best_epoch=best_epoch,
+        epochs_run=epoch,
+        stopped_early=epoch < epochs,
+        mean=mean,
+        std=std,
+        weight=weight.cpu(),
+        bias=bias.cpu(),
+        history=history,
+    )
 
 
 @contextmanager

@@ -4,6 +4,7 @@ Nothing here builds a model, so :mod:`m2dclap.model` can import it (``M2DCLAP.sa
 an import cycle; :mod:`m2dclap.checkpoint` (our folders) and :mod:`m2dclap.official` (official files) build
 models on top of it.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -80,6 +81,7 @@ def save_pretrained(model: nn.Module, directory: str | Path, **metadata: Any) ->
         shutil.rmtree(tmp, ignore_errors=True)
     return directory
 
+
 def read_model_config(path: Path) -> ModelCfg:
     """The model config of a saved folder's ``config.json``, every field checked; errors name file and field."""
     try:
@@ -98,19 +100,23 @@ def read_model_config(path: Path) -> ModelCfg:
     except ConfigError as e:
         raise CheckpointError(f"{path}: {e}") from None
 
+
 def load_strict(model: nn.Module, state: dict[str, torch.Tensor], where: Path) -> None:
     """Load ``state`` into ``model``; missing, unexpected or misshapen keys are a CheckpointError naming ``where``."""
     expected = model.state_dict()
     missing = sorted(set(expected) - set(state))
     unexpected = sorted(set(state) - set(expected))
     if missing or unexpected:
-        raise CheckpointError(f"{where}: weights do not fit the model: missing {missing[:6]}"
-                              f"{'...' if len(missing) > 6 else ''}, unexpected {unexpected[:6]}"
-                              f"{'...' if len(unexpected) > 6 else ''}")
+        raise CheckpointError(
+            f"{where}: weights do not fit the model: missing {missing[:6]}"
+            f"{'...' if len(missing) > 6 else ''}, unexpected {unexpected[:6]}"
+            f"{'...' if len(unexpected) > 6 else ''}"
+        )
     for k, v in state.items():
         if v.shape != expected[k].shape:
-            raise CheckpointError(f"{where}: {k} has shape {tuple(v.shape)}, the model expects "
-                                  f"{tuple(expected[k].shape)}")
+            raise CheckpointError(
+                f"{where}: {k} has shape {tuple(v.shape)}, the model expects {tuple(expected[k].shape)}"
+            )
     model.load_state_dict(state)
 
 
@@ -126,11 +132,14 @@ def safe_torch_load(path: str | Path) -> Any:
     except pickle.UnpicklingError as e:
         found = re.search(r"GLOBAL ([\w.]+)", str(e))
         if found is None:  # a damaged pickle stream, not a refused type
-            raise CheckpointError(f"{path}: not a PyTorch checkpoint (damaged or another kind of file: "
-                                  f"{_weights_only_reason(e)})") from None
-        raise CheckpointError(f"{path}: refused to load: it references {found.group(1)}, which is not a tensor "
-                              "or an allowed type (argparse.Namespace, paths). The file is not a plain checkpoint "
-                              "and may be tampered with; it was not unpickled.") from None
+            raise CheckpointError(
+                f"{path}: not a PyTorch checkpoint (damaged or another kind of file: {_weights_only_reason(e)})"
+            ) from None
+        raise CheckpointError(
+            f"{path}: refused to load: it references {found.group(1)}, which is not a tensor "
+            "or an allowed type (argparse.Namespace, paths). The file is not a plain checkpoint "
+            "and may be tampered with; it was not unpickled."
+        ) from None
     except Exception as e:  # a damaged file can fail anywhere inside the unpickler (IndexError, KeyError...)
         reason = str(e).splitlines()[0] if str(e) else type(e).__name__
         raise CheckpointError(f"{path}: not a readable PyTorch checkpoint ({reason})") from None
@@ -148,10 +157,12 @@ def _check_torch_header(path: Path) -> None:
     if not head:
         raise CheckpointError(f"{path}: not a PyTorch checkpoint (empty file)")
     if len(head) >= 9 and head[8:9] == b"{":  # 8-byte little-endian header length, then JSON
-        raise CheckpointError(f"{path}: a safetensors file, not a PyTorch checkpoint; give the folder holding "
-                              "it with its config.json")
-    raise CheckpointError(f"{path}: not a PyTorch checkpoint (it is neither a zip archive nor a pickle; "
-                          f"it starts with {head[:8]!r})")
+        raise CheckpointError(
+            f"{path}: a safetensors file, not a PyTorch checkpoint; give the folder holding it with its config.json"
+        )
+    raise CheckpointError(
+        f"{path}: not a PyTorch checkpoint (it is neither a zip archive nor a pickle; it starts with {head[:8]!r})"
+    )
 
 
 def _weights_only_reason(e: Exception) -> str:

@@ -5,6 +5,7 @@ imports accelerate or the training code.
     model, tagger = load_finetuned("runs/stage1.1/best")
     probs = tag_audio(model, tagger, waves, sample_rate)  # (B, n_classes), names in tagger.classes
 """
+
 from __future__ import annotations
 
 import json
@@ -45,14 +46,22 @@ class AudioTagger(nn.Module):
     patches (``tokens``) or as z'' (``frames``, paper Eq. 2 then the mean over time).
     """
 
-    def __init__(self, encoder: AudioEncoder, n_classes: int, pooling: str = "tokens", training_mask: float = 0.0,
-                 head_init_std: float = 0.01):
+    def __init__(
+        self,
+        encoder: AudioEncoder,
+        n_classes: int,
+        pooling: str = "tokens",
+        training_mask: float = 0.0,
+        head_init_std: float = 0.01,
+    ):
         super().__init__()
         if pooling not in ("tokens", "frames"):
             raise ValueError(f"pooling must be tokens or frames, got {pooling!r}")
         if pooling == "frames" and training_mask > 0:
-            raise ValueError("frame features (Eq. 2) are not defined for a structured mask that drops frequency "
-                             "rows: use pooling 'tokens' with training_mask > 0 (paper IV-B3)")
+            raise ValueError(
+                "frame features (Eq. 2) are not defined for a structured mask that drops frequency "
+                "rows: use pooling 'tokens' with training_mask > 0 (paper IV-B3)"
+            )
         self.encoder = encoder
         self.pooling, self.training_mask = pooling, float(training_mask)
         D, gf = encoder.cfg.embed_dim, encoder.grid_size[0]
@@ -71,16 +80,21 @@ class AudioTagger(nn.Module):
         return self.head(self.features(lms))
 
 
-def save_finetuned(model: M2DCLAP, tagger: AudioTagger, classes: Sequence[str], directory: str | Path,
-                   **metadata: Any) -> Path:
+def save_finetuned(
+    model: M2DCLAP, tagger: AudioTagger, classes: Sequence[str], directory: str | Path, **metadata: Any
+) -> Path:
     """The whole model with ``save_pretrained`` (CLAP parts as loaded) plus the head and its class names."""
     from safetensors.torch import save_file
 
     directory = model.save_pretrained(directory, stage="1.1", **metadata)
     state = {k: v.detach().contiguous().cpu() for k, v in tagger.head.state_dict().items()}
     save_file(state, str(Path(directory) / HEAD_WEIGHTS))
-    meta = {"classes": list(classes), "pooling": tagger.pooling, "in_features": tagger.head.fc.in_features,
-            "input_size": list(model.cfg.encoder.input_size)}
+    meta = {
+        "classes": list(classes),
+        "pooling": tagger.pooling,
+        "in_features": tagger.head.fc.in_features,
+        "input_size": list(model.cfg.encoder.input_size),
+    }
     (Path(directory) / HEAD_META).write_text(json.dumps(meta, indent=2))
     usual_permissions(Path(directory) / HEAD_WEIGHTS)  # safetensors writes 0600 files
     return Path(directory)
@@ -108,6 +122,7 @@ def load_finetuned(path: str | Path, device: str | torch.device = "cpu") -> tupl
 def tag_audio(model: M2DCLAP, tagger: AudioTagger, audio: Any, sample_rate: int | None = None) -> torch.Tensor:
     """Class probabilities (B, n_classes) for waveforms of any length (chunked like the official runtime)."""
     tagger.eval()
-    probs = [torch.sigmoid(tagger(model.log_mel(w).to(model.dtype))).float()
-             for w in model.prepare_audio(audio, sample_rate)]
+    probs = [
+        torch.sigmoid(tagger(model.log_mel(w).to(model.dtype))).float() for w in model.prepare_audio(audio, sample_rate)
+    ]
     return torch.cat(probs)

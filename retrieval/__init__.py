@@ -8,6 +8,7 @@ stage-2.1 settings from ``m2dclap.stages``.
     accelerate launch -m retrieval.finetune --checkpoint CKPT --train clotho,audiocaps --val clotho ...
     python -m retrieval.submit --checkpoint CKPT --captions retrieval_captions.csv --audio-dir DIR --out OUT
 """
+
 from __future__ import annotations
 
 from typing import Any
@@ -15,8 +16,17 @@ from typing import Any
 # Names are imported on first use, so `python -m retrieval.datasets` (etc.) runs without runpy's
 # "found in sys.modules" warning.
 _EXPORTS = {
-    "datasets": ("DcaseEvalSet", "MissingAudioError", "ReadResult", "read_retrieval_dataset", "read_audiocaps",
-                 "read_clotho", "read_dcase_eval", "read_relevance", "read_wavcaps"),
+    "datasets": (
+        "DcaseEvalSet",
+        "MissingAudioError",
+        "ReadResult",
+        "read_retrieval_dataset",
+        "read_audiocaps",
+        "read_clotho",
+        "read_dcase_eval",
+        "read_relevance",
+        "read_wavcaps",
+    ),
     "metrics": ("PROTOCOLS", "Relevance", "caption_retrieval", "relevant_positions", "retrieval_scores"),
 }
 

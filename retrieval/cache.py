@@ -5,6 +5,7 @@ per audio file, its resolved path, size and modification time, so a re-written f
 is embedded again. Every write goes to a temporary file in the same folder and is renamed into place, so an
 interrupted run never leaves a half-written entry and concurrent runs can share the folder.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -101,8 +102,9 @@ class EmbeddingCache:
         self.stored += 1
 
 
-def embed_audio_files(model, paths: Sequence[str | Path], cache: EmbeddingCache | None = None,
-                      batch_size: int = 32, progress: bool = True) -> tuple[torch.Tensor, list[tuple[int, str]]]:
+def embed_audio_files(
+    model, paths: Sequence[str | Path], cache: EmbeddingCache | None = None, batch_size: int = 32, progress: bool = True
+) -> tuple[torch.Tensor, list[tuple[int, str]]]:
     """CLAP audio embeddings (N, D) of whole files, cached per file.
 
     Files are read through :func:`m2dclap.embed_files.embed_files`. Returns the embeddings (rows of skipped
@@ -126,8 +128,9 @@ def embed_audio_files(model, paths: Sequence[str | Path], cache: EmbeddingCache 
             if cache is not None:
                 cache.put_audio(paths[todo[k]], e)
 
-    _, skipped = embed_files(model, [paths[i] for i in todo], batch_size, progress=progress and bool(todo),
-                             on_batch=keep)
+    _, skipped = embed_files(
+        model, [paths[i] for i in todo], batch_size, progress=progress and bool(todo), on_batch=keep
+    )
     bad = [(todo[k], reason) for k, reason in skipped]
     dim = next((r.shape[-1] for r in rows if r is not None), 0)
     out = np.full((len(paths), dim), np.nan, dtype=np.float32)
@@ -137,8 +140,7 @@ def embed_audio_files(model, paths: Sequence[str | Path], cache: EmbeddingCache 
     return torch.from_numpy(out), bad
 
 
-def embed_texts(model, texts: Sequence[str], cache: EmbeddingCache | None = None,
-                batch_size: int = 64) -> torch.Tensor:
+def embed_texts(model, texts: Sequence[str], cache: EmbeddingCache | None = None, batch_size: int = 64) -> torch.Tensor:
     """CLAP text embeddings (N, D) of ``texts``, cached as one entry per caption list."""
     texts = list(texts)
     if cache is not None:

@@ -8,6 +8,7 @@ A clip listed but absent on disk is reported with its path and counted; ``strict
 
     python -m retrieval.datasets clotho --root data/clotho --split evaluation --out clotho-eval.csv
 """
+
 from __future__ import annotations
 
 import ast
@@ -64,8 +65,9 @@ def read_dcase_captions(path: str | Path) -> list[str]:
     return captions
 
 
-def read_dcase_eval(captions_csv: str | Path, audio_dir: str | Path, metadata_csv: str | Path | None = None,
-                    strict: bool = False) -> DcaseEvalSet:
+def read_dcase_eval(
+    captions_csv: str | Path, audio_dir: str | Path, metadata_csv: str | Path | None = None, strict: bool = False
+) -> DcaseEvalSet:
     """Captions plus the audio files to rank: those listed in ``metadata_csv`` (column ``file_name``; missing
     ones reported) or, without it, every audio file in ``audio_dir`` (sorted by name)."""
     audio_dir = Path(audio_dir)
@@ -78,8 +80,9 @@ def read_dcase_eval(captions_csv: str | Path, audio_dir: str | Path, metadata_cs
             raise FileNotFoundError(f"DCASE evaluation audio: no folder {audio_dir}")
         names = sorted(p.name for p in audio_dir.iterdir() if p.suffix.lower() in AUDIO_EXTENSIONS)
         if not names:
-            raise FileNotFoundError(f"DCASE evaluation audio: no audio files ({', '.join(AUDIO_EXTENSIONS)}) "
-                                    f"in {audio_dir}")
+            raise FileNotFoundError(
+                f"DCASE evaluation audio: no audio files ({', '.join(AUDIO_EXTENSIONS)}) in {audio_dir}"
+            )
     records = [Record(id=name, audio=audio_dir / name, split="test") for name in names]
     audio = finish_records(records, f"DCASE audio ({audio_dir})", strict)
     return DcaseEvalSet(read_dcase_captions(captions_csv), audio)
@@ -108,8 +111,14 @@ def read_relevance(path: str | Path) -> list[tuple[str, list[str]]]:
 
 
 # ------------------------------------------------------------------------------------------ dispatcher
-def read_retrieval_dataset(name: str, root: str | Path | None, split: str, strict: bool = False,
-                 audio_dir: str | Path | None = None, audio_pattern: str | None = None) -> ReadResult:
+def read_retrieval_dataset(
+    name: str,
+    root: str | Path | None,
+    split: str,
+    strict: bool = False,
+    audio_dir: str | Path | None = None,
+    audio_pattern: str | None = None,
+) -> ReadResult:
     """One of :data:`DATASETS` -> records of ``split``. ``root``: the dataset folder, the manifest file,
     the WavCaps JSON (file or folder); for ``synthetic`` the corpus folder (default: the suite's cache)."""
     if name == "clotho":
@@ -139,38 +148,53 @@ def _need(root: str | Path | None, name: str) -> Path:
 @dataclass(kw_only=True)
 class DatasetsOptions:
     dataset: str = option(positional=True, choices=DATASETS, help="which layout to read")
-    root: str | None = option(None, help="dataset folder (clotho, audiocaps), manifest file, WavCaps JSON file or "
-                                         "folder, or synthetic corpus folder (built there if missing or empty; a "
-                                         "folder holding anything else is refused)")
-    split: str = option("", help="clotho: development|validation|evaluation; audiocaps: train|val|test; "
-                                 "manifest: train|val|test (default: all)")
+    root: str | None = option(
+        None,
+        help="dataset folder (clotho, audiocaps), manifest file, WavCaps JSON file or "
+        "folder, or synthetic corpus folder (built there if missing or empty; a "
+        "folder holding anything else is refused)",
+    )
+    split: str = option(
+        "",
+        help="clotho: development|validation|evaluation; audiocaps: train|val|test; "
+        "manifest: train|val|test (default: all)",
+    )
     audio_dir: str | None = option(None, help="audio folder (default: ROOT/SPLIT and the usual alternatives)")
-    audio_pattern: str | None = option(None, help=f"audio file name from the row's fields (audiocaps: default "
-                                                  f"{AUDIOCAPS_PATTERN!r}; wavcaps: default {WAVCAPS_PATTERN!r})")
+    audio_pattern: str | None = option(
+        None,
+        help=f"audio file name from the row's fields (audiocaps: default "
+        f"{AUDIOCAPS_PATTERN!r}; wavcaps: default {WAVCAPS_PATTERN!r})",
+    )
     strict: bool = option(False, help="fail if any listed clip is missing")
     out: str = option(help="manifest to write (.csv or .jsonl)")
 
 
-DESCRIPTION = ("Convert a public retrieval dataset into the suite's manifest (CSV/JSONL with audio, caption_1..N, "
-               "split). Clips listed but missing on disk are reported with their paths and left out; --strict "
-               "makes them an error (exit status 1).")
-EPILOG = ("examples:\n  python -m retrieval.datasets clotho --root data/clotho --split evaluation --out c.csv\n"
-          "  python -m retrieval.datasets audiocaps --root data/audiocaps --split test "
-          "--audio-pattern 'Y{youtube_id}.wav' --out a.csv\n"
-          "  python -m retrieval.datasets wavcaps --root json_files/FreeSound --audio-dir audio/FreeSound "
-          "--out w.jsonl")
+DESCRIPTION = (
+    "Convert a public retrieval dataset into the suite's manifest (CSV/JSONL with audio, caption_1..N, "
+    "split). Clips listed but missing on disk are reported with their paths and left out; --strict "
+    "makes them an error (exit status 1)."
+)
+EPILOG = (
+    "examples:\n  python -m retrieval.datasets clotho --root data/clotho --split evaluation --out c.csv\n"
+    "  python -m retrieval.datasets audiocaps --root data/audiocaps --split test "
+    "--audio-pattern 'Y{youtube_id}.wav' --out a.csv\n"
+    "  python -m retrieval.datasets wavcaps --root json_files/FreeSound --audio-dir audio/FreeSound "
+    "--out w.jsonl"
+)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    return run_cli(run, DatasetsOptions, argv, prog="python -m retrieval.datasets", description=DESCRIPTION,
-                   epilog=EPILOG)
+    return run_cli(
+        run, DatasetsOptions, argv, prog="python -m retrieval.datasets", description=DESCRIPTION, epilog=EPILOG
+    )
 
 
 def run(args: DatasetsOptions) -> int:
     default_split = {"clotho": "evaluation", "audiocaps": "test"}.get(args.dataset, "")
     try:
-        result = read_retrieval_dataset(args.dataset, args.root, args.split or default_split, args.strict,
-                                        args.audio_dir, args.audio_pattern)
+        result = read_retrieval_dataset(
+            args.dataset, args.root, args.split or default_split, args.strict, args.audio_dir, args.audio_pattern
+        )
     except MissingAudioError as e:
         print(f"error: {e}", file=sys.stderr)
         return EXIT_SKIPPED

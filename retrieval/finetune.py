@@ -13,6 +13,7 @@ clip in a batch are positives of each other (``positive_groups``), as in WavCaps
 Validation T2A mAP@10 (CLAP convention) after every epoch, and once before training; the best model is kept
 in ``OUTPUT/best``; ``--resume`` continues from the last complete checkpoint.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -30,10 +31,9 @@ from torch.utils.data import Dataset
 
 import m2dclap
 from m2dclap.clap import ContrastiveLoss
-from m2dclap.cli import (EXIT_OK, EXIT_SKIPPED, TEXT_MODEL_HELP, CliError, OptionParser, UsageError, option,
-                         run_cli)
-from m2dclap.embed_files import AudioBatches, load_clip, min_samples_of, report_skipped
+from m2dclap.cli import EXIT_OK, EXIT_SKIPPED, TEXT_MODEL_HELP, CliError, OptionParser, UsageError, option, run_cli
 from m2dclap.data.manifest import Record, apply_exclusions, read_exclusion_list
+from m2dclap.embed_files import AudioBatches, load_clip, min_samples_of, report_skipped
 from m2dclap.stages import STAGES
 from m2dclap.train.engine import Engine, KeepBest, LoopCfg, cosine_schedule, loader_and_adamw, start_run
 
@@ -42,12 +42,15 @@ from .metrics import caption_retrieval
 
 log = logging.getLogger(__name__)
 
-TRAIN_SPLITS = {"clotho": "development", "audiocaps": "train", "wavcaps": "", "manifest": "train",
-                "synthetic": "train"}
+TRAIN_SPLITS = {"clotho": "development", "audiocaps": "train", "wavcaps": "", "manifest": "train", "synthetic": "train"}
 VAL_SPLITS = {"clotho": "validation", "audiocaps": "val", "wavcaps": "", "manifest": "val", "synthetic": "val"}
 STAGE = STAGES["2.1"]  # the paper's stage 2.1: CLAP only, no masking, the audio encoder frozen
-CHOICES = {"sample": ("captions", "clips"), "on_bad_audio": ("skip", "fail"),
-           "mixed_precision": ("no", "fp16", "bf16"), "tracker": ("auto", "none", "tensorboard")}
+CHOICES = {
+    "sample": ("captions", "clips"),
+    "on_bad_audio": ("skip", "fail"),
+    "mixed_precision": ("no", "fp16", "bf16"),
+    "tracker": ("auto", "none", "tensorboard"),
+}
 
 
 @dataclass
@@ -55,12 +58,13 @@ class RetrievalFinetuneCfg:
     """One fine-tuning run. Defaults follow the paper's stage 2.1 (= stage 2 settings without masking)."""
 
     checkpoint: str = option("", help="model to start from (folder, official .pth or pretrained name)")
-    text_model: str = option("",
-                             help=TEXT_MODEL_HELP)
-    train: str = option("synthetic",
-                        help="comma list of clotho, audiocaps, wavcaps, synthetic, NAME:SPLIT or manifest files")
-    val: str = option("synthetic",
-                      help="the same for validation (each set scored separately, the mean T2A mAP@10 selects)")
+    text_model: str = option("", help=TEXT_MODEL_HELP)
+    train: str = option(
+        "synthetic", help="comma list of clotho, audiocaps, wavcaps, synthetic, NAME:SPLIT or manifest files"
+    )
+    val: str = option(
+        "synthetic", help="the same for validation (each set scored separately, the mean T2A mAP@10 selects)"
+    )
     output_dir: str = option("runs/retrieval-finetune", help="checkpoints, best/ and model/, summary.json")
     clotho_root: str = option("", help="Clotho v2.1 folder")
     audiocaps_root: str = option("", help="AudioCaps folder (train/val/test.csv and audio)")
@@ -72,8 +76,11 @@ class RetrievalFinetuneCfg:
     exclude: str = option("", help="clips never to train on (e.g. the DCASE 2025 excluded Freesound ids)")
     train_audio_encoder: bool = option(False, help="stage 2.1 keeps the audio encoder frozen")
     freeze_text: bool = option(False, help="train the audio projector only (cheap adaptation)")
-    sample: str = option("captions", choices=CHOICES['sample'],
-                         help="captions: every caption once per epoch; clips: one random caption per clip")
+    sample: str = option(
+        "captions",
+        choices=CHOICES["sample"],
+        help="captions: every caption once per epoch; clips: one random caption per clip",
+    )
     epochs: int = option(STAGE["epochs"], help="paper stage 2.1 (m2dclap.stages)")
     warmup_epochs: float = option(float(STAGE["warmup_epochs"]), help="paper stage 2.1")
     batch_size: int = option(64, help="per process")
@@ -86,17 +93,20 @@ class RetrievalFinetuneCfg:
     clip_grad: float = option(3.0, help="gradient-norm clip (0 = off)")
     crop_seconds: float = option(STAGE["crop_seconds"], help="random crop of longer clips (paper stage 2.1: 10 s)")
     val_batch_size: int = option(32, help="clips per encoder batch at validation")
-    checkpoint_every: int = option(0,
-                                   help="optimiser steps between extra resumable checkpoints (0 = at epoch ends)")
+    checkpoint_every: int = option(0, help="optimiser steps between extra resumable checkpoints (0 = at epoch ends)")
     keep_checkpoints: int = option(2, help="resumable checkpoints kept")
-    on_bad_audio: str = option("skip", choices=CHOICES['on_bad_audio'],
-                               help="skip (undecodable, empty, NaN/Inf or too-short clips named; exit 1) or fail")
-    mixed_precision: str = option("no", choices=CHOICES['mixed_precision'], help="no, fp16, bf16")
+    on_bad_audio: str = option(
+        "skip",
+        choices=CHOICES["on_bad_audio"],
+        help="skip (undecodable, empty, NaN/Inf or too-short clips named; exit 1) or fail",
+    )
+    mixed_precision: str = option("no", choices=CHOICES["mixed_precision"], help="no, fp16, bf16")
     num_workers: int = option(0, help="DataLoader workers")
     seed: int = option(0, help="everything random derives from it")
     log_every: int = option(10, help="optimiser steps between log lines")
-    tracker: str = option("auto", choices=CHOICES['tracker'],
-                          help="auto (TensorBoard when installed), none, tensorboard")
+    tracker: str = option(
+        "auto", choices=CHOICES["tracker"], help="auto (TensorBoard when installed), none, tensorboard"
+    )
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -105,8 +115,12 @@ class RetrievalFinetuneCfg:
 # ------------------------------------------------------------------------------------------------- data
 def read_sets(cfg: RetrievalFinetuneCfg, spec: str, splits: dict[str, str]) -> list[tuple[str, list[Record]]]:
     """``clotho,audiocaps:val,path/to/manifest.csv`` -> ``[(name, records)]``; missing clips are reported."""
-    roots = {"clotho": cfg.clotho_root, "audiocaps": cfg.audiocaps_root, "wavcaps": cfg.wavcaps_json,
-             "synthetic": cfg.synthetic_root}
+    roots = {
+        "clotho": cfg.clotho_root,
+        "audiocaps": cfg.audiocaps_root,
+        "wavcaps": cfg.wavcaps_json,
+        "synthetic": cfg.synthetic_root,
+    }
     patterns = {"audiocaps": cfg.audiocaps_pattern, "wavcaps": cfg.wavcaps_pattern}
     out = []
     for item in (s.strip() for s in spec.split(",") if s.strip()):
@@ -122,9 +136,13 @@ def read_sets(cfg: RetrievalFinetuneCfg, spec: str, splits: dict[str, str]) -> l
                 data = dataclasses.replace(data, records=[r for r in data.records if r.split is None])
             label = Path(path).stem
         else:
-            data = read_retrieval_dataset(name, roots[name] or None, split or splits[name],
-                                audio_dir=cfg.wavcaps_audio or None if name == "wavcaps" else None,
-                                audio_pattern=patterns.get(name))
+            data = read_retrieval_dataset(
+                name,
+                roots[name] or None,
+                split or splits[name],
+                audio_dir=cfg.wavcaps_audio or None if name == "wavcaps" else None,
+                audio_pattern=patterns.get(name),
+            )
             label = f"{name}:{split or splits[name]}" if split or splits[name] else name
         records = [r for r in data.records if r.captions]
         if not records:
@@ -143,8 +161,16 @@ class CaptionedClips(Dataset):
     interrupted one.
     """
 
-    def __init__(self, records: Sequence[Record], sample_rate: int, crop_seconds: float, sample: str = "captions",
-                 seed: int = 0, on_bad_audio: str = "skip", min_samples: int = 1):
+    def __init__(
+        self,
+        records: Sequence[Record],
+        sample_rate: int,
+        crop_seconds: float,
+        sample: str = "captions",
+        seed: int = 0,
+        on_bad_audio: str = "skip",
+        min_samples: int = 1,
+    ):
         if sample not in ("captions", "clips"):
             raise ValueError(f"sample must be 'captions' or 'clips', got {sample!r}")
         if on_bad_audio not in ("skip", "fail"):
@@ -179,7 +205,7 @@ class CaptionedClips(Dataset):
             return {"bad": str(rec.audio)}
         if wave.shape[0] > self.crop:
             start = int(rng.integers(0, wave.shape[0] - self.crop + 1))
-            wave = wave[start:start + self.crop]
+            wave = wave[start : start + self.crop]
         caption = rec.captions[cap if cap >= 0 else int(rng.integers(len(rec.captions)))]
         return {"wave": wave, "caption": caption, "group": self.group[clip]}
 
@@ -187,9 +213,12 @@ class CaptionedClips(Dataset):
 def collate(items: list[dict[str, Any]]) -> dict[str, Any]:
     """Waves stay a list (lengths differ); unreadable items are dropped and listed under ``skipped``."""
     good = [it for it in items if "bad" not in it]
-    return {"waves": [it["wave"] for it in good], "captions": [it["caption"] for it in good],
-            "groups": torch.tensor([it["group"] for it in good], dtype=torch.long),
-            "skipped": [it["bad"] for it in items if "bad" in it]}
+    return {
+        "waves": [it["wave"] for it in good],
+        "captions": [it["caption"] for it in good],
+        "groups": torch.tensor([it["group"] for it in good], dtype=torch.long),
+        "skipped": [it["bad"] for it in items if "bad" in it],
+    }
 
 
 # ------------------------------------------------------------------------------------------- validation
@@ -200,7 +229,7 @@ def _sharded(accelerator, n: int, fn, batch_size: int) -> torch.Tensor:
     if world == 1 or n < world:
         return torch.cat([fn(list(range(s, min(n, s + batch_size)))) for s in range(0, n, batch_size)])
     mine = list(range(rank, n, world))
-    local = torch.cat([fn(mine[s:s + batch_size]) for s in range(0, len(mine), batch_size)])
+    local = torch.cat([fn(mine[s : s + batch_size]) for s in range(0, len(mine), batch_size)])
     per = math.ceil(n / world)
     pad = torch.full((per - local.shape[0], local.shape[1]), math.nan)
     gathered = accelerator.gather(torch.cat([local, pad]).to(accelerator.device)).cpu()  # (world * per, D)
@@ -218,18 +247,21 @@ def validate(accelerator, model, sets: list[tuple[str, list[Record]]], batch_siz
     for name, records in sets:
         captions = [c for r in records for c in r.captions]
         owner = torch.tensor([i for i, r in enumerate(records) for _ in r.captions])
-        text = _sharded(accelerator, len(captions),
-                        lambda idx: model.encode_text([captions[i] for i in idx]).float().cpu(), 64)
+        text = _sharded(
+            accelerator, len(captions), lambda idx: model.encode_text([captions[i] for i in idx]).float().cpu(), 64
+        )
 
         def audio_rows(idx: list[int]) -> torch.Tensor:
             """Embeddings of the clips ``idx``; a skipped clip gets a row of NaN (dropped below)."""
             out = torch.full((len(idx), text.shape[1]), math.nan)
-            for batch in AudioBatches([records[i].audio for i in idx], model.sample_rate, min_samples_of(model),
-                                      batch_size=len(idx) or 1):
+            for batch in AudioBatches(
+                [records[i].audio for i in idx], model.sample_rate, min_samples_of(model), batch_size=len(idx) or 1
+            ):
                 skipped.extend(reason for _, reason in batch.skipped)
                 if batch.waves:
-                    out[batch.indices] = model.encode_audio(batch.waves, model.sample_rate,
-                                                            batch_size=batch_size).float().cpu()
+                    out[batch.indices] = (
+                        model.encode_audio(batch.waves, model.sample_rate, batch_size=batch_size).float().cpu()
+                    )
             return out
 
         skipped: list[str] = []
@@ -260,51 +292,94 @@ def finetune_retrieval(cfg: RetrievalFinetuneCfg, resume: bool = False) -> dict[
     if cfg.exclude:
         records, removed = apply_exclusions(records, read_exclusion_list(cfg.exclude))
         log.info("excluded %d training clips listed in %s", removed, cfg.exclude)
-    ds = CaptionedClips(records, model.sample_rate, cfg.crop_seconds, cfg.sample, cfg.seed, cfg.on_bad_audio,
-                        min_samples_of(model))
+    ds = CaptionedClips(
+        records, model.sample_rate, cfg.crop_seconds, cfg.sample, cfg.seed, cfg.on_bad_audio, min_samples_of(model)
+    )
     loader, optimizer, peak, eff_batch = loader_and_adamw(
-        cfg, ds, collate, model, model.no_weight_decay(), accelerator.num_processes, "training items")
+        cfg, ds, collate, model, model.no_weight_decay(), accelerator.num_processes, "training items"
+    )
     loss_fn = ContrastiveLoss(accelerator.num_processes, accelerator.process_index)
 
     def validation(engine: Engine) -> dict[str, Any]:
         results = validate(accelerator, model, val_sets, cfg.val_batch_size)
-        metrics = {"score": val_score(results),
-                   "val": {name: {d: {k: v for k, v in r[d].items() if k.startswith(("R@", "mAP"))}
-                                  for d in ("text_to_audio", "audio_to_text")} for name, r in results.items()}}
+        metrics = {
+            "score": val_score(results),
+            "val": {
+                name: {
+                    d: {k: v for k, v in r[d].items() if k.startswith(("R@", "mAP"))}
+                    for d in ("text_to_audio", "audio_to_text")
+                }
+                for name, r in results.items()
+            },
+        }
         val_skipped = sorted({f for r in results.values() for f in r["skipped"]})
         return {**metrics, "val_skipped": val_skipped} if val_skipped else metrics
 
     def save_best(folder: Path, entry: dict[str, Any]) -> None:
         model.save_pretrained(folder, stage="2.1-retrieval", epoch=entry["epoch"], val_t2a_map10=entry["score"])
 
-    loop = LoopCfg(output_dir=cfg.output_dir, epochs=cfg.epochs, batch_size=cfg.batch_size, clip_grad=cfg.clip_grad,
-                   checkpoint_every=cfg.checkpoint_every, checkpoint_epochs=True,
-                   keep_checkpoints=cfg.keep_checkpoints, log_every=cfg.log_every, eval_at_start=True,
-                   metric="score", name="retrieval fine-tuning")
-    engine = Engine(accelerator, loop, model, optimizer, loader,
-                    lambda module, batch: {"loss": batch_loss(module, batch, loss_fn, model.sample_rate)},
-                    cosine_schedule(peak, cfg.min_lr, cfg.warmup_epochs, cfg.epochs), evaluate=validation,
-                    after_update=lambda engine: model.clamp_logit_scale(), on_epoch=ds.set_epoch,
-                    rows=lambda batch: len(batch["waves"]), keep=KeepBest(lambda entry: out_dir / "best", save_best))
+    loop = LoopCfg(
+        output_dir=cfg.output_dir,
+        epochs=cfg.epochs,
+        batch_size=cfg.batch_size,
+        clip_grad=cfg.clip_grad,
+        checkpoint_every=cfg.checkpoint_every,
+        checkpoint_epochs=True,
+        keep_checkpoints=cfg.keep_checkpoints,
+        log_every=cfg.log_every,
+        eval_at_start=True,
+        metric="score",
+        name="retrieval fine-tuning",
+    )
+    engine = Engine(
+        accelerator,
+        loop,
+        model,
+        optimizer,
+        loader,
+        lambda module, batch: {"loss": batch_loss(module, batch, loss_fn, model.sample_rate)},
+        cosine_schedule(peak, cfg.min_lr, cfg.warmup_epochs, cfg.epochs),
+        evaluate=validation,
+        after_update=lambda engine: model.clamp_logit_scale(),
+        on_epoch=ds.set_epoch,
+        rows=lambda batch: len(batch["waves"]),
+        keep=KeepBest(lambda entry: out_dir / "best", save_best),
+    )
     if resume:
         engine.resume("retrieval-finetune", cfg.to_dict())
     else:
         engine.start_trackers("retrieval-finetune", cfg.to_dict())
     info = log.info if accelerator.is_main_process else log.debug
-    info("training on %s (%d items, %d clips), validating on %s; lr %.3g, effective batch %d",
-         ", ".join(n for n, _ in train_sets), len(ds), len(records), ", ".join(n for n, _ in val_sets), peak,
-         eff_batch)
+    info(
+        "training on %s (%d items, %d clips), validating on %s; lr %.3g, effective batch %d",
+        ", ".join(n for n, _ in train_sets),
+        len(ds),
+        len(records),
+        ", ".join(n for n, _ in val_sets),
+        peak,
+        eff_batch,
+    )
     engine.model.train()  # validate() puts the model back in training mode after each evaluation
     engine.fit()
     state = engine.state
     val_skipped = sorted({f for entry in state.evals for f in entry.get("val_skipped", [])})
-    summary = {"checkpoint": cfg.checkpoint, "steps": state.step, "epochs": state.epoch,
-               "skipped_clips": state.skipped, "skipped_files": sorted(engine.skipped_items),
-               "val_skipped_files": val_skipped, "peak_lr": peak, "effective_batch": eff_batch,
-               "initial_score": state.evals[0]["score"], "best_score": state.best["score"],
-               "best_epoch": state.best["epoch"], "history": state.evals,
-               "best_model": str(out_dir / "best"), "final_model": str(out_dir / "model"),
-               "processes": accelerator.num_processes}
+    summary = {
+        "checkpoint": cfg.checkpoint,
+        "steps": state.step,
+        "epochs": state.epoch,
+        "skipped_clips": state.skipped,
+        "skipped_files": sorted(engine.skipped_items),
+        "val_skipped_files": val_skipped,
+        "peak_lr": peak,
+        "effective_batch": eff_batch,
+        "initial_score": state.evals[0]["score"],
+        "best_score": state.best["score"],
+        "best_epoch": state.best["epoch"],
+        "history": state.evals,
+        "best_model": str(out_dir / "best"),
+        "final_model": str(out_dir / "model"),
+        "processes": accelerator.num_processes,
+    }
     if accelerator.is_main_process:
         model.save_pretrained(out_dir / "model", stage="2.1-retrieval", steps=state.step)
         (out_dir / "summary.json").write_text(json.dumps(summary, indent=2))
@@ -316,8 +391,9 @@ def batch_loss(model, batch: dict[str, Any], loss_fn: ContrastiveLoss, sample_ra
     """Eq. 3-4 on one batch, items of the same audio file being positives of each other."""
     out = model(audio=batch["waves"], texts=batch["captions"], sample_rate=sample_rate)
     groups = batch["groups"].to(out["audio_features"].device)
-    return loss_fn(out["audio_features"], out["text_features"], out["logit_scale"],
-                   positive_groups=groups)["contrastive_loss"]
+    return loss_fn(out["audio_features"], out["text_features"], out["logit_scale"], positive_groups=groups)[
+        "contrastive_loss"
+    ]
 
 
 # -------------------------------------------------------------------------------------------------- CLI
@@ -327,13 +403,16 @@ DESCRIPTION = (
     "gathered across processes, several datasets mixed, duplicates of a clip in a batch treated as positives. "
     "Validation text->audio mAP@10 (CLAP convention) before training and after every epoch; the best model is kept "
     "in OUTPUT/best, the last in OUTPUT/model; --resume continues an interrupted run at the batch where it stopped. "
-    "Also runs as python -m retrieval.finetune (one process).")
-EPILOG = ("datasets (--train/--val): comma lists of clotho, audiocaps, wavcaps, synthetic (the embedded corpus), "
-          "NAME:SPLIT (e.g. clotho:evaluation), or manifest files (.csv/.jsonl, split train/val).\n"
-          "example:\n  accelerate launch -m retrieval.finetune --checkpoint runs/default/stage2/model "
-          "--train clotho,audiocaps --val clotho --clotho-root data/clotho --audiocaps-root data/audiocaps\n"
-          "exit status 1 also covers clips skipped as bad audio in training (with --on-bad-audio skip) and "
-          "validation.")
+    "Also runs as python -m retrieval.finetune (one process)."
+)
+EPILOG = (
+    "datasets (--train/--val): comma lists of clotho, audiocaps, wavcaps, synthetic (the embedded corpus), "
+    "NAME:SPLIT (e.g. clotho:evaluation), or manifest files (.csv/.jsonl, split train/val).\n"
+    "example:\n  accelerate launch -m retrieval.finetune --checkpoint runs/default/stage2/model "
+    "--train clotho,audiocaps --val clotho --clotho-root data/clotho --audiocaps-root data/audiocaps\n"
+    "exit status 1 also covers clips skipped as bad audio in training (with --on-bad-audio skip) and "
+    "validation."
+)
 
 
 @dataclass(kw_only=True)
@@ -365,8 +444,10 @@ def run(opts: RetrievalFinetuneOptions) -> int:
         raise CliError(str(e)) from None
     if not summary["main_process"]:
         return EXIT_OK
-    print(f"validation T2A mAP@10: start {100 * summary['initial_score']:.2f} -> best "
-          f"{100 * summary['best_score']:.2f} (epoch {summary['best_epoch']}); best model in {summary['best_model']}")
+    print(
+        f"validation T2A mAP@10: start {100 * summary['initial_score']:.2f} -> best "
+        f"{100 * summary['best_score']:.2f} (epoch {summary['best_epoch']}); best model in {summary['best_model']}"
+    )
     bad = [(f, f"{f}: bad audio (training)") for f in summary["skipped_files"]]
     bad += [(f, f) for f in summary["val_skipped_files"]]
     rc = report_skipped(bad, what="clip", stream=sys.stderr)

@@ -23,6 +23,7 @@ The figures of the CLAP convention equal :func:`m2dclap.metrics.text_to_audio` /
 suite's quick evaluation); they differ only when a relevant caption ties with an irrelevant one, where
 ``m2dclap.metrics.audio_to_text`` takes the order of ``topk`` for mAP@10 and this module stays pessimistic.
 """
+
 from __future__ import annotations
 
 import math
@@ -36,19 +37,19 @@ from m2dclap.metrics import KS, chance_audio_to_text, chance_text_to_audio
 
 PROTOCOLS = ("clap", "dcase")
 DCASE_MAP_CUTOFFS = (10, 16)  # mAP@10 (2022-2024 ranking metric) and mAP@16 (2025 ranking metric)
-DEFAULT_BLOCK_BYTES = 256 * 2 ** 20  # similarity rows computed at once: about this many bytes
+DEFAULT_BLOCK_BYTES = 256 * 2**20  # similarity rows computed at once: about this many bytes
 
 PROTOCOL_TEXT = {
     "clap": "CLAP-paper convention (paper Table VIII; WavCaps t2a/a2t): every caption is a text->audio query "
-            "with one relevant clip; every clip is an audio->text query whose relevant items are its captions. "
-            "R@k = fraction of queries whose best-ranked relevant item is in the top k. mAP@10 = mean over "
-            "queries of sum_{p_i<=10} i/p_i over the relevant items' sorted 1-based positions p_i, divided by "
-            "the number of relevant items. Ties rank irrelevant items first (pessimistic). Cosine similarity.",
+    "with one relevant clip; every clip is an audio->text query whose relevant items are its captions. "
+    "R@k = fraction of queries whose best-ranked relevant item is in the top k. mAP@10 = mean over "
+    "queries of sum_{p_i<=10} i/p_i over the relevant items' sorted 1-based positions p_i, divided by "
+    "the number of relevant items. Ties rank irrelevant items first (pessimistic). Cosine similarity.",
     "dcase": "DCASE multi-positive convention (2023 xmodal_retrieval.measure, 2025 average_precision_at_k): "
-             "R@k = mean over queries of (relevant items in the top k) / (number of relevant items); "
-             "mAP@K = mean over queries of sum_{p_i<=K} i/p_i divided by the number of relevant items (not "
-             "min(K, n)), K = 10 and 16 (the 2025 ranking metric). Ties rank irrelevant items first "
-             "(pessimistic). Cosine similarity.",
+    "R@k = mean over queries of (relevant items in the top k) / (number of relevant items); "
+    "mAP@K = mean over queries of sum_{p_i<=K} i/p_i divided by the number of relevant items (not "
+    "min(K, n)), K = 10 and 16 (the 2025 ranking metric). Ties rank irrelevant items first "
+    "(pessimistic). Cosine similarity.",
 }
 
 
@@ -96,8 +97,7 @@ class Relevance:
         return cls.from_pairs(owner, torch.arange(owner.numel()), n_queries, owner.numel())
 
     @classmethod
-    def from_pairs(cls, query: torch.Tensor, candidate: torch.Tensor, n_queries: int,
-                   n_candidates: int) -> "Relevance":
+    def from_pairs(cls, query: torch.Tensor, candidate: torch.Tensor, n_queries: int, n_candidates: int) -> "Relevance":
         """From (query, candidate) index pairs, each pair once."""
         order = torch.argsort(query * max(n_candidates, 1) + candidate)
         query, candidate = query[order], candidate[order]
@@ -111,8 +111,13 @@ class Relevance:
         return Relevance.from_pairs(self.indices, rows, self.n_candidates, self.n_queries)
 
 
-def relevant_positions(queries: torch.Tensor, candidates: torch.Tensor, relevance: Relevance,
-                       block_bytes: int = DEFAULT_BLOCK_BYTES, normalize: bool = False) -> torch.Tensor:
+def relevant_positions(
+    queries: torch.Tensor,
+    candidates: torch.Tensor,
+    relevance: Relevance,
+    block_bytes: int = DEFAULT_BLOCK_BYTES,
+    normalize: bool = False,
+) -> torch.Tensor:
     """1-based pessimistic positions of every query's relevant candidates, ascending, padded with ``inf``.
 
     queries (Q, D) and candidates (N, D) are compared by dot product, or by cosine similarity with
@@ -122,8 +127,7 @@ def relevant_positions(queries: torch.Tensor, candidates: torch.Tensor, relevanc
     """
     Q, N = queries.shape[0], candidates.shape[0]
     if relevance.n_queries != Q or relevance.n_candidates != N:
-        raise ValueError(f"relevance is {relevance.n_queries} x {relevance.n_candidates}, "
-                         f"the embeddings {Q} x {N}")
+        raise ValueError(f"relevance is {relevance.n_queries} x {relevance.n_candidates}, the embeddings {Q} x {N}")
     counts = relevance.counts()
     M = int(counts.max()) if Q else 0
     out = torch.full((Q, M), math.inf)
@@ -134,42 +138,47 @@ def relevant_positions(queries: torch.Tensor, candidates: torch.Tensor, relevanc
     valid = slot < counts[:, None]
     table = torch.zeros(Q, M, dtype=torch.long)
     table[valid] = relevance.indices
-    if N >= 2 ** 24:
+    if N >= 2**24:
         raise ValueError(f"{N} candidates: counts are summed in float32, exact only below 2**24")
     rows = max(1, min(Q, block_bytes // max(1, N * 8)))  # two float blocks: the scores and a work area
     candidates_t = candidates.float().T  # a view when the embeddings are float32 already
     inv_norm = 1.0 / _row_norms(candidates).clamp_min(1e-12) if normalize else None
     buffer, work = torch.empty(rows, N), torch.empty(rows, N)  # reused by every block
     for s in range(0, Q, rows):
-        q = queries[s:s + rows].float()
-        sim = torch.mm(F.normalize(q, dim=-1) if normalize else q, candidates_t, out=buffer[:q.shape[0]])  # (b, N)
+        q = queries[s : s + rows].float()
+        sim = torch.mm(F.normalize(q, dim=-1) if normalize else q, candidates_t, out=buffer[: q.shape[0]])  # (b, N)
         if inv_norm is not None:
             sim.mul_(inv_norm)  # cosine: divide each column by its candidate's norm
-        ok = valid[s:s + rows]
+        ok = valid[s : s + rows]
         # relevant scores (b, M), sorted descending; padding is -inf and so comes last
-        thr = sim.gather(1, table[s:s + rows]).masked_fill(~ok, -math.inf).sort(1, descending=True).values
+        thr = sim.gather(1, table[s : s + rows]).masked_fill(~ok, -math.inf).sort(1, descending=True).values
         n_valid = ok.sum(1)
         ge_all = torch.zeros_like(thr)
         for m in range(int(n_valid.max())):
             # candidates scoring >= the m-th relevant score. (a - t) >= 0 exactly when a >= t for IEEE floats;
             # counting in a float work block avoids the (b, N) int64 copy that summing booleans makes.
-            ge = torch.sub(sim, thr[:, m:m + 1], out=work[:sim.shape[0]]).ge_(0)
+            ge = torch.sub(sim, thr[:, m : m + 1], out=work[: sim.shape[0]]).ge_(0)
             ge_all[:, m] = ge.sum(1)
         # relevant ones among them: thr is sorted, so count by binary search (ties among relevant included)
         neg = (-thr).contiguous()
         ge_rel = torch.searchsorted(neg, neg, right=True).float()
         pos = torch.arange(1, M + 1, dtype=torch.float32)[None, :] + (ge_all - ge_rel)
-        out[s:s + rows] = torch.where(slot < n_valid[:, None], pos, torch.full_like(pos, math.inf))
+        out[s : s + rows] = torch.where(slot < n_valid[:, None], pos, torch.full_like(pos, math.inf))
     return out
 
 
 def _row_norms(x: torch.Tensor, rows: int = 65536) -> torch.Tensor:
     """L2 norm of every row, a block of rows at a time (no temporary as large as ``x``)."""
-    return torch.cat([torch.linalg.vector_norm(x[s:s + rows].float(), dim=1) for s in range(0, x.shape[0], rows)])
+    return torch.cat([torch.linalg.vector_norm(x[s : s + rows].float(), dim=1) for s in range(0, x.shape[0], rows)])
 
 
-def scores_from_positions(positions: torch.Tensor, n_relevant: torch.Tensor, protocol: str,
-                          ks: Sequence[int] = KS, map_cutoffs: Sequence[int] = (10,)) -> dict[str, float]:
+def scores_from_positions(
+    positions: torch.Tensor,
+    n_relevant: torch.Tensor,
+    protocol: str,
+    ks: Sequence[int] = KS,
+    map_cutoffs: Sequence[int] = (10,),
+) -> dict[str, float]:
     """R@k and mAP@K from :func:`relevant_positions`; queries without a relevant candidate are left out."""
     if protocol not in PROTOCOLS:
         raise ValueError(f"unknown protocol {protocol!r}; use one of {', '.join(PROTOCOLS)}")
@@ -192,8 +201,14 @@ def scores_from_positions(positions: torch.Tensor, n_relevant: torch.Tensor, pro
     return out
 
 
-def retrieval_scores(queries: torch.Tensor, candidates: torch.Tensor, relevance: Relevance, protocol: str,
-                     normalize: bool = True, block_bytes: int = DEFAULT_BLOCK_BYTES) -> dict[str, float]:
+def retrieval_scores(
+    queries: torch.Tensor,
+    candidates: torch.Tensor,
+    relevance: Relevance,
+    protocol: str,
+    normalize: bool = True,
+    block_bytes: int = DEFAULT_BLOCK_BYTES,
+) -> dict[str, float]:
     """R@1/5/10 and mAP@10 (clap) or mAP@10/16 (dcase) of ``queries`` ranking ``candidates``."""
     positions = relevant_positions(queries, candidates, relevance, block_bytes, normalize)
     cutoffs = (10,) if protocol == "clap" else DCASE_MAP_CUTOFFS
@@ -203,8 +218,13 @@ def retrieval_scores(queries: torch.Tensor, candidates: torch.Tensor, relevance:
     return out
 
 
-def caption_retrieval(text_emb: torch.Tensor, audio_emb: torch.Tensor, caption_audio: torch.Tensor,
-                      protocol: str = "clap", block_bytes: int = DEFAULT_BLOCK_BYTES) -> dict[str, dict]:
+def caption_retrieval(
+    text_emb: torch.Tensor,
+    audio_emb: torch.Tensor,
+    caption_audio: torch.Tensor,
+    protocol: str = "clap",
+    block_bytes: int = DEFAULT_BLOCK_BYTES,
+) -> dict[str, dict]:
     """Both directions on a captioned set: caption ``c`` describes clip ``caption_audio[c]``.
 
     Returns ``{"text_to_audio": {...}, "audio_to_text": {...}}`` and, for the clap protocol, the chance levels
@@ -214,10 +234,10 @@ def caption_retrieval(text_emb: torch.Tensor, audio_emb: torch.Tensor, caption_a
     t, a = text_emb, audio_emb
     n_audio = a.shape[0]
     out = {
-        "text_to_audio": retrieval_scores(t, a, Relevance.one_each(caption_audio, n_audio), protocol, True,
-                                          block_bytes),
-        "audio_to_text": retrieval_scores(a, t, Relevance.grouped(caption_audio, n_audio), protocol, True,
-                                          block_bytes),
+        "text_to_audio": retrieval_scores(
+            t, a, Relevance.one_each(caption_audio, n_audio), protocol, True, block_bytes
+        ),
+        "audio_to_text": retrieval_scores(a, t, Relevance.grouped(caption_audio, n_audio), protocol, True, block_bytes),
     }
     if protocol == "clap" and n_audio and len(caption_audio):
         per_clip = max(1, round(len(caption_audio) / n_audio))

@@ -13,6 +13,7 @@ Writes
 and validates them (every caption exactly once, ten distinct existing file names per row, a complete score
 matrix) before reporting success. ``--validate-only`` checks existing files.
 """
+
 from __future__ import annotations
 
 import csv
@@ -46,7 +47,7 @@ HEADER = ["caption"] + [f"file_name_{i}" for i in range(1, TOP_K + 1)]
 
 def system_label(out: Path) -> str:
     """``Doe_Inst_task6_1.output.csv`` -> ``Doe_Inst_task6_1``."""
-    return out.name[:-len(".output.csv")] if out.name.endswith(".output.csv") else out.stem
+    return out.name[: -len(".output.csv")] if out.name.endswith(".output.csv") else out.stem
 
 
 def companion(out: Path, kind: str) -> Path:
@@ -54,15 +55,16 @@ def companion(out: Path, kind: str) -> Path:
     return out.with_name(f"{system_label(out)}.{kind}")
 
 
-def rank(text: torch.Tensor, audio: torch.Tensor, k: int = TOP_K, block_bytes: int = DEFAULT_BLOCK_BYTES,
-         on_block=None) -> torch.Tensor:
+def rank(
+    text: torch.Tensor, audio: torch.Tensor, k: int = TOP_K, block_bytes: int = DEFAULT_BLOCK_BYTES, on_block=None
+) -> torch.Tensor:
     """Indices (C, k) of the k best clips per caption by cosine similarity, in blocks of captions; ties keep
     the clips' order. ``on_block(start, scores)`` sees every block of the score matrix (for writing it)."""
     t, a = F.normalize(text.float(), dim=-1), F.normalize(audio.float(), dim=-1)
     rows = max(1, block_bytes // max(1, a.shape[0] * 12))
     out = []
     for s in range(0, t.shape[0], rows):
-        sim = t[s:s + rows] @ a.T  # (b, N)
+        sim = t[s : s + rows] @ a.T  # (b, N)
         if on_block is not None:
             on_block(s, sim)
         out.append(torch.sort(sim, dim=1, descending=True, stable=True).indices[:, :k])
@@ -145,8 +147,9 @@ results:
 
 
 # ------------------------------------------------------------------------------------------- validation
-def validate_submission(out: Path, captions: Sequence[str], audio_dir: Path,
-                        scores: Path | None = None, meta: Path | None = None) -> list[str]:
+def validate_submission(
+    out: Path, captions: Sequence[str], audio_dir: Path, scores: Path | None = None, meta: Path | None = None
+) -> list[str]:
     """Problems found in a written submission (empty = valid)."""
     errors: list[str] = []
     try:
@@ -240,20 +243,27 @@ def _validate_meta(path: Path) -> list[str]:
         doc = yaml.safe_load(path.read_text(encoding="utf-8"))
     except (OSError, yaml.YAMLError) as e:
         return [f"{path}: not valid YAML ({e})"]
-    return [] if isinstance(doc, dict) and {"submission", "system"} <= set(doc) else \
-        [f"{path}: expected 'submission' and 'system' sections"]
+    return (
+        []
+        if isinstance(doc, dict) and {"submission", "system"} <= set(doc)
+        else [f"{path}: expected 'submission' and 'system' sections"]
+    )
 
 
 # -------------------------------------------------------------------------------------------------- CLI
 @dataclass(kw_only=True)
 class SubmitOptions:
-    checkpoint: str | None = option(None, help="model folder, official .pth file or pretrained name (required "
-                                               "unless --validate-only)")
+    checkpoint: str | None = option(
+        None, help="model folder, official .pth file or pretrained name (required unless --validate-only)"
+    )
     text_model: str | None = option(None, metavar="PATH", help=TEXT_MODEL_HELP)
     captions: str = option(help="retrieval_captions.csv (column 'caption')")
     audio_dir: str = option(help="folder of the evaluation audio files")
-    metadata: str | None = option(None, help="retrieval_audio_metadata.csv (column file_name): rank exactly these "
-                                             "files (default: every audio file in --audio-dir)")
+    metadata: str | None = option(
+        None,
+        help="retrieval_audio_metadata.csv (column file_name): rank exactly these "
+        "files (default: every audio file in --audio-dir)",
+    )
     out: str = option(help="ranking CSV to write, e.g. Name_Inst_task6_1.output.csv")
     scores: bool = option(False, help="also write the full score matrix <OUT>.scores.csv")
     system_name: str = option("", help="label written into the meta YAML (default: OUT's stem)")
@@ -265,15 +275,19 @@ class SubmitOptions:
     device: str = option("auto", help="cpu, cuda, ... (default: cuda if available)")
 
 
-DESCRIPTION = ("Write a DCASE language-based audio retrieval submission: for every caption of "
-               "retrieval_captions.csv the ten best audio files (caption,file_name_1..file_name_10), optionally "
-               "the full caption x audio score matrix (--scores, the 2025 form), and a system meta YAML template; "
-               "the files are validated (each caption once, ten distinct existing file names per row) before "
-               "success is reported.")
-EPILOG = ("example:\n  python -m retrieval.submit --checkpoint runs/ft/best --captions retrieval_captions.csv "
-          "--audio-dir retrieval_audio --out sub/Doe_Inst_task6_1.output.csv --scores\n\n"
-          "Exit status 1 also when the evaluation audio cannot all be ranked (an unreadable file, fewer than ten) "
-          "or the written submission does not validate.")
+DESCRIPTION = (
+    "Write a DCASE language-based audio retrieval submission: for every caption of "
+    "retrieval_captions.csv the ten best audio files (caption,file_name_1..file_name_10), optionally "
+    "the full caption x audio score matrix (--scores, the 2025 form), and a system meta YAML template; "
+    "the files are validated (each caption once, ten distinct existing file names per row) before "
+    "success is reported."
+)
+EPILOG = (
+    "example:\n  python -m retrieval.submit --checkpoint runs/ft/best --captions retrieval_captions.csv "
+    "--audio-dir retrieval_audio --out sub/Doe_Inst_task6_1.output.csv --scores\n\n"
+    "Exit status 1 also when the evaluation audio cannot all be ranked (an unreadable file, fewer than ten) "
+    "or the written submission does not validate."
+)
 
 
 def _read_dev_results(path: str | None) -> dict[str, Any] | None:
@@ -289,8 +303,7 @@ def _read_dev_results(path: str | None) -> dict[str, Any] | None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    return run_cli(run, SubmitOptions, argv, prog="python -m retrieval.submit", description=DESCRIPTION,
-                   epilog=EPILOG)
+    return run_cli(run, SubmitOptions, argv, prog="python -m retrieval.submit", description=DESCRIPTION, epilog=EPILOG)
 
 
 def run(args: SubmitOptions) -> int:
@@ -312,16 +325,21 @@ def run(args: SubmitOptions) -> int:
         if not args.checkpoint:
             raise UsageError("--checkpoint is required unless --validate-only")
         if len(data.audio.records) < TOP_K:
-            print(f"error: {len(data.audio.records)} audio files in {audio_dir}; a submission ranks {TOP_K}",
-                  file=sys.stderr)
+            print(
+                f"error: {len(data.audio.records)} audio files in {audio_dir}; a submission ranks {TOP_K}",
+                file=sys.stderr,
+            )
             return 1
         model = m2dclap.load(args.checkpoint, device=resolve_device(args.device), text_name=args.text_model).eval()
         cache = None if args.no_cache else EmbeddingCache(args.cache_dir, args.checkpoint)
         paths = [r.audio for r in data.audio.records]
         audio, bad = embed_audio_files(model, paths, cache, args.batch_size)
         if bad:
-            print("error: unreadable evaluation audio (every file must be ranked):\n  "
-                  + "\n  ".join(msg for _, msg in bad), file=sys.stderr)
+            print(
+                "error: unreadable evaluation audio (every file must be ranked):\n  "
+                + "\n  ".join(msg for _, msg in bad),
+                file=sys.stderr,
+            )
             return 1
         text = embed_texts(model, data.captions, cache)
         names = [Path(p).name for p in paths]
@@ -331,15 +349,16 @@ def run(args: SubmitOptions) -> int:
         if writer:
             writer.close()
         write_ranking(out, data.captions, names, top)
-        atomic_write_text(meta_path, meta_template(model, args.checkpoint, args.system_name or system_label(out),
-                                                   dev))
+        atomic_write_text(meta_path, meta_template(model, args.checkpoint, args.system_name or system_label(out), dev))
     errors = validate_submission(out, data.captions, audio_dir, scores_path, meta_path)
     if errors:
         print(f"error: the submission in {out} is not valid:\n  " + "\n  ".join(errors), file=sys.stderr)
         return 1
     written = [out] + ([scores_path] if scores_path else []) + [meta_path]
-    print(f"valid submission: {len(data.captions)} captions x {len(data.audio.records)} audio files; "
-          + ", ".join(str(p) for p in written))
+    print(
+        f"valid submission: {len(data.captions)} captions x {len(data.audio.records)} audio files; "
+        + ", ".join(str(p) for p in written)
+    )
     return 0
 
 

@@ -1,8 +1,9 @@
 """M2D-CLAP pretraining, the suite's main job.
 
-    accelerate launch scripts/pretrain.py                # default run: embedded corpus, tiny model, CPU, minutes
-    accelerate launch scripts/pretrain.py --stage 1 --preset base --data MANIFEST --captions CAPEMB.npy ...
+accelerate launch scripts/pretrain.py                # default run: embedded corpus, tiny model, CPU, minutes
+accelerate launch scripts/pretrain.py --stage 1 --preset base --data MANIFEST --captions CAPEMB.npy ...
 """
+
 from __future__ import annotations
 
 import sys

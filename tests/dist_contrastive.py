@@ -4,6 +4,7 @@ script asks for the CPU)`.
 Each process takes its half of one global batch; the DDP-averaged gradients and the loss must equal those
 of a single process on the whole batch (computed here on rank 0 with a copy of the same model).
 """
+
 import copy
 import json
 import sys
@@ -35,12 +36,17 @@ def loss_modes(acc: Accelerator) -> dict:
             ref.backward()
             la, lt = a[part].clone().requires_grad_(), t[part].clone().requires_grad_()
             loss = ContrastiveLoss(acc.num_processes, acc.process_index, local_loss=local)(
-                la, lt, scale, groups[part] if use_groups else None)["contrastive_loss"]
+                la, lt, scale, groups[part] if use_groups else None
+            )["contrastive_loss"]
             loss.backward()
-            grad_diff = max((la.grad / acc.num_processes - ref_a.grad[part]).abs().max().item(),
-                            (lt.grad / acc.num_processes - ref_t.grad[part]).abs().max().item())
-            out[f"local={local},groups={use_groups}"] = {"loss_diff": abs(loss.item() - ref.item()),
-                                                         "grad_diff": grad_diff}
+            grad_diff = max(
+                (la.grad / acc.num_processes - ref_a.grad[part]).abs().max().item(),
+                (lt.grad / acc.num_processes - ref_t.grad[part]).abs().max().item(),
+            )
+            out[f"local={local},groups={use_groups}"] = {
+                "loss_diff": abs(loss.item() - ref.item()),
+                "grad_diff": grad_diff,
+            }
     return out
 
 
@@ -55,8 +61,9 @@ def main(out_path: str) -> None:
     # Masking off (mask_ratio 0) and lambda_m2d 0: the batch's random masks are drawn per process, so a split
     # batch would get other masks than the global one; without masking the two runs see the same tokens and
     # only the gathering of the contrastive loss differs, which is what this checks.
-    trainer = M2DCLAPPretrainer(model, mask_ratio=0.0, lambda_m2d=0.0, lambda_clap=1.0,
-                                world_size=acc.num_processes, rank=acc.process_index)
+    trainer = M2DCLAPPretrainer(
+        model, mask_ratio=0.0, lambda_m2d=0.0, lambda_clap=1.0, world_size=acc.num_processes, rank=acc.process_index
+    )
     modes = loss_modes(acc)
     trainer = acc.prepare(trainer)
     n = 8 // acc.num_processes
@@ -72,10 +79,20 @@ def main(out_path: str) -> None:
         diffs = {k: (grads[k] - ref[k]).abs().max().item() for k in ref}
         close = all(torch.allclose(grads[k], ref[k], rtol=1e-5, atol=1e-5) for k in ref)
         scale = max(ref[k].abs().max().item() for k in ref)
-        json.dump({"world": acc.num_processes, "loss": out["loss"].item(), "ref_loss": ref_out["loss"].item(),
-                   "max_grad_diff": max(diffs.values()), "grad_scale": scale, "n_params": len(ref),
-                   "allclose_1e-5": close, "missing": sorted(set(ref) - set(grads)), "loss_modes": modes},
-                  open(out_path, "w"))
+        json.dump(
+            {
+                "world": acc.num_processes,
+                "loss": out["loss"].item(),
+                "ref_loss": ref_out["loss"].item(),
+                "max_grad_diff": max(diffs.values()),
+                "grad_scale": scale,
+                "n_params": len(ref),
+                "allclose_1e-5": close,
+                "missing": sorted(set(ref) - set(grads)),
+                "loss_modes": modes,
+            },
+            open(out_path, "w"),
+        )
     acc.wait_for_everyone()
 
 

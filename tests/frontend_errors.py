@@ -5,6 +5,7 @@ tests/test_audio.py and as a script (``python tests/frontend_errors.py``, prints
 The reference is the frontend's definition evaluated in float64 with numpy; "own error" is nnAudio (the
 official frontend) in float32 against nnAudio in float64, the accuracy the official runtime itself has.
 """
+
 from __future__ import annotations
 
 import copy
@@ -39,7 +40,7 @@ def make_signal(kind: str, sr: int, seconds: float = 2.0, seed: int = 0) -> np.n
         env = np.zeros(n)
         for start in rng.uniform(0, seconds - 0.25, 5):
             i, m = int(start * sr), int(0.2 * sr)
-            env[i:i + m] += np.hanning(m)
+            env[i : i + m] += np.hanning(m)
         x = 0.3 * env * rng.standard_normal(n)
     elif kind == "loud_tone":
         x = 0.99 * np.sin(2 * np.pi * 1000 * t)
@@ -55,19 +56,29 @@ def make_signal(kind: str, sr: int, seconds: float = 2.0, seed: int = 0) -> np.n
 def nnaudio(cfg: FrontendCfg):
     from nnAudio.features import MelSpectrogram
 
-    return MelSpectrogram(sr=cfg.sample_rate, n_fft=cfg.n_fft, win_length=cfg.win_length, hop_length=cfg.hop_length,
-                          n_mels=cfg.n_mels, fmin=cfg.f_min, fmax=cfg.f_max, center=True, power=2, verbose=False)
+    return MelSpectrogram(
+        sr=cfg.sample_rate,
+        n_fft=cfg.n_fft,
+        win_length=cfg.win_length,
+        hop_length=cfg.hop_length,
+        n_mels=cfg.n_mels,
+        fmin=cfg.f_min,
+        fmax=cfg.f_max,
+        center=True,
+        power=2,
+        verbose=False,
+    )
 
 
 def reference_logmel(wave: np.ndarray, cfg: FrontendCfg) -> np.ndarray:
     """The frontend's definition evaluated in float64 with numpy alone: centred reflect-padded frames,
     periodic Hann window, power spectrum, the (float32-valued) Slaney filterbank, log(x + eps)."""
     x = np.pad(wave.astype(np.float64), cfg.n_fft // 2, mode="reflect")
-    frames = np.lib.stride_tricks.sliding_window_view(x, cfg.n_fft)[::cfg.hop_length]  # (frames, n_fft)
+    frames = np.lib.stride_tricks.sliding_window_view(x, cfg.n_fft)[:: cfg.hop_length]  # (frames, n_fft)
     n = np.arange(cfg.win_length)
     window = np.zeros(cfg.n_fft)
     left = (cfg.n_fft - cfg.win_length) // 2
-    window[left:left + cfg.win_length] = 0.5 - 0.5 * np.cos(2 * np.pi * n / cfg.win_length)
+    window[left : left + cfg.win_length] = 0.5 - 0.5 * np.cos(2 * np.pi * n / cfg.win_length)
     power = np.abs(np.fft.rfft(frames * window, axis=-1)) ** 2  # (frames, n_freqs)
     fb = slaney_mel_filterbank(cfg.sample_rate, cfg.n_fft, cfg.n_mels, cfg.f_min, cfg.f_max).astype(np.float64)
     return np.log(fb @ power.T + float(LOG_EPS))  # (n_mels, frames)
@@ -87,11 +98,13 @@ def errors(name: str, kind: str, seconds: float, modules: tuple | None = None) -
         official = (ref(wave) + LOG_EPS).log()
         official64 = (ref64(wave.double()) + LOG_EPS).log()
     exact = torch.from_numpy(reference_logmel(signal, cfg))[None]
-    return {"ours": (got.double() - exact).abs().max().item(),
-            "ours_vs_nnaudio64": (got.double() - official64).abs().max().item(),
-            "own": (official.double() - official64).abs().max().item(),
-            "vs_nnaudio": (got - official).abs().max().item(),
-            "shape_ok": got.shape == official.shape == exact.shape and got.dtype == torch.float32}
+    return {
+        "ours": (got.double() - exact).abs().max().item(),
+        "ours_vs_nnaudio64": (got.double() - official64).abs().max().item(),
+        "own": (official.double() - official64).abs().max().item(),
+        "vs_nnaudio": (got - official).abs().max().item(),
+        "shape_ok": got.shape == official.shape == exact.shape and got.dtype == torch.float32,
+    }
 
 
 def frontend_modules(cfg: FrontendCfg):

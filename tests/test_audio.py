@@ -20,6 +20,7 @@ put the 32-kHz chirp at 1.5e-3 (nnAudio's own: 7e-4), which failed it.
 The mel filterbank is bit-identical to nnAudio's; with torchaudio's ``melscale_fbanks`` (an earlier
 implementation) noise differed by 1e-4.
 """
+
 from __future__ import annotations
 
 import json
@@ -34,10 +35,18 @@ import pytest
 import soundfile as sf
 import torch
 
-from frontend_errors import CASES, FRONTENDS, bound, errors, frontend_modules, make_signal
-from m2dclap.audio import (AudioError, LogMelSpectrogram, compute_norm_stats, load_audio, normalize_lms, resample,
-                           slaney_mel_filterbank)
+from m2dclap.audio import (
+    AudioError,
+    LogMelSpectrogram,
+    compute_norm_stats,
+    load_audio,
+    normalize_lms,
+    resample,
+    slaney_mel_filterbank,
+)
 from m2dclap.config import FrontendCfg
+
+from frontend_errors import CASES, FRONTENDS, bound, errors, frontend_modules, make_signal
 
 EPS = torch.finfo(torch.float32).eps
 HERE = Path(__file__).parent
@@ -66,9 +75,11 @@ def test_logmel_accuracy(frontends, kind, seconds):
     name, cfg, ref, ref64, ours = frontends
     e = errors(name, kind, seconds, (ref, ref64, ours))
     wave = torch.from_numpy(make_signal(kind, cfg.sample_rate, seconds))
-    print(f"\n[{name} {kind} {seconds:g} s] max |ours - fp64| = {e['ours']:.2e} (vs nnAudio fp64 "
-          f"{e['ours_vs_nnaudio64']:.2e}); nnAudio fp32 vs fp64 = {e['own']:.2e}; ours vs nnAudio fp32 = "
-          f"{e['vs_nnaudio']:.2e}")
+    print(
+        f"\n[{name} {kind} {seconds:g} s] max |ours - fp64| = {e['ours']:.2e} (vs nnAudio fp64 "
+        f"{e['ours_vs_nnaudio64']:.2e}); nnAudio fp32 vs fp64 = {e['own']:.2e}; ours vs nnAudio fp32 = "
+        f"{e['vs_nnaudio']:.2e}"
+    )
     assert e["shape_ok"] and ours.num_frames(wave.shape[-1]) == wave.shape[-1] // cfg.hop_length + 1
     assert e["ours"] < bound(e["own"]) and e["ours_vs_nnaudio64"] < bound(e["own"])
     assert e["ours"] < 1e-5  # float32-exact: a float32 FFT was up to 1.5e-3 off (chirps, MKL's AVX-512 kernels)
@@ -84,8 +95,9 @@ def test_logmel_accuracy_on_both_mkl_kernel_paths(mkl, aten):
     """MKL and ATen pick their kernels when they load, so each path runs in its own process."""
     pytest.importorskip("nnAudio.features", reason="nnAudio (the official frontend) is not installed")
     env = {**os.environ, "MKL_ENABLE_INSTRUCTIONS": mkl, "ATEN_CPU_CAPABILITY": aten, "OMP_NUM_THREADS": "1"}
-    run = subprocess.run([sys.executable, str(HERE / "frontend_errors.py")], env=env, capture_output=True, text=True,
-                         timeout=300)
+    run = subprocess.run(
+        [sys.executable, str(HERE / "frontend_errors.py")], env=env, capture_output=True, text=True, timeout=300
+    )
     assert run.returncode == 0, run.stderr[-2000:]
     out = json.loads(run.stdout)
     assert len(out["cases"]) == len(FRONTENDS) * len(CASES)
@@ -124,7 +136,7 @@ def test_streamed_wav_with_unknown_length_loads(tmp_path):
     path = _valid_wav(tmp_path / "stream.wav", n=1000)
     data = bytearray(path.read_bytes())
     pos = data.index(b"data") + 4
-    data[pos:pos + 4] = (0xFFFFFFFF).to_bytes(4, "little")
+    data[pos : pos + 4] = (0xFFFFFFFF).to_bytes(4, "little")
     path.write_bytes(bytes(data))
     assert load_audio(path).shape == (1000,)
 
@@ -250,7 +262,7 @@ def test_error_truncated_wav(tmp_path, subtype):
     full = _valid_wav(tmp_path / "full.wav", subtype)
     data = full.read_bytes()
     cut = tmp_path / "cut.wav"
-    cut.write_bytes(data[:len(data) // 2])
+    cut.write_bytes(data[: len(data) // 2])
     # libsndfile itself does not complain: it returns the samples that are there.
     assert 0 < sf.read(str(cut))[0].shape[0] < 16000
     message = _raises(cut, "truncated")

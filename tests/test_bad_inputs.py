@@ -6,6 +6,7 @@ Sections: audio files (undecodable, empty, NaN, shorter than one STFT window) th
 many files; data and folders (the synthetic corpus never overwrites, finished runs stay finished, the umask,
 CSV bytes and quotes); models (config.json fields, wrong-kind and damaged weight files, unreachable text models).
 """
+
 from __future__ import annotations
 
 import csv
@@ -23,20 +24,23 @@ import soundfile as sf
 import torch
 
 import m2dclap
-from conftest import minilm_path, tone
 from m2dclap.checkpoint import CheckpointError
 from m2dclap.data.manifest import Record, read_manifest, write_manifest
 from m2dclap.data.synthetic import generate_corpus
 from m2dclap.embed_files import AudioBatches, load_clip, min_samples_of, report_skipped
 from m2dclap.extract import main as extract_main
 
+from conftest import minilm_path, tone
+
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def snapshot(folder: Path) -> dict[str, str]:
     """Every file and folder under ``folder`` with its content hash (folders: "dir")."""
-    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest() if p.is_file() else "dir"
-            for p in sorted(folder.rglob("*"))}
+    return {
+        str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest() if p.is_file() else "dir"
+        for p in sorted(folder.rglob("*"))
+    }
 
 
 # ===========================================================================================================
@@ -45,8 +49,13 @@ def snapshot(folder: Path) -> dict[str, str]:
 SR = 16000
 SHORT = ("one.wav", "hundred.wav")  # 1 and 100 samples: shorter than the 201 the frontend needs
 BAD = SHORT + ("empty.wav", "nan.wav", "corrupt.wav")
-REASONS = {"one.wav": "too short", "hundred.wav": "too short", "empty.wav": "zero samples", "nan.wav": "NaN",
-           "corrupt.wav": "cannot decode"}
+REASONS = {
+    "one.wav": "too short",
+    "hundred.wav": "too short",
+    "empty.wav": "zero samples",
+    "nan.wav": "NaN",
+    "corrupt.wav": "cannot decode",
+}
 
 
 # ----------------------------------------------------------------------------------------------- fixtures
@@ -96,34 +105,54 @@ def audio_ckpt(tmp_path_factory) -> Path:
     return model.save_pretrained(tmp_path_factory.mktemp("audio_ckpt") / "tiny")
 
 
-
-def manifest(path: Path, files: list[Path], split: str = "test", captions: bool = True,
-             labels: bool = True) -> Path:
-    records = [Record(id=f.stem, audio=f, captions=[f"a tone number {n}", f"sound {n}"] if captions else [],
-                      labels=["low" if n % 2 else "high"] if labels else [], split=split)
-               for n, f in enumerate(files)]
+def manifest(path: Path, files: list[Path], split: str = "test", captions: bool = True, labels: bool = True) -> Path:
+    records = [
+        Record(
+            id=f.stem,
+            audio=f,
+            captions=[f"a tone number {n}", f"sound {n}"] if captions else [],
+            labels=["low" if n % 2 else "high"] if labels else [],
+            split=split,
+        )
+        for n, f in enumerate(files)
+    ]
     return write_manifest(records, path)
 
 
 def no_model_load(monkeypatch):
     """Make any model load fail the test: bad requests must be refused before it."""
+
     def refuse(*a, **k):
         raise AssertionError("a model was loaded for a request that should have been refused")
+
     monkeypatch.setattr(m2dclap.checkpoint, "load", refuse)
     monkeypatch.setattr(m2dclap, "load", refuse)
 
 
 # ----------------------------------------------------------------------------------------------- the shared reader
 def test_audio_batches_skip_every_bad_kind_by_name(audio, good):
-    paths = [good[0], audio["one.wav"], audio["empty.wav"], good[1], audio["hundred.wav"], audio["nan.wav"],
-             audio["corrupt.wav"], good[2]]
+    paths = [
+        good[0],
+        audio["one.wav"],
+        audio["empty.wav"],
+        good[1],
+        audio["hundred.wav"],
+        audio["nan.wav"],
+        audio["corrupt.wav"],
+        good[2],
+    ]
     batches = AudioBatches(paths, SR, min_samples=201, batch_size=2, workers=2)
     seen = list(batches)
     assert len(seen) == 4 and all(len(b.indices) + len(b.skipped) == 2 for b in seen)
     assert [i for b in seen for i in b.indices] == [0, 3, 7]
     assert [b.waves for b in seen][2] == []  # a batch whose files were all bad has no waves
-    assert [Path(p).name for p, _ in batches.skipped] == ["one.wav", "empty.wav", "hundred.wav", "nan.wav",
-                                                          "corrupt.wav"]
+    assert [Path(p).name for p, _ in batches.skipped] == [
+        "one.wav",
+        "empty.wav",
+        "hundred.wav",
+        "nan.wav",
+        "corrupt.wav",
+    ]
     for path, reason in batches.skipped:
         assert path in reason and REASONS[Path(path).name] in reason
     assert report_skipped([]) == 0 and report_skipped(batches.skipped) == 1
@@ -143,8 +172,11 @@ def test_extract_skips_short_and_bad_files_and_exits_1(audio, good, audio_ckpt, 
     from m2dclap.extract import main
 
     out = tmp_path / "feats"
-    rc = main([str(p) for p in good] + [str(audio[b]) for b in BAD]
-              + ["--checkpoint", str(audio_ckpt), "--out", str(out), "--features", "clip", "--batch-size", "2", "-q"])
+    rc = main(
+        [str(p) for p in good]
+        + [str(audio[b]) for b in BAD]
+        + ["--checkpoint", str(audio_ckpt), "--out", str(out), "--features", "clip", "--batch-size", "2", "-q"]
+    )
     err = capsys.readouterr().err
     assert rc == 1
     for name in BAD:
@@ -174,8 +206,14 @@ def _probe_manifest(path: Path, good_dir: Path, extra: list[Path] = ()) -> Path:
     for n in range(8):
         f = good_dir / f"le{n}.wav"
         sf.write(f, tone(0.5, SR, 300.0 + 150 * (n % 2), seed=n).numpy(), SR)
-        rows.append(Record(id=f.stem, audio=f, labels=["low" if n % 2 else "high"],
-                           split="train" if n < 4 else "val" if n < 6 else "test"))
+        rows.append(
+            Record(
+                id=f.stem,
+                audio=f,
+                labels=["low" if n % 2 else "high"],
+                split="train" if n < 4 else "val" if n < 6 else "test",
+            )
+        )
     rows += [Record(id=f.stem, audio=f, labels=["high"], split="train") for f in extra]
     return write_manifest(rows, path)
 
@@ -185,8 +223,21 @@ def test_linear_eval_batch_size_dividing_the_clip_count_calls_no_empty_batch(aud
 
     data = _probe_manifest(tmp_path / "m.csv", tmp_path)
     with caplog.at_level(logging.INFO, logger="m2dclap"):
-        rc = le.main(["--checkpoint", str(audio_ckpt), "--data", str(data), "--batch-size", "4", "--epochs", "2",
-                      "--out", str(tmp_path / "r.json"), "--quiet"])
+        rc = le.main(
+            [
+                "--checkpoint",
+                str(audio_ckpt),
+                "--data",
+                str(data),
+                "--batch-size",
+                "4",
+                "--epochs",
+                "2",
+                "--out",
+                str(tmp_path / "r.json"),
+                "--quiet",
+            ]
+        )
     assert rc == 0
     assert "a batch of 0" not in caplog.text and "non-empty TensorList" not in caplog.text
     assert json.loads((tmp_path / "r.json").read_text())["n_bad"] == 0
@@ -196,15 +247,45 @@ def test_linear_eval_skips_short_clips_when_not_padding(audio, audio_ckpt, tmp_p
     from m2dclap import linear_eval as le
 
     data = _probe_manifest(tmp_path / "m.csv", tmp_path, [audio[n] for n in SHORT])
-    rc = le.main(["--checkpoint", str(audio_ckpt), "--data", str(data), "--batch-size", "3", "--epochs", "2",
-                  "--unit-seconds", "0", "--out", str(tmp_path / "r.json"), "--quiet"])
+    rc = le.main(
+        [
+            "--checkpoint",
+            str(audio_ckpt),
+            "--data",
+            str(data),
+            "--batch-size",
+            "3",
+            "--epochs",
+            "2",
+            "--unit-seconds",
+            "0",
+            "--out",
+            str(tmp_path / "r.json"),
+            "--quiet",
+        ]
+    )
     err = capsys.readouterr().err
     assert rc == 1 and all(str(audio[n]) in err for n in SHORT)
     res = json.loads((tmp_path / "r.json").read_text())
     assert res["n_bad"] == 2 and all("too short" in b["error"] for b in res["bad_files"])
     # cut to a unit length, a short clip is padded with zeros (EVAR), not skipped
-    rc = le.main(["--checkpoint", str(audio_ckpt), "--data", str(data), "--batch-size", "3", "--epochs", "2",
-                  "--unit-seconds", "0.5", "--out", str(tmp_path / "r.json"), "--quiet"])
+    rc = le.main(
+        [
+            "--checkpoint",
+            str(audio_ckpt),
+            "--data",
+            str(data),
+            "--batch-size",
+            "3",
+            "--epochs",
+            "2",
+            "--unit-seconds",
+            "0.5",
+            "--out",
+            str(tmp_path / "r.json"),
+            "--quiet",
+        ]
+    )
     assert rc == 0 and json.loads((tmp_path / "r.json").read_text())["n_train"] == 6
 
 
@@ -212,8 +293,11 @@ def test_linear_eval_skips_short_clips_when_not_padding(audio, audio_ckpt, tmp_p
 def test_zeroshot_classify_skips_every_bad_kind(audio, good, clap_ckpt, capsys):
     from zeroshot import classify
 
-    rc = classify.main([str(p) for p in good] + [str(audio[b]) for b in BAD]
-                       + ["--checkpoint", str(clap_ckpt), "--labels", "tone,noise", "--json", "--quiet"])
+    rc = classify.main(
+        [str(p) for p in good]
+        + [str(audio[b]) for b in BAD]
+        + ["--checkpoint", str(clap_ckpt), "--labels", "tone,noise", "--json", "--quiet"]
+    )
     captured = capsys.readouterr()
     assert rc == 1
     assert [json.loads(line)["file"] for line in captured.out.splitlines()] == [str(p) for p in good]
@@ -226,8 +310,21 @@ def test_zeroshot_evaluate_counts_skipped_clips_and_exits_1(audio, good, clap_ck
 
     data = manifest(tmp_path / "m.csv", good + [audio[n] for n in SHORT])
     out = tmp_path / "zs.json"
-    rc = evaluate.main(["--checkpoint", str(clap_ckpt), "--dataset", "manifest", "--manifest", str(data),
-                        "--task", "single", "--out", str(out), "--quiet"])
+    rc = evaluate.main(
+        [
+            "--checkpoint",
+            str(clap_ckpt),
+            "--dataset",
+            "manifest",
+            "--manifest",
+            str(data),
+            "--task",
+            "single",
+            "--out",
+            str(out),
+            "--quiet",
+        ]
+    )
     err = capsys.readouterr().err
     assert rc == 1 and all(str(audio[n]) in err for n in SHORT)
     res = json.loads(out.read_text())
@@ -241,8 +338,21 @@ def test_retrieval_evaluate_skips_short_clips_and_exits_1(audio, good, clap_ckpt
 
     data = manifest(tmp_path / "m.csv", good + [audio[n] for n in SHORT])
     out = tmp_path / "r.json"
-    rc = evaluate.main(["--checkpoint", str(clap_ckpt), "--dataset", "manifest", "--root", str(data),
-                        "--out", str(out), "--no-cache", "--device", "cpu"])
+    rc = evaluate.main(
+        [
+            "--checkpoint",
+            str(clap_ckpt),
+            "--dataset",
+            "manifest",
+            "--root",
+            str(data),
+            "--out",
+            str(out),
+            "--no-cache",
+            "--device",
+            "cpu",
+        ]
+    )
     captured = capsys.readouterr()
     assert rc == 1 and all(str(audio[n]) in captured.err for n in SHORT)
     res = json.loads(out.read_text())
@@ -259,8 +369,9 @@ def test_retrieval_evaluate_without_captions_is_bad_input(good, clap_ckpt, tmp_p
     out = tmp_path / "r.json"
     out.write_text('{"from": "an earlier run"}')
     before = snapshot(tmp_path)
-    rc = evaluate.main(["--checkpoint", str(clap_ckpt), "--dataset", "manifest", "--root", str(data),
-                        "--out", str(out), "--no-cache"])
+    rc = evaluate.main(
+        ["--checkpoint", str(clap_ckpt), "--dataset", "manifest", "--root", str(data), "--out", str(out), "--no-cache"]
+    )
     err = capsys.readouterr().err
     assert rc == 2 and str(data) in err and "no clip has a caption" in err
     assert snapshot(tmp_path) == before
@@ -273,8 +384,9 @@ def test_retrieval_finetune_treats_short_clips_as_bad_audio(audio, good, clap_mo
     ds = finetune.CaptionedClips(recs, SR, 1.0, sample="clips", min_samples=min_samples_of(clap_model))
     batch = finetune.collate([ds[0], ds[1]])
     assert len(batch["waves"]) == 1 and batch["skipped"] == [str(audio["one.wav"])]
-    strict = finetune.CaptionedClips(recs, SR, 1.0, sample="clips", on_bad_audio="fail",
-                                     min_samples=min_samples_of(clap_model))
+    strict = finetune.CaptionedClips(
+        recs, SR, 1.0, sample="clips", on_bad_audio="fail", min_samples=min_samples_of(clap_model)
+    )
     with pytest.raises(m2dclap.AudioError, match="one.wav: too short"):
         strict[1]
     # validation embeds whole clips through the same reader: the short clip is left out by name
@@ -297,11 +409,15 @@ def caption_ckpt(audio_ckpt, tmp_path_factory) -> Path:
     ck = tmp_path_factory.mktemp("enclap") / "epoch_001"
     tok = build_word_tokenizer(["a tone is heard", "a high tone", "a low hum"])
     torch.manual_seed(0)
-    cfg = EnClapCfg(bart_name="tiny", bart_config={**TINY_BART, "vocab_size": len(tok)},
-                    clap_dim=m2dclap.get_model_config("tiny").encoder.embed_dim)
+    cfg = EnClapCfg(
+        bart_name="tiny",
+        bart_config={**TINY_BART, "vocab_size": len(tok)},
+        clap_dim=m2dclap.get_model_config("tiny").encoder.embed_dim,
+    )
     EnClapCaptioner(cfg, tokenizer=tok).save_pretrained(ck)
-    (ck / CKPT_META).write_text(json.dumps({"codec": "random", "bandwidth": 12.0, "clap": "m2d-clap",
-                                            "clap_checkpoint": str(audio_ckpt)}))
+    (ck / CKPT_META).write_text(
+        json.dumps({"codec": "random", "bandwidth": 12.0, "clap": "m2d-clap", "clap_checkpoint": str(audio_ckpt)})
+    )
     return ck
 
 
@@ -310,9 +426,24 @@ def test_caption_skips_short_clips_and_writes_the_others(audio, good, caption_ck
     from captioning.metrics import read_predictions_csv
 
     out = tmp_path / "p.csv"
-    rc = caption.main([str(p) for p in good] + [str(audio[n]) for n in SHORT]
-                      + ["--checkpoint", str(caption_ckpt), "--num-beams", "1", "--max-length", "5",
-                         "--batch-size", "2", "--out", str(out), "--device", "cpu"])
+    rc = caption.main(
+        [str(p) for p in good]
+        + [str(audio[n]) for n in SHORT]
+        + [
+            "--checkpoint",
+            str(caption_ckpt),
+            "--num-beams",
+            "1",
+            "--max-length",
+            "5",
+            "--batch-size",
+            "2",
+            "--out",
+            str(out),
+            "--device",
+            "cpu",
+        ]
+    )
     captured = capsys.readouterr()
     assert rc == 1 and all(str(audio[n]) in captured.err and "too short" in captured.err for n in SHORT)
     assert [line.split("\t")[0] for line in captured.out.splitlines()] == [str(p) for p in good]
@@ -329,8 +460,16 @@ def test_caption_refuses_same_name_inputs_with_out(good, tmp_path, capsys, monke
     out.write_text("file_name,caption\nold.wav,an earlier caption\n")
     before = snapshot(tmp_path)
     monkeypatch.setattr(caption, "Captioner", lambda *a, **k: pytest.fail("models loaded before the refusal"))
-    rc = caption.main([str(tmp_path / "a" / "x.wav"), str(tmp_path / "b" / "x.wav"), "--checkpoint",
-                       str(tmp_path / "none"), "--out", str(out)])
+    rc = caption.main(
+        [
+            str(tmp_path / "a" / "x.wav"),
+            str(tmp_path / "b" / "x.wav"),
+            "--checkpoint",
+            str(tmp_path / "none"),
+            "--out",
+            str(out),
+        ]
+    )
     err = capsys.readouterr().err
     assert rc == 2 and "share a name" in err
     assert str(tmp_path / "a" / "x.wav") in err and str(tmp_path / "b" / "x.wav") in err
@@ -338,8 +477,21 @@ def test_caption_refuses_same_name_inputs_with_out(good, tmp_path, capsys, monke
 
 
 def _preprocess_argv(data: Path, out: Path, clap: Path, codec: str) -> list[str]:
-    return ["--data", str(data), "--out", str(out), "--clap-checkpoint", str(clap), "--codec", codec,
-            "--no-progress", "--batch-size", "2", "--device", "cpu"]
+    return [
+        "--data",
+        str(data),
+        "--out",
+        str(out),
+        "--clap-checkpoint",
+        str(clap),
+        "--codec",
+        codec,
+        "--no-progress",
+        "--batch-size",
+        "2",
+        "--device",
+        "cpu",
+    ]
 
 
 def test_preprocess_skips_short_clips_by_name(audio, good, audio_ckpt, tmp_path, capsys):
@@ -364,6 +516,7 @@ def test_preprocess_retry_after_a_failed_pretrained_codec_load(good, audio_ckpt,
 
     def offline(*a, **k):
         raise OSError("no network")
+
     not_cached = tmp_path / "empty-hub" / codec.CHECKPOINT_NAME  # the published weights are not cached
     monkeypatch.setattr(codec, "pretrained_checkpoint_path", lambda: not_cached)
     monkeypatch.setattr(torch.hub, "load_state_dict_from_url", offline)
@@ -390,6 +543,7 @@ def write_wav(path: Path, seconds: float = 1.0, sr: int = 16000) -> Path:
 
 
 # ------------------------------------------------------------------------ the synthetic corpus never overwrites
+
 
 def _foreign_manifest(folder: Path) -> str:
     write_wav(folder / "clips" / "mine.wav")
@@ -441,8 +595,20 @@ def test_retrieval_finetune_refuses_a_synthetic_root_that_is_not_the_corpus(kind
     folder.mkdir()
     shown = FOLDERS[kind](folder)
     before = snapshot(folder)
-    rc = main(["--checkpoint", str(retrieval_ckpt), "--synthetic-root", str(folder),
-               "--output-dir", str(tmp_path / "run"), "--epochs", "1", "--tracker", "none"])
+    rc = main(
+        [
+            "--checkpoint",
+            str(retrieval_ckpt),
+            "--synthetic-root",
+            str(folder),
+            "--output-dir",
+            str(tmp_path / "run"),
+            "--epochs",
+            "1",
+            "--tracker",
+            "none",
+        ]
+    )
     assert rc == 2
     err = capsys.readouterr().err
     assert str(folder) in err and shown in err and "Traceback" not in err
@@ -475,6 +641,7 @@ def test_interrupted_build_of_ours_is_resumed_and_an_empty_folder_built_into(tmp
 
 # ------------------------------------------------------------------------------------- stage 1.1 and saving
 
+
 @pytest.fixture(scope="module")
 def stage11(tmp_path_factory):
     root = tmp_path_factory.mktemp("ft")
@@ -488,8 +655,26 @@ def test_finetune_resume_of_a_finished_run_is_a_no_op(stage11, tmp_path, capsys,
     from m2dclap.train.finetune import main
 
     manifest, init = stage11
-    args = ["--init", str(init), "--data", str(manifest), "--output-dir", str(tmp_path), "--input-size", "80x208",
-            "--batch-size", "4", "--epochs", "1", "--max-steps", "2", "--log-every", "1", "--tracker", "none"]
+    args = [
+        "--init",
+        str(init),
+        "--data",
+        str(manifest),
+        "--output-dir",
+        str(tmp_path),
+        "--input-size",
+        "80x208",
+        "--batch-size",
+        "4",
+        "--epochs",
+        "1",
+        "--max-steps",
+        "2",
+        "--log-every",
+        "1",
+        "--tracker",
+        "none",
+    ]
     assert main(args) == 0
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert summary["steps"] == 2 and summary["val_history"] and summary["final_losses"]
@@ -500,8 +685,9 @@ def test_finetune_resume_of_a_finished_run_is_a_no_op(stage11, tmp_path, capsys,
     assert json.loads(capsys.readouterr().out)["already_finished"] is True
     after = snapshot(tmp_path)
     assert after["summary.json"] == before["summary.json"]
-    assert {k: v for k, v in after.items() if k.startswith(("model", "best"))} == \
-        {k: v for k, v in before.items() if k.startswith(("model", "best"))}
+    assert {k: v for k, v in after.items() if k.startswith(("model", "best"))} == {
+        k: v for k, v in before.items() if k.startswith(("model", "best"))
+    }
 
 
 @pytest.mark.parametrize("mask", [0o022, 0o077])
@@ -527,6 +713,7 @@ def test_saved_model_folders_respect_the_umask(mask, tmp_path):
 
 # --------------------------------------------------------------------------------------------- CSV readers
 
+
 def test_clotho_id_ending_in_a_space_survives_a_manifest_round_trip(tmp_path, capsys):
     from retrieval.datasets import main
 
@@ -536,7 +723,8 @@ def test_clotho_id_ending_in_a_space_survives_a_manifest_round_trip(tmp_path, ca
     cols = ",".join(f"caption_{i}" for i in range(1, 6))
     (root / "clotho_captions_evaluation.csv").write_text(
         f"file_name,{cols}\nHeat duct .wav,{','.join(['air hums in a duct'] * 5)}\n"
-        f"rain.wav,{','.join(['rain falls'] * 5)}\n")
+        f"rain.wav,{','.join(['rain falls'] * 5)}\n"
+    )
     out = tmp_path / "clotho.csv"
     assert main(["clotho", "--root", str(root), "--out", str(out)]) == 0
     records = {r.id: r for r in read_manifest(out)}
@@ -581,12 +769,27 @@ def test_unbalanced_quote_in_references_csv_names_the_file_and_the_line(tmp_path
 
     preds, refs, out = tmp_path / "p.csv", tmp_path / "r.csv", tmp_path / "scores.json"
     preds.write_text("file_name,caption\na.wav,a dog barks\nb.wav,rain falls\nc.wav,a car passes\n")
-    refs.write_text('file_name,caption_1,caption_2\na.wav,"a dog barks,a dog\nb.wav,rain,rain falls\n'
-                    'c.wav,a car,a car passes\n')
+    refs.write_text(
+        'file_name,caption_1,caption_2\na.wav,"a dog barks,a dog\nb.wav,rain,rain falls\nc.wav,a car,a car passes\n'
+    )
     out.write_text("{}")
     before = snapshot(tmp_path)
-    assert main(["--predictions", str(preds), "--references", str(refs), "--metrics", "bleu",
-                 "--no-tokenize", "--out", str(out)]) == 2
+    assert (
+        main(
+            [
+                "--predictions",
+                str(preds),
+                "--references",
+                str(refs),
+                "--metrics",
+                "bleu",
+                "--no-tokenize",
+                "--out",
+                str(out),
+            ]
+        )
+        == 2
+    )
     err = capsys.readouterr().err
     assert f"{refs}, line 2" in err and "quote" in err and "no references" not in err
     assert snapshot(tmp_path) == before
@@ -603,8 +806,18 @@ def test_submit_captions_folder_is_a_usage_error_not_a_traceback(tmp_path, capsy
     (out / "x.output.csv").write_text("kept\n")
     before = snapshot(tmp_path)
     with pytest.raises(SystemExit) as info:
-        main(["--captions", str(audio), "--audio-dir", str(audio), "--out", str(out / "x.output.csv"),
-              "--checkpoint", "unused"])
+        main(
+            [
+                "--captions",
+                str(audio),
+                "--audio-dir",
+                str(audio),
+                "--out",
+                str(out / "x.output.csv"),
+                "--checkpoint",
+                "unused",
+            ]
+        )
     assert info.value.code == 2
     err = capsys.readouterr().err
     assert f"{audio}: is a folder" in err and "Traceback" not in err
@@ -877,8 +1090,9 @@ def test_zeroshot_cli_reports_the_unreachable_text_model(tmp_path, wav, capsys):
     assert len(err.splitlines()) == 1 and "Traceback" not in err
     assert str(path) in err and f"'{BERT}'" in err and "--text-model PATH" in err  # the command's own option
     missing = tmp_path / "no-bert-here"
-    rc = classify_main([str(wav), "--checkpoint", str(path), "--labels", "dog,rain", "--quiet",
-                        "--text-model", str(missing)])
+    rc = classify_main(
+        [str(wav), "--checkpoint", str(path), "--labels", "dog,rain", "--quiet", "--text-model", str(missing)]
+    )
     err = capsys.readouterr().err.strip()
     assert rc == 2 and len(err.splitlines()) == 1 and str(missing) in err  # the option reached the loader
 
@@ -906,8 +1120,11 @@ def test_unreachable_hub_fails_at_once_without_retries(tmp_path, monkeypatch):
 
         monkeypatch.setattr(klass, "from_pretrained", local_only)
     path, _ = official_2025(tmp_path)
-    with pytest.raises(CheckpointError, match="cannot load the text model 'no-such-org/no-such-model': not a local "
-                                              "folder, not in the Hugging Face cache, and .* is not reachable"):
+    with pytest.raises(
+        CheckpointError,
+        match="cannot load the text model 'no-such-org/no-such-model': not a local "
+        "folder, not in the Hugging Face cache, and .* is not reachable",
+    ):
         m2dclap.load(path, text_name="no-such-org/no-such-model")
 
 

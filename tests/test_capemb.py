@@ -1,4 +1,5 @@
 """Caption-embedding files: the official .npy dict read without unrestricted unpickling, and .npz."""
+
 from __future__ import annotations
 
 import os
@@ -12,8 +13,10 @@ from m2dclap.data.capemb import CaptionEmbeddingError, load_caption_embeddings, 
 
 def _emb():
     rng = np.random.default_rng(0)
-    return {"YTid0000001": rng.standard_normal(8).astype(np.float32),
-            "YTid0000002": rng.standard_normal((4, 8)).astype(np.float32)}
+    return {
+        "YTid0000001": rng.standard_normal(8).astype(np.float32),
+        "YTid0000002": rng.standard_normal((4, 8)).astype(np.float32),
+    }
 
 
 def _write_npy_payload(path, obj, protocol):
@@ -134,6 +137,7 @@ def test_bad_files_are_named(tmp_path):
 # ----------------------------------------------------------------------------------------------- the command
 def _manifest(tmp_path, rows):
     import soundfile as sf
+
     from conftest import tone
 
     lines = ["audio,caption_1,caption_2,split"]
@@ -148,8 +152,9 @@ def _manifest(tmp_path, rows):
 def test_embed_captions_command_writes_the_official_dict(tmp_path, minilm, capsys):
     from m2dclap.embed_captions import main
 
-    manifest = _manifest(tmp_path, [("a", ("a dog barks", "barking"), "train"),
-                                    ("b", ("rain falls", "rain on a roof"), "test")])
+    manifest = _manifest(
+        tmp_path, [("a", ("a dog barks", "barking"), "train"), ("b", ("rain falls", "rain on a roof"), "test")]
+    )
     out = tmp_path / "emb.npy"
     assert main([str(manifest), "--out", str(out), "--model", minilm, "--split", "train", "--quiet"]) == 0
     emb = load_caption_embeddings(out)

@@ -1,4 +1,5 @@
 """captioning.metrics: golden two-clip values (pycocoevalcap 1.2 / aac-metrics), SPICE gating, validation, CLI."""
+
 from __future__ import annotations
 
 import importlib.util
@@ -46,8 +47,7 @@ def _check_non_java(corpus, per, tol_clip=1e-6):
 
 
 def test_golden_without_java_on_pretokenised_text():
-    corpus, per = M.evaluate_captions(PREDS, REFS, ["bleu", "rouge_l", "cider_d"], tokenize=False,
-                                      return_per_clip=True)
+    corpus, per = M.evaluate_captions(PREDS, REFS, ["bleu", "rouge_l", "cider_d"], tokenize=False, return_per_clip=True)
     assert set(corpus) == {"bleu_1", "bleu_2", "bleu_3", "bleu_4", "rouge_l", "cider_d"}
     _check_non_java(corpus, per)
 
@@ -78,8 +78,10 @@ def test_ptb_tokenizer_lowercases_and_strips_punctuation():
 def test_tokenisation_changes_raw_text_scores_to_golden():
     # raw, cased, punctuated text: PTB tokenisation brings it back to the golden numbers
     raw_p = {"a": "A man is speaking.", "b": "Rain falls!"}
-    raw_r = {"a": ["A man speaks.", "Someone speaks", "A man is speaking, while a bird is chirping in the background."],
-             "b": ["Rain is falling hard on a surface."]}
+    raw_r = {
+        "a": ["A man speaks.", "Someone speaks", "A man is speaking, while a bird is chirping in the background."],
+        "b": ["Rain is falling hard on a surface."],
+    }
     corpus = M.evaluate_captions(raw_p, raw_r, ["cider_d", "bleu"])
     assert corpus["cider_d"] == pytest.approx(GOLD_CIDER, abs=1e-6)
     untok = M.evaluate_captions(raw_p, raw_r, ["cider_d"], tokenize=False)
@@ -99,9 +101,11 @@ def test_spice_missing_jars_error_names_files(monkeypatch, tmp_path):
         assert "python -m captioning.metrics download" in msg
 
 
-@pytest.mark.skipif(bool(M.missing_spice_files()) or not _java_ok(),
-                    reason="SPICE needs Java and the Stanford CoreNLP 3.6.0 jars "
-                           "(run `python -m captioning.metrics download` on an online machine)")
+@pytest.mark.skipif(
+    bool(M.missing_spice_files()) or not _java_ok(),
+    reason="SPICE needs Java and the Stanford CoreNLP 3.6.0 jars "
+    "(run `python -m captioning.metrics download` on an online machine)",
+)
 def test_spice_and_spider_real():
     corpus, per = M.evaluate_captions(PREDS, REFS, ["cider_d", "spice", "spider"], return_per_clip=True)
     assert 0.0 <= corpus["spice"] <= 1.0
@@ -119,13 +123,16 @@ def test_spider_is_mean_of_cider_d_and_spice(monkeypatch):
     assert per["spider"]["a"] == pytest.approx((GOLD_CIDER_CLIPS[0] + 0.4) / 2, abs=1e-6)
 
 
-@pytest.mark.parametrize("preds,refs,match", [
-    ({"a": "x", "b": "y", "c": "z"}, REFS, "no references"),
-    ({"a": "x"}, REFS, "no prediction"),
-    (PREDS, {"a": REFS["a"], "b": []}, "empty reference list"),
-    (PREDS, {"a": REFS["a"], "b": ["  "]}, "empty or non-string reference"),
-    ({}, {}, "no predictions"),
-])
+@pytest.mark.parametrize(
+    "preds,refs,match",
+    [
+        ({"a": "x", "b": "y", "c": "z"}, REFS, "no references"),
+        ({"a": "x"}, REFS, "no prediction"),
+        (PREDS, {"a": REFS["a"], "b": []}, "empty reference list"),
+        (PREDS, {"a": REFS["a"], "b": ["  "]}, "empty or non-string reference"),
+        ({}, {}, "no predictions"),
+    ],
+)
 def test_validation_errors(preds, refs, match):
     with pytest.raises(ValueError, match=match):
         M.evaluate_captions(preds, refs, ["bleu"], tokenize=False)
@@ -150,9 +157,9 @@ def _write_csvs(tmp_path):
     p = tmp_path / "p.csv"
     r = tmp_path / "r.csv"
     p.write_text("file_name,caption\n" + "".join(f"{k},{v}\n" for k, v in PREDS.items()))
-    r.write_text("file_name,caption_1,caption_2,caption_3\n"
-                 f"a,{REFS['a'][0]},{REFS['a'][1]},{REFS['a'][2]}\n"
-                 f"b,{REFS['b'][0]},,\n")
+    r.write_text(
+        f"file_name,caption_1,caption_2,caption_3\na,{REFS['a'][0]},{REFS['a'][1]},{REFS['a'][2]}\nb,{REFS['b'][0]},,\n"
+    )
     return p, r
 
 
@@ -166,12 +173,15 @@ def test_csv_readers(tmp_path):
         M.read_predictions_csv(bad)
 
 
-@pytest.mark.parametrize("content, line, match", [
-    (b"file_name,caption\na,fine\nb,caf\xe9\n", 3, "not UTF-8"),
-    (b'file_name,caption\na,"unclosed\nb,x\n', 2, "quote"),
-    (b"file_name,caption\na,x\nb,y,z\n", 3, "3 field"),
-    (b"file_name,caption\na,x\na,y\n", 3, "duplicate prediction"),
-])
+@pytest.mark.parametrize(
+    "content, line, match",
+    [
+        (b"file_name,caption\na,fine\nb,caf\xe9\n", 3, "not UTF-8"),
+        (b'file_name,caption\na,"unclosed\nb,x\n', 2, "quote"),
+        (b"file_name,caption\na,x\nb,y,z\n", 3, "3 field"),
+        (b"file_name,caption\na,x\na,y\n", 3, "duplicate prediction"),
+    ],
+)
 def test_csv_reader_errors_name_file_and_line(tmp_path, content, line, match):
     bad = tmp_path / "bad.csv"
     bad.write_bytes(content)
@@ -183,8 +193,21 @@ def test_csv_reader_errors_name_file_and_line(tmp_path, content, line, match):
 def test_cli_writes_json(tmp_path, capsys):
     p, r = _write_csvs(tmp_path)
     out = tmp_path / "o" / "scores.json"
-    rc = M.main(["--predictions", str(p), "--references", str(r), "--metrics", "bleu", "rouge_l", "cider_d",
-                 "--no-tokenize", "--out", str(out)])
+    rc = M.main(
+        [
+            "--predictions",
+            str(p),
+            "--references",
+            str(r),
+            "--metrics",
+            "bleu",
+            "rouge_l",
+            "cider_d",
+            "--no-tokenize",
+            "--out",
+            str(out),
+        ]
+    )
     assert rc == 0
     data = json.loads(out.read_text())
     assert data["corpus"]["cider_d"] == pytest.approx(GOLD_CIDER, abs=1e-6)
@@ -211,11 +234,13 @@ def test_download_url_comes_from_pycocoevalcap():
     assert download._spice_download_url().endswith("stanford-corenlp-full-2015-12-09.zip")
 
 
-@pytest.mark.skipif(importlib.util.find_spec("aac_metrics") is None,
-                    reason="aac-metrics (optional extra) is not installed")
+@pytest.mark.skipif(
+    importlib.util.find_spec("aac_metrics") is None, reason="aac-metrics (optional extra) is not installed"
+)
 def test_matches_aac_metrics_golden_pair():
     from aac_metrics.functional.cider_d import cider_d
     from aac_metrics.functional.rouge_l import rouge_l
+
     cands = [PREDS[k] for k in "ab"]
     mrefs = [REFS[k] for k in "ab"]
     c, _ = cider_d(cands, mrefs)
@@ -225,8 +250,9 @@ def test_matches_aac_metrics_golden_pair():
 
 
 @needs_java
-@pytest.mark.skipif(importlib.util.find_spec("aac_metrics") is None,
-                    reason="aac-metrics (optional extra) is not installed")
+@pytest.mark.skipif(
+    importlib.util.find_spec("aac_metrics") is None, reason="aac-metrics (optional extra) is not installed"
+)
 def test_matches_aac_metrics_evaluate(tmp_path, monkeypatch):
     """aac-metrics' own evaluate() (PTB tokenisation, METEOR, BLEU, ROUGE-L, CIDEr-D) on a random corpus with
     case and punctuation gives the suite's figures. Its jars are linked from pycocoevalcap (aac-metrics ships
@@ -240,8 +266,11 @@ def test_matches_aac_metrics_evaluate(tmp_path, monkeypatch):
     aac_tok = importlib.import_module("aac_metrics.utils.tokenization")
 
     root = M.pycocoevalcap_dir()
-    for src, dst in [("tokenizer/stanford-corenlp-3.4.1.jar", "stanford_nlp/stanford-corenlp-3.4.1.jar"),
-                     ("meteor/meteor-1.5.jar", "meteor/meteor-1.5.jar"), ("meteor/data", "meteor/data")]:
+    for src, dst in [
+        ("tokenizer/stanford-corenlp-3.4.1.jar", "stanford_nlp/stanford-corenlp-3.4.1.jar"),
+        ("meteor/meteor-1.5.jar", "meteor/meteor-1.5.jar"),
+        ("meteor/data", "meteor/data"),
+    ]:
         (tmp_path / "aac-metrics" / dst).parent.mkdir(parents=True, exist_ok=True)
         (tmp_path / "aac-metrics" / dst).symlink_to(root / src)
     monkeypatch.setattr(aac_meteor, "check_java_path", lambda *_: True)
@@ -253,17 +282,23 @@ def test_matches_aac_metrics_evaluate(tmp_path, monkeypatch):
     def sentence() -> str:
         s = " ".join(rng.choice(words) for _ in range(rng.randint(2, 9)))
         return s[0].upper() + s[1:] + rng.choice(["", ".", "!", ", then stops."])
+
     cands = [sentence() for _ in range(12)]
     mrefs = [[sentence() for _ in range(rng.randint(1, 5))] for _ in cands]
     names = ["bleu_1", "bleu_2", "bleu_3", "bleu_4", "meteor", "rouge_l", "cider_d"]
     theirs, theirs_clip = aac_evaluate(cands, mrefs, metrics=names, cache_path=str(tmp_path), device="cpu")
-    ours, ours_clip = M.evaluate_captions({i: c for i, c in enumerate(cands)}, {i: r for i, r in enumerate(mrefs)},
-                                          ["bleu", "meteor", "rouge_l", "cider_d"], return_per_clip=True)
+    ours, ours_clip = M.evaluate_captions(
+        {i: c for i, c in enumerate(cands)},
+        {i: r for i, r in enumerate(mrefs)},
+        ["bleu", "meteor", "rouge_l", "cider_d"],
+        return_per_clip=True,
+    )
     for name in names:
         assert ours[name] == pytest.approx(float(theirs[name]), abs=1e-6), name
     for name in ("meteor", "rouge_l", "cider_d"):
-        assert [ours_clip[name][i] for i in range(len(cands))] == pytest.approx(
-            theirs_clip[name].tolist(), abs=1e-6), name
+        assert [ours_clip[name][i] for i in range(len(cands))] == pytest.approx(theirs_clip[name].tolist(), abs=1e-6), (
+            name
+        )
 
 
 def test_download_spice_models_from_a_local_zip(tmp_path):

@@ -1,4 +1,5 @@
 """EnCLAP captioner on a tiny BART built from config (no download)."""
+
 from __future__ import annotations
 
 import pytest
@@ -8,8 +9,25 @@ import torch.nn.functional as F
 from captioning.model import EnClapCaptioner, EnClapCfg, span_mask
 
 WORDS = [
-    "<s>", "<pad>", "</s>", "<unk>", "a", "dog", "barks", "man", "speaks", "rain", "falls", "on", "roof", "car",
-    "passes", "by", "bird", "chirps", "loudly",
+    "<s>",
+    "<pad>",
+    "</s>",
+    "<unk>",
+    "a",
+    "dog",
+    "barks",
+    "man",
+    "speaks",
+    "rain",
+    "falls",
+    "on",
+    "roof",
+    "car",
+    "passes",
+    "by",
+    "bird",
+    "chirps",
+    "loudly",
 ]
 K, V_CODEC, CLAP = 16, 32, 8
 
@@ -20,20 +38,31 @@ def make_tokenizer():
 
     tk = Tokenizer(models.WordLevel({w: i for i, w in enumerate(WORDS)}, unk_token="<unk>"))
     tk.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    tk.post_processor = processors.TemplateProcessing(
-        single="<s> $A </s>", special_tokens=[("<s>", 0), ("</s>", 2)]
-    )
+    tk.post_processor = processors.TemplateProcessing(single="<s> $A </s>", special_tokens=[("<s>", 0), ("</s>", 2)])
     return PreTrainedTokenizerFast(
         tokenizer_object=tk, bos_token="<s>", eos_token="</s>", pad_token="<pad>", unk_token="<unk>"
     )
 
 
 BART = {
-    "vocab_size": len(WORDS), "d_model": 16, "encoder_layers": 1, "decoder_layers": 1,
-    "encoder_attention_heads": 2, "decoder_attention_heads": 2, "encoder_ffn_dim": 32, "decoder_ffn_dim": 32,
-    "max_position_embeddings": 128, "dropout": 0.0, "attention_dropout": 0.0, "activation_dropout": 0.0,
-    "bos_token_id": 0, "pad_token_id": 1, "eos_token_id": 2, "decoder_start_token_id": 2,
-    "forced_bos_token_id": 0, "forced_eos_token_id": 2,
+    "vocab_size": len(WORDS),
+    "d_model": 16,
+    "encoder_layers": 1,
+    "decoder_layers": 1,
+    "encoder_attention_heads": 2,
+    "decoder_attention_heads": 2,
+    "encoder_ffn_dim": 32,
+    "decoder_ffn_dim": 32,
+    "max_position_embeddings": 128,
+    "dropout": 0.0,
+    "attention_dropout": 0.0,
+    "activation_dropout": 0.0,
+    "bos_token_id": 0,
+    "pad_token_id": 1,
+    "eos_token_id": 2,
+    "decoder_start_token_id": 2,
+    "forced_bos_token_id": 0,
+    "forced_eos_token_id": 2,
 }
 
 
@@ -50,7 +79,7 @@ def batch(B=3, T=40, seed=1):
     g = torch.Generator().manual_seed(seed)
     tokens = torch.randint(0, V_CODEC, (B, K, T), generator=g)
     mask = torch.ones(B, T, dtype=torch.bool)
-    mask[1, T - 10:] = False
+    mask[1, T - 10 :] = False
     clap = torch.randn(B, CLAP, generator=g)
     return tokens, mask, clap
 
@@ -103,7 +132,7 @@ def test_span_mask_ratio_and_limits():
     row = m[0, 0].int()
     starts = ((row[1:] - row[:-1]) == 1).nonzero().flatten() + 1
     for s in starts.tolist():
-        assert row[s:s + 10].all()
+        assert row[s : s + 10].all()
     v = span_mask([100, 50, 5], K, 100, 0.3, 10, g)
     assert not v[1, :, 50:].any() and v[1].any() and not v[2].any()  # within length; too short -> none
     assert not span_mask([100], K, 100, 0.0, 10, g).any()
@@ -119,7 +148,7 @@ def test_mcm_loss_matches_hand_computation_with_codebook_weights():
     T = tokens.shape[-1]
     expected = 0.0
     for i in range(K):  # EnCLAP style: logits at every position, -100 labels where not masked
-        logits = m.mcm_heads[i](hidden[:, 2:2 + T])
+        logits = m.mcm_heads[i](hidden[:, 2 : 2 + T])
         lab = torch.where(mcm_mask[:, i], tokens[:, i], torch.full_like(tokens[:, i], -100))
         expected = expected + F.cross_entropy(logits.reshape(-1, V_CODEC), lab.reshape(-1)) / 2 ** (i + 1)
     assert torch.allclose(out["mcm_loss"], 0.7 * expected, atol=1e-6)
@@ -163,7 +192,7 @@ def test_clap_slot_positions_and_padding_invariance():
     m.encode(tokens, mask, clap)
     hook.remove()
     w = enc.embed_positions.weight  # BART offset 2: position j is row j+2
-    pos = torch.cat([torch.zeros(1, 16), w[2:2 + 42]], 0)
+    pos = torch.cat([torch.zeros(1, 16), w[2 : 2 + 42]], 0)
     assert torch.allclose(seen["h"], enc.layernorm_embedding(x + pos), atol=1e-6)
     # a padded clip encodes like the same clip alone
     h, _ = m.encode(tokens, mask, clap)
@@ -176,7 +205,7 @@ def test_clap_slot_positions_and_padding_invariance():
 
 
 def _has_repeat_ngram(seq, n=3):
-    grams = [tuple(seq[i:i + n]) for i in range(len(seq) - n + 1)]
+    grams = [tuple(seq[i : i + n]) for i in range(len(seq) - n + 1)]
     return len(grams) != len(set(grams))
 
 

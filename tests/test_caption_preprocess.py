@@ -1,4 +1,5 @@
 """EnCodec tokens, CLAP backends and the caption feature cache (captioning.codec / clap_backends / preprocess)."""
+
 from __future__ import annotations
 
 import csv
@@ -13,8 +14,7 @@ pytest.importorskip("encodec", reason="the encodec package is not installed")
 
 import m2dclap  # noqa: E402
 from captioning import preprocess as pp  # noqa: E402
-from captioning.clap_backends import (BackendError, ClapBackend, M2DClapBackend, get_backend,  # noqa: E402
-                                      list_backends)
+from captioning.clap_backends import BackendError, ClapBackend, M2DClapBackend, get_backend, list_backends  # noqa: E402
 from captioning.codec import CodecError, encode_batch, encode_tokens, load_codec, num_codebooks  # noqa: E402
 from m2dclap.data.synthetic import generate_corpus  # noqa: E402
 
@@ -44,6 +44,7 @@ def _noise(seconds: float, sr: int, seed: int = 0) -> torch.Tensor:
 
 
 # ---------------------------------------------------------------------------------------------- codec
+
 
 def test_codebooks_per_bandwidth():
     assert num_codebooks(12.0) == 16 and num_codebooks(24.0) == 32 and num_codebooks(6.0) == 8
@@ -78,6 +79,7 @@ def test_codec_missing_local_weights_is_clear(tmp_path):
 
 # ---------------------------------------------------------------------------------------------- backends
 
+
 def test_backend_registry_errors(clap_ckpt):
     assert "m2d-clap" in list_backends()
     with pytest.raises(BackendError, match=r"unknown CLAP backend 'nope'.*m2d-clap"):
@@ -94,13 +96,15 @@ def test_backend_registry_errors(clap_ckpt):
 
 # ---------------------------------------------------------------------------------------------- preprocess CLI
 
+
 @pytest.fixture
 def shared_codec(codec, monkeypatch):
     """The CLI builds the same seeded random codec as the module fixture (checked above); reuse it to save time."""
     import captioning.codec as codec_module  # where LazyCodec looks the loader up
 
-    monkeypatch.setattr(codec_module, "load_codec",
-                        lambda source, **kw: codec if source == "random" else load_codec(source, **kw))
+    monkeypatch.setattr(
+        codec_module, "load_codec", lambda source, **kw: codec if source == "random" else load_codec(source, **kw)
+    )
 
 
 def _read_csv(path: Path) -> list[dict]:
@@ -120,8 +124,21 @@ def test_preprocess_cache_resume_and_bad_file(corpus, clap_ckpt, tmp_path, monke
             w.writerow([r.id, str(r.audio), r.captions[0], r.split])
         w.writerow(["broken", str(bad), "nothing", "train"])
     out = tmp_path / "cache"
-    argv = ["--data", str(manifest), "--out", str(out), "--clap", "m2d-clap", "--clap-checkpoint", str(clap_ckpt),
-            "--codec", "random", "--device", "cpu", "--no-progress"]
+    argv = [
+        "--data",
+        str(manifest),
+        "--out",
+        str(out),
+        "--clap",
+        "m2d-clap",
+        "--clap-checkpoint",
+        str(clap_ckpt),
+        "--codec",
+        "random",
+        "--device",
+        "cpu",
+        "--no-progress",
+    ]
     assert pp.main(argv) == 1  # one unreadable file
     captured = capsys.readouterr()
     assert str(bad) in captured.err and "1 skipped" in captured.out
@@ -163,8 +180,17 @@ def test_preprocess_cache_resume_and_bad_file(corpus, clap_ckpt, tmp_path, monke
 
 def test_preprocess_split_and_errors(corpus, clap_ckpt, tmp_path, capsys, shared_codec):
     out = tmp_path / "cache"
-    base = ["--data", str(corpus), "--out", str(out), "--clap-checkpoint", str(clap_ckpt), "--no-progress",
-            "--device", "cpu"]
+    base = [
+        "--data",
+        str(corpus),
+        "--out",
+        str(out),
+        "--clap-checkpoint",
+        str(clap_ckpt),
+        "--no-progress",
+        "--device",
+        "cpu",
+    ]
     assert pp.main(base + ["--clap", "laion-clap", "--codec", "random"]) == 2
     assert "known backends: m2d-clap" in capsys.readouterr().err
     assert pp.main(base + ["--codec", str(tmp_path / "nowhere")]) == 2

@@ -1,5 +1,6 @@
 """Captioning training, CLIs and helpers: a tiny end-to-end run (train -> checkpoint -> caption -> evaluate),
 resume, top-k retention, the data pipeline and the most-frequent-caption baseline."""
+
 from __future__ import annotations
 
 import csv
@@ -15,7 +16,6 @@ import torch
 
 pytest.importorskip("encodec", reason="the encodec package is not installed")
 
-from conftest import accelerate_launch, needs_launcher  # noqa: E402
 import m2dclap
 from captioning import caption as cap_cli
 from captioning import evaluate as eval_cli
@@ -31,6 +31,7 @@ from captioning.data import (
 )
 from m2dclap.data.synthetic import generate_corpus
 
+from conftest import accelerate_launch, needs_launcher  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -45,9 +46,33 @@ def run(tmp_path_factory):
     m2dclap.save_pretrained(clap, root / "clap")
     manifest = generate_corpus(root / "corpus", n_clips=24, seed=3)
     out = root / "run"
-    argv = ["--dataset", str(manifest), "--clap-checkpoint", str(root / "clap"), "--codec", "random",
-            "--output-dir", str(out), "--epochs", "3", "--batch-size", "8", "--max-steps", "7", "--top-k", "2",
-            "--val-beams", "1", "--no-progress", "--lr", "1e-3", "--bart", "tiny", "--caption-sampling", "one"]
+    argv = [
+        "--dataset",
+        str(manifest),
+        "--clap-checkpoint",
+        str(root / "clap"),
+        "--codec",
+        "random",
+        "--output-dir",
+        str(out),
+        "--epochs",
+        "3",
+        "--batch-size",
+        "8",
+        "--max-steps",
+        "7",
+        "--top-k",
+        "2",
+        "--val-beams",
+        "1",
+        "--no-progress",
+        "--lr",
+        "1e-3",
+        "--bart",
+        "tiny",
+        "--caption-sampling",
+        "one",
+    ]
     assert tr.main(argv) == 0
     first = json.loads((out / tr.RUN_META).read_text())
     return {"root": root, "out": out, "manifest": manifest, "argv": argv, "first": first}
@@ -71,25 +96,46 @@ def test_train_writes_checkpoints_metadata_and_keeps_top_k(run):
 
 def test_caption_cli_prints_one_caption_per_file(run, capsys):
     audio = sorted((run["manifest"].parent / "audio").glob("*.wav"))[:2]
-    assert cap_cli.main([str(a) for a in audio] + ["--checkpoint", str(run["out"]), "--num-beams", "1",
-                                                   "--max-length", "8"]) == 0
+    assert (
+        cap_cli.main(
+            [str(a) for a in audio] + ["--checkpoint", str(run["out"]), "--num-beams", "1", "--max-length", "8"]
+        )
+        == 0
+    )
     lines = [line for line in capsys.readouterr().out.splitlines() if line.strip()]
     assert len(lines) == 2 and [line.split("\t")[0] for line in lines] == [str(a) for a in audio]
     # the on-the-fly codec tokens equal the cached ones
     c = cap_cli.Captioner(run["out"])
     from captioning.data import read_index
+
     clip = next(x for x in read_index(run["first"]["index"]) if x.id == audio[0].stem)
     cached_tok = torch.from_numpy(np.load(clip.tokens).astype(np.int64))
     from m2dclap import load_audio
+
     wave = load_audio(audio[0], sample_rate=24000)
     from captioning.codec import encode_tokens
+
     assert torch.equal(encode_tokens(c.codec, wave, 24000), cached_tok)
 
 
 def test_evaluate_run_gives_mean_and_interval_and_json(run, tmp_path, capsys):
     out = tmp_path / "res.json"
-    assert eval_cli.main(["--checkpoint", str(run["out"]), "--split", "test", "--out", str(out),
-                          "--save-predictions", str(tmp_path / "preds"), "--no-java"]) == 0
+    assert (
+        eval_cli.main(
+            [
+                "--checkpoint",
+                str(run["out"]),
+                "--split",
+                "test",
+                "--out",
+                str(out),
+                "--save-predictions",
+                str(tmp_path / "preds"),
+                "--no-java",
+            ]
+        )
+        == 0
+    )
     res = json.loads(out.read_text())
     assert res["unavailable"]["meteor"] == "--no-java"
     assert len(res["checkpoints"]) == 2 and "cider_d" in res["summary"] and "bleu_4" in res["metrics"]
@@ -100,14 +146,19 @@ def test_evaluate_run_gives_mean_and_interval_and_json(run, tmp_path, capsys):
     pred_csv = next((tmp_path / "preds").glob("*.csv"))
     refs = tmp_path / "refs.csv"
     from captioning.data import read_index
+
     clips = {c.id: c for c in read_index(run["first"]["index"], "test")}
     with open(refs, "w", newline="") as f:
         w = csv.writer(f)
         w.writerow(["file_name"] + [f"caption_{i}" for i in range(1, 6)])
         for cid, c in clips.items():
             w.writerow([cid] + c.captions)
-    assert eval_cli.main(["--predictions", str(pred_csv), "--references", str(refs), "--out", str(tmp_path / "p.json"),
-                          "--no-java"]) == 0
+    assert (
+        eval_cli.main(
+            ["--predictions", str(pred_csv), "--references", str(refs), "--out", str(tmp_path / "p.json"), "--no-java"]
+        )
+        == 0
+    )
     again = json.loads((tmp_path / "p.json").read_text())
     name = pred_csv.name.split("-")[0]
     assert next(iter(again["checkpoints"].values()))["cider_d"] == pytest.approx(res["checkpoints"][name]["cider_d"])
@@ -141,13 +192,21 @@ def test_inverse_sqrt_schedule_and_no_decay_groups():
 
 
 def test_most_frequent_caption_and_baseline_score():
-    clips = [CachedClip(str(i), "train", Path("t"), Path("c"), caps) for i, caps in enumerate(
-        [["A dog barks.", "a cat meows"], ["a dog barks", "rain falls"], ["Rain falls", "a DOG barks!"]])]
+    clips = [
+        CachedClip(str(i), "train", Path("t"), Path("c"), caps)
+        for i, caps in enumerate(
+            [["A dog barks.", "a cat meows"], ["a dog barks", "rain falls"], ["Rain falls", "a DOG barks!"]]
+        )
+    ]
     assert most_frequent_caption(clips) == "a dog barks"
     assert normalize_caption("A  DOG, barks!") == "a dog barks"
     from captioning.validation import score_fast
-    refs = {"x": ["a dog barks loudly", "a dog is barking"], "y": ["rain falls on a roof", "heavy rain"],
-            "z": ["a dog barks", "dog barking"]}
+
+    refs = {
+        "x": ["a dog barks loudly", "a dog is barking"],
+        "y": ["rain falls on a roof", "heavy rain"],
+        "z": ["a dog barks", "dog barking"],
+    }
     const = score_fast({k: "a dog barks" for k in refs}, refs)["cider_d"]
     exact = score_fast({"x": "a dog barks loudly", "y": "rain falls on a roof", "z": "a dog barks"}, refs)["cider_d"]
     assert 0 <= const < exact
@@ -158,8 +217,11 @@ def test_dataset_crop_caption_draw_and_collate(tmp_path):
     for i, T in enumerate((50, 20)):
         np.save(tmp_path / f"t{i}.npy", np.random.default_rng(i).integers(0, 1024, (16, T)).astype(np.int16))
         np.save(tmp_path / f"c{i}.npy", np.ones(8, np.float32) * i)
-        clips.append(CachedClip(str(i), "train", tmp_path / f"t{i}.npy", tmp_path / f"c{i}.npy",
-                                [f"cap {i} {j}" for j in range(5)]))
+        clips.append(
+            CachedClip(
+                str(i), "train", tmp_path / f"t{i}.npy", tmp_path / f"c{i}.npy", [f"cap {i} {j}" for j in range(5)]
+            )
+        )
     ds = CaptionDataset(clips, training=True, max_frames=30, seed=0, captions="one")
     by_epoch = {}
     for e in range(8):
@@ -230,9 +292,32 @@ def test_named_dataset_needs_root_and_audio(tmp_path):
 def test_train_on_clotho_layout(run, tmp_path):
     root = _fake_clotho(tmp_path / "clotho", {"development": 6, "validation": 2, "evaluation": 2})
     out = tmp_path / "run"
-    assert tr.main(["--dataset", "clotho", "--data-root", str(root), "--bart", "tiny", "--clap-checkpoint",
-                    str(run["root"] / "clap"), "--codec", "random", "--output-dir", str(out), "--epochs", "1",
-                    "--batch-size", "3", "--val-beams", "1", "--no-progress"]) == 0
+    assert (
+        tr.main(
+            [
+                "--dataset",
+                "clotho",
+                "--data-root",
+                str(root),
+                "--bart",
+                "tiny",
+                "--clap-checkpoint",
+                str(run["root"] / "clap"),
+                "--codec",
+                "random",
+                "--output-dir",
+                str(out),
+                "--epochs",
+                "1",
+                "--batch-size",
+                "3",
+                "--val-beams",
+                "1",
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
     meta = json.loads((out / tr.RUN_META).read_text())
     assert meta["dataset"] == ["clotho"] and meta["lr"] == 4e-6 and meta["warmup"] == 1000
     # every (clip, caption) pair once per epoch, as EnCLAP: 6 clips x 5 captions, batch 3
@@ -261,10 +346,27 @@ def test_train_under_accelerate_launch_with_two_processes(run, tmp_path):
     out = tmp_path / "ddp"
     index = run["first"]["index"]
     n_train = run["first"]["n_train"]
-    cmd = accelerate_launch("-m", "captioning.train",
-                            "--dataset", index, "--bart", "tiny", "--output-dir", str(out), "--epochs", "1",
-                            "--batch-size", "8", "--val-beams", "1", "--no-progress", "--lr", "1e-3",
-                            "--caption-sampling", "one")
+    cmd = accelerate_launch(
+        "-m",
+        "captioning.train",
+        "--dataset",
+        index,
+        "--bart",
+        "tiny",
+        "--output-dir",
+        str(out),
+        "--epochs",
+        "1",
+        "--batch-size",
+        "8",
+        "--val-beams",
+        "1",
+        "--no-progress",
+        "--lr",
+        "1e-3",
+        "--caption-sampling",
+        "one",
+    )
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(Path(__file__).resolve().parents[1]))
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -278,8 +380,24 @@ def test_evaluate_on_clotho_layout(run, tmp_path):
     root = _fake_clotho(tmp_path / "clotho", {"evaluation": 3})
     ck = next((run["out"] / "checkpoints").iterdir())
     out = tmp_path / "res.json"
-    assert eval_cli.main(["--checkpoint", str(ck), "--dataset", "clotho", "--data-root", str(root), "--split",
-                          "evaluation", "--out", str(out), "--no-java"]) == 0
+    assert (
+        eval_cli.main(
+            [
+                "--checkpoint",
+                str(ck),
+                "--dataset",
+                "clotho",
+                "--data-root",
+                str(root),
+                "--split",
+                "evaluation",
+                "--out",
+                str(out),
+                "--no-java",
+            ]
+        )
+        == 0
+    )
     res = json.loads(out.read_text())
     assert res["n_clips"] == 3 and "cider_d" in res["checkpoints"][ck.name]
     assert eval_cli.main(["--checkpoint", str(ck), "--dataset", "clotho", "--split", "test", "--no-java"]) == 2
@@ -290,8 +408,11 @@ def test_every_caption_once_per_epoch(tmp_path):
     for i, (T, n) in enumerate(((50, 3), (20, 2))):
         np.save(tmp_path / f"t{i}.npy", np.random.default_rng(i).integers(0, 1024, (16, T)).astype(np.int16))
         np.save(tmp_path / f"c{i}.npy", np.ones(8, np.float32))
-        clips.append(CachedClip(str(i), "train", tmp_path / f"t{i}.npy", tmp_path / f"c{i}.npy",
-                                [f"cap {i} {j}" for j in range(n)]))
+        clips.append(
+            CachedClip(
+                str(i), "train", tmp_path / f"t{i}.npy", tmp_path / f"c{i}.npy", [f"cap {i} {j}" for j in range(n)]
+            )
+        )
     ds = CaptionDataset(clips, training=True, max_frames=30, seed=0)
     assert len(ds) == 5
     starts = set()
@@ -311,9 +432,34 @@ def test_bf16_training_steps_on_cpu(run, tmp_path):
     out = tmp_path / "bf16"
     AcceleratorState._reset_state()  # the earlier in-process runs fixed the precision of accelerate's singleton
     try:
-        assert tr.main(["--dataset", run["first"]["index"], "--bart", "tiny", "--output-dir", str(out), "--epochs",
-                        "1", "--max-steps", "2", "--batch-size", "4", "--val-beams", "1", "--max-val", "4",
-                        "--no-progress", "--mixed-precision", "bf16", "--caption-sampling", "one"]) == 0
+        assert (
+            tr.main(
+                [
+                    "--dataset",
+                    run["first"]["index"],
+                    "--bart",
+                    "tiny",
+                    "--output-dir",
+                    str(out),
+                    "--epochs",
+                    "1",
+                    "--max-steps",
+                    "2",
+                    "--batch-size",
+                    "4",
+                    "--val-beams",
+                    "1",
+                    "--max-val",
+                    "4",
+                    "--no-progress",
+                    "--mixed-precision",
+                    "bf16",
+                    "--caption-sampling",
+                    "one",
+                ]
+            )
+            == 0
+        )
     finally:
         AcceleratorState._reset_state()
     meta = json.loads((out / tr.RUN_META).read_text())
@@ -328,10 +474,12 @@ def test_caption_cli_skips_bad_files_and_writes_csv(run, tmp_path, capsys):
         shutil.copy(a, folder / a.name)
     (folder / "broken.wav").write_bytes(b"RIFF but not audio")
     out = tmp_path / "preds.csv"
-    rc = cap_cli.main([str(folder), "--checkpoint", str(run["out"]), "--num-beams", "1", "--max-length", "8",
-                       "--out", str(out)])
+    rc = cap_cli.main(
+        [str(folder), "--checkpoint", str(run["out"]), "--num-beams", "1", "--max-length", "8", "--out", str(out)]
+    )
     captured = capsys.readouterr()
     assert rc == 1 and "skipped" in captured.err and "broken.wav" in captured.err
     assert len([line for line in captured.out.splitlines() if line.strip()]) == 2
     from captioning.metrics import read_predictions_csv
+
     assert sorted(read_predictions_csv(out)) == sorted(p.name for p in folder.glob("*.wav") if p.name != "broken.wav")

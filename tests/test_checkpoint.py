@@ -3,6 +3,7 @@
 Each writer model is saved in an official key layout in a folder named as the official releases are;
 the loaded model must reproduce the writer's outputs exactly.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -23,10 +24,20 @@ WAVES = [tone(2.0, freq=330), tone(3.1, freq=880, seed=2)]
 
 def writer(minilm: str, projector: str, text: str = "none", pooling: str = "cls", depth: int = 1):
     """A small model with 64-dim heads (the official loader infers heads = width // 64)."""
-    cfg = m2dclap.get_model_config("tiny", **{
-        "encoder.embed_dim": 384, "encoder.num_heads": 6, "encoder.depth": depth, "encoder.input_size": (80, 128),
-        "projector.kind": projector, "text.kind": text, "text.name": minilm, "text.pooling": pooling,
-        "text.width": 384})
+    cfg = m2dclap.get_model_config(
+        "tiny",
+        **{
+            "encoder.embed_dim": 384,
+            "encoder.num_heads": 6,
+            "encoder.depth": depth,
+            "encoder.input_size": (80, 128),
+            "projector.kind": projector,
+            "text.kind": text,
+            "text.name": minilm,
+            "text.pooling": pooling,
+            "text.width": 384,
+        },
+    )
     torch.manual_seed(0)
     model = m2dclap.M2DCLAP(cfg).eval()
     with torch.no_grad():  # make every parameter non-trivial so a missed key would show
@@ -42,8 +53,15 @@ def encoder_sd(model) -> dict[str, torch.Tensor]:
 
 def save_official(path: Path, sd: dict, **extra) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
-    torch.save({"model": sd, "epoch": 3, "args": argparse.Namespace(model="m2d_vit_base", blr=3e-4,
-                                                                  output_dir=Path("/tmp/x")), **extra}, path)
+    torch.save(
+        {
+            "model": sd,
+            "epoch": 3,
+            "args": argparse.Namespace(model="m2d_vit_base", blr=3e-4, output_dir=Path("/tmp/x")),
+            **extra,
+        },
+        path,
+    )
     return path
 
 
@@ -56,8 +74,13 @@ def same_audio(a, b):
 
 def test_name_parsing():
     p = parse_official_name("m2d_clap_vit_base-80x1001p16x16p16kpBpTI-2025")
-    assert p == {"model": "m2d_clap_vit_base", "input_size": (80, 1001), "patch_size": (16, 16), "sr": "16k",
-                 "extra": ["B", "TI"]}
+    assert p == {
+        "model": "m2d_clap_vit_base",
+        "input_size": (80, 1001),
+        "patch_size": (16, 16),
+        "sr": "16k",
+        "extra": ["B", "TI"],
+    }
     assert parse_official_name("m2d_as_vit_base-80x608p16x16p32k-240413_enconly")["sr"] == "32k"
     assert parse_official_name("checkpoint-300") is None
 
@@ -87,12 +110,17 @@ def test_official_2024_clap_layout_with_training_keys(tmp_path, minilm):
     src = writer(minilm, "mlp", text="hf", pooling="mean")
     trainer = M2DCLAPPretrainer(src, lambda_m2d=1.0)
     sd = encoder_sd(src)
-    sd.update({"target_" + k[len("target_"):]: v for k, v in trainer.target.state_dict().items()})
+    sd.update({"target_" + k[len("target_") :]: v for k, v in trainer.target.state_dict().items()})
     sd.update({k: v for k, v in trainer.predictor.state_dict().items()})
     sd.update({"audio_proj." + k: v for k, v in src.audio_proj.state_dict().items()})
     sd["logit_scale"] = src.logit_scale.detach().clone()
-    assert {"audio_proj.0.weight", "audio_proj.2.bias", "decoder_embed.weight", "mask_token",
-            "target_blocks.0.attn.qkv.weight"} <= set(sd)
+    assert {
+        "audio_proj.0.weight",
+        "audio_proj.2.bias",
+        "decoder_embed.weight",
+        "mask_token",
+        "target_blocks.0.attn.qkv.weight",
+    } <= set(sd)
     path = save_official(tmp_path / "m2d_clap_vit_base-80x128p16x16-240128" / "checkpoint-300.pth", sd)
     model = m2dclap.load(path, text_name=minilm)  # 'A' = GTE: mean pooling; our stand-in is MiniLM
     assert model.cfg.projector.kind == "mlp" and model.cfg.text.pooling == "mean"

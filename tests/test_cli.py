@@ -1,18 +1,29 @@
 """The CLI kit (m2dclap.cli): options from dataclasses, the exit-code table, logging, devices; and every
 console script of pyproject.toml imports and answers --help with exit 0."""
+
 from __future__ import annotations
 
 import importlib
 import logging
-import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
 import pytest
+import tomllib
 
-from m2dclap.cli import (EXIT_STATUS, CliError, OptionParser, UsageError, apply_overrides, cli_logging, option,
-                         overrides_of, resolve_device, run_cli)
+from m2dclap.cli import (
+    EXIT_STATUS,
+    CliError,
+    OptionParser,
+    UsageError,
+    apply_overrides,
+    cli_logging,
+    option,
+    overrides_of,
+    resolve_device,
+    run_cli,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -34,10 +45,36 @@ def _parse(argv):
 
 
 def test_options_parse_into_the_dataclass():
-    opts = _parse(["a.wav", "b.wav", "-c", "m", "--batch-size", "4", "--template", "x {}", "--template", "y",
-                   "--no-recursive", "-q", "--device", "cpu", "--scale", "100"])
-    assert opts == Opts(audio=["a.wav", "b.wav"], checkpoint="m", batch_size=4, device="cpu",
-                        template=["x {}", "y"], recursive=False, quiet=True, scale=100.0)
+    opts = _parse(
+        [
+            "a.wav",
+            "b.wav",
+            "-c",
+            "m",
+            "--batch-size",
+            "4",
+            "--template",
+            "x {}",
+            "--template",
+            "y",
+            "--no-recursive",
+            "-q",
+            "--device",
+            "cpu",
+            "--scale",
+            "100",
+        ]
+    )
+    assert opts == Opts(
+        audio=["a.wav", "b.wav"],
+        checkpoint="m",
+        batch_size=4,
+        device="cpu",
+        template=["x {}", "y"],
+        recursive=False,
+        quiet=True,
+        scale=100.0,
+    )
     assert _parse(["a.wav", "--checkpoint", "m"]) == Opts(audio=["a.wav"], checkpoint="m")
 
 
@@ -51,13 +88,16 @@ def test_help_shows_dashed_flags_defaults_and_the_exit_table(capsys):
     assert " ".join(EXIT_STATUS.split()) in " ".join(out.split())
 
 
-@pytest.mark.parametrize("argv, names", [
-    (["-c", "m"], "AUDIO"),  # a missing positional
-    (["a.wav"], "--checkpoint"),  # a missing required option
-    (["a.wav", "-c", "m", "--device", "tpu"], "--device"),  # not one of the choices
-    (["a.wav", "-c", "m", "--batch-size", "x"], "--batch-size"),  # not a number
-    (["a.wav", "-c", "m", "--bacth-size", "4"], "--bacth-size"),  # an unknown option
-])
+@pytest.mark.parametrize(
+    "argv, names",
+    [
+        (["-c", "m"], "AUDIO"),  # a missing positional
+        (["a.wav"], "--checkpoint"),  # a missing required option
+        (["a.wav", "-c", "m", "--device", "tpu"], "--device"),  # not one of the choices
+        (["a.wav", "-c", "m", "--batch-size", "x"], "--batch-size"),  # not a number
+        (["a.wav", "-c", "m", "--bacth-size", "4"], "--bacth-size"),  # an unknown option
+    ],
+)
 def test_usage_errors_exit_2_naming_the_option(argv, names, capsys):
     with pytest.raises(SystemExit) as e:
         _parse(argv)
@@ -71,13 +111,14 @@ def _runner(result):
         if isinstance(result, Exception):
             raise result
         return result
+
     return run
 
 
-@pytest.mark.parametrize("result, code, message", [
-    (0, 0, None), (1, 1, None),
-    (CliError("x.wav: not audio"), 2, "prog: error: x.wav: not audio"),
-])
+@pytest.mark.parametrize(
+    "result, code, message",
+    [(0, 0, None), (1, 1, None), (CliError("x.wav: not audio"), 2, "prog: error: x.wav: not audio")],
+)
 def test_run_cli_exit_table(result, code, message, capsys):
     assert run_cli(_runner(result), Opts, ["a.wav", "-c", "m"], prog="prog") == code
     err = capsys.readouterr().err
@@ -176,9 +217,19 @@ def test_console_script_target_answers_help(name, capsys):
     assert "usage:" in capsys.readouterr().out
 
 
-KIT_COMMANDS = ("m2dclap.extract", "m2dclap.embed_captions", "m2dclap.data.synthetic", "zeroshot.evaluate",
-                "zeroshot.classify", "retrieval.evaluate", "retrieval.submit", "retrieval.datasets",
-                "captioning.caption", "captioning.evaluate", "captioning.preprocess")
+KIT_COMMANDS = (
+    "m2dclap.extract",
+    "m2dclap.embed_captions",
+    "m2dclap.data.synthetic",
+    "zeroshot.evaluate",
+    "zeroshot.classify",
+    "retrieval.evaluate",
+    "retrieval.submit",
+    "retrieval.datasets",
+    "captioning.caption",
+    "captioning.evaluate",
+    "captioning.preprocess",
+)
 
 
 @pytest.mark.parametrize("module", KIT_COMMANDS)

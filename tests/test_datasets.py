@@ -1,4 +1,5 @@
 """AudioCaptionDataset and collate on a tiny synthetic corpus: crops, padding, captions, embeddings, bad clips."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -90,8 +91,10 @@ def test_precomputed_lms_npy(records, tmp_path):
 def test_bad_audio_skip_and_fail(records, tmp_path, caplog):
     corrupt = tmp_path / "corrupt.wav"
     corrupt.write_bytes(b"RIFF\x00\x00\x00\x00WAVEjunk")
-    bad = [dataclasses.replace(records[0], id="corrupt", audio=corrupt),
-           dataclasses.replace(records[0], id="missing", audio=tmp_path / "missing.wav")]
+    bad = [
+        dataclasses.replace(records[0], id="corrupt", audio=corrupt),
+        dataclasses.replace(records[0], id="missing", audio=tmp_path / "missing.wav"),
+    ]
     good = records[:3]
     ds = AudioCaptionDataset([good[0], bad[0], good[1], bad[1], good[2]], CFG, CROP)
     with caplog.at_level("WARNING"):

@@ -1,5 +1,6 @@
 """The contrastive loss gathers features autograd-aware: loss and gradients on 2 CPU processes equal one
 process on the same global batch."""
+
 import json
 import os
 import subprocess

@@ -3,6 +3,7 @@
 Order, skipping and results are the same whether files are read in the calling process, in worker processes or
 in threads; a transform (a closure) runs in the workers; workers run one intra-op thread.
 """
+
 from __future__ import annotations
 
 import logging
@@ -16,8 +17,9 @@ import torch
 
 import m2dclap
 import m2dclap.embed_files as ef
-from conftest import tone
 from m2dclap.embed_files import AudioBatches, default_workers, embed_files, load_clip, min_samples_of
+
+from conftest import tone
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -89,8 +91,9 @@ def reader_facts(i: int, wave: torch.Tensor) -> torch.Tensor:
 def test_workers_are_processes_with_one_thread_and_run_a_closure_transform(files):
     marker = 7.0
     closure = lambda i, w: reader_facts(i, torch.nn.functional.pad(w, (0, 1), value=marker))  # noqa: E731
-    _, indices, waves = read_all(AudioBatches(files, SR, MIN, batch_size=2, workers=2, transform=closure,
-                                              backend="processes"))
+    _, indices, waves = read_all(
+        AudioBatches(files, SR, MIN, batch_size=2, workers=2, transform=closure, backend="processes")
+    )
     assert indices == GOOD
     assert {int(w[-2]) for w in waves} - {os.getpid()} == {int(w[-2]) for w in waves}  # read in other processes
     assert {int(w[-1]) for w in waves} == {1}
@@ -101,8 +104,9 @@ def test_workers_are_processes_with_one_thread_and_run_a_closure_transform(files
 
 def test_one_batch_is_read_in_the_calling_process(files):
     """Workers read whole batches ahead of the caller: with one batch there is nothing to read ahead."""
-    _, indices, waves = read_all(AudioBatches(files, SR, MIN, batch_size=len(files), workers=2,
-                                              transform=reader_facts, backend="processes"))
+    _, indices, waves = read_all(
+        AudioBatches(files, SR, MIN, batch_size=len(files), workers=2, transform=reader_facts, backend="processes")
+    )
     assert indices == GOOD and {int(w[-2]) for w in waves} == {os.getpid()}
 
 
@@ -110,8 +114,9 @@ def test_unpicklable_transform_falls_back_to_threads_without_fork(files, monkeyp
     monkeypatch.setattr(ef, "_forks", lambda: False)  # as under spawn (macOS, Windows)
     closure = lambda i, w: reader_facts(i, w)  # noqa: E731
     assert not ef._picklable(closure) and ef._picklable(reader_facts)
-    _, indices, waves = read_all(AudioBatches(files, SR, MIN, batch_size=2, workers=2, transform=closure,
-                                              backend="processes"))
+    _, indices, waves = read_all(
+        AudioBatches(files, SR, MIN, batch_size=2, workers=2, transform=closure, backend="processes")
+    )
     assert indices == GOOD and {int(w[-2]) for w in waves} == {os.getpid()}  # threads of this process
 
 
@@ -153,14 +158,16 @@ def model():
 @pytest.mark.parametrize("workers", [0, 2])
 def test_embed_files_rows_match_the_model_and_skipped_rows_are_nan(model, files, workers):
     seen = []
-    emb, skipped = embed_files(model, files, batch_size=2, workers=workers,
-                               on_batch=lambda idx, e: seen.append((list(idx), e.clone())))
+    emb, skipped = embed_files(
+        model, files, batch_size=2, workers=workers, on_batch=lambda idx, e: seen.append((list(idx), e.clone()))
+    )
     assert emb.shape == (len(files), model.cfg.encoder.embed_dim) and emb.dtype == torch.float32
     assert [i for i, _ in skipped] == [1, 3, 5] and all(files[i].name in r for i, r in skipped)
     assert torch.isnan(emb[[1, 3, 5]]).all() and torch.isfinite(emb[GOOD]).all()
     with torch.no_grad():
-        expected = model.encode_audio([load_clip(files[i], model.sample_rate, min_samples_of(model)) for i in GOOD],
-                                      model.sample_rate)
+        expected = model.encode_audio(
+            [load_clip(files[i], model.sample_rate, min_samples_of(model)) for i in GOOD], model.sample_rate
+        )
     torch.testing.assert_close(emb[GOOD], expected, rtol=1e-4, atol=1e-5)
     assert [idx for idx, _ in seen] == [[0], [2], [4], [6]]
     torch.testing.assert_close(torch.cat([e for _, e in seen]), emb[GOOD])

@@ -1,5 +1,6 @@
 """The training engine on a toy regression task: mid-epoch resume equals a straight run, gradient
 accumulation equals the large batch, top-k keeping, the bad-batch refill, evaluation gathering."""
+
 from __future__ import annotations
 
 import json
@@ -9,8 +10,16 @@ import pytest
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from m2dclap.train.engine import (Engine, KeepBest, LoopCfg, gather_for_metrics, latest_checkpoint, lr_at,
-                                  make_accelerator, repeat_rows)
+from m2dclap.train.engine import (
+    Engine,
+    KeepBest,
+    LoopCfg,
+    gather_for_metrics,
+    latest_checkpoint,
+    lr_at,
+    make_accelerator,
+    repeat_rows,
+)
 
 
 class Points(Dataset):
@@ -31,28 +40,61 @@ class Points(Dataset):
 
 def collate(items: list[dict]) -> dict:
     good = [it for it in items if "bad" not in it]
-    return {"x": torch.stack([it["x"] for it in good]) if good else None,
-            "y": torch.stack([it["y"] for it in good]) if good else None,
-            "skipped": [f"item{it['bad']}" for it in items if "bad" in it], "rows": len(good)}
+    return {
+        "x": torch.stack([it["x"] for it in good]) if good else None,
+        "y": torch.stack([it["y"] for it in good]) if good else None,
+        "skipped": [f"item{it['bad']}" for it in items if "bad" in it],
+        "rows": len(good),
+    }
 
 
 def step(model: torch.nn.Module, batch: dict) -> dict:
     return {"loss": ((model(batch["x"]).squeeze(-1) - batch["y"]) ** 2).mean()}
 
 
-def make_engine(out: Path, *, epochs: int = 3, max_steps: int = 0, batch: int = 8, accum: int = 1,
-                evaluate=None, keep: KeepBest | None = None, metric: str = "", keep_top: int = 1,
-                data: Dataset | None = None, rows=None, checkpoint_every: int = 0) -> Engine:
+def make_engine(
+    out: Path,
+    *,
+    epochs: int = 3,
+    max_steps: int = 0,
+    batch: int = 8,
+    accum: int = 1,
+    evaluate=None,
+    keep: KeepBest | None = None,
+    metric: str = "",
+    keep_top: int = 1,
+    data: Dataset | None = None,
+    rows=None,
+    checkpoint_every: int = 0,
+) -> Engine:
     torch.manual_seed(0)
     model = torch.nn.Linear(3, 1)
     acc = make_accelerator("no", accum, out)
-    loader = DataLoader(data or Points(), batch_size=batch, shuffle=True, collate_fn=collate,
-                        generator=torch.Generator().manual_seed(0))
-    cfg = LoopCfg(output_dir=str(out), epochs=epochs, max_steps=max_steps, batch_size=batch, log_every=1,
-                  checkpoint_every=checkpoint_every, metric=metric, keep_top=keep_top)
-    return Engine(acc, cfg, model, torch.optim.SGD(model.parameters(), lr=0.1), loader, step,
-                  lambda engine: lr_at(engine.state.step, 12, 2, 0.1, 0.01), evaluate=evaluate, keep=keep,
-                  rows=rows)
+    loader = DataLoader(
+        data or Points(), batch_size=batch, shuffle=True, collate_fn=collate, generator=torch.Generator().manual_seed(0)
+    )
+    cfg = LoopCfg(
+        output_dir=str(out),
+        epochs=epochs,
+        max_steps=max_steps,
+        batch_size=batch,
+        log_every=1,
+        checkpoint_every=checkpoint_every,
+        metric=metric,
+        keep_top=keep_top,
+    )
+    return Engine(
+        acc,
+        cfg,
+        model,
+        torch.optim.SGD(model.parameters(), lr=0.1),
+        loader,
+        step,
+        lambda engine: lr_at(engine.state.step, 12, 2, 0.1, 0.01),
+        evaluate=evaluate,
+        keep=keep,
+        rows=rows,
+    )
 
 
 def weights(engine: Engine) -> torch.Tensor:
@@ -93,8 +135,14 @@ def test_top_k_keeps_the_best_folders_and_deletes_the_rest(tmp_path):
         folder.mkdir(parents=True)
         (folder / "score").write_text(str(entry["score"]))
 
-    engine = make_engine(tmp_path, epochs=4, evaluate=lambda engine: {"score": next(scores)}, metric="score",
-                         keep_top=2, keep=KeepBest(lambda e: tmp_path / "kept" / f"e{e['epoch']}", save))
+    engine = make_engine(
+        tmp_path,
+        epochs=4,
+        evaluate=lambda engine: {"score": next(scores)},
+        metric="score",
+        keep_top=2,
+        keep=KeepBest(lambda e: tmp_path / "kept" / f"e{e['epoch']}", save),
+    )
     engine.cfg.eval_at_start = True
     engine.fit()
     assert [e["epoch"] for e in engine.state.evals] == [0, 1, 2, 3, 4]
@@ -105,8 +153,13 @@ def test_top_k_keeps_the_best_folders_and_deletes_the_rest(tmp_path):
 def test_one_best_folder_is_overwritten_only_by_a_better_model(tmp_path):
     scores = iter([0.2, 0.1, 0.4])
     saved = []
-    engine = make_engine(tmp_path, epochs=3, evaluate=lambda engine: {"acc": next(scores)}, metric="acc",
-                         keep=KeepBest(lambda e: tmp_path / "best", lambda f, e: saved.append(e["epoch"])))
+    engine = make_engine(
+        tmp_path,
+        epochs=3,
+        evaluate=lambda engine: {"acc": next(scores)},
+        metric="acc",
+        keep=KeepBest(lambda e: tmp_path / "best", lambda f, e: saved.append(e["epoch"])),
+    )
     engine.fit()
     assert saved == [1, 3] and engine.state.best["score"] == 0.4
 

@@ -1,4 +1,5 @@
 """m2dclap.extract: the CLI end to end on a tiny model, batching, bad files, resume after a kill."""
+
 from __future__ import annotations
 
 import copy
@@ -148,8 +149,20 @@ def test_cli_usage_errors(ckpt, data, tmp_path, capsys):
         main(["--help"])
     assert e.value.code == 0
     text = capsys.readouterr().out
-    for option in ("--checkpoint", "--out", "--features", "--batch-size", "--device", "--dtype",
-                   "--recursive", "--no-recursive", "--overwrite", "index.csv", "errors.csv", "meta.json"):
+    for option in (
+        "--checkpoint",
+        "--out",
+        "--features",
+        "--batch-size",
+        "--device",
+        "--dtype",
+        "--recursive",
+        "--no-recursive",
+        "--overwrite",
+        "index.csv",
+        "errors.csv",
+        "meta.json",
+    ):
         assert option in text
 
 

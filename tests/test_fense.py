@@ -1,5 +1,6 @@
 """captioning.metrics.fense: FENSE / FER / SPIDEr-FL plumbing on a tiny error detector built from a config and the
 packaged all-MiniLM-L6-v2 as a stand-in Sentence-BERT (the published models cannot be downloaded here)."""
+
 import importlib.util
 import json
 import shutil
@@ -16,8 +17,11 @@ from captioning.metrics import fense as FE
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 CANDS = ["A dog barks loudly!", "rain falls on a roof", "a man a man a man speaks and"]
-REFS = [["a dog is barking", "a dog barks twice"], ["rain is falling hard on a surface"],
-        ["a man speaks", "someone talks", "a man is speaking while birds chirp"]]
+REFS = [
+    ["a dog is barking", "a dog barks twice"],
+    ["rain is falling hard on a surface"],
+    ["a man speaks", "someone talks", "a man is speaking while birds chirp"],
+]
 
 
 @pytest.fixture(scope="module")
@@ -30,13 +34,20 @@ def bert_dir(tmp_path_factory, minilm) -> Path:
     for name in ("vocab.txt", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
         if (Path(minilm) / name).is_file():
             shutil.copy(Path(minilm) / name, d / name)
-    BertConfig(vocab_size=30522, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-               intermediate_size=64, max_position_embeddings=128).save_pretrained(d)
+    BertConfig(
+        vocab_size=30522,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=64,
+        max_position_embeddings=128,
+    ).save_pretrained(d)
     return d
 
 
-def make_echecker(path: Path, bert_dir: Path, error_logit: float, other_logit: float = -8.0,
-                  extra_position_ids: bool = True) -> Path:
+def make_echecker(
+    path: Path, bert_dir: Path, error_logit: float, other_logit: float = -8.0, extra_position_ids: bool = True
+) -> Path:
     """An echecker checkpoint in the published layout whose head is constant: sigmoid(error_logit) for the
     'error' column, sigmoid(other_logit) elsewhere."""
     from transformers import AutoConfig
@@ -122,8 +133,14 @@ def test_evaluate_captions_fense_and_spider_fl(scorer_factory, monkeypatch):
     monkeypatch.setattr(coco, "java_binary", lambda: "java")
     spice = [0.2, 0.3, 0.4]
     monkeypatch.setattr(coco, "spice_score", lambda c, r: (sum(spice) / 3, spice))
-    corpus, per = M.evaluate_captions(preds, refs, ["cider_d", "spider", "fense", "fer", "sbert_sim", "spider_fl"],
-                                      tokenize=False, return_per_clip=True, fense=s)
+    corpus, per = M.evaluate_captions(
+        preds,
+        refs,
+        ["cider_d", "spider", "fense", "fer", "sbert_sim", "spider_fl"],
+        tokenize=False,
+        return_per_clip=True,
+        fense=s,
+    )
     for i, k in enumerate(preds):
         assert per["spider"][k] == pytest.approx((per["cider_d"][k] + spice[i]) / 2)
         assert per["spider_fl"][k] == pytest.approx(0.1 * per["spider"][k])
@@ -171,18 +188,37 @@ def test_cli_lists_unavailable_fense(tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("CAPTION_METRICS_FENSE_DIR", str(tmp_path))
     (tmp_path / "p.csv").write_text("file_name,caption\na,a dog barks\nb,rain falls\n")
     (tmp_path / "r.csv").write_text("file_name,caption_1\na,a dog is barking\nb,rain is falling\n")
-    rc = M.main(["--predictions", str(tmp_path / "p.csv"), "--references", str(tmp_path / "r.csv"), "--no-tokenize",
-                 "--out", str(tmp_path / "o.json")])
+    rc = M.main(
+        [
+            "--predictions",
+            str(tmp_path / "p.csv"),
+            "--references",
+            str(tmp_path / "r.csv"),
+            "--no-tokenize",
+            "--out",
+            str(tmp_path / "o.json"),
+        ]
+    )
     out = capsys.readouterr().out
     assert rc == 0 and "cider_d" in out and "sbert_sim, fer, fense, spider_fl: unavailable (" in out
     assert "fense" in json.loads((tmp_path / "o.json").read_text())["unavailable"]
-    rc = M.main(["--predictions", str(tmp_path / "p.csv"), "--references", str(tmp_path / "r.csv"), "--no-tokenize",
-                 "--metrics", "fense"])
+    rc = M.main(
+        [
+            "--predictions",
+            str(tmp_path / "p.csv"),
+            "--references",
+            str(tmp_path / "r.csv"),
+            "--no-tokenize",
+            "--metrics",
+            "fense",
+        ]
+    )
     assert rc == 2 and "echecker" in capsys.readouterr().err
 
 
-@pytest.mark.skipif(importlib.util.find_spec("aac_metrics") is None,
-                    reason="aac-metrics (optional extra) is not installed")
+@pytest.mark.skipif(
+    importlib.util.find_spec("aac_metrics") is None, reason="aac-metrics (optional extra) is not installed"
+)
 def test_matches_aac_metrics_fense(scorer_factory):
     from aac_metrics.functional.fense import fense as aac_fense
 
@@ -190,8 +226,16 @@ def test_matches_aac_metrics_fense(scorer_factory):
     torch.manual_seed(1)
     torch.nn.init.normal_(s.echecker.clf.weight, std=2.0)  # some captions above the threshold, some below
     ours = s.score(CANDS, REFS)
-    corpus, sents = aac_fense(CANDS, REFS, sbert_model=s.sbert, echecker=s.echecker, echecker_tokenizer=s.tokenizer,
-                              device="cpu", batch_size=2, return_all_scores=True)
+    corpus, sents = aac_fense(
+        CANDS,
+        REFS,
+        sbert_model=s.sbert,
+        echecker=s.echecker,
+        echecker_tokenizer=s.tokenizer,
+        device="cpu",
+        batch_size=2,
+        return_all_scores=True,
+    )
     np.testing.assert_allclose(sents["fense"].numpy(), ours["fense"], atol=1e-5)
     np.testing.assert_allclose(sents["sbert_sim"].numpy(), ours["sbert_sim"], atol=1e-5)
     np.testing.assert_array_equal(sents["fer"].numpy(), ours["fer"])

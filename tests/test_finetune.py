@@ -1,5 +1,6 @@
 """Stage 1.1 (AudioSet-style fine-tuning): the loop, resume, saved model + head, structured patchout,
 SpecAugment, mixup, LARS and the mAP metric."""
+
 from __future__ import annotations
 
 import json
@@ -10,10 +11,10 @@ import torch
 import torch.nn as nn
 
 import m2dclap
-from m2dclap.data.manifest import ManifestError, read_manifest
-from m2dclap.data.synthetic import generate_corpus
 from m2dclap.augment import mask_bands, mix, mixup, random_structured_mask, sample_bands, spec_augment, visible_indices
 from m2dclap.data.labelled import read_labelled
+from m2dclap.data.manifest import ManifestError, read_manifest
+from m2dclap.data.synthetic import generate_corpus
 from m2dclap.metrics import average_precision as _ap
 from m2dclap.metrics import mean_average_precision
 from m2dclap.tagging import AudioTagger, load_finetuned, tag_audio
@@ -23,8 +24,9 @@ from m2dclap.train.lars import LARS
 
 from conftest import tone
 
-FAST = dict(input_size="80x208", batch_size=4, epochs=2, warmup_epochs=0.5, checkpoint_every=100, log_every=1,
-            tracker="none")
+FAST = dict(
+    input_size="80x208", batch_size=4, epochs=2, warmup_epochs=0.5, checkpoint_every=100, log_every=1, tracker="none"
+)
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -92,8 +94,21 @@ def test_cli_errors(setup, tmp_path, capsys):
     assert e.value.code == 0 and "--training-mask" in capsys.readouterr().out
     assert main(["--data", str(setup[0]), "--output-dir", str(tmp_path / "a")]) == 2  # no --init
     assert "--init" in capsys.readouterr().err
-    assert main(["--init", str(setup[1]), "--data", str(setup[0]), "--optimizer", "rmsprop",
-                 "--output-dir", str(tmp_path / "b")]) == 2
+    assert (
+        main(
+            [
+                "--init",
+                str(setup[1]),
+                "--data",
+                str(setup[0]),
+                "--optimizer",
+                "rmsprop",
+                "--output-dir",
+                str(tmp_path / "b"),
+            ]
+        )
+        == 2
+    )
     assert "optimizer must be lars, sgd or adamw" in capsys.readouterr().err
     assert not (tmp_path / "b" / "checkpoints").exists()  # refused before training
     with pytest.raises(SystemExit) as e:
@@ -165,7 +180,7 @@ def test_spec_augment_masks_the_drawn_bands():
     zero = masked[:, 0] == 0
     assert torch.equal(zero.all(2).sum(1), fw) and torch.equal(zero.all(1).sum(1), tw)
     for b in range(B):
-        assert zero[b, fs[b]:fs[b] + fw[b]].all() and zero[b, :, ts[b]:ts[b] + tw[b]].all()
+        assert zero[b, fs[b] : fs[b] + fw[b]].all() and zero[b, :, ts[b] : ts[b] + tw[b]].all()
     assert zero.float().mean() < 1
 
 
@@ -231,8 +246,12 @@ def test_lars_converges_on_a_toy_regression():
     true = nn.Linear(8, 4)
     y = true(x).detach()
     model = nn.Linear(8, 4)
-    opt = LARS([{"params": [model.weight]}, {"params": [model.bias], "lars_adapt": False}], lr=1.0,
-               trust_coefficient=0.02, always_adapt=True)
+    opt = LARS(
+        [{"params": [model.weight]}, {"params": [model.bias], "lars_adapt": False}],
+        lr=1.0,
+        trust_coefficient=0.02,
+        always_adapt=True,
+    )
     first = None
     for step in range(400):
         for g in opt.param_groups:
@@ -262,8 +281,9 @@ def test_map_hand_computed():
     assert average_precision(ties, torch.tensor([1, 0, 0, 1])) == pytest.approx(0.5 * 0.5 + 0.5 * 2 / 3)
     mAP, aps, _ = mean_average_precision(targets[:, :2], scores[:, :2], no_positive="exclude")
     assert mAP == pytest.approx((5 / 6 + 0.5) / 2)
-    mAP, aps, _ = mean_average_precision(torch.cat([targets[:, :2], torch.zeros(4, 1)], 1), scores,
-                                         no_positive="exclude")
+    mAP, aps, _ = mean_average_precision(
+        torch.cat([targets[:, :2], torch.zeros(4, 1)], 1), scores, no_positive="exclude"
+    )
     assert np.isnan(aps[2]) and mAP == pytest.approx((5 / 6 + 0.5) / 2)  # no positive: left out
 
 
@@ -282,8 +302,10 @@ def test_importing_the_tagger_does_not_import_accelerate():
     import subprocess
     import sys
 
-    code = ("import sys, m2dclap.tagging, m2dclap.augment, m2dclap.data.labelled; "
-            "bad = [m for m in sys.modules if m.split('.')[0] == 'accelerate' or m.startswith('m2dclap.train')]; "
-            "print(bad); sys.exit(1 if bad else 0)")
+    code = (
+        "import sys, m2dclap.tagging, m2dclap.augment, m2dclap.data.labelled; "
+        "bad = [m for m in sys.modules if m.split('.')[0] == 'accelerate' or m.startswith('m2dclap.train')]; "
+        "print(bad); sys.exit(1 if bad else 0)"
+    )
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stdout + proc.stderr

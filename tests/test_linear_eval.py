@@ -1,4 +1,5 @@
 """Linear evaluation (paper IV-B1): the probe trainer, the metrics, the CLI on the embedded corpus, the cache."""
+
 from __future__ import annotations
 
 import json
@@ -10,9 +11,9 @@ import pytest
 
 import m2dclap
 from m2dclap import linear_eval as le
-from m2dclap.metrics import average_precision, mean_average_precision
 from m2dclap.data.manifest import Record, read_manifest, write_manifest
 from m2dclap.data.synthetic import generate_corpus
+from m2dclap.metrics import average_precision, mean_average_precision
 
 
 # ----------------------------------------------------------------------------------------------- fixtures
@@ -29,8 +30,22 @@ def checkpoint(tmp_path_factory) -> Path:
 
 def run(checkpoint: Path, manifest: Path, tmp_path: Path, *extra: str) -> tuple[int, dict | None]:
     out = tmp_path / "result.json"
-    rc = le.main(["--checkpoint", str(checkpoint), "--data", str(manifest), "--epochs", "4", "--patience", "2",
-                  "--out", str(out), "--quiet", *extra])
+    rc = le.main(
+        [
+            "--checkpoint",
+            str(checkpoint),
+            "--data",
+            str(manifest),
+            "--epochs",
+            "4",
+            "--patience",
+            "2",
+            "--out",
+            str(out),
+            "--quiet",
+            *extra,
+        ]
+    )
     return rc, (json.loads(out.read_text()) if out.exists() else None)
 
 
@@ -187,8 +202,9 @@ def test_clear_errors(corpus, checkpoint, tmp_path, capsys):
     assert rc == 2 and "no 'fold' column" in capsys.readouterr().err
 
     no_labels = tmp_path / "nolabels.csv"  # the column is there, every cell is empty
-    no_labels.write_text("id,audio,labels,split\n" + "".join(f"{r.id},{r.audio},,{r.split}\n"
-                                                              for r in read_manifest(corpus)))
+    no_labels.write_text(
+        "id,audio,labels,split\n" + "".join(f"{r.id},{r.audio},,{r.split}\n" for r in read_manifest(corpus))
+    )
     rc, _ = run(checkpoint, no_labels, tmp_path)
     assert rc == 2 and "no clip has both labels" in capsys.readouterr().err
 
@@ -231,8 +247,9 @@ def test_unit_length_is_the_mean_duration_and_matches_manual_cuts(corpus, checkp
     unit = round(0.7 * model.sample_rate)
     feats = le.extract_clip_features(model, records, batch_size=4, progress=False, unit_samples=unit, seed=5)
     for i in (0, 5):
-        wave = le.fit_to_unit(m2dclap.load_audio(records[i].audio, model.sample_rate), unit,
-                              np.random.default_rng([5, i]))
+        wave = le.fit_to_unit(
+            m2dclap.load_audio(records[i].audio, model.sample_rate), unit, np.random.default_rng([5, i])
+        )
         alone = model.audio_features([wave], sample_rate=model.sample_rate)["clip"][0].detach().numpy()
         np.testing.assert_allclose(feats.clip[i], alone, rtol=1e-4, atol=1e-5)
 
@@ -248,8 +265,9 @@ def test_unit_seconds_option_reaches_the_result_and_the_cache_key(corpus, checkp
         le.main(["--checkpoint", str(checkpoint), "--data", str(corpus), "--unit-seconds", "long"])
 
 
-def test_best_epoch_at_the_cap_warns_that_the_probe_may_not_have_converged(corpus, checkpoint, tmp_path, caplog,
-                                                                           capsys):
+def test_best_epoch_at_the_cap_warns_that_the_probe_may_not_have_converged(
+    corpus, checkpoint, tmp_path, caplog, capsys
+):
     rc, res = run(checkpoint, corpus, tmp_path, "--epochs", "1")  # the only epoch is the best: at the cap
     assert rc == 0 and res["best_epoch"] == 1 and res["maybe_unconverged"] is True
     assert "may not have converged" in capsys.readouterr().out
@@ -258,13 +276,16 @@ def test_best_epoch_at_the_cap_warns_that_the_probe_may_not_have_converged(corpu
     assert rc == 0 and res["stopped_early"] and res["maybe_unconverged"] is False
 
 
-@pytest.mark.parametrize("args, named, usage", [
-    (["--batch-size", "0"], "--batch-size must be at least 1", False),
-    (["--patience", "0"], "--patience must be at least 1", False),
-    (["--lr", "0"], "--lr must be positive", True),
-    (["--unit-seconds", "-1"], "--unit-seconds must not be negative", True),
-    (["--device", "tpu:x"], "--device tpu:x: not a device", False),
-])
+@pytest.mark.parametrize(
+    "args, named, usage",
+    [
+        (["--batch-size", "0"], "--batch-size must be at least 1", False),
+        (["--patience", "0"], "--patience must be at least 1", False),
+        (["--lr", "0"], "--lr must be positive", True),
+        (["--unit-seconds", "-1"], "--unit-seconds must not be negative", True),
+        (["--device", "tpu:x"], "--device tpu:x: not a device", False),
+    ],
+)
 def test_bad_option_values_exit_2_naming_the_option(corpus, checkpoint, tmp_path, capsys, args, named, usage):
     out = tmp_path / "result.json"
     out.write_text("{}")

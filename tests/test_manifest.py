@@ -1,4 +1,5 @@
 """The manifest format: reading, writing, error messages with file and line, file checks, exclusions."""
+
 from __future__ import annotations
 
 import json
@@ -6,8 +7,15 @@ from pathlib import Path
 
 import pytest
 
-from m2dclap.data.manifest import (ManifestError, Record, apply_exclusions, check_files, read_exclusion_list,
-                                   read_manifest, write_manifest)
+from m2dclap.data.manifest import (
+    ManifestError,
+    Record,
+    apply_exclusions,
+    check_files,
+    read_exclusion_list,
+    read_manifest,
+    write_manifest,
+)
 
 
 def _write(path: Path, text: str) -> Path:
@@ -55,10 +63,10 @@ def test_relative_audio_resolved_against_manifest_folder(tmp_path, monkeypatch):
 
 def test_caption_columns_order_labels_and_blank_cells(tmp_path):
     cols = ",".join(f"caption_{i}" for i in (10, 2, 1))
-    _write(tmp_path / "m.csv", f"audio,{cols},labels,split\n"
-                               "x.wav,ten,two,one, a ; b ;;,Validation\n"
-                               "\n"
-                               "y.wav,,,only, ,train\n")
+    _write(
+        tmp_path / "m.csv",
+        f"audio,{cols},labels,split\nx.wav,ten,two,one, a ; b ;;,Validation\n\ny.wav,,,only, ,train\n",
+    )
     x, y = read_manifest(tmp_path / "m.csv")
     assert x.captions == ["one", "two", "ten"]  # numeric order, not text order
     assert x.labels == ["a", "b"] and x.split == "val"
@@ -66,8 +74,10 @@ def test_caption_columns_order_labels_and_blank_cells(tmp_path):
 
 
 def test_jsonl_accepts_lists(tmp_path):
-    _write(tmp_path / "m.jsonl", json.dumps({"audio": "x.wav", "caption": ["c1", "c2"], "labels": ["l1", "l2"],
-                                             "id": 7}) + "\n\n")
+    _write(
+        tmp_path / "m.jsonl",
+        json.dumps({"audio": "x.wav", "caption": ["c1", "c2"], "labels": ["l1", "l2"], "id": 7}) + "\n\n",
+    )
     (rec,) = read_manifest(tmp_path / "m.jsonl")
     assert rec.id == "7" and rec.captions == ["c1", "c2"] and rec.labels == ["l1", "l2"]
 
@@ -80,15 +90,18 @@ def test_split_filter(tmp_path):
         read_manifest(path, split="dev")
 
 
-@pytest.mark.parametrize("text, line, message", [
-    ("path,caption\nx.wav,a\n", 1, "no 'audio' column"),
-    ("audio,caption\nx.wav,a\n ,b\n", 3, "empty 'audio' cell"),
-    ("audio,caption\nx.wav,a\ny.wav,b,extra\n", 3, "3 field"),
-    ('audio,caption\n"x.wav","two\nlines"\ny.wav\n', 4, "1 field"),  # the quoted field spans lines 2-3
-    ("audio,split\nx.wav,train\ny.wav,holdout\n", 3, "unknown split 'holdout'"),
-    ("id,audio\nk,x.wav\nj,y.wav\nk,z.wav\n", 4, r"duplicate id 'k' \(first seen on line 2\)"),
-    ("audio\nsub/x.wav\nother/x.wav\n", 3, "duplicate id 'x'"),
-])
+@pytest.mark.parametrize(
+    "text, line, message",
+    [
+        ("path,caption\nx.wav,a\n", 1, "no 'audio' column"),
+        ("audio,caption\nx.wav,a\n ,b\n", 3, "empty 'audio' cell"),
+        ("audio,caption\nx.wav,a\ny.wav,b,extra\n", 3, "3 field"),
+        ('audio,caption\n"x.wav","two\nlines"\ny.wav\n', 4, "1 field"),  # the quoted field spans lines 2-3
+        ("audio,split\nx.wav,train\ny.wav,holdout\n", 3, "unknown split 'holdout'"),
+        ("id,audio\nk,x.wav\nj,y.wav\nk,z.wav\n", 4, r"duplicate id 'k' \(first seen on line 2\)"),
+        ("audio\nsub/x.wav\nother/x.wav\n", 3, "duplicate id 'x'"),
+    ],
+)
 def test_csv_errors_name_file_and_line(tmp_path, text, line, message):
     path = _write(tmp_path / "bad_manifest.csv", text)
     with pytest.raises(ManifestError, match=message) as info:
@@ -96,14 +109,17 @@ def test_csv_errors_name_file_and_line(tmp_path, text, line, message):
     assert f"bad_manifest.csv, line {line}:" in str(info.value)
 
 
-@pytest.mark.parametrize("lines, line, message", [
-    (['{"audio": "x.wav"}', '{"audio": "y.wav",}'], 2, "bad JSON"),
-    (['{"audio": "x.wav"}', '', '["y.wav"]'], 3, "expected an object"),
-    (['{"audio": "x.wav"}', '{"file": "y.wav"}'], 2, "no 'audio' column"),
-    (['{"audio": ""}'], 1, "empty 'audio' cell"),
-    (['{"audio": "x.wav", "labels": {"a": 1}}'], 1, "must hold text"),
-    (['{"audio": "x.wav"}', '{"audio": "y.wav", "id": "x"}'], 2, "duplicate id 'x'"),
-])
+@pytest.mark.parametrize(
+    "lines, line, message",
+    [
+        (['{"audio": "x.wav"}', '{"audio": "y.wav",}'], 2, "bad JSON"),
+        (['{"audio": "x.wav"}', "", '["y.wav"]'], 3, "expected an object"),
+        (['{"audio": "x.wav"}', '{"file": "y.wav"}'], 2, "no 'audio' column"),
+        (['{"audio": ""}'], 1, "empty 'audio' cell"),
+        (['{"audio": "x.wav", "labels": {"a": 1}}'], 1, "must hold text"),
+        (['{"audio": "x.wav"}', '{"audio": "y.wav", "id": "x"}'], 2, "duplicate id 'x'"),
+    ],
+)
 def test_jsonl_errors_name_file_and_line(tmp_path, lines, line, message):
     path = _write(tmp_path / "bad.jsonl", "\n".join(lines) + "\n")
     with pytest.raises(ManifestError, match=message) as info:
@@ -113,9 +129,11 @@ def test_jsonl_errors_name_file_and_line(tmp_path, lines, line, message):
 
 @pytest.mark.parametrize("name", ["bad.csv", "bad.jsonl", "exclude.txt"])
 def test_bytes_that_are_not_utf8_name_file_and_line(tmp_path, name):
-    rows = {"bad.csv": [b"audio,caption", b"x.wav,a", b"y.wav,caf\xe9"],
-            "bad.jsonl": [b'{"audio": "x.wav"}', b'{"audio": "y.wav", "caption": "caf\xe9"}', b""],
-            "exclude.txt": [b"# ids", b"x", b"caf\xe9"]}[name]
+    rows = {
+        "bad.csv": [b"audio,caption", b"x.wav,a", b"y.wav,caf\xe9"],
+        "bad.jsonl": [b'{"audio": "x.wav"}', b'{"audio": "y.wav", "caption": "caf\xe9"}', b""],
+        "exclude.txt": [b"# ids", b"x", b"caf\xe9"],
+    }[name]
     path = tmp_path / name
     path.write_bytes(b"\n".join(rows) + b"\n")
     with pytest.raises(ManifestError, match="not UTF-8") as info:
@@ -132,8 +150,9 @@ def test_unbalanced_quote_is_an_error_at_its_line(tmp_path):
 
 
 def test_ids_are_kept_as_written(tmp_path):
-    path = write_manifest([Record("Heat duct ", tmp_path / "Heat duct .wav"), Record(" lead", tmp_path / "l.wav")],
-                          tmp_path / "m.csv")
+    path = write_manifest(
+        [Record("Heat duct ", tmp_path / "Heat duct .wav"), Record(" lead", tmp_path / "l.wav")], tmp_path / "m.csv"
+    )
     assert [r.id for r in read_manifest(path)] == ["Heat duct ", " lead"]
     blank = _write(tmp_path / "b.csv", "id,audio\n  ,x.wav\n")
     assert read_manifest(blank)[0].id == "x"  # a blank id cell: the default, the stem
@@ -170,24 +189,34 @@ def test_check_files(tmp_path, caplog):
 
 
 def test_exclusions(tmp_path):
-    listing = _write(tmp_path / "exclude.txt",
-                     "# clips with licence problems\n"
-                     "by_id\n"
-                     "by_name.wav   # trailing comment\n"
-                     "by_stem\n"
-                     "\n"
-                     "setA/dup.wav\n"
-                     f"{tmp_path}/abs/exact.wav\n"
-                     "odd#name.wav\n")
+    listing = _write(
+        tmp_path / "exclude.txt",
+        "# clips with licence problems\n"
+        "by_id\n"
+        "by_name.wav   # trailing comment\n"
+        "by_stem\n"
+        "\n"
+        "setA/dup.wav\n"
+        f"{tmp_path}/abs/exact.wav\n"
+        "odd#name.wav\n",
+    )
     excluded = read_exclusion_list(listing)
     assert "by_name.wav" in excluded and "odd#name.wav" in excluded and len(excluded) == 6
 
     def rec(rec_id, rel):
         return Record(rec_id, tmp_path / rel)
 
-    recs = [rec("by_id", "x/1.wav"), rec("n", "x/by_name.wav"), rec("s", "x/by_stem.flac"),
-            rec("dA", "data/setA/dup.wav"), rec("dB", "data/setB/dup.wav"), rec("e", "abs/exact.wav"),
-            rec("e2", "other/exact.wav"), rec("o", "x/odd#name.wav"), rec("keep", "x/keep.wav")]
+    recs = [
+        rec("by_id", "x/1.wav"),
+        rec("n", "x/by_name.wav"),
+        rec("s", "x/by_stem.flac"),
+        rec("dA", "data/setA/dup.wav"),
+        rec("dB", "data/setB/dup.wav"),
+        rec("e", "abs/exact.wav"),
+        rec("e2", "other/exact.wav"),
+        rec("o", "x/odd#name.wav"),
+        rec("keep", "x/keep.wav"),
+    ]
     kept, n_removed = apply_exclusions(recs, excluded)
     assert n_removed == 6
     assert [r.id for r in kept] == ["dB", "e2", "keep"]  # a listed path does not exclude same-named files elsewhere

@@ -1,4 +1,5 @@
 """The pretraining report's retrieval metrics (CLAP-paper convention) on hand-computed cases."""
+
 import pytest
 import torch
 
@@ -34,8 +35,10 @@ def test_chance_levels_match_random_rankings():
     torch.manual_seed(0)
     n, c = 40, 3
     owner = torch.arange(n).repeat_interleave(c)
-    runs = [(text_to_audio(t, a, owner), audio_to_text(a, t, owner))
-            for a, t in ((torch.randn(n, 8), torch.randn(n * c, 8)) for _ in range(150))]
+    runs = [
+        (text_to_audio(t, a, owner), audio_to_text(a, t, owner))
+        for a, t in ((torch.randn(n, 8), torch.randn(n * c, 8)) for _ in range(150))
+    ]
     t2a = sum(r[0]["R@10"] for r in runs) / len(runs)
     a2t = sum(r[1]["mAP@10"] for r in runs) / len(runs)
     assert t2a == pytest.approx(chance_text_to_audio(n)["R@10"], abs=0.02)
@@ -67,8 +70,10 @@ def test_average_precision_takes_tensors_targets_first():
 
     y, s = [[1, 0], [0, 1], [1, 1], [0, 0]], [[0.9, 0.2], [0.8, 0.7], [0.3, 0.6], [0.1, 0.9]]
     from_arrays = metrics.mean_average_precision(np.array(y), np.array(s), no_positive="exclude")
-    from_tensors = metrics.mean_average_precision(torch.tensor(y) > 0.5, torch.tensor(s, dtype=torch.float16),
-                                                  no_positive="exclude")
+    from_tensors = metrics.mean_average_precision(
+        torch.tensor(y) > 0.5, torch.tensor(s, dtype=torch.float16), no_positive="exclude"
+    )
     assert from_tensors[0] == pytest.approx(from_arrays[0]) and from_arrays[0] == pytest.approx(
-        ((1 + 2 / 3) / 2 + (1 / 2 + 2 / 3) / 2) / 2)
+        ((1 + 2 / 3) / 2 + (1 / 2 + 2 / 3) / 2) / 2
+    )
     assert metrics.average_precision(torch.tensor([0, 1]), torch.tensor([0.5, 0.5])) == pytest.approx(0.5)

@@ -1,5 +1,6 @@
 """Model contract tests: shapes, no NaN, gradients, layout of the official position embedding and
 features, chunking arithmetic, determinism, bf16, and the losses against their equations."""
+
 from __future__ import annotations
 
 import json
@@ -72,8 +73,9 @@ def test_sdpa_attention_matches_manual():
     assert torch.allclose(attn(x), ref, atol=1e-5)
 
 
-@pytest.mark.parametrize("frames,unit,expected", [(1001, 608, 63), (1001, 1001, 62), (608, 608, 38),
-                                                  (300, 608, 19), (5, 608, 1)])
+@pytest.mark.parametrize(
+    "frames,unit,expected", [(1001, 608, 63), (1001, 1001, 62), (608, 608, 38), (300, 608, 19), (5, 608, 1)]
+)
 def test_chunking_matches_official_rule(frames, unit, expected):
     enc = AudioEncoder(m2dclap.EncoderCfg(input_size=(80, unit), embed_dim=32, depth=1, num_heads=2)).eval()
     with torch.no_grad():
@@ -89,7 +91,7 @@ def test_chunked_equals_per_chunk_loop():
     with torch.no_grad():
         z = enc.encode_lms(x)
         x_pad = F.pad(x, (0, (16 - 150 % 64 % 16) % 16))
-        loop = [enc.forward_features(x_pad[..., i:i + 64])[:, 1:] for i in range(0, x_pad.shape[-1], 64)]
+        loop = [enc.forward_features(x_pad[..., i : i + 64])[:, 1:] for i in range(0, x_pad.shape[-1], 64)]
         loop = torch.cat([c.reshape(2, 5, -1, 32) for c in loop], dim=2)
     assert torch.allclose(z, loop, atol=1e-5)
 
@@ -196,8 +198,10 @@ def test_contrastive_loss_is_eq4():
     a, t = torch.randn(6, 16), torch.randn(6, 16)
     tau = 0.07
     S = F.normalize(a, dim=-1) @ F.normalize(t, dim=-1).T
-    ref = -(torch.diag(S / tau - torch.logsumexp(S / tau, 0)).sum()
-            + torch.diag(S / tau - torch.logsumexp(S / tau, 1)).sum()) / (2 * 6)
+    ref = -(
+        torch.diag(S / tau - torch.logsumexp(S / tau, 0)).sum()
+        + torch.diag(S / tau - torch.logsumexp(S / tau, 1)).sum()
+    ) / (2 * 6)
     got = ContrastiveLoss()(a, t, torch.tensor(1 / tau))["contrastive_loss"]
     assert got.item() == pytest.approx(ref.item(), abs=1e-5)
 
@@ -279,14 +283,16 @@ def test_config_from_json_checks_types_and_relations():
     from m2dclap.config import ConfigError
 
     good = m2dclap.get_model_config("tiny").to_dict()
-    cases = [("encoder", "mlp_ratio", "4", "encoder.mlp_ratio='4' is not a number"),
-             ("encoder", "qkv_bias", 1, "encoder.qkv_bias=1 is not true or false"),
-             ("encoder", "patch_size", [16, 256], r"encoder.patch_size=\[16, 256\] is larger than input_size"),
-             ("predictor", "num_heads", 0, "predictor.num_heads=0 must be at least 1"),
-             ("frontend", "win_length", 800, "frontend.win_length=800 exceeds n_fft=400"),
-             ("frontend", "norm_stats", [-7.1, 0], r"frontend.norm_stats=\[-7.1, 0.0\] needs a positive std"),
-             ("text", "pooling", "max", "text.pooling='max' is not cls or mean"),
-             ("text", "width", 1.5, "text.width=1.5 is not an integer")]
+    cases = [
+        ("encoder", "mlp_ratio", "4", "encoder.mlp_ratio='4' is not a number"),
+        ("encoder", "qkv_bias", 1, "encoder.qkv_bias=1 is not true or false"),
+        ("encoder", "patch_size", [16, 256], r"encoder.patch_size=\[16, 256\] is larger than input_size"),
+        ("predictor", "num_heads", 0, "predictor.num_heads=0 must be at least 1"),
+        ("frontend", "win_length", 800, "frontend.win_length=800 exceeds n_fft=400"),
+        ("frontend", "norm_stats", [-7.1, 0], r"frontend.norm_stats=\[-7.1, 0.0\] needs a positive std"),
+        ("text", "pooling", "max", "text.pooling='max' is not cls or mean"),
+        ("text", "width", 1.5, "text.width=1.5 is not an integer"),
+    ]
     for section, name, value, message in cases:
         d = json.loads(json.dumps(good))
         d[section][name] = value

@@ -1,5 +1,6 @@
 """Retrieval metrics against hand-computed cases: ties, several relevant items, ranks 10 and 11, the two
 conventions agreeing with one relevant item each, agreement with m2dclap.metrics, bounded-memory blocks."""
+
 from __future__ import annotations
 
 import math
@@ -9,16 +10,16 @@ import torch
 import torch.nn.functional as F
 
 import m2dclap.metrics as shared
-from retrieval.metrics import (Relevance, caption_retrieval, relevant_positions, retrieval_scores,
-                               scores_from_positions)
+from retrieval.metrics import Relevance, caption_retrieval, relevant_positions, retrieval_scores, scores_from_positions
 
 
 def scores(sim: list[list[float]], relevant: list[list[int]], protocol: str, **kw) -> dict[str, float]:
     """Figures for an exact similarity matrix: one-hot queries against candidates = sim.T."""
     S = torch.tensor(sim, dtype=torch.float32)
     q, n = S.shape
-    return retrieval_scores(torch.eye(q), S.T.contiguous(), Relevance.from_lists(relevant, n), protocol,
-                            normalize=False, **kw)
+    return retrieval_scores(
+        torch.eye(q), S.T.contiguous(), Relevance.from_lists(relevant, n), protocol, normalize=False, **kw
+    )
 
 
 def ranked(rank_of_relevant: int, n: int = 20) -> list[float]:
@@ -43,8 +44,9 @@ def test_relevant_item_at_rank_10_counts_and_at_rank_11_does_not():
 def test_ties_are_pessimistic():
     # relevant 0.5 tied with two irrelevant candidates, one irrelevant above: position 1 + 1 + 2 = 4
     sim = [[0.5, 0.9, 0.5, 0.5, 0.1, 0.0]]
-    assert relevant_positions(torch.eye(1), torch.tensor(sim).T.contiguous(),
-                              Relevance.from_lists([[0]], 6)).tolist() == [[4.0]]
+    assert relevant_positions(
+        torch.eye(1), torch.tensor(sim).T.contiguous(), Relevance.from_lists([[0]], 6)
+    ).tolist() == [[4.0]]
     got = scores(sim, [[0]], "clap")
     assert (got["R@1"], got["R@5"], got["mAP@10"]) == (0.0, 1.0, pytest.approx(1 / 4))
     # all candidates equal: the relevant one is last
@@ -151,7 +153,7 @@ def test_queries_without_relevant_items_are_counted_and_left_out():
 
 def test_relevance_structures():
     rel = Relevance.grouped(torch.tensor([2, 0, 2, 1]), 3)  # caption -> clip
-    assert [rel.indices[rel.indptr[i]:rel.indptr[i + 1]].tolist() for i in range(3)] == [[1], [3], [0, 2]]
+    assert [rel.indices[rel.indptr[i] : rel.indptr[i + 1]].tolist() for i in range(3)] == [[1], [3], [0, 2]]
     back = rel.transpose()
     assert back.n_queries == 4 and back.indices.tolist() == [2, 0, 2, 1]
     assert Relevance.from_lists([[3, 1, 3]], 4).indices.tolist() == [1, 3]  # duplicates dropped

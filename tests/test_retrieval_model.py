@@ -1,6 +1,7 @@
 """Retrieval tools end to end on a tiny saved model and a small embedded corpus: evaluation (figures equal a
 direct computation, cache, missing clips, DCASE 2025 relevance), submission (written, validated, rejected
 when broken) and fine-tuning (improves a weak start, resumes, keeps the best model)."""
+
 from __future__ import annotations
 
 import csv
@@ -16,7 +17,6 @@ import torch
 import torch.nn.functional as F
 import yaml
 
-from conftest import accelerate_launch, needs_launcher
 import m2dclap
 import m2dclap.metrics as shared
 from m2dclap.clap import ContrastiveLoss
@@ -24,6 +24,8 @@ from m2dclap.data.manifest import Record, read_manifest, write_manifest
 from m2dclap.data.synthetic import generate_corpus
 from retrieval import evaluate, finetune, submit
 from retrieval.cache import EmbeddingCache
+
+from conftest import accelerate_launch, needs_launcher
 
 N_TRAIN, N_VAL = 48, 24  # of 100 clips; the other 28 are the test split
 
@@ -46,8 +48,7 @@ def setup(tmp_path_factory, minilm):
 
 def direct_figures(model, records):
     """Reference: embed with the public API, score with m2dclap.metrics (the CLAP convention)."""
-    audio = model.encode_audio([m2dclap.load_audio(r.audio, model.sample_rate) for r in records],
-                               model.sample_rate)
+    audio = model.encode_audio([m2dclap.load_audio(r.audio, model.sample_rate) for r in records], model.sample_rate)
     owner = torch.tensor([i for i, r in enumerate(records) for _ in r.captions])
     text = model.encode_text([c for r in records for c in r.captions])
     a, t = F.normalize(audio, dim=-1), F.normalize(text, dim=-1)
@@ -57,8 +58,20 @@ def direct_figures(model, records):
 def test_evaluate_equals_direct_computation_and_caches(setup, tmp_path, capsys):
     test = [r for r in setup["records"] if r.split == "test"]
     out, cache = tmp_path / "r.json", tmp_path / "cache"
-    args = ["--checkpoint", str(setup["ckpt"]), "--dataset", "manifest", "--root", str(setup["manifest"]),
-            "--split", "test", "--out", str(out), "--cache-dir", str(cache)]
+    args = [
+        "--checkpoint",
+        str(setup["ckpt"]),
+        "--dataset",
+        "manifest",
+        "--root",
+        str(setup["manifest"]),
+        "--split",
+        "test",
+        "--out",
+        str(out),
+        "--cache-dir",
+        str(cache),
+    ]
     assert evaluate.main(args) == 0
     table = capsys.readouterr().out
     assert "text->audio" in table and "audio->text" in table and "chance" in table
@@ -79,7 +92,7 @@ def test_evaluate_equals_direct_computation_and_caches(setup, tmp_path, capsys):
     assert (cached.hits, cached.stored) == (29, 0) and again["text_to_audio"] == result["text_to_audio"]
     # a re-written file is embedded again
     st = os.stat(test[0].audio)
-    os.utime(test[0].audio, ns=(st.st_atime_ns, st.st_mtime_ns + 10 ** 9))
+    os.utime(test[0].audio, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
     cached = EmbeddingCache(cache, setup["ckpt"])
     evaluate.evaluate_records(setup["model"], test, cache=cached, progress=False)
     assert (cached.hits, cached.stored) == (28, 1)
@@ -96,11 +109,26 @@ def test_evaluate_missing_clips_strict_and_2025_relevance(setup, tmp_path, capsy
         w.writerow([test[0].captions[0], str([names[0], names[3]])])
         w.writerow([test[5].captions[1], str([names[5]])])
         w.writerow(["a sound nobody recorded", str([names[7], names[8], "unknown.wav"])])
-    base = ["--checkpoint", str(setup["ckpt"]), "--dataset", "manifest", "--root", str(manifest),
-            "--split", "test", "--cache-dir", str(tmp_path / "cache")]
+    base = [
+        "--checkpoint",
+        str(setup["ckpt"]),
+        "--dataset",
+        "manifest",
+        "--root",
+        str(manifest),
+        "--split",
+        "test",
+        "--cache-dir",
+        str(tmp_path / "cache"),
+    ]
     assert evaluate.main(base + ["--out", str(tmp_path / "clap.json")]) == 1  # a clip was left out
-    assert evaluate.main(base + ["--out", str(tmp_path / "dcase.json"), "--protocol", "dcase",
-                                 "--relevance", str(tmp_path / "rel.csv")]) == 1
+    assert (
+        evaluate.main(
+            base
+            + ["--out", str(tmp_path / "dcase.json"), "--protocol", "dcase", "--relevance", str(tmp_path / "rel.csv")]
+        )
+        == 1
+    )
     clap, dcase = (json.loads((tmp_path / f"{p}.json").read_text()) for p in ("clap", "dcase"))
     assert clap["missing"] == {"count": 1, "paths": [str(tmp_path / "gone.wav")]}
     assert "left out: 1 missing" in capsys.readouterr().out
@@ -129,16 +157,25 @@ def test_submit_writes_validates_and_rejects(setup, tmp_path, capsys):
     with open(tmp_path / "retrieval_captions.csv", "w", newline="") as f:
         csv.writer(f).writerows([["caption"]] + [[c] for c in captions])
     out = tmp_path / "sub" / "Doe_Inst_task6_1.output.csv"
-    args = ["--checkpoint", str(setup["ckpt"]), "--captions", str(tmp_path / "retrieval_captions.csv"),
-            "--audio-dir", str(audio_dir), "--out", str(out), "--cache-dir", str(tmp_path / "cache")]
+    args = [
+        "--checkpoint",
+        str(setup["ckpt"]),
+        "--captions",
+        str(tmp_path / "retrieval_captions.csv"),
+        "--audio-dir",
+        str(audio_dir),
+        "--out",
+        str(out),
+        "--cache-dir",
+        str(tmp_path / "cache"),
+    ]
     assert submit.main(args + ["--scores"]) == 0
     assert "valid submission: 4 captions x 12 audio files" in capsys.readouterr().out
     rows = list(csv.reader(open(out, newline="")))
     assert rows[0] == ["caption"] + [f"file_name_{i}" for i in range(1, 11)]
     assert [r[0] for r in rows[1:]] == captions and all(len(set(r[1:])) == 10 for r in rows[1:])
     model, names = setup["model"], sorted(Path(r.audio).name for r in test)
-    audio = model.encode_audio([m2dclap.load_audio(audio_dir / n, model.sample_rate) for n in names],
-                               model.sample_rate)
+    audio = model.encode_audio([m2dclap.load_audio(audio_dir / n, model.sample_rate) for n in names], model.sample_rate)
     sim = F.normalize(model.encode_text(captions), dim=-1) @ F.normalize(audio, dim=-1).T
     assert [r[1] for r in rows[1:]] == [names[j] for j in sim.argmax(1).tolist()]
     scores = list(csv.reader(open(out.with_name("Doe_Inst_task6_1.scores.csv"), newline="")))
@@ -190,18 +227,41 @@ def test_batch_loss_treats_duplicates_of_a_clip_as_positives(setup):
         got = finetune.batch_loss(model, batch, loss_fn, 16000)
         out = model(audio=batch["waves"], texts=batch["captions"])
         as_negatives = loss_fn(out["audio_features"], out["text_features"], out["logit_scale"])["contrastive_loss"]
-        as_positives = loss_fn(out["audio_features"], out["text_features"], out["logit_scale"],
-                               positive_groups=torch.tensor([0, 0, 1]))["contrastive_loss"]
+        as_positives = loss_fn(
+            out["audio_features"], out["text_features"], out["logit_scale"], positive_groups=torch.tensor([0, 0, 1])
+        )["contrastive_loss"]
     assert got == pytest.approx(as_positives.item(), rel=1e-6)
     assert abs(as_positives.item() - as_negatives.item()) > 1e-4
 
 
 def test_finetune_improves_a_weak_start_resumes_and_keeps_the_best(setup, tmp_path, capsys):
     out = tmp_path / "ft"
-    args = ["--checkpoint", str(setup["ckpt"]), "--train", str(setup["manifest"]), "--val", str(setup["manifest"]),
-            "--output-dir", str(out), "--batch-size", "16", "--lr", "5e-4", "--min-lr", "5e-4",
-            "--warmup-epochs", "0", "--weight-decay", "0", "--crop-seconds", "1.0", "--sample", "clips",
-            "--tracker", "none"]
+    args = [
+        "--checkpoint",
+        str(setup["ckpt"]),
+        "--train",
+        str(setup["manifest"]),
+        "--val",
+        str(setup["manifest"]),
+        "--output-dir",
+        str(out),
+        "--batch-size",
+        "16",
+        "--lr",
+        "5e-4",
+        "--min-lr",
+        "5e-4",
+        "--warmup-epochs",
+        "0",
+        "--weight-decay",
+        "0",
+        "--crop-seconds",
+        "1.0",
+        "--sample",
+        "clips",
+        "--tracker",
+        "none",
+    ]
     assert finetune.main(args + ["--epochs", "1"]) == 0
     first = json.loads((out / "summary.json").read_text())
     assert first["steps"] == N_TRAIN // 16 and [h["epoch"] for h in first["history"]] == [0, 1]
@@ -211,16 +271,33 @@ def test_finetune_improves_a_weak_start_resumes_and_keeps_the_best(setup, tmp_pa
     assert summary["history"][:2] == first["history"]
     start, best = summary["initial_score"], summary["best_score"]
     chance = shared.chance_text_to_audio(N_VAL)["mAP@10"]
-    print(f"\nvalidation T2A mAP@10 ({N_VAL} clips, chance {100 * chance:.2f}): start {100 * start:.2f} -> "
-          + " -> ".join(f"{100 * h['score']:.2f}" for h in summary["history"][1:]) + f", best {100 * best:.2f}")
+    print(
+        f"\nvalidation T2A mAP@10 ({N_VAL} clips, chance {100 * chance:.2f}): start {100 * start:.2f} -> "
+        + " -> ".join(f"{100 * h['score']:.2f}" for h in summary["history"][1:])
+        + f", best {100 * best:.2f}"
+    )
     assert best > start + 0.04 and best > chance + 0.04
     assert summary["history"][-1]["train_loss"] < summary["history"][1]["train_loss"]
     # the kept model is the best one: evaluating it gives the recorded validation figure
-    assert evaluate.main(["--checkpoint", str(out / "best"), "--dataset", "manifest", "--root",
-                          str(setup["manifest"]), "--split", "val", "--out", str(tmp_path / "best.json"),
-                          "--no-cache"]) == 0
-    assert json.loads((tmp_path / "best.json").read_text())["text_to_audio"]["mAP@10"] == pytest.approx(best,
-                                                                                                       abs=1e-5)
+    assert (
+        evaluate.main(
+            [
+                "--checkpoint",
+                str(out / "best"),
+                "--dataset",
+                "manifest",
+                "--root",
+                str(setup["manifest"]),
+                "--split",
+                "val",
+                "--out",
+                str(tmp_path / "best.json"),
+                "--no-cache",
+            ]
+        )
+        == 0
+    )
+    assert json.loads((tmp_path / "best.json").read_text())["text_to_audio"]["mAP@10"] == pytest.approx(best, abs=1e-5)
     assert (out / "model" / "config.json").is_file()
     with capsys.disabled():
         print(f"fine-tuning figures: start {100 * start:.2f}, best {100 * best:.2f} at epoch {summary['best_epoch']}")
@@ -230,12 +307,33 @@ def test_finetune_improves_a_weak_start_resumes_and_keeps_the_best(setup, tmp_pa
 @needs_launcher
 def test_finetune_under_accelerate_launch_with_two_processes(setup, tmp_path):
     train = [dataclasses.replace(r, split="train") for r in setup["records"][:32]]
-    val = [dataclasses.replace(r, split="val") for r in setup["records"][N_TRAIN:N_TRAIN + 11]]  # odd: uneven shards
+    val = [dataclasses.replace(r, split="val") for r in setup["records"][N_TRAIN : N_TRAIN + 11]]  # odd: uneven shards
     manifest = write_manifest(train + val, tmp_path / "m.csv")
     out = tmp_path / "ft"
-    cmd = accelerate_launch("-m", "retrieval.finetune", "--checkpoint", str(setup["ckpt"]), "--train", str(manifest),
-                            "--val", str(manifest), "--output-dir", str(out), "--epochs", "1", "--batch-size", "8",
-                            "--lr", "5e-4", "--crop-seconds", "1.0", "--sample", "clips", "--tracker", "none")
+    cmd = accelerate_launch(
+        "-m",
+        "retrieval.finetune",
+        "--checkpoint",
+        str(setup["ckpt"]),
+        "--train",
+        str(manifest),
+        "--val",
+        str(manifest),
+        "--output-dir",
+        str(out),
+        "--epochs",
+        "1",
+        "--batch-size",
+        "8",
+        "--lr",
+        "5e-4",
+        "--crop-seconds",
+        "1.0",
+        "--sample",
+        "clips",
+        "--tracker",
+        "none",
+    )
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(Path(__file__).resolve().parents[1]))
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -253,8 +351,11 @@ def test_read_sets_never_trains_on_val_or_test_rows(tmp_path):
 
     audio = tmp_path / "x.wav"
     audio.write_bytes(b"")
-    rows = [Record("v", audio, captions=["a"], split="val"), Record("t", audio, captions=["b"], split="test"),
-            Record("n", audio, captions=["c"])]
+    rows = [
+        Record("v", audio, captions=["a"], split="val"),
+        Record("t", audio, captions=["b"], split="test"),
+        Record("n", audio, captions=["c"]),
+    ]
     manifest = write_manifest(rows, tmp_path / "m.csv")
     sets = read_sets(RetrievalFinetuneCfg(), str(manifest), {"manifest": "train"})
     assert [r.id for r in sets[0][1]] == ["n"]

@@ -1,4 +1,5 @@
 """The embedded synthetic corpus: contents, captions that describe the audio, splits, determinism, caching."""
+
 from __future__ import annotations
 
 import collections
@@ -10,8 +11,16 @@ import soundfile as sf
 
 from m2dclap.data import manifest as manifest_mod
 from m2dclap.data import synthetic
-from m2dclap.data.synthetic import (CLASS_NAMES, ClipSpec, Event, assign_splits, default_corpus_dir,
-                                    generate_corpus, make_captions, render_clip)
+from m2dclap.data.synthetic import (
+    CLASS_NAMES,
+    ClipSpec,
+    Event,
+    assign_splits,
+    default_corpus_dir,
+    generate_corpus,
+    make_captions,
+    render_clip,
+)
 
 SR = 16000
 N = 40
@@ -117,7 +126,7 @@ def _centroid(x):
 
 
 def _count_events(x, hop=800):
-    env = np.sqrt(np.convolve(x ** 2, np.ones(hop) / hop, "same")[::hop])  # 50-ms RMS envelope
+    env = np.sqrt(np.convolve(x**2, np.ones(hop) / hop, "same")[::hop])  # 50-ms RMS envelope
     on = (env > 0.25 * env.max()).astype(int)
     return int((np.diff(on) == 1).sum() + on[0])
 
@@ -129,8 +138,10 @@ def test_audio_matches_its_parameters(cls):
     cents = [_centroid(render_clip(_single(cls, p), SR, np.random.default_rng(1))) for p in pitches]
     assert len(pitches) >= 2 or cls == "rumble"  # rumble has one pitch: nothing to order
     assert all(a < b for a, b in zip(cents, cents[1:]))
-    rms = {lv: np.sqrt(np.mean(render_clip(_single(cls, pitches[0], lv), SR, np.random.default_rng(2)) ** 2))
-           for lv in ("quiet", "loud")}
+    rms = {
+        lv: np.sqrt(np.mean(render_clip(_single(cls, pitches[0], lv), SR, np.random.default_rng(2)) ** 2))
+        for lv in ("quiet", "loud")
+    }
     assert 20 * np.log10(rms["loud"] / rms["quiet"]) > 10
     for reps in (1, 2, 3):
         x = render_clip(_single(cls, pitches[-1], reps=reps), SR, np.random.default_rng(3))
@@ -149,8 +160,15 @@ def test_sequence_order_in_time():
 
 def test_caption_wording_follows_parameters():
     rng = np.random.default_rng(0)
-    spec = ClipSpec([Event("beep", "high", "loud", 3, 2000.0), Event("rumble", "low", "quiet", 1, 200.0)],
-                    "seq", "hiss", 2.5, 0.1, 0.1, [0.2])
+    spec = ClipSpec(
+        [Event("beep", "high", "loud", 3, 2000.0), Event("rumble", "low", "quiet", 1, 200.0)],
+        "seq",
+        "hiss",
+        2.5,
+        0.1,
+        0.1,
+        [0.2],
+    )
     caps = make_captions(spec, rng)
     assert len(caps) == len(set(caps)) == 5
     for c in caps:
@@ -159,8 +177,15 @@ def test_caption_wording_follows_parameters():
         assert "three" in low and "hiss" in low
         assert any(w in low for w in ("high", "shrill")) and any(w in low for w in ("deep", "low"))
         assert any(w in low for w in ("quiet", "soft", "faint"))
-    overlap = ClipSpec([Event("siren", "mid", "loud", 1, 800.0), Event("knock", "low", "quiet", 2, 200.0)],
-                       "overlap", "hum", 2.5, 0.1, 0.1, [])
+    overlap = ClipSpec(
+        [Event("siren", "mid", "loud", 1, 800.0), Event("knock", "low", "quiet", 2, 200.0)],
+        "overlap",
+        "hum",
+        2.5,
+        0.1,
+        0.1,
+        [],
+    )
     for c in make_captions(overlap, rng):
         low = c.lower()
         assert any(w in low for w in (" while ", " over ", " together with ", " at the same time"))

@@ -1,5 +1,6 @@
 """Pretraining loop on a tiny corpus: steps, checkpoints, resume after kill -9, stage 2 freezing,
 bad clips, caption embedding."""
+
 from __future__ import annotations
 
 import json
@@ -23,8 +24,17 @@ from m2dclap.train.engine import latest_checkpoint
 from m2dclap.train.pretrain import train
 
 ROOT = Path(__file__).resolve().parents[1]
-FAST = dict(batch_size=8, epochs=50, warmup_epochs=1, lr=1e-3, crop_seconds=0.64, checkpoint_every=2,
-            log_every=1, norm_stats_clips=16, tracker="none")
+FAST = dict(
+    batch_size=8,
+    epochs=50,
+    warmup_epochs=1,
+    lr=1e-3,
+    crop_seconds=0.64,
+    checkpoint_every=2,
+    log_every=1,
+    norm_stats_clips=16,
+    tracker="none",
+)
 
 
 @pytest.fixture(scope="module")
@@ -67,29 +77,116 @@ def test_half_written_checkpoints_are_ignored(tmp_path):
 
 def _pretrain_cmd(out: Path, corpus) -> list[str]:
     manifest, capemb = corpus
-    args = [sys.executable, str(ROOT / "scripts" / "pretrain.py"), "--stage", "1", "--data", str(manifest),
-            "--captions", str(capemb), "--output-dir", str(out), "--max-steps", "10", "-v"]
+    args = [
+        sys.executable,
+        str(ROOT / "scripts" / "pretrain.py"),
+        "--stage",
+        "1",
+        "--data",
+        str(manifest),
+        "--captions",
+        str(capemb),
+        "--output-dir",
+        str(out),
+        "--max-steps",
+        "10",
+        "-v",
+    ]
     for k, v in {**FAST, "checkpoint_every": 3}.items():
         args += ["--" + k.replace("_", "-"), str(v)]
     return args
 
 
 def _stage11_cmd(out: Path, corpus, init: Path) -> list[str]:
-    return [sys.executable, "-m", "m2dclap.train.finetune", "--init", str(init), "--data", str(corpus[0]),
-            "--output-dir", str(out), "--input-size", "80x208", "--batch-size", "4", "--epochs", "2",
-            "--max-steps", "10", "--warmup-epochs", "0.5", "--checkpoint-every", "3", "--tracker", "none", "-v"]
+    return [
+        sys.executable,
+        "-m",
+        "m2dclap.train.finetune",
+        "--init",
+        str(init),
+        "--data",
+        str(corpus[0]),
+        "--output-dir",
+        str(out),
+        "--input-size",
+        "80x208",
+        "--batch-size",
+        "4",
+        "--epochs",
+        "2",
+        "--max-steps",
+        "10",
+        "--warmup-epochs",
+        "0.5",
+        "--checkpoint-every",
+        "3",
+        "--tracker",
+        "none",
+        "-v",
+    ]
 
 
 def _retrieval_cmd(out: Path, corpus, ckpt: Path) -> list[str]:
-    return [sys.executable, "-m", "retrieval.finetune", "--checkpoint", str(ckpt), "--train", str(corpus[0]),
-            "--val", str(corpus[0]), "--output-dir", str(out), "--batch-size", "8", "--epochs", "3", "--lr", "5e-4",
-            "--crop-seconds", "1.0", "--sample", "clips", "--checkpoint-every", "3", "--tracker", "none"]
+    return [
+        sys.executable,
+        "-m",
+        "retrieval.finetune",
+        "--checkpoint",
+        str(ckpt),
+        "--train",
+        str(corpus[0]),
+        "--val",
+        str(corpus[0]),
+        "--output-dir",
+        str(out),
+        "--batch-size",
+        "8",
+        "--epochs",
+        "3",
+        "--lr",
+        "5e-4",
+        "--crop-seconds",
+        "1.0",
+        "--sample",
+        "clips",
+        "--checkpoint-every",
+        "3",
+        "--tracker",
+        "none",
+    ]
 
 
 def _captioning_cmd(out: Path, index: str) -> list[str]:
-    return [sys.executable, "-m", "captioning.train", "--dataset", index, "--bart", "tiny", "--output-dir", str(out),
-            "--epochs", "3", "--batch-size", "8", "--lr", "1e-3", "--caption-sampling", "one", "--val-beams", "1",
-            "--max-val", "2", "--top-k", "10", "--checkpoint-every", "3", "--grad-accum", "1", "--no-progress"]
+    return [
+        sys.executable,
+        "-m",
+        "captioning.train",
+        "--dataset",
+        index,
+        "--bart",
+        "tiny",
+        "--output-dir",
+        str(out),
+        "--epochs",
+        "3",
+        "--batch-size",
+        "8",
+        "--lr",
+        "1e-3",
+        "--caption-sampling",
+        "one",
+        "--val-beams",
+        "1",
+        "--max-val",
+        "2",
+        "--top-k",
+        "10",
+        "--checkpoint-every",
+        "3",
+        "--grad-accum",
+        "1",
+        "--no-progress",
+    ]
 
 
 def _final_weights(task: str, out: Path) -> dict[str, torch.Tensor]:
@@ -128,14 +225,43 @@ def task_setup(corpus, tmp_path_factory):
         torch.manual_seed(0)
         clap = m2dclap.M2DCLAP(m2dclap.get_model_config("tiny", **{"text.kind": "none"})).save_pretrained(root / "c")
         cache = root / "captioning"  # one in-process step makes the feature cache the runs share
-        assert tr.main(["--dataset", str(corpus[0]), "--clap-checkpoint", str(clap), "--codec", "random", "--bart",
-                        "tiny", "--output-dir", str(cache), "--epochs", "1", "--max-steps", "1", "--max-val", "2",
-                        "--val-beams", "1", "--no-progress", "--caption-sampling", "one"]) == 0
+        assert (
+            tr.main(
+                [
+                    "--dataset",
+                    str(corpus[0]),
+                    "--clap-checkpoint",
+                    str(clap),
+                    "--codec",
+                    "random",
+                    "--bart",
+                    "tiny",
+                    "--output-dir",
+                    str(cache),
+                    "--epochs",
+                    "1",
+                    "--max-steps",
+                    "1",
+                    "--max-val",
+                    "2",
+                    "--val-beams",
+                    "1",
+                    "--no-progress",
+                    "--caption-sampling",
+                    "one",
+                ]
+            )
+            == 0
+        )
         index = json.loads((cache / "run.json").read_text())["index"]
         return lambda out: _captioning_cmd(out, index), "state", 4
 
-    builders = {"pretraining": lambda: ((lambda out: _pretrain_cmd(out, corpus)), "checkpoints", 4),
-                "stage1.1": stage11, "retrieval": retrieval, "captioning": captioning}
+    builders = {
+        "pretraining": lambda: ((lambda out: _pretrain_cmd(out, corpus)), "checkpoints", 4),
+        "stage1.1": stage11,
+        "retrieval": retrieval,
+        "captioning": captioning,
+    }
     return lambda task: builders[task]()
 
 
@@ -171,8 +297,17 @@ def test_kill_9_then_resume_equals_uninterrupted(task, task_setup, tmp_path):
 def test_stage2_freezes_the_audio_encoder(corpus, tmp_path, minilm):
     train(stage1(corpus, tmp_path / "s1", max_steps=1), corpus[0])
     s1 = m2dclap.load(tmp_path / "s1" / "model")
-    cfg = stage_config("2", **{**FAST, "init": str(tmp_path / "s1" / "model"), "output_dir": str(tmp_path / "s2"),
-                               "max_steps": 2, "text_model": minilm, "crop_seconds": 1.5})
+    cfg = stage_config(
+        "2",
+        **{
+            **FAST,
+            "init": str(tmp_path / "s1" / "model"),
+            "output_dir": str(tmp_path / "s2"),
+            "max_steps": 2,
+            "text_model": minilm,
+            "crop_seconds": 1.5,
+        },
+    )
     summary = train(cfg, corpus[0])
     assert summary["steps"] == 2
     s2 = m2dclap.load(tmp_path / "s2" / "model")
@@ -212,8 +347,9 @@ def test_embed_captions_official_form_and_resume(corpus, tmp_path, minilm):
     assert set(emb) == {r.id for r in records}
     first = records[0]
     assert emb[first.id].dtype == np.float16 and emb[first.id].shape == (len(first.captions), 384)
-    model = m2dclap.M2DCLAP(m2dclap.get_model_config("tiny", **{"text.kind": "sentence", "text.name": minilm,
-                                                                   "text.width": 384}))
+    model = m2dclap.M2DCLAP(
+        m2dclap.get_model_config("tiny", **{"text.kind": "sentence", "text.name": minilm, "text.width": 384})
+    )
     direct = model.text_encoder(first.captions[:1]).numpy()
     assert np.allclose(emb[first.id][0].astype(np.float32), direct[0], atol=2e-3)
 
@@ -242,8 +378,18 @@ def test_cli_exits_1_and_names_a_skipped_clip(corpus, tmp_path, capsys):
     broken.write_bytes(b"RIFF0000WAVEjunk")
     next(r for r in records if r.split == "train").audio = broken
     write_manifest(records, tmp_path / "bad.csv")
-    args = ["--stage", "1", "--data", str(tmp_path / "bad.csv"), "--captions", str(corpus[1]), "--output-dir",
-            str(tmp_path / "run"), "--max-steps", "4"]
+    args = [
+        "--stage",
+        "1",
+        "--data",
+        str(tmp_path / "bad.csv"),
+        "--captions",
+        str(corpus[1]),
+        "--output-dir",
+        str(tmp_path / "run"),
+        "--max-steps",
+        "4",
+    ]
     for k, v in FAST.items():
         args += ["--" + k.replace("_", "-"), str(v)]
     assert pretrain.main(args) == 1

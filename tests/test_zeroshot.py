@@ -1,5 +1,6 @@
 """Zero-shot classification: the paper's prompt rules, the metrics against scikit-learn, the classifier on a
 tiny model, and both command lines on the embedded corpus."""
+
 from __future__ import annotations
 
 import json
@@ -19,35 +20,50 @@ from zeroshot import classify as classify_cli
 from zeroshot import evaluate as evaluate_cli
 from zeroshot.classifier import ZeroShotClassifier
 from zeroshot.metrics import accuracy, average_precision, confusion_matrix, mean_average_precision, per_class_accuracy
-from zeroshot.templates import (CREMAD_NAMES, CREMAD_SENTENCES, TemplateError, clean_label, encode_prompts,
-                                make_prompt, make_prompts, read_class_labels_indices)
+from zeroshot.templates import (
+    CREMAD_NAMES,
+    CREMAD_SENTENCES,
+    TemplateError,
+    clean_label,
+    encode_prompts,
+    make_prompt,
+    make_prompts,
+    read_class_labels_indices,
+)
 
 from conftest import minilm_path, tone
 
-
 # ----------------------------------------------------------------------------------------------- templates
 
-@pytest.mark.parametrize("rule,label,prompt", [
-    ("esc50", "dog", "dog can be heard"),
-    ("esc50", "crackling_fire", "crackling fire can be heard"),
-    ("us8k", "air_conditioner", "air conditioner can be heard"),
-    ("gtzan", "hiphop", "hiphop music can be heard"),
-    ("nsynth", "keyboard", "the musical instrument sound of keyboard can be heard"),
-    ("nsynth", "synth_lead", "the musical instrument sound of synth lead can be heard"),
-    ("fsd50k", "Electric_guitar", "Electric guitar can be heard"),
-    ("audioset", "Speech", "Speech can be heard"),
-    ("default", "noise burst", "noise burst can be heard"),
-])
+
+@pytest.mark.parametrize(
+    "rule,label,prompt",
+    [
+        ("esc50", "dog", "dog can be heard"),
+        ("esc50", "crackling_fire", "crackling fire can be heard"),
+        ("us8k", "air_conditioner", "air conditioner can be heard"),
+        ("gtzan", "hiphop", "hiphop music can be heard"),
+        ("nsynth", "keyboard", "the musical instrument sound of keyboard can be heard"),
+        ("nsynth", "synth_lead", "the musical instrument sound of synth lead can be heard"),
+        ("fsd50k", "Electric_guitar", "Electric guitar can be heard"),
+        ("audioset", "Speech", "Speech can be heard"),
+        ("default", "noise burst", "noise burst can be heard"),
+    ],
+)
 def test_dataset_rules(rule, label, prompt):
     assert make_prompt(label, rule) == prompt
 
 
 def test_cremad_rule_is_the_papers_six_sentences():
     prompts = [p[0] for p in make_prompts(["ANG", "DIS", "FEA", "HAP", "NEU", "SAD"], "cremad")]
-    assert prompts == ["angry person talking can be heard", "someone talking in disgust can be heard",
-                       "someone talking with a sense of fear can be heard",
-                       "someone talking happily and joyfully can be heard", "someone talking calmly can be heard",
-                       "someone talking sadly can be heard"]
+    assert prompts == [
+        "angry person talking can be heard",
+        "someone talking in disgust can be heard",
+        "someone talking with a sense of fear can be heard",
+        "someone talking happily and joyfully can be heard",
+        "someone talking calmly can be heard",
+        "someone talking sadly can be heard",
+    ]
     # the display words of a CREMA-D dataset still reach the same sentences; user templates get the words
     assert make_prompt("happy", "cremad") == make_prompt("HAP", "cremad", CREMAD_NAMES)
     assert make_prompt("FEA", "a {label} voice", CREMAD_NAMES) == "a fearful voice"
@@ -58,14 +74,22 @@ def test_cremad_rule_is_the_papers_six_sentences():
 
 def test_audioset_mids_to_display_names(tmp_path):
     csv_file = tmp_path / "class_labels_indices.csv"
-    csv_file.write_text('index,mid,display_name\n1,/m/05zppz,"Male speech, man speaking"\n0,/m/09x0r,"Speech"\n'
-                        '2,/m/07qfr4h,"Speech_synthesizer"\n')
+    csv_file.write_text(
+        'index,mid,display_name\n1,/m/05zppz,"Male speech, man speaking"\n0,/m/09x0r,"Speech"\n'
+        '2,/m/07qfr4h,"Speech_synthesizer"\n'
+    )
     pairs = read_class_labels_indices(csv_file)
-    assert pairs == [("/m/09x0r", "Speech"), ("/m/05zppz", "Male speech, man speaking"),
-                     ("/m/07qfr4h", "Speech_synthesizer")]  # index order
+    assert pairs == [
+        ("/m/09x0r", "Speech"),
+        ("/m/05zppz", "Male speech, man speaking"),
+        ("/m/07qfr4h", "Speech_synthesizer"),
+    ]  # index order
     names = dict(pairs)
     assert [p[0] for p in make_prompts([m for m, _ in pairs], "audioset", names)] == [
-        "Speech can be heard", "Male speech, man speaking can be heard", "Speech synthesizer can be heard"]
+        "Speech can be heard",
+        "Male speech, man speaking can be heard",
+        "Speech synthesizer can be heard",
+    ]
     assert make_prompt("/m/05zppz", "the sound of {}", names) == "the sound of Male speech, man speaking"
     assert clean_label("/m/unknown", names) == "/m/unknown"
     csv_file.write_text("index,mid,display_name\n0,/m/09x0r,Male speech, man speaking\n")
@@ -86,6 +110,7 @@ def test_user_templates():
 
 
 # ----------------------------------------------------------------------------------------------- metrics
+
 
 def test_macro_map_equals_scikit_learn_on_random_data():
     sk = pytest.importorskip("sklearn.metrics")
@@ -124,6 +149,7 @@ def test_accuracy_and_confusion_matrix():
 
 
 # ----------------------------------------------------------------------------------------------- classifier
+
 
 @pytest.fixture(scope="module")
 def model():
@@ -230,10 +256,24 @@ def test_from_labels_rejects_bad_input(model):
 
 # ----------------------------------------------------------------------------------------------- CLIs
 
+
 def test_evaluate_cli_on_embedded_corpus(checkpoint, corpus, model, tmp_path, capsys):
     out = tmp_path / "res" / "results.json"
-    rc = evaluate_cli.main(["--checkpoint", str(checkpoint), "--dataset", "manifest", "--root", str(corpus.parent),
-                            "--task", "single", "--out", str(out), "--quiet"])
+    rc = evaluate_cli.main(
+        [
+            "--checkpoint",
+            str(checkpoint),
+            "--dataset",
+            "manifest",
+            "--root",
+            str(corpus.parent),
+            "--task",
+            "single",
+            "--out",
+            str(out),
+            "--quiet",
+        ]
+    )
     assert rc == 0
     res = json.loads(out.read_text())
     test = [r for r in read_manifest(corpus, "test")]
@@ -255,9 +295,26 @@ def test_evaluate_cli_multi_label_ensemble_and_plot(checkpoint, corpus, model, t
     pytest.importorskip("matplotlib")
     monkeypatch.setattr(evaluate_cli, "load_model", lambda *a: model)  # loading is tested above; save time
     out = tmp_path / "multi.json"
-    rc = evaluate_cli.main(["--checkpoint", str(checkpoint), "--dataset", "manifest", "--manifest", str(corpus),
-                            "--split", "val", "--template", "{label} can be heard", "--template", "a {} sound",
-                            "--out", str(out), "--plot", "--quiet"])
+    rc = evaluate_cli.main(
+        [
+            "--checkpoint",
+            str(checkpoint),
+            "--dataset",
+            "manifest",
+            "--manifest",
+            str(corpus),
+            "--split",
+            "val",
+            "--template",
+            "{label} can be heard",
+            "--template",
+            "a {} sound",
+            "--out",
+            str(out),
+            "--plot",
+            "--quiet",
+        ]
+    )
     assert rc == 0
     res = json.loads(out.read_text())
     assert res["task"] == "multi-label" and res["metric"] == "mAP" and 0 <= res["mAP"] <= 1
@@ -267,8 +324,26 @@ def test_evaluate_cli_multi_label_ensemble_and_plot(checkpoint, corpus, model, t
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     # single-label: a confusion matrix, at the path given
     cm_png = tmp_path / "cm.png"
-    assert evaluate_cli.main(["--checkpoint", str(checkpoint), "--dataset", "manifest", "--manifest", str(corpus),
-                              "--task", "single", "--limit", "3", "--plot", str(cm_png), "--quiet"]) == 0
+    assert (
+        evaluate_cli.main(
+            [
+                "--checkpoint",
+                str(checkpoint),
+                "--dataset",
+                "manifest",
+                "--manifest",
+                str(corpus),
+                "--task",
+                "single",
+                "--limit",
+                "3",
+                "--plot",
+                str(cm_png),
+                "--quiet",
+            ]
+        )
+        == 0
+    )
     assert cm_png.read_bytes()[:4] == b"\x89PNG"
 
 
@@ -290,8 +365,19 @@ def test_evaluate_cli_errors(corpus, tmp_path, capsys, monkeypatch):
 
 def test_classify_cli(checkpoint, corpus, model, tmp_path, capsys, monkeypatch):
     clips = [r.audio for r in read_manifest(corpus, "test")][:2]
-    rc = classify_cli.main([*map(str, clips), str(tmp_path / "missing.wav"), "--checkpoint", str(checkpoint),
-                            "--labels", "beep, siren,rumble,siren", "--top", "2", "--quiet"])
+    rc = classify_cli.main(
+        [
+            *map(str, clips),
+            str(tmp_path / "missing.wav"),
+            "--checkpoint",
+            str(checkpoint),
+            "--labels",
+            "beep, siren,rumble,siren",
+            "--top",
+            "2",
+            "--quiet",
+        ]
+    )
     captured = capsys.readouterr()
     assert rc == 1 and "1 of 3 file(s) could not be used" in captured.err and "missing.wav" in captured.err
     lines = captured.out.splitlines()
@@ -300,8 +386,9 @@ def test_classify_cli(checkpoint, corpus, model, tmp_path, capsys, monkeypatch):
     labels = {ln.split()[1] for ln in lines if ln.startswith("  ")}
     assert labels <= {"beep", "siren", "rumble"}
     monkeypatch.setattr(classify_cli, "load_model", lambda *a: model)  # loading is tested above; save time
-    rc = classify_cli.main([str(clips[0]), "--checkpoint", str(checkpoint), "--labels", "beep,siren", "--json",
-                            "--multi-label", "--quiet"])
+    rc = classify_cli.main(
+        [str(clips[0]), "--checkpoint", str(checkpoint), "--labels", "beep,siren", "--json", "--multi-label", "--quiet"]
+    )
     row = json.loads(capsys.readouterr().out)
     assert rc == 0 and [t["label"] for t in row["top"]] != [] and len(row["top"]) == 2
     assert all(0 < t["probability"] < 1 for t in row["top"])

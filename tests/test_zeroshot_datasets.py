@@ -1,4 +1,5 @@
 """Zero-shot dataset readers on tiny fake layouts: parsing, label sets, folds, missing files, malformed metadata."""
+
 from __future__ import annotations
 
 import json
@@ -8,9 +9,20 @@ import numpy as np
 import pytest
 import soundfile as sf
 
-from zeroshot.datasets import (NSYNTH_FAMILIES, DatasetError, cremad_label, read_zeroshot_dataset, read_audioset,
-                               read_cremad, read_esc50, read_fsd50k, read_gtzan, read_manifest_dataset, read_nsynth,
-                               read_us8k)
+from zeroshot.datasets import (
+    NSYNTH_FAMILIES,
+    DatasetError,
+    cremad_label,
+    read_audioset,
+    read_cremad,
+    read_esc50,
+    read_fsd50k,
+    read_gtzan,
+    read_manifest_dataset,
+    read_nsynth,
+    read_us8k,
+    read_zeroshot_dataset,
+)
 from zeroshot.templates import make_prompts
 
 
@@ -29,9 +41,13 @@ def write(path: Path, text: str) -> Path:
 
 # ----------------------------------------------------------------------------------------------- ESC-50
 
-ESC_ROWS = [("1-100032-A-0.wav", 1, 0, "dog"), ("1-110389-A-0.wav", 1, 0, "dog"),
-            ("2-102414-A-12.wav", 2, 12, "crackling_fire"), ("3-100018-A-1.wav", 3, 1, "rooster"),
-            ("5-9032-A-12.wav", 5, 12, "crackling_fire")]
+ESC_ROWS = [
+    ("1-100032-A-0.wav", 1, 0, "dog"),
+    ("1-110389-A-0.wav", 1, 0, "dog"),
+    ("2-102414-A-12.wav", 2, 12, "crackling_fire"),
+    ("3-100018-A-1.wav", 3, 1, "rooster"),
+    ("5-9032-A-12.wav", 5, 12, "crackling_fire"),
+]
 
 
 def esc50(tmp_path: Path, rows=ESC_ROWS, extra: str = "") -> Path:
@@ -53,8 +69,11 @@ def test_esc50_classes_folds_labels(tmp_path):
     assert ds.clips[0].path.name == "1-100032-A-0.wav" and ds.clips[0].path.parent.name == "audio"
     assert ds.targets().tolist() == [0, 0, 2, 1, 2]
     assert ds.missing == []
-    assert make_prompts(ds.classes, ds.rule) == [["dog can be heard"], ["rooster can be heard"],
-                                                 ["crackling fire can be heard"]]
+    assert make_prompts(ds.classes, ds.rule) == [
+        ["dog can be heard"],
+        ["rooster can be heard"],
+        ["crackling fire can be heard"],
+    ]
     assert [c.fold for c in read_esc50(esc50(tmp_path), folds=["1", 5]).clips] == ["1", "1", "5"]
 
 
@@ -71,11 +90,14 @@ def test_esc50_missing_files_reported_and_strict(tmp_path, caplog):
         read_esc50(root, strict=True)
 
 
-@pytest.mark.parametrize("extra,match", [
-    ("4-1.wav,4,0\n", r"esc50\.csv, line 7: 3 field\(s\), expected 7"),
-    ("4-1.wav,four,0,dog,False,1,A\n", r"esc50\.csv, line 7: column 'fold' must be an integer, got 'four'"),
-    ("4-1.wav,4,0,cat,False,1,A\n", r"esc50\.csv, line 7: class id 0 is 'cat' here but 'dog' earlier"),
-])
+@pytest.mark.parametrize(
+    "extra,match",
+    [
+        ("4-1.wav,4,0\n", r"esc50\.csv, line 7: 3 field\(s\), expected 7"),
+        ("4-1.wav,four,0,dog,False,1,A\n", r"esc50\.csv, line 7: column 'fold' must be an integer, got 'four'"),
+        ("4-1.wav,4,0,cat,False,1,A\n", r"esc50\.csv, line 7: class id 0 is 'cat' here but 'dog' earlier"),
+    ],
+)
 def test_esc50_malformed_rows_name_file_and_line(tmp_path, extra, match):
     with pytest.raises(DatasetError, match=match):
         read_esc50(esc50(tmp_path, extra=extra))
@@ -91,10 +113,15 @@ def test_esc50_missing_metadata_or_column(tmp_path):
 
 # ----------------------------------------------------------------------------------------------- US8K
 
+
 def test_us8k_folders_classes_and_missing(tmp_path):
     root = tmp_path / "UrbanSound8K"
-    rows = [("100032-3-0-0.wav", 100032, 5, 3, "dog_bark"), ("100263-2-0-117.wav", 100263, 5, 2, "children_playing"),
-            ("101415-3-0-2.wav", 101415, 10, 3, "dog_bark"), ("102305-6-0-0.wav", 102305, 1, 6, "gun_shot")]
+    rows = [
+        ("100032-3-0-0.wav", 100032, 5, 3, "dog_bark"),
+        ("100263-2-0-117.wav", 100263, 5, 2, "children_playing"),
+        ("101415-3-0-2.wav", 101415, 10, 3, "dog_bark"),
+        ("102305-6-0-0.wav", 102305, 1, 6, "gun_shot"),
+    ]
     lines = ["slice_file_name,fsID,start,end,salience,fold,classID,class"]
     for name, fs, fold, cid, cls in rows:
         lines.append(f"{name},{fs},0.0,0.317,1,{fold},{cid},{cls}")
@@ -104,20 +131,26 @@ def test_us8k_folders_classes_and_missing(tmp_path):
     ds = read_us8k(root)
     assert ds.classes == ["children_playing", "dog_bark", "gun_shot"]  # classID 2, 3, 6
     assert [(c.path.parent.name, c.fold, c.labels[0]) for c in ds.clips] == [
-        ("fold5", "5", "dog_bark"), ("fold5", "5", "children_playing"), ("fold10", "10", "dog_bark")]
+        ("fold5", "5", "dog_bark"),
+        ("fold5", "5", "children_playing"),
+        ("fold10", "10", "dog_bark"),
+    ]
     assert ds.missing == [root / "audio" / "fold1" / "102305-6-0-0.wav"]
     assert make_prompts(["children_playing"], ds.rule) == [["children playing can be heard"]]
     assert len(read_us8k(root, folds=["10"]).clips) == 1
 
 
 def test_us8k_malformed_fold(tmp_path):
-    write(tmp_path / "metadata" / "UrbanSound8K.csv",
-          "slice_file_name,fsID,start,end,salience,fold,classID,class\na.wav,1,0,1,1,x,3,dog_bark\n")
+    write(
+        tmp_path / "metadata" / "UrbanSound8K.csv",
+        "slice_file_name,fsID,start,end,salience,fold,classID,class\na.wav,1,0,1,1,x,3,dog_bark\n",
+    )
     with pytest.raises(DatasetError, match=r"UrbanSound8K\.csv, line 2: column 'fold'"):
         read_us8k(tmp_path)
 
 
 # ----------------------------------------------------------------------------------------------- GTZAN
+
 
 @pytest.mark.parametrize("folder", ["genres", "genres_original"])
 def test_gtzan_genre_folders(tmp_path, folder):
@@ -135,11 +168,16 @@ def test_gtzan_split_file(tmp_path):
     for genre in ("blues", "hiphop", "jazz"):
         for i in range(2):
             wav(tmp_path / "genres" / genre / f"{genre}.0000{i}.wav")
-    split = write(tmp_path / "test_filtered.txt",
-                  "blues/blues.00001.au\n\nhiphop/hiphop.00000.wav\njazz.00001.wav\njazz/jazz.00054.wav\n")
+    split = write(
+        tmp_path / "test_filtered.txt",
+        "blues/blues.00001.au\n\nhiphop/hiphop.00000.wav\njazz.00001.wav\njazz/jazz.00054.wav\n",
+    )
     ds = read_gtzan(tmp_path, split_file=split)
     assert [(c.labels[0], c.path.name) for c in ds.clips] == [
-        ("blues", "blues.00001.wav"), ("hiphop", "hiphop.00000.wav"), ("jazz", "jazz.00001.wav")]
+        ("blues", "blues.00001.wav"),
+        ("hiphop", "hiphop.00000.wav"),
+        ("jazz", "jazz.00001.wav"),
+    ]
     assert ds.classes == ["blues", "hiphop", "jazz"]  # all genres compete, also those not in the split
     assert ds.missing == [tmp_path / "genres" / "jazz" / "jazz.00054.wav"]
     assert all(c.fold == "test_filtered" for c in ds.clips)
@@ -153,11 +191,14 @@ def test_gtzan_no_audio(tmp_path):
 
 # ----------------------------------------------------------------------------------------------- NSynth
 
+
 def test_nsynth_examples_json(tmp_path):
     base = tmp_path / "nsynth-test"
-    examples = {"bass_synthetic_033-022-050": {"instrument_family_str": "bass", "pitch": 22},
-                "guitar_acoustic_010-066-100": {"instrument_family_str": "guitar", "pitch": 66},
-                "vocal_synthetic_003-088-075": {"instrument_family_str": "vocal", "pitch": 88}}
+    examples = {
+        "bass_synthetic_033-022-050": {"instrument_family_str": "bass", "pitch": 22},
+        "guitar_acoustic_010-066-100": {"instrument_family_str": "guitar", "pitch": 66},
+        "vocal_synthetic_003-088-075": {"instrument_family_str": "vocal", "pitch": 88},
+    }
     write(base / "examples.json", json.dumps(examples, indent=2))
     for note in list(examples)[:2]:
         wav(base / "audio" / f"{note}.wav")
@@ -180,8 +221,14 @@ def test_nsynth_bad_json_and_entries(tmp_path):
 
 # ----------------------------------------------------------------------------------------------- CREMA-D
 
-CREMA = ["1001_DFA_ANG_XX.wav", "1001_IEO_HAP_HI.wav", "1002_TIE_NEU_XX.wav", "1091_WSI_SAD_LO.wav",
-         "1045_ITS_FEA_MD.wav", "1050_MTI_DIS_XX.wav"]
+CREMA = [
+    "1001_DFA_ANG_XX.wav",
+    "1001_IEO_HAP_HI.wav",
+    "1002_TIE_NEU_XX.wav",
+    "1091_WSI_SAD_LO.wav",
+    "1045_ITS_FEA_MD.wav",
+    "1050_MTI_DIS_XX.wav",
+]
 
 
 def test_cremad_labels_from_names(tmp_path):
@@ -201,9 +248,11 @@ def test_cremad_labels_from_names(tmp_path):
 def test_cremad_split_file(tmp_path):
     for name in CREMA[:4]:
         wav(tmp_path / "AudioWAV" / name)
-    split = write(tmp_path / "cremad.csv", "file_name,label,speaker_id,split\n"
-                  + "".join(f"AudioWAV/{n},{n[9:12]},{n[:4]},{'test' if i % 2 else 'train'}\n"
-                            for i, n in enumerate(CREMA)))
+    split = write(
+        tmp_path / "cremad.csv",
+        "file_name,label,speaker_id,split\n"
+        + "".join(f"AudioWAV/{n},{n[9:12]},{n[:4]},{'test' if i % 2 else 'train'}\n" for i, n in enumerate(CREMA)),
+    )
     ds = read_cremad(tmp_path, split_file=split)
     assert [c.path.name for c in ds.clips] == ["1001_IEO_HAP_HI.wav", "1091_WSI_SAD_LO.wav"]
     assert [p.name for p in ds.missing] == ["1050_MTI_DIS_XX.wav"]
@@ -215,15 +264,22 @@ def test_cremad_split_file(tmp_path):
 
 # ----------------------------------------------------------------------------------------------- FSD50K
 
+
 def fsd50k(tmp_path: Path, vocab: bool = True, extra: str = "") -> Path:
     gt = tmp_path / "FSD50K.ground_truth"
-    write(gt / "eval.csv", 'fname,labels,mids\n'
-          '37199,"Electric_guitar,Guitar,Music","/m/02sgy,/m/0342h,/m/04rlf"\n'
-          '175151,Bark,/m/05tny_\n'
-          '253463,"Bark,Dog","/m/05tny_,/m/0bt9lr"\n' + extra)
+    write(
+        gt / "eval.csv",
+        "fname,labels,mids\n"
+        '37199,"Electric_guitar,Guitar,Music","/m/02sgy,/m/0342h,/m/04rlf"\n'
+        "175151,Bark,/m/05tny_\n"
+        '253463,"Bark,Dog","/m/05tny_,/m/0bt9lr"\n' + extra,
+    )
     if vocab:
-        write(gt / "vocabulary.csv", "0,Bark,/m/05tny_\n1,Dog,/m/0bt9lr\n2,Electric_guitar,/m/02sgy\n"
-                                     "3,Guitar,/m/0342h\n4,Music,/m/04rlf\n5,Rain,/m/06mb1\n")
+        write(
+            gt / "vocabulary.csv",
+            "0,Bark,/m/05tny_\n1,Dog,/m/0bt9lr\n2,Electric_guitar,/m/02sgy\n"
+            "3,Guitar,/m/0342h\n4,Music,/m/04rlf\n5,Rain,/m/06mb1\n",
+        )
     for fname in ("37199", "175151"):
         wav(tmp_path / "FSD50K.eval_audio" / f"{fname}.wav")
     return tmp_path
@@ -238,7 +294,12 @@ def test_fsd50k_multi_label(tmp_path):
     assert [p.name for p in ds.missing] == ["253463.wav"]
     assert make_prompts(["Electric_guitar"], ds.rule) == [["Electric guitar can be heard"]]
     assert read_fsd50k(fsd50k(tmp_path / "nv", vocab=False)).classes == [
-        "Bark", "Dog", "Electric_guitar", "Guitar", "Music"]  # without vocabulary.csv: the labels found
+        "Bark",
+        "Dog",
+        "Electric_guitar",
+        "Guitar",
+        "Music",
+    ]  # without vocabulary.csv: the labels found
 
 
 def test_fsd50k_errors(tmp_path):
@@ -250,14 +311,18 @@ def test_fsd50k_errors(tmp_path):
 
 # ----------------------------------------------------------------------------------------------- AudioSet
 
-CLASS_INDEX = ('index,mid,display_name\n0,/m/09x0r,"Speech"\n1,/m/05zppz,"Male speech, man speaking"\n'
-               '2,/m/0jbk,"Animal"\n3,/m/068hy,"Domestic animals, pets"\n')
-SEGMENTS = ("# Segments csv created Sun Mar  5 10:54:25 2017\n"
-            "# num_ytids=3, num_segs=3, num_unique_labels=4, num_positive_labels=5\n"
-            "# YTID, start_seconds, end_seconds, positive_labels\n"
-            '--4gqARaEJE, 0.000, 10.000, "/m/068hy,/m/0jbk"\n'
-            '--BfvyPmVMo, 20.000, 30.000, "/m/09x0r"\n'
-            '--U7joUcTCo, 0.000, 10.000, "/m/05zppz,/m/09x0r"\n')
+CLASS_INDEX = (
+    'index,mid,display_name\n0,/m/09x0r,"Speech"\n1,/m/05zppz,"Male speech, man speaking"\n'
+    '2,/m/0jbk,"Animal"\n3,/m/068hy,"Domestic animals, pets"\n'
+)
+SEGMENTS = (
+    "# Segments csv created Sun Mar  5 10:54:25 2017\n"
+    "# num_ytids=3, num_segs=3, num_unique_labels=4, num_positive_labels=5\n"
+    "# YTID, start_seconds, end_seconds, positive_labels\n"
+    '--4gqARaEJE, 0.000, 10.000, "/m/068hy,/m/0jbk"\n'
+    '--BfvyPmVMo, 20.000, 30.000, "/m/09x0r"\n'
+    '--U7joUcTCo, 0.000, 10.000, "/m/05zppz,/m/09x0r"\n'
+)
 
 
 def test_audioset_segments_and_display_names(tmp_path):
@@ -270,8 +335,11 @@ def test_audioset_segments_and_display_names(tmp_path):
     assert [c.labels for c in ds.clips] == [["/m/068hy", "/m/0jbk"], ["/m/09x0r"]]
     assert [p.name for p in ds.missing] == ["--U7joUcTCo.wav"]
     assert make_prompts(ds.classes, ds.rule, ds.label_names) == [
-        ["Speech can be heard"], ["Male speech, man speaking can be heard"], ["Animal can be heard"],
-        ["Domestic animals, pets can be heard"]]
+        ["Speech can be heard"],
+        ["Male speech, man speaking can be heard"],
+        ["Animal can be heard"],
+        ["Domestic animals, pets can be heard"],
+    ]
     # another naming of the files
     wav(tmp_path / "wav" / "Y--BfvyPmVMo_20000.wav")
     ds2 = read_audioset(tmp_path, audio_pattern="wav/Y{ytid}_{start_ms}.wav")
@@ -296,12 +364,16 @@ def test_audioset_errors(tmp_path):
 
 # ----------------------------------------------------------------------------------------------- manifests
 
+
 def manifest(tmp_path: Path) -> Path:
     for name in ("a", "b", "c", "d"):
         wav(tmp_path / "audio" / f"{name}.wav")
-    return write(tmp_path / "m.csv", "audio,labels,category,split\n"
-                 "audio/a.wav,dog;rain,animal,test\naudio/b.wav,siren,vehicle,test\n"
-                 "audio/c.wav,rain,weather,train\naudio/d.wav,,animal,test\naudio/e.wav,bell,object,test\n")
+    return write(
+        tmp_path / "m.csv",
+        "audio,labels,category,split\n"
+        "audio/a.wav,dog;rain,animal,test\naudio/b.wav,siren,vehicle,test\n"
+        "audio/c.wav,rain,weather,train\naudio/d.wav,,animal,test\naudio/e.wav,bell,object,test\n",
+    )
 
 
 def test_manifest_tasks_and_columns(tmp_path, caplog):

@@ -12,15 +12,39 @@
 
 Uses only the public model API (``encode_audio``, ``encode_text``, ``sample_rate``, ``load_audio``).
 """
+
 from .classifier import FilePredictions, ZeroShotClassifier
 from .datasets import DATASETS, Clip, DatasetError, ZeroShotDataset, read_zeroshot_dataset
 from .metrics import accuracy, average_precision, confusion_matrix, mean_average_precision
-from .templates import (CREMAD_SENTENCES, RULES, TemplateError, clean_label, encode_prompts, make_prompt,
-                        make_prompts, read_class_labels_indices)
+from .templates import (
+    CREMAD_SENTENCES,
+    RULES,
+    TemplateError,
+    clean_label,
+    encode_prompts,
+    make_prompt,
+    make_prompts,
+    read_class_labels_indices,
+)
 
 __all__ = [
-    "CREMAD_SENTENCES", "Clip", "DATASETS", "DatasetError", "FilePredictions", "RULES", "TemplateError",
-    "ZeroShotClassifier", "ZeroShotDataset", "accuracy", "average_precision", "clean_label", "confusion_matrix",
-    "encode_prompts", "read_zeroshot_dataset", "make_prompt", "make_prompts", "mean_average_precision",
+    "CREMAD_SENTENCES",
+    "Clip",
+    "DATASETS",
+    "DatasetError",
+    "FilePredictions",
+    "RULES",
+    "TemplateError",
+    "ZeroShotClassifier",
+    "ZeroShotDataset",
+    "accuracy",
+    "average_precision",
+    "clean_label",
+    "confusion_matrix",
+    "encode_prompts",
+    "read_zeroshot_dataset",
+    "make_prompt",
+    "make_prompts",
+    "mean_average_precision",
     "read_class_labels_indices",
 ]

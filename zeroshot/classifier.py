@@ -11,6 +11,7 @@ probabilities are close to uniform; ``scale`` multiplies the cosines first (``sc
 peaked probabilities). The scale changes neither the argmax nor any per-class ranking, hence neither accuracy
 nor mAP. The class text embeddings are computed once, when the classifier is built, and reused.
 """
+
 from __future__ import annotations
 
 import logging
@@ -19,6 +20,7 @@ from pathlib import Path
 from typing import Mapping, Sequence
 
 import torch
+
 from m2dclap.embed_files import embed_files
 
 from .templates import Template, as_template_list, encode_prompts, make_prompts
@@ -50,11 +52,20 @@ class ZeroShotClassifier:
         scale: multiplies the cosine similarities before the softmax/sigmoid (1.0 = EVAR).
     """
 
-    def __init__(self, model, classes: Sequence[str], prompts: Sequence[Sequence[str]],
-                 text_embeddings: torch.Tensor, multi_label: bool = False, scale: float = 1.0):
+    def __init__(
+        self,
+        model,
+        classes: Sequence[str],
+        prompts: Sequence[Sequence[str]],
+        text_embeddings: torch.Tensor,
+        multi_label: bool = False,
+        scale: float = 1.0,
+    ):
         if len(classes) != text_embeddings.shape[0] or len(prompts) != len(classes):
-            raise ValueError(f"{len(classes)} classes, {len(prompts)} prompt lists and "
-                             f"{text_embeddings.shape[0]} text embeddings must agree")
+            raise ValueError(
+                f"{len(classes)} classes, {len(prompts)} prompt lists and "
+                f"{text_embeddings.shape[0]} text embeddings must agree"
+            )
         if len(set(classes)) != len(classes):
             raise ValueError("duplicate class labels")
         self.model = model
@@ -65,8 +76,15 @@ class ZeroShotClassifier:
         self.scale = float(scale)
 
     @classmethod
-    def from_labels(cls, model, labels: Sequence[str], template: Template | None = None, multi_label: bool = False,
-                    names: Mapping[str, str] | None = None, scale: float = 1.0) -> "ZeroShotClassifier":
+    def from_labels(
+        cls,
+        model,
+        labels: Sequence[str],
+        template: Template | None = None,
+        multi_label: bool = False,
+        names: Mapping[str, str] | None = None,
+        scale: float = 1.0,
+    ) -> "ZeroShotClassifier":
         """Build the classifier for ``labels``.
 
         ``template``: a rule name of :mod:`zeroshot.templates` (``"esc50"``, ``"gtzan"``, ``"cremad"``...),
@@ -82,12 +100,17 @@ class ZeroShotClassifier:
         return cls(model, labels, prompts, encode_prompts(model, prompts), multi_label, scale)
 
     @classmethod
-    def from_dataset(cls, model, dataset, template: Template | None = None, scale: float = 1.0
-                     ) -> "ZeroShotClassifier":
+    def from_dataset(cls, model, dataset, template: Template | None = None, scale: float = 1.0) -> "ZeroShotClassifier":
         """The classifier of a :class:`zeroshot.datasets.ZeroShotDataset`: its classes, its rule (unless
         ``template`` is given), its display names and its single/multi-label mode."""
-        return cls.from_labels(model, dataset.classes, template if template else dataset.rule,
-                               dataset.multi_label, dataset.label_names, scale)
+        return cls.from_labels(
+            model,
+            dataset.classes,
+            template if template else dataset.rule,
+            dataset.multi_label,
+            dataset.label_names,
+            scale,
+        )
 
     # -- scoring ---------------------------------------------------------------------------------------
     def scores(self, audio_embeddings: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -100,23 +123,32 @@ class ZeroShotClassifier:
 
     def embed(self, audio, sample_rate: int | None = None, batch_size: int = 32) -> torch.Tensor:
         """Waveform(s) -> normalised CLAP audio embeddings (B, D)."""
-        return self.model.encode_audio(audio, sample_rate or self.model.sample_rate, normalize=True,
-                                       batch_size=batch_size)
+        return self.model.encode_audio(
+            audio, sample_rate or self.model.sample_rate, normalize=True, batch_size=batch_size
+        )
 
     def predict(self, audio, sample_rate: int | None = None, batch_size: int = 32) -> torch.Tensor:
         """Probabilities (B, C) for a waveform (T,), a batch (B, T) or a list of waveforms of any lengths
         (tensors or arrays) at ``sample_rate`` (default: the model's rate)."""
         return self.scores(self.embed(audio, sample_rate, batch_size))[0]
 
-    def predict_files(self, paths: Sequence[str | Path], batch_size: int = 32, progress: bool = True,
-                      workers: int = 2) -> FilePredictions:
+    def predict_files(
+        self, paths: Sequence[str | Path], batch_size: int = 32, progress: bool = True, workers: int = 2
+    ) -> FilePredictions:
         """Read, embed and score audio files in batches (:func:`m2dclap.embed_files.embed_files`: files of
         the next batches are read by ``workers`` processes while one is encoded). Files that cannot be used
         (undecodable, empty, NaN/Inf, shorter than the frontend's window) are logged, skipped and returned in
         ``failed``."""
         paths = [Path(p) for p in paths]
-        emb, skipped = embed_files(self.model, paths, batch_size, normalize=True, workers=workers, progress=progress,
-                                   desc="zero-shot: embedding audio")
+        emb, skipped = embed_files(
+            self.model,
+            paths,
+            batch_size,
+            normalize=True,
+            workers=workers,
+            progress=progress,
+            desc="zero-shot: embedding audio",
+        )
         failed = [(paths[i], reason) for i, reason in skipped]
         bad = {i for i, _ in skipped}
         kept = [i for i in range(len(paths)) if i not in bad]

@@ -10,6 +10,7 @@ probabilities are close to uniform, the ranking is what matters; ``--scale 100``
 Files that cannot be used (undecodable, empty, NaN/Inf, shorter than one STFT window) are named on stderr
 and skipped (exit status 1).
 """
+
 from __future__ import annotations
 
 import json
@@ -34,9 +35,12 @@ class ClassifyOptions:
     text_model: str | None = option(None, metavar="PATH", help=TEXT_MODEL_HELP)
     labels: str | None = option(None, help="comma-separated class labels, e.g. 'dog,rain,siren'")
     labels_file: str | None = option(None, help="a text file with one class label a line")
-    template: list[str] | None = option(None, append=True,
-                                        help="a format string with {} or {label}, or a rule name (default: "
-                                             "'{label} can be heard'); repeat for a prompt ensemble")
+    template: list[str] | None = option(
+        None,
+        append=True,
+        help="a format string with {} or {label}, or a rule name (default: "
+        "'{label} can be heard'); repeat for a prompt ensemble",
+    )
     top: int = option(3, minimum=1, help="how many classes to print per file")
     multi_label: bool = option(False, help="sigmoid per label instead of a softmax")
     scale: float = option(1.0, help="multiply cosines before softmax/sigmoid (1 = EVAR)")
@@ -88,8 +92,15 @@ def classify(opts: ClassifyOptions) -> int:
     for n, (path, best) in enumerate(zip(preds.paths, top)):
         cos = {c: float(s) for c, s in zip(clf.classes, preds.similarities[n])}
         if opts.json:
-            print(json.dumps({"file": str(path), "top": [{"label": lab, "probability": p, "cosine": cos[lab]}
-                                                         for lab, p in best]}, ensure_ascii=False))
+            print(
+                json.dumps(
+                    {
+                        "file": str(path),
+                        "top": [{"label": lab, "probability": p, "cosine": cos[lab]} for lab, p in best],
+                    },
+                    ensure_ascii=False,
+                )
+            )
             continue
         print(path)
         for rank, (lab, p) in enumerate(best, start=1):

@@ -19,6 +19,7 @@ official split use their test/eval split, and GTZAN and CREMA-D without ``--spli
 Audio files that do not exist are listed in ``missing`` and logged; with ``strict=True`` they are an error.
 Malformed metadata raises :class:`DatasetError` naming the file and line.
 """
+
 from __future__ import annotations
 
 import csv
@@ -38,8 +39,19 @@ from .templates import CREMAD_NAMES, CREMAD_SENTENCES, read_class_labels_indices
 
 log = logging.getLogger(__name__)
 
-NSYNTH_FAMILIES = ("bass", "brass", "flute", "guitar", "keyboard", "mallet", "organ", "reed", "string",
-                   "synth_lead", "vocal")  # instrument_family 0..10; the test split lacks synth_lead
+NSYNTH_FAMILIES = (
+    "bass",
+    "brass",
+    "flute",
+    "guitar",
+    "keyboard",
+    "mallet",
+    "organ",
+    "reed",
+    "string",
+    "synth_lead",
+    "vocal",
+)  # instrument_family 0..10; the test split lacks synth_lead
 DATASETS = ("esc50", "us8k", "gtzan", "nsynth", "cremad", "fsd50k", "audioset", "manifest")
 
 
@@ -84,14 +96,20 @@ class ZeroShotDataset:
 
 # ----------------------------------------------------------------------------------------------- helpers
 
+
 def _need_file(path: Path, what: str) -> Path:
     if not path.is_file():
         raise DatasetError(f"{path}: no such file ({what})")
     return path
 
 
-def _csv_rows(path: Path, required: Sequence[str], header: Sequence[str] | None = None, comment: str | None = None,
-              skipinitialspace: bool = False) -> Iterator[tuple[int, dict[str, str]]]:
+def _csv_rows(
+    path: Path,
+    required: Sequence[str],
+    header: Sequence[str] | None = None,
+    comment: str | None = None,
+    skipinitialspace: bool = False,
+) -> Iterator[tuple[int, dict[str, str]]]:
     """Rows of a CSV as (line number, {column: stripped cell}); checks the header and every row's width.
 
     ``header`` gives the columns of a file without a header line; ``comment`` skips lines starting with it
@@ -111,12 +129,14 @@ def _csv_rows(path: Path, required: Sequence[str], header: Sequence[str] | None 
                 header = [h.strip() for h in row]
                 missing = [c for c in required if c not in header]
                 if missing:
-                    raise DatasetError(f"{path}, line {n}: missing column(s) {', '.join(missing)} "
-                                       f"(header: {','.join(header)})")
+                    raise DatasetError(
+                        f"{path}, line {n}: missing column(s) {', '.join(missing)} (header: {','.join(header)})"
+                    )
                 continue
             if len(row) != len(header):
-                raise DatasetError(f"{path}, line {n}: {len(row)} field(s), expected {len(header)} "
-                                   f"({','.join(header)})")
+                raise DatasetError(
+                    f"{path}, line {n}: {len(row)} field(s), expected {len(header)} ({','.join(header)})"
+                )
             yield n, {h: cell.strip() for h, cell in zip(header, row)}
         if header is None:
             raise DatasetError(f"{path}: empty file (no header line)")
@@ -162,6 +182,7 @@ def _keep_folds(clips: list[Clip], folds: Sequence[Any] | None) -> list[Clip]:
 
 # ----------------------------------------------------------------------------------------------- readers
 
+
 def read_esc50(root: str | Path, folds: Sequence[Any] | None = None, strict: bool = False) -> ZeroShotDataset:
     """ESC-50: ``meta/esc50.csv`` and ``audio/``; 50 classes ordered by ``target``; folds kept as ``fold``."""
     root = Path(root)
@@ -178,8 +199,9 @@ def read_esc50(root: str | Path, folds: Sequence[Any] | None = None, strict: boo
 def read_us8k(root: str | Path, folds: Sequence[Any] | None = None, strict: bool = False) -> ZeroShotDataset:
     """UrbanSound8K: ``metadata/UrbanSound8K.csv`` and ``audio/fold<N>/``; 10 classes ordered by ``classID``."""
     root = Path(root)
-    meta = _need_file(root / "metadata" / "UrbanSound8K.csv",
-                      "UrbanSound8K metadata; --root is the UrbanSound8K folder")
+    meta = _need_file(
+        root / "metadata" / "UrbanSound8K.csv", "UrbanSound8K metadata; --root is the UrbanSound8K folder"
+    )
     clips, classes = [], {}
     for line, row in _csv_rows(meta, ("slice_file_name", "fold", "classID", "class")):
         fold = _int(row["fold"], meta, line, "fold")
@@ -267,13 +289,16 @@ def cremad_label(path: str | Path) -> str:
     """The emotion code of a CREMA-D file name (``1001_DFA_ANG_XX.wav`` -> ``ANG``)."""
     m = _CREMAD_NAME.match(Path(path).stem)
     if not m or m.group(3) not in CREMAD_SENTENCES:
-        raise DatasetError(f"{path}: not a CREMA-D file name <actor>_<sentence>_<emotion>_<level>.wav with an "
-                           f"emotion in {', '.join(CREMAD_SENTENCES)}")
+        raise DatasetError(
+            f"{path}: not a CREMA-D file name <actor>_<sentence>_<emotion>_<level>.wav with an "
+            f"emotion in {', '.join(CREMAD_SENTENCES)}"
+        )
     return m.group(3)
 
 
-def read_cremad(root: str | Path, split_file: str | Path | None = None, split: str = "test",
-                strict: bool = False) -> ZeroShotDataset:
+def read_cremad(
+    root: str | Path, split_file: str | Path | None = None, split: str = "test", strict: bool = False
+) -> ZeroShotDataset:
     """CREMA-D: labels from the file names in ``AudioWAV/`` (or ``root``). ``split_file`` (a CSV with
     ``file_name`` and ``split`` columns, as EVAR's ``cremad.csv``) keeps the clips of ``split``."""
     root = Path(root)
@@ -335,16 +360,29 @@ def _audioset_name(pattern: str, ytid: str, start: str, end: str, where: str) ->
     except ValueError:
         raise DatasetError(f"{where}: start/end seconds {start!r}, {end!r} are not numbers") from None
     try:
-        return pattern.format(ytid=ytid, start=start, end=end, start_ms=round(s * 1000), end_ms=round(e * 1000),
-                              start_s=int(s), end_s=int(e))
+        return pattern.format(
+            ytid=ytid,
+            start=start,
+            end=end,
+            start_ms=round(s * 1000),
+            end_ms=round(e * 1000),
+            start_s=int(s),
+            end_s=int(e),
+        )
     except (KeyError, IndexError) as e:
-        raise DatasetError(f"audio pattern {pattern!r}: unknown field {e}; use {{ytid}}, {{start}}, {{end}}, "
-                           "{start_ms}, {end_ms}, {start_s} or {end_s}") from None
+        raise DatasetError(
+            f"audio pattern {pattern!r}: unknown field {e}; use {{ytid}}, {{start}}, {{end}}, "
+            "{start_ms}, {end_ms}, {start_s} or {end_s}"
+        ) from None
 
 
-def read_audioset(root: str | Path, segments: str | Path = "eval_segments.csv",
-                  class_index: str | Path = "class_labels_indices.csv", audio_pattern: str = "audio/{ytid}.wav",
-                  strict: bool = False) -> ZeroShotDataset:
+def read_audioset(
+    root: str | Path,
+    segments: str | Path = "eval_segments.csv",
+    class_index: str | Path = "class_labels_indices.csv",
+    audio_pattern: str = "audio/{ytid}.wav",
+    strict: bool = False,
+) -> ZeroShotDataset:
     """AudioSet: a segments CSV (``YTID, start_seconds, end_seconds, positive_labels`` after ``#`` comment
     lines), ``class_labels_indices.csv`` (527 MIDs and display names) and audio files found by
     ``audio_pattern`` relative to ``root`` (fields ``{ytid}``, ``{start}``/``{end}`` as written in the CSV,
@@ -366,16 +404,22 @@ def read_audioset(root: str | Path, segments: str | Path = "eval_segments.csv",
         labels = [m.strip() for m in row["positive_labels"].split(",") if m.strip()]
         unknown = [m for m in labels if m not in names]
         if unknown or not labels:
-            raise DatasetError(f"{where}: " + (f"MID(s) {', '.join(unknown)} not in {index_file}" if unknown
-                                               else "no positive labels"))
+            raise DatasetError(
+                f"{where}: " + (f"MID(s) {', '.join(unknown)} not in {index_file}" if unknown else "no positive labels")
+            )
         rel = _audioset_name(audio_pattern, row["YTID"], row["start_seconds"], row["end_seconds"], where)
         clips.append(Clip(root / rel, labels, Path(segments).stem))
     present, missing = _split_missing("audioset", clips, strict)
     return ZeroShotDataset("audioset", present, classes, True, "audioset", names, missing)
 
 
-def read_manifest_dataset(manifest: str | Path, label_column: str = "labels", split: str | None = "test",
-                          task: str = "auto", strict: bool = False) -> ZeroShotDataset:
+def read_manifest_dataset(
+    manifest: str | Path,
+    label_column: str = "labels",
+    split: str | None = "test",
+    task: str = "auto",
+    strict: bool = False,
+) -> ZeroShotDataset:
     """A suite manifest: labels from ``label_column`` (``;``-separated), clips of ``split`` (None or ``"all"``:
     every clip).
 
@@ -407,8 +451,13 @@ def read_manifest_dataset(manifest: str | Path, label_column: str = "labels", sp
     chosen = [r for r in records if split is None or r.split == split]
     unlabelled = [r.id for r in chosen if not labels_of[r.id]]
     if unlabelled:
-        log.warning("%s: %d clip(s) of split %s have no label and are left out (e.g. %s)", manifest,
-                    len(unlabelled), split or "all", unlabelled[0])
+        log.warning(
+            "%s: %d clip(s) of split %s have no label and are left out (e.g. %s)",
+            manifest,
+            len(unlabelled),
+            split or "all",
+            unlabelled[0],
+        )
     clips = [Clip(Path(r.audio), labels_of[r.id], r.split) for r in chosen if labels_of[r.id]]
     if not clips:
         raise DatasetError(f"{manifest}: no labelled clips in split {split!r}")
@@ -417,8 +466,14 @@ def read_manifest_dataset(manifest: str | Path, label_column: str = "labels", sp
 
 
 READERS: dict[str, Callable[..., ZeroShotDataset]] = {
-    "esc50": read_esc50, "us8k": read_us8k, "gtzan": read_gtzan, "nsynth": read_nsynth, "cremad": read_cremad,
-    "fsd50k": read_fsd50k, "audioset": read_audioset, "manifest": read_manifest_dataset,
+    "esc50": read_esc50,
+    "us8k": read_us8k,
+    "gtzan": read_gtzan,
+    "nsynth": read_nsynth,
+    "cremad": read_cremad,
+    "fsd50k": read_fsd50k,
+    "audioset": read_audioset,
+    "manifest": read_manifest_dataset,
 }
 
 

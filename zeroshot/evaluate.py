@@ -12,17 +12,19 @@ tasks the macro mAP (scikit-learn's ``average_precision_score`` figure). Also a 
 every figure with the exact prompts (``--out``) and a confusion-matrix PNG (``--plot``; a per-class AP chart
 for multi-label tasks; needs matplotlib).
 """
+
 from __future__ import annotations
 
 import json
 import logging
 import sys
 import time
-from pathlib import Path
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Literal, Sequence
 
 import numpy as np
+
 from m2dclap.cli import TEXT_MODEL_HELP, CliError, option, resolve_device, run_cli
 from m2dclap.embed_files import report_skipped
 
@@ -39,8 +41,10 @@ PROG = "python -m zeroshot.evaluate"
 
 # ----------------------------------------------------------------------------------------------- library
 
-def score_predictions(dataset: ZeroShotDataset, classifier: ZeroShotClassifier, preds: FilePredictions
-                      ) -> dict[str, Any]:
+
+def score_predictions(
+    dataset: ZeroShotDataset, classifier: ZeroShotClassifier, preds: FilePredictions
+) -> dict[str, Any]:
     """Every figure of one evaluation: the headline metric with its chance level, per-class and per-fold
     figures, the confusion matrix (single-label) and the prompts."""
     clips = [dataset.clips[i] for i in preds.indices]
@@ -70,13 +74,22 @@ def score_predictions(dataset: ZeroShotDataset, classifier: ZeroShotClassifier, 
         mAP, ap, empty = metrics.mean_average_precision(y, probs)
         with_pos = [c for c in range(C) if c not in set(empty)]
         result.update(
-            metric="mAP", score=mAP, mAP=mAP,
+            metric="mAP",
+            score=mAP,
+            mAP=mAP,
             mAP_classes_with_positives=float(np.mean(ap[with_pos])) if with_pos else float("nan"),
             classes_without_positives=[dataset.classes[c] for c in empty],
             # a random ranking's expected AP is about the class's prevalence
             chance=float(np.mean(support[with_pos] / len(clips))) if with_pos else float("nan"),
-            per_class=[{"class": dataset.classes[c], "prompt": classifier.prompts[c][0], "n": int(support[c]),
-                        "ap": None if np.isnan(ap[c]) else float(ap[c])} for c in range(C)],
+            per_class=[
+                {
+                    "class": dataset.classes[c],
+                    "prompt": classifier.prompts[c][0],
+                    "n": int(support[c]),
+                    "ap": None if np.isnan(ap[c]) else float(ap[c]),
+                }
+                for c in range(C)
+            ],
         )
         return result
     pred = probs.argmax(axis=1)
@@ -84,9 +97,19 @@ def score_predictions(dataset: ZeroShotDataset, classifier: ZeroShotClassifier, 
     per_class = metrics.per_class_accuracy(cm)
     acc = metrics.accuracy(probs, y)
     result.update(
-        metric="accuracy", score=acc, accuracy=acc, chance=1.0 / C,
-        per_class=[{"class": dataset.classes[c], "prompt": classifier.prompts[c][0], "n": int(support[c]),
-                    "accuracy": None if np.isnan(per_class[c]) else float(per_class[c])} for c in range(C)],
+        metric="accuracy",
+        score=acc,
+        accuracy=acc,
+        chance=1.0 / C,
+        per_class=[
+            {
+                "class": dataset.classes[c],
+                "prompt": classifier.prompts[c][0],
+                "n": int(support[c]),
+                "accuracy": None if np.isnan(per_class[c]) else float(per_class[c]),
+            }
+            for c in range(C)
+        ],
         confusion_matrix=cm.tolist(),
     )
     folds = sorted({c.fold for c in clips if c.fold is not None}, key=_fold_key)
@@ -101,13 +124,21 @@ def _fold_key(fold: str) -> tuple[int, Any]:
     return (0, int(fold)) if fold.isdigit() else (1, fold)
 
 
-def evaluate(model, dataset: ZeroShotDataset, template=None, scale: float = 1.0, batch_size: int = 32,
-             progress: bool = True, workers: int | None = None) -> dict[str, Any]:
+def evaluate(
+    model,
+    dataset: ZeroShotDataset,
+    template=None,
+    scale: float = 1.0,
+    batch_size: int = 32,
+    progress: bool = True,
+    workers: int | None = None,
+) -> dict[str, Any]:
     """Zero-shot evaluation of ``model`` on ``dataset``; returns :func:`score_predictions`'s figures."""
     clf = ZeroShotClassifier.from_dataset(model, dataset, template, scale)
     t0 = time.perf_counter()
-    preds = clf.predict_files([c.path for c in dataset.clips], batch_size=batch_size, progress=progress,
-                              workers=workers)
+    preds = clf.predict_files(
+        [c.path for c in dataset.clips], batch_size=batch_size, progress=progress, workers=workers
+    )
     result = score_predictions(dataset, clf, preds)
     result["templates"] = _templates_used(template, dataset)
     result["elapsed_s"] = round(time.perf_counter() - t0, 3)
@@ -124,9 +155,11 @@ def format_report(result: dict[str, Any], max_rows: int | None = None) -> str:
     """The headline figure and a per-class table (class, n, accuracy or AP, prompt)."""
     key = "ap" if result["task"] == "multi-label" else "accuracy"
     name = "AP" if key == "ap" else "acc"
-    lines = [f"{result['dataset']}: {result['task']}, {result['n_clips']} clips, {result['n_classes']} classes"
-             + (f", {result['n_missing_files']} missing files" if result["n_missing_files"] else "")
-             + (f", {result['n_failed_files']} unusable files skipped" if result["n_failed_files"] else "")]
+    lines = [
+        f"{result['dataset']}: {result['task']}, {result['n_clips']} clips, {result['n_classes']} classes"
+        + (f", {result['n_missing_files']} missing files" if result["n_missing_files"] else "")
+        + (f", {result['n_failed_files']} unusable files skipped" if result["n_failed_files"] else "")
+    ]
     if result["n_clips"] == 0:
         lines.append("no clip could be evaluated")
         return "\n".join(lines)
@@ -135,8 +168,10 @@ def format_report(result: dict[str, Any], max_rows: int | None = None) -> str:
         folds = "  ".join(f"{f}:{100 * a:.1f}" for f, a in result["per_fold_accuracy"].items())
         lines.append(f"per fold: {folds}  (mean {100 * result['mean_fold_accuracy']:.2f})")
     if result.get("classes_without_positives"):
-        lines.append(f"{len(result['classes_without_positives'])} class(es) without positives count as AP 0; "
-                     f"mAP over the others: {100 * result['mAP_classes_with_positives']:.2f}")
+        lines.append(
+            f"{len(result['classes_without_positives'])} class(es) without positives count as AP 0; "
+            f"mAP over the others: {100 * result['mAP_classes_with_positives']:.2f}"
+        )
     rows = result["per_class"]
     width = max([len("class")] + [len(r["class"]) for r in rows])
     lines.append(f"{'class':<{width}}  {'n':>6}  {name:>6}  prompt")
@@ -153,8 +188,10 @@ def require_matplotlib():
     try:
         import matplotlib
     except ImportError:
-        raise ImportError("--plot needs matplotlib, which is not installed: pip install matplotlib "
-                          "(or install this suite with its 'plot' extra)") from None
+        raise ImportError(
+            "--plot needs matplotlib, which is not installed: pip install matplotlib "
+            "(or install this suite with its 'plot' extra)"
+        ) from None
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
@@ -182,8 +219,15 @@ def plot(result: dict[str, Any], path: str | Path) -> Path:
             for i in range(C):
                 for j in range(C):
                     if cm[i, j]:
-                        ax.text(j, i, int(cm[i, j]), ha="center", va="center", fontsize=7,
-                                color="white" if norm[i, j] > 0.5 else "black")
+                        ax.text(
+                            j,
+                            i,
+                            int(cm[i, j]),
+                            ha="center",
+                            va="center",
+                            fontsize=7,
+                            color="white" if norm[i, j] > 0.5 else "black",
+                        )
         fig.colorbar(im, ax=ax, fraction=0.046, label="fraction of the true class")
         title = f"{result['dataset']} zero-shot: accuracy {100 * result['score']:.1f}%"
     else:
@@ -236,49 +280,78 @@ class EvaluateOptions:
     checkpoint: str = option(help="model folder, official .pth file or registered name")
     text_model: str | None = option(None, metavar="PATH", help=TEXT_MODEL_HELP)
     dataset: str = option(choices=DATASETS, help="which reader (layouts in zeroshot.datasets)")
-    root: str | None = option(None, help="the dataset's folder (for manifest: where manifest.csv is, unless "
-                                         "--manifest)")
-    manifest: str | None = option(None, group="manifest options",
-                                  help="a suite manifest (.csv/.jsonl); default ROOT/manifest.csv")
-    label_column: str = option("labels", group="manifest options",
-                               help="the column holding ';'-separated labels")
+    root: str | None = option(
+        None, help="the dataset's folder (for manifest: where manifest.csv is, unless --manifest)"
+    )
+    manifest: str | None = option(
+        None, group="manifest options", help="a suite manifest (.csv/.jsonl); default ROOT/manifest.csv"
+    )
+    label_column: str = option("labels", group="manifest options", help="the column holding ';'-separated labels")
     task: Literal["auto", "single", "multi"] = option(
-        "auto", group="manifest options", help="single: first label is the class (accuracy); multi: all labels "
-                                               "(mAP); auto: multi if any clip has several labels (default)")
-    split: str | None = option(None, group="dataset options",
-                               help="manifest split (default test; 'all' for every clip), NSynth split (test), "
-                                    "FSD50K ground-truth file (eval), CREMA-D split in --split-file (test)")
-    split_file: str | None = option(None, group="dataset options",
-                                    help="GTZAN: list of relative paths to use; CREMA-D: CSV with file_name,split")
-    folds: str | None = option(None, group="dataset options",
-                               help="ESC-50/US8K: comma-separated folds to use (default: all, pooled)")
-    segments: str | None = option(None, group="dataset options",
-                                  help="AudioSet: segments CSV under ROOT (eval_segments.csv)")
-    class_index: str | None = option(None, group="dataset options",
-                                     help="AudioSet: class_labels_indices.csv under ROOT")
-    audio_pattern: str | None = option(None, group="dataset options",
-                                       help="AudioSet: audio path under ROOT, with {ytid} {start} {end} "
-                                            "{start_ms} {end_ms} {start_s} {end_s} (audio/{ytid}.wav)")
-    strict: bool = option(False, group="dataset options",
-                          help="missing audio files are an error, not a warning")
-    template: list[str] | None = option(None, append=True, group="prompts and scoring",
-                                        help="a rule name (esc50, us8k, gtzan, nsynth, cremad, fsd50k, audioset, "
-                                             "default) or a format string with {} or {label}; repeat for a prompt "
-                                             "ensemble (default: the dataset's rule)")
-    scale: float = option(1.0, group="prompts and scoring",
-                          help="multiply cosine similarities before softmax/sigmoid (1 = EVAR; metrics do not "
-                               "change)")
+        "auto",
+        group="manifest options",
+        help="single: first label is the class (accuracy); multi: all labels "
+        "(mAP); auto: multi if any clip has several labels (default)",
+    )
+    split: str | None = option(
+        None,
+        group="dataset options",
+        help="manifest split (default test; 'all' for every clip), NSynth split (test), "
+        "FSD50K ground-truth file (eval), CREMA-D split in --split-file (test)",
+    )
+    split_file: str | None = option(
+        None, group="dataset options", help="GTZAN: list of relative paths to use; CREMA-D: CSV with file_name,split"
+    )
+    folds: str | None = option(
+        None, group="dataset options", help="ESC-50/US8K: comma-separated folds to use (default: all, pooled)"
+    )
+    segments: str | None = option(
+        None, group="dataset options", help="AudioSet: segments CSV under ROOT (eval_segments.csv)"
+    )
+    class_index: str | None = option(
+        None, group="dataset options", help="AudioSet: class_labels_indices.csv under ROOT"
+    )
+    audio_pattern: str | None = option(
+        None,
+        group="dataset options",
+        help="AudioSet: audio path under ROOT, with {ytid} {start} {end} "
+        "{start_ms} {end_ms} {start_s} {end_s} (audio/{ytid}.wav)",
+    )
+    strict: bool = option(False, group="dataset options", help="missing audio files are an error, not a warning")
+    template: list[str] | None = option(
+        None,
+        append=True,
+        group="prompts and scoring",
+        help="a rule name (esc50, us8k, gtzan, nsynth, cremad, fsd50k, audioset, "
+        "default) or a format string with {} or {label}; repeat for a prompt "
+        "ensemble (default: the dataset's rule)",
+    )
+    scale: float = option(
+        1.0,
+        group="prompts and scoring",
+        help="multiply cosine similarities before softmax/sigmoid (1 = EVAR; metrics do not change)",
+    )
     batch_size: int = option(32, minimum=1, group="running", help="clips per model call")
-    workers: int | None = option(None, minimum=0, group="running",
-                                 help="audio readers (default: m2dclap.embed_files' choice, reader processes when "
-                                      "there are more than two cores, else one thread; 0: in the main process)")
+    workers: int | None = option(
+        None,
+        minimum=0,
+        group="running",
+        help="audio readers (default: m2dclap.embed_files' choice, reader processes when "
+        "there are more than two cores, else one thread; 0: in the main process)",
+    )
     device: str | None = option(None, group="running", help="cpu, cuda, cuda:1 (default: cuda if available)")
     limit: int | None = option(None, group="running", help="evaluate only the first N clips (smoke tests)")
-    out: str | None = option(None, group="running",
-                             help="write every figure, the prompts and the skipped files to this JSON")
-    plot: str | None = option(None, const="", metavar="PNG", group="running",
-                              help="save a confusion matrix (multi-label: per-class AP) PNG; default path: --out "
-                                   "with .png, else zeroshot_<dataset>.png")
+    out: str | None = option(
+        None, group="running", help="write every figure, the prompts and the skipped files to this JSON"
+    )
+    plot: str | None = option(
+        None,
+        const="",
+        metavar="PNG",
+        group="running",
+        help="save a confusion matrix (multi-label: per-class AP) PNG; default path: --out "
+        "with .png, else zeroshot_<dataset>.png",
+    )
     quiet: bool = option(False, group="running", help="no progress bar or info messages")
 
 
@@ -289,8 +362,14 @@ def _dataset_from_args(args: EvaluateOptions) -> ZeroShotDataset:
         if not args.manifest and not args.root:
             raise DatasetError("--dataset manifest needs --manifest M or --root DIR (holding manifest.csv)")
         manifest = Path(args.manifest) if args.manifest else Path(args.root) / "manifest.csv"
-        return read_zeroshot_dataset(name, manifest, label_column=args.label_column, split=args.split or "test",
-                                     task=args.task, strict=args.strict)
+        return read_zeroshot_dataset(
+            name,
+            manifest,
+            label_column=args.label_column,
+            split=args.split or "test",
+            task=args.task,
+            strict=args.strict,
+        )
     if not args.root:
         raise DatasetError(f"--dataset {name} needs --root (the dataset's folder)")
     root = Path(args.root)
@@ -327,10 +406,15 @@ def run(opts: EvaluateOptions) -> int:
     except (DatasetError, TemplateError, ValueError, OSError) as e:
         raise CliError(str(e)) from None
     if opts.limit is not None:
-        dataset.clips = dataset.clips[:max(0, opts.limit)]
+        dataset.clips = dataset.clips[: max(0, opts.limit)]
     device = resolve_device(opts.device)
-    log.info("%s: %d clips, %d classes (%s)", dataset.name, len(dataset.clips), len(dataset.classes),
-             "multi-label" if dataset.multi_label else "single-label")
+    log.info(
+        "%s: %d clips, %d classes (%s)",
+        dataset.name,
+        len(dataset.clips),
+        len(dataset.classes),
+        "multi-label" if dataset.multi_label else "single-label",
+    )
     if not dataset.clips:
         raise CliError(f"{dataset.name}: no clip to evaluate")
     try:
@@ -346,8 +430,13 @@ def run(opts: EvaluateOptions) -> int:
         out.write_text(json.dumps(_json_safe(result), indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
         print(f"wrote {out}")
     if opts.plot is not None and result["n_clips"]:
-        png = (Path(opts.plot) if opts.plot
-               else Path(opts.out).with_suffix(".png") if opts.out else Path(f"zeroshot_{dataset.name}.png"))
+        png = (
+            Path(opts.plot)
+            if opts.plot
+            else Path(opts.out).with_suffix(".png")
+            if opts.out
+            else Path(f"zeroshot_{dataset.name}.png")
+        )
         print(f"wrote {plot(result, png)}")
     left_out = [(str(p), f"{p}: missing") for p in dataset.missing]
     left_out += [(f["path"], f["error"]) for f in result["failed_files"]]

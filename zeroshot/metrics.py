@@ -7,6 +7,7 @@ AP = sum_n (R_n - R_{n-1}) P_n, with no interpolation. A class without a positiv
 macro mean counts it as 0, as scikit-learn does (which also warns), and :func:`mean_average_precision`
 reports those classes so they can be spotted.
 """
+
 from __future__ import annotations
 
 from typing import Sequence
@@ -28,5 +29,3 @@ def per_class_accuracy(cm: np.ndarray) -> np.ndarray:
     support = cm.sum(axis=1)
     with np.errstate(invalid="ignore", divide="ignore"):
         return np.where(support > 0, np.diag(cm) / np.maximum(support, 1), np.nan)
-
-

@@ -15,6 +15,7 @@ A *template* is either one of these rule names or a format string with one ``{}`
 A list of templates is a prompt ensemble: the normalised text embeddings of every template are averaged per
 class and renormalised (CLIP/open_clip's ``build_zero_shot_classifier``). EVAR uses a single template.
 """
+
 from __future__ import annotations
 
 import csv
@@ -37,8 +38,14 @@ CREMAD_SENTENCES: dict[str, str] = {
     "SAD": "someone talking sadly",
 }
 # CREMA-D codes -> plain words, for user templates ("a {label} voice")
-CREMAD_NAMES: dict[str, str] = {"ANG": "angry", "DIS": "disgusted", "FEA": "fearful", "HAP": "happy",
-                                "NEU": "neutral", "SAD": "sad"}
+CREMAD_NAMES: dict[str, str] = {
+    "ANG": "angry",
+    "DIS": "disgusted",
+    "FEA": "fearful",
+    "HAP": "happy",
+    "NEU": "neutral",
+    "SAD": "sad",
+}
 
 
 def _plain(label: str) -> str:
@@ -71,21 +78,25 @@ def _cremad_sentence(code: str) -> str:
     key = code.strip().upper()
     key = {v: k for k, v in CREMAD_NAMES.items()}.get(code.strip().lower(), key)
     if key not in CREMAD_SENTENCES:
-        raise TemplateError(f"CREMA-D rule: unknown emotion code {code!r}; expected one of "
-                            f"{', '.join(CREMAD_SENTENCES)}")
+        raise TemplateError(
+            f"CREMA-D rule: unknown emotion code {code!r}; expected one of {', '.join(CREMAD_SENTENCES)}"
+        )
     return CREMAD_SENTENCES[key]
 
 
 # ----------------------------------------------------------------------------------------------- labels
+
 
 def read_class_labels_indices(path: str | Path) -> list[tuple[str, str]]:
     """AudioSet's ``class_labels_indices.csv`` (``index,mid,display_name``) -> ``[(mid, display_name)]`` in
     index order. Raises ValueError naming the file and line for a malformed row."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"{path}: no such file (AudioSet's class_labels_indices.csv; get it from "
-                                "http://storage.googleapis.com/us_audioset/youtube_corpus/v1/csv/"
-                                "class_labels_indices.csv)")
+        raise FileNotFoundError(
+            f"{path}: no such file (AudioSet's class_labels_indices.csv; get it from "
+            "http://storage.googleapis.com/us_audioset/youtube_corpus/v1/csv/"
+            "class_labels_indices.csv)"
+        )
     out: list[tuple[int, str, str]] = []
     with open(path, newline="", encoding="utf-8-sig") as f:
         reader = csv.reader(f)
@@ -99,8 +110,10 @@ def read_class_labels_indices(path: str | Path) -> list[tuple[str, str]]:
             if not any(cell.strip() for cell in row):
                 continue
             if len(row) != len(header):
-                raise ValueError(f"{path}, line {line}: {len(row)} field(s), the header has {len(header)} "
-                                 "(is a display name with a comma unquoted?)")
+                raise ValueError(
+                    f"{path}, line {line}: {len(row)} field(s), the header has {len(header)} "
+                    "(is a display name with a comma unquoted?)"
+                )
             index, mid, name = (row[c].strip() for c in cols)
             try:
                 out.append((int(index), mid, name))
@@ -118,6 +131,7 @@ def clean_label(label: str, names: Mapping[str, str] | None = None) -> str:
 
 # ----------------------------------------------------------------------------------------------- templates
 
+
 def _field(template: str) -> str:
     """The one replacement field of a format-string template: ``""`` for ``{}``, ``"label"`` for ``{label}``."""
     if not isinstance(template, str):
@@ -127,8 +141,10 @@ def _field(template: str) -> str:
     except ValueError as e:
         raise TemplateError(f"template {template!r}: {e} (write a literal brace as {{{{ or }}}})") from None
     if len(fields) != 1 or fields[0][0] not in ("", "label") or fields[0][1] or fields[0][2]:
-        raise TemplateError(f"template {template!r}: expected a rule name ({', '.join(RULES)}) or a format "
-                            "string with exactly one '{}' or '{label}' field, e.g. 'the sound of {label}'")
+        raise TemplateError(
+            f"template {template!r}: expected a rule name ({', '.join(RULES)}) or a format "
+            "string with exactly one '{}' or '{label}' field, e.g. 'the sound of {label}'"
+        )
     return fields[0][0]
 
 
@@ -167,8 +183,9 @@ def as_template_list(template: Template | None, default: str = "default") -> lis
     return [check_template(t) for t in templates]
 
 
-def make_prompts(labels: Sequence[str], template: Template | None = None,
-                 names: Mapping[str, str] | None = None) -> list[list[str]]:
+def make_prompts(
+    labels: Sequence[str], template: Template | None = None, names: Mapping[str, str] | None = None
+) -> list[list[str]]:
     """Prompts per class: ``out[c][k]`` is class ``c`` under template ``k``."""
     templates = as_template_list(template)
     return [[make_prompt(lab, t, names) for t in templates] for lab in labels]

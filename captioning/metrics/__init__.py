@@ -34,11 +34,21 @@ The package: :mod:`.scoring` (``evaluate_captions``, ``available_metrics``), :mo
 tokenizer, METEOR, SPICE), :mod:`.fense` (FENSE, FER, SPIDEr-FL), :mod:`.io` (the CSV files),
 :mod:`.download` (CoreNLP jars, FENSE models), :mod:`.cli` (``python -m captioning.metrics``), :mod:`.errors`.
 """
+
 from __future__ import annotations
 
 from .cli import FenseOptions, fense_options, main, unavailable_lines
-from .coco import (CORENLP_JARS, PUNCTUATIONS, java_binary, meteor_score, missing_spice_files, ptb_tokenize,
-                   pycocoevalcap_dir, spice_dir, spice_score)
+from .coco import (
+    CORENLP_JARS,
+    PUNCTUATIONS,
+    java_binary,
+    meteor_score,
+    missing_spice_files,
+    ptb_tokenize,
+    pycocoevalcap_dir,
+    spice_dir,
+    spice_score,
+)
 from .download import download_fense_models, download_spice_models
 from .errors import DOWNLOAD_COMMAND, MetricUnavailableError
 from .fense import FenseScorer
@@ -46,9 +56,30 @@ from .io import read_predictions_csv, read_references_csv, write_predictions
 from .scoring import ALL_METRICS, DEFAULT_METRICS, FENSE_METRICS, available_metrics, evaluate_captions
 
 __all__ = [
-    "ALL_METRICS", "CORENLP_JARS", "DEFAULT_METRICS", "DOWNLOAD_COMMAND", "FENSE_METRICS", "PUNCTUATIONS",
-    "FenseOptions", "FenseScorer", "MetricUnavailableError", "available_metrics", "download_fense_models",
-    "download_spice_models", "evaluate_captions", "fense_options", "java_binary", "main", "meteor_score",
-    "missing_spice_files", "ptb_tokenize", "pycocoevalcap_dir", "read_predictions_csv", "read_references_csv",
-    "spice_dir", "spice_score", "unavailable_lines", "write_predictions",
+    "ALL_METRICS",
+    "CORENLP_JARS",
+    "DEFAULT_METRICS",
+    "DOWNLOAD_COMMAND",
+    "FENSE_METRICS",
+    "PUNCTUATIONS",
+    "FenseOptions",
+    "FenseScorer",
+    "MetricUnavailableError",
+    "available_metrics",
+    "download_fense_models",
+    "download_spice_models",
+    "evaluate_captions",
+    "fense_options",
+    "java_binary",
+    "main",
+    "meteor_score",
+    "missing_spice_files",
+    "ptb_tokenize",
+    "pycocoevalcap_dir",
+    "read_predictions_csv",
+    "read_references_csv",
+    "spice_dir",
+    "spice_score",
+    "unavailable_lines",
+    "write_predictions",
 ]

@@ -1,4 +1,5 @@
 """``python -m captioning.metrics``."""
+
 import sys
 
 from captioning.metrics.cli import main

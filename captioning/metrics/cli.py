@@ -1,4 +1,5 @@
 """``python -m captioning.metrics``: score a predictions CSV against a references CSV; ``... download``."""
+
 from __future__ import annotations
 
 import json
@@ -34,21 +35,28 @@ other command:
 """
 
 
-FENSE_GROUP = ("FENSE models (default: $CAPTION_METRICS_* or the published names; folders, the local caches, or "
-               "the Hugging Face hub unless HF_HUB_OFFLINE is set)")
+FENSE_GROUP = (
+    "FENSE models (default: $CAPTION_METRICS_* or the published names; folders, the local caches, or "
+    "the Hugging Face hub unless HF_HUB_OFFLINE is set)"
+)
 
 
 @dataclass(kw_only=True)
 class FenseOptions:
     """The FENSE model options of the caption commands (a command's options dataclass inherits them)."""
 
-    sbert: str | None = option(None, metavar="NAME|DIR", group=FENSE_GROUP,
-                               help="Sentence-BERT (default paraphrase-TinyBERT-L6-v2)")
-    echecker: str | None = option(None, metavar="NAME|CKPT", group=FENSE_GROUP,
-                                  help="error detector (default echecker_clotho_audiocaps_base)")
-    echecker_bert: str | None = option(None, metavar="NAME|DIR", group=FENSE_GROUP,
-                                       help="tokenizer/config of the echecker's BERT (default: the model_type in "
-                                            "the checkpoint)")
+    sbert: str | None = option(
+        None, metavar="NAME|DIR", group=FENSE_GROUP, help="Sentence-BERT (default paraphrase-TinyBERT-L6-v2)"
+    )
+    echecker: str | None = option(
+        None, metavar="NAME|CKPT", group=FENSE_GROUP, help="error detector (default echecker_clotho_audiocaps_base)"
+    )
+    echecker_bert: str | None = option(
+        None,
+        metavar="NAME|DIR",
+        group=FENSE_GROUP,
+        help="tokenizer/config of the echecker's BERT (default: the model_type in the checkpoint)",
+    )
 
 
 def fense_options(opts: Any, device: str = "cpu") -> dict:
@@ -68,8 +76,9 @@ class ScoreOptions(FenseOptions):
 @dataclass(kw_only=True)
 class DownloadOptions:
     only: str | None = option(None, choices=("spice", "fense"), help="fetch only this part (default: both)")
-    dir: str | None = option(None, metavar="SPICE_DIR",
-                             help="SPICE folder (default: $CAPTION_METRICS_SPICE_DIR or pycocoevalcap's spice/)")
+    dir: str | None = option(
+        None, metavar="SPICE_DIR", help="SPICE folder (default: $CAPTION_METRICS_SPICE_DIR or pycocoevalcap's spice/)"
+    )
 
 
 def download(opts: DownloadOptions) -> int:
@@ -106,8 +115,9 @@ def score(opts: ScoreOptions) -> int:
                 scorer = FenseScorer.load(**fense_options(opts))
         else:
             wanted, why, scorer = available_metrics(fense_options(opts))
-        corpus, per = evaluate_captions(preds, refs, wanted, tokenize=not opts.no_tokenize,
-                                        return_per_clip=True, fense=scorer)
+        corpus, per = evaluate_captions(
+            preds, refs, wanted, tokenize=not opts.no_tokenize, return_per_clip=True, fense=scorer
+        )
     except (MetricUnavailableError, ValueError, TypeError, OSError) as exc:
         raise CliError(str(exc)) from None
     for k, v in corpus.items():
@@ -115,8 +125,13 @@ def score(opts: ScoreOptions) -> int:
     for line in unavailable_lines(why):
         print(line)
     if opts.out:
-        result = {"n_clips": len(preds), "corpus": corpus, "per_clip": per, "unavailable": why,
-                  "fense_models": scorer.models if scorer is not None else None}
+        result = {
+            "n_clips": len(preds),
+            "corpus": corpus,
+            "per_clip": per,
+            "unavailable": why,
+            "fense_models": scorer.models if scorer is not None else None,
+        }
         atomic_write_text(opts.out, json.dumps(result, indent=2))  # a killed run keeps the previous scores
     return 0
 
@@ -124,9 +139,19 @@ def score(opts: ScoreOptions) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] == "download":
-        return run_cli(download, DownloadOptions, argv[1:], prog=DOWNLOAD_COMMAND,
-                       description="Download what SPICE (Stanford CoreNLP 3.6.0 jars, ~390 MB zip) and FENSE "
-                                   "(Sentence-BERT, error detector, BERT tokenizer) need.")
-    return run_cli(score, ScoreOptions, argv, prog=PROG, epilog=_EPILOG,
-                   description="Score predicted captions against references (coco-caption metrics, SPIDEr, FENSE, "
-                               "SPIDEr-FL).")
+        return run_cli(
+            download,
+            DownloadOptions,
+            argv[1:],
+            prog=DOWNLOAD_COMMAND,
+            description="Download what SPICE (Stanford CoreNLP 3.6.0 jars, ~390 MB zip) and FENSE "
+            "(Sentence-BERT, error detector, BERT tokenizer) need.",
+        )
+    return run_cli(
+        score,
+        ScoreOptions,
+        argv,
+        prog=PROG,
+        epilog=_EPILOG,
+        description="Score predicted captions against references (coco-caption metrics, SPIDEr, FENSE, SPIDEr-FL).",
+    )

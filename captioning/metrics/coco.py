@@ -5,6 +5,7 @@ written inside the installed package. ``CAPTION_METRICS_JAVA`` names the ``java`
 on PATH); ``CAPTION_METRICS_SPICE_DIR`` a folder holding ``spice-1.0.jar`` and ``lib/`` (default:
 pycocoevalcap's ``spice`` folder).
 """
+
 from __future__ import annotations
 
 import importlib.util
@@ -20,8 +21,9 @@ from typing import Sequence
 from .errors import DOWNLOAD_COMMAND, MetricUnavailableError
 
 # punctuation tokens removed after PTB tokenisation (coco-caption's list)
-PUNCTUATIONS = frozenset(["''", "'", "``", "`", "-LRB-", "-RRB-", "-LCB-", "-RCB-",
-                          ".", "?", "!", ",", ":", "-", "--", "...", ";"])
+PUNCTUATIONS = frozenset(
+    ["''", "'", "``", "`", "-LRB-", "-RRB-", "-LCB-", "-RCB-", ".", "?", "!", ",", ":", "-", "--", "...", ";"]
+)
 
 CORENLP_JARS = ("stanford-corenlp-3.6.0.jar", "stanford-corenlp-3.6.0-models.jar")
 
@@ -31,7 +33,8 @@ def pycocoevalcap_dir() -> Path:
     if spec is None or not spec.submodule_search_locations:
         raise MetricUnavailableError(
             "pycocoevalcap is not installed; install it with `pip install pycocoevalcap==1.2` "
-            "(it ships the PTB tokenizer, METEOR and SPICE jars)")
+            "(it ships the PTB tokenizer, METEOR and SPICE jars)"
+        )
     return Path(list(spec.submodule_search_locations)[0])
 
 
@@ -40,7 +43,8 @@ def java_binary() -> str:
     if not java or not Path(java).exists():
         raise MetricUnavailableError(
             "Java was not found (looked at $CAPTION_METRICS_JAVA and `java` on PATH); PTB tokenisation, "
-            "METEOR and SPICE need a Java runtime (8 or newer; 17 works)")
+            "METEOR and SPICE need a Java runtime (8 or newer; 17 works)"
+        )
     return java
 
 
@@ -72,7 +76,8 @@ def require_spice() -> Path:
             + ", ".join(str(p) for p in missing)
             + f". On a machine with internet access run `{DOWNLOAD_COMMAND}` (or point "
             "$CAPTION_METRICS_SPICE_DIR at a folder holding spice-1.0.jar and lib/ with those jars), "
-            "or leave 'spice' and 'spider' out of the requested metrics.")
+            "or leave 'spice' and 'spider' out of the requested metrics."
+        )
     return spice_dir()
 
 
@@ -92,15 +97,29 @@ def ptb_tokenize(sentences: Sequence[str]) -> list[str]:
         src = Path(tmp) / "sentences.txt"
         src.write_text("\n".join(sentences), encoding="utf-8")
         proc = subprocess.run(
-            [java, "-cp", str(jar), "edu.stanford.nlp.process.PTBTokenizer",
-             "-preserveLines", "-lowerCase", "-encoding", "utf-8", str(src)],
-            cwd=tmp, stdout=subprocess.PIPE, stderr=subprocess.PIPE, check=False)
+            [
+                java,
+                "-cp",
+                str(jar),
+                "edu.stanford.nlp.process.PTBTokenizer",
+                "-preserveLines",
+                "-lowerCase",
+                "-encoding",
+                "utf-8",
+                str(src),
+            ],
+            cwd=tmp,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            check=False,
+        )
     if proc.returncode != 0:
-        raise RuntimeError(f"PTB tokenizer failed (exit {proc.returncode}): "
-                           f"{proc.stderr.decode(errors='replace')[-2000:]}")
+        raise RuntimeError(
+            f"PTB tokenizer failed (exit {proc.returncode}): {proc.stderr.decode(errors='replace')[-2000:]}"
+        )
     lines = proc.stdout.decode("utf-8").split("\n")
-    if len(lines) > len(sentences) and all(not x.strip() for x in lines[len(sentences):]):
-        lines = lines[:len(sentences)]
+    if len(lines) > len(sentences) and all(not x.strip() for x in lines[len(sentences) :]):
+        lines = lines[: len(sentences)]
     if len(lines) != len(sentences):
         raise RuntimeError(f"PTB tokenizer returned {len(lines)} lines for {len(sentences)} sentences")
     return [" ".join(w for w in line.rstrip().split(" ") if w and w not in PUNCTUATIONS) for line in lines]
@@ -119,12 +138,24 @@ def meteor_score(candidates: Sequence[str], references: Sequence[Sequence[str]])
     def clean(s: str) -> str:
         return " ".join(clean_line(s).replace("|||", " ").split())
 
-    cmd = [java, "-Xmx2G", "-Duser.language=en", "-Duser.country=US", "-jar", str(jar),
-           "-", "-", "-stdio", "-l", "en", "-norm"]
-    with tempfile.TemporaryDirectory(prefix="meteor_") as tmp, \
-            tempfile.TemporaryFile() as err:
+    cmd = [
+        java,
+        "-Xmx2G",
+        "-Duser.language=en",
+        "-Duser.country=US",
+        "-jar",
+        str(jar),
+        "-",
+        "-",
+        "-stdio",
+        "-l",
+        "en",
+        "-norm",
+    ]
+    with tempfile.TemporaryDirectory(prefix="meteor_") as tmp, tempfile.TemporaryFile() as err:
         proc = subprocess.Popen(cmd, cwd=tmp, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=err)
         try:
+
             def ask(line: str) -> str:
                 proc.stdin.write((line + "\n").encode("utf-8"))
                 proc.stdin.flush()
@@ -134,8 +165,10 @@ def meteor_score(candidates: Sequence[str], references: Sequence[Sequence[str]])
                     raise RuntimeError("METEOR jar stopped answering: " + err.read().decode(errors="replace")[-2000:])
                 return out
 
-            stats = [ask(" ||| ".join(["SCORE", " ||| ".join(clean(r) for r in refs), clean(c)]))
-                     for c, refs in zip(candidates, references)]
+            stats = [
+                ask(" ||| ".join(["SCORE", " ||| ".join(clean(r) for r in refs), clean(c)]))
+                for c, refs in zip(candidates, references)
+            ]
             proc.stdin.write(("EVAL ||| " + " ||| ".join(stats) + "\n").encode("utf-8"))
             proc.stdin.flush()
             per = [float(proc.stdout.readline().decode().strip()) for _ in stats]
@@ -161,9 +194,13 @@ def spice_score(candidates: Sequence[str], references: Sequence[Sequence[str]]) 
         inp, out = Path(tmp) / "in.json", Path(tmp) / "out.json"
         data = [{"image_id": i, "test": c, "refs": list(r)} for i, (c, r) in enumerate(zip(candidates, references))]
         inp.write_text(json.dumps(data), encoding="utf-8")
-        proc = subprocess.run([java, "-Xmx8G", "-jar", str(d / "spice-1.0.jar"), str(inp),
-                               "-out", str(out), "-subset", "-silent"],
-                              cwd=tmp, stdout=subprocess.PIPE, stderr=subprocess.PIPE, check=False)
+        proc = subprocess.run(
+            [java, "-Xmx8G", "-jar", str(d / "spice-1.0.jar"), str(inp), "-out", str(out), "-subset", "-silent"],
+            cwd=tmp,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            check=False,
+        )
         if proc.returncode != 0 or not out.is_file():
             raise RuntimeError(f"SPICE failed (exit {proc.returncode}): {proc.stderr.decode(errors='replace')[-2000:]}")
         results = json.loads(out.read_text(encoding="utf-8"))

@@ -4,6 +4,7 @@ Files come through ``torch.hub.download_url_to_file`` (a progress bar, the sha25
 gives one, a temporary file moved into place only when complete) rather than a hand-written urllib loop;
 the Hugging Face models through their own ``from_pretrained`` caches.
 """
+
 from __future__ import annotations
 
 import inspect
@@ -39,6 +40,7 @@ def fetch(url: str, target: Path, sha256: str | None = None) -> Path:
 def _spice_download_url() -> str:
     """The CoreNLP zip URL, read from the installed pycocoevalcap's get_stanford_models script."""
     from pycocoevalcap.spice import get_stanford_models as gsm
+
     src = inspect.getsource(gsm)
     m = re.search(r"url\s*=\s*['\"]([^'\"]+)['\"]\s*\.format\(\s*CORENLP\s*\)", src)
     if not m:
@@ -64,7 +66,8 @@ def download_spice_models(directory: str | os.PathLike | None = None, url: str |
         except MetricUnavailableError as exc:
             raise MetricUnavailableError(
                 f"{exc}. Run `{DOWNLOAD_COMMAND}` on a machine with internet access, "
-                f"or copy {', '.join(coco.CORENLP_JARS)} into {lib} by hand") from exc.__cause__
+                f"or copy {', '.join(coco.CORENLP_JARS)} into {lib} by hand"
+            ) from exc.__cause__
         lib.mkdir(parents=True, exist_ok=True)
         try:
             with zipfile.ZipFile(zip_path) as zf:

@@ -28,15 +28,16 @@ name of the echecker's tokenizer/config; default: the ``model_type`` stored in t
 ``CAPTION_METRICS_FENSE_DIR`` (where named echeckers live; default ``$FENSE_DATA`` or
 ``~/.cache/torch/hub/fense_data``, the folder FENSE and aac-metrics use).
 """
+
 from __future__ import annotations
 
 import hashlib
 import logging
 import os
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from collections.abc import Sequence
 
 import numpy as np
 import torch
@@ -50,9 +51,19 @@ from .errors import MetricUnavailableError
 log = logging.getLogger(__name__)
 
 __all__ = [
-    "SBERT_MODEL", "DEFAULT_ECHECKER", "ECHECKERS", "ERROR_NAMES", "ERROR_THRESHOLD", "PENALTY",
-    "ErrorDetector", "FenseScorer", "MetricUnavailableError", "penalise", "echecker_text",
-    "load_echecker", "load_sbert",
+    "SBERT_MODEL",
+    "DEFAULT_ECHECKER",
+    "ECHECKERS",
+    "ERROR_NAMES",
+    "ERROR_THRESHOLD",
+    "PENALTY",
+    "ErrorDetector",
+    "FenseScorer",
+    "MetricUnavailableError",
+    "penalise",
+    "echecker_text",
+    "load_echecker",
+    "load_sbert",
 ]
 
 SBERT_MODEL = "sentence-transformers/paraphrase-TinyBERT-L6-v2"
@@ -60,10 +71,14 @@ DEFAULT_ECHECKER = "echecker_clotho_audiocaps_base"
 _RELEASE = "https://github.com/blmoistawinde/fense/releases/download/V0.1"
 # name -> (url, sha256), as published by the FENSE authors
 ECHECKERS = {
-    "echecker_clotho_audiocaps_base": (f"{_RELEASE}/echecker_clotho_audiocaps_base.ckpt",
-                                       "1a719f090af70614bbdb9f9437530b7e133c48cfa4a58d964de0d47fc974a2fa"),
-    "echecker_clotho_audiocaps_tiny": (f"{_RELEASE}/echecker_clotho_audiocaps_tiny.ckpt",
-                                       "90ed0ac5033ec497ec66d4f68588053813e085671136dae312097c96c504f673"),
+    "echecker_clotho_audiocaps_base": (
+        f"{_RELEASE}/echecker_clotho_audiocaps_base.ckpt",
+        "1a719f090af70614bbdb9f9437530b7e133c48cfa4a58d964de0d47fc974a2fa",
+    ),
+    "echecker_clotho_audiocaps_tiny": (
+        f"{_RELEASE}/echecker_clotho_audiocaps_tiny.ckpt",
+        "90ed0ac5033ec497ec66d4f68588053813e085671136dae312097c96c504f673",
+    ),
 }
 ERROR_NAMES = ("add_tail", "repeat_event", "repeat_adv", "remove_conj", "remove_verb", "error")
 ERROR_THRESHOLD = 0.9
@@ -104,8 +119,9 @@ class ErrorDetector(nn.Module):
         self.clf = nn.Linear(config.hidden_size, num_classes)
 
     def forward(self, input_ids, attention_mask=None, token_type_ids=None) -> torch.Tensor:
-        hidden = self.encoder(input_ids=input_ids, attention_mask=attention_mask,
-                              token_type_ids=token_type_ids).last_hidden_state  # (B, L, H)
+        hidden = self.encoder(
+            input_ids=input_ids, attention_mask=attention_mask, token_type_ids=token_type_ids
+        ).last_hidden_state  # (B, L, H)
         return self.clf(self.dropout(hidden[:, 0]))  # (B, num_classes)
 
 
@@ -131,7 +147,8 @@ def resolve_echecker(name_or_path: str | os.PathLike | None = None) -> Path:
         raise MetricUnavailableError(
             f"FENSE/FER/SPIDEr-FL need the error-detector checkpoint {path}, which is missing. Run "
             f"`{DOWNLOAD_COMMAND}` on a machine with internet access (or copy the published "
-            f"{DEFAULT_ECHECKER}.ckpt there, or pass its path / set $CAPTION_METRICS_ECHECKER)")
+            f"{DEFAULT_ECHECKER}.ckpt there, or pass its path / set $CAPTION_METRICS_ECHECKER)"
+        )
     return path
 
 
@@ -144,11 +161,15 @@ def _hf_load(load, source: str, what: str, **kwargs):
     except (OSError, ValueError) as error:
         raise MetricUnavailableError(
             f"{what} {source!r} is not available ({type(error).__name__}: {str(error).splitlines()[0][:160]}). "
-            f"Run `{DOWNLOAD_COMMAND}` on a machine with internet access, or pass a folder holding it") from error
+            f"Run `{DOWNLOAD_COMMAND}` on a machine with internet access, or pass a folder holding it"
+        ) from error
 
 
-def load_echecker(name_or_path: str | os.PathLike | None = None, bert: str | os.PathLike | None = None,
-                  device: str | torch.device = "cpu") -> tuple[ErrorDetector, object]:
+def load_echecker(
+    name_or_path: str | os.PathLike | None = None,
+    bert: str | os.PathLike | None = None,
+    device: str | torch.device = "cpu",
+) -> tuple[ErrorDetector, object]:
     """(detector, tokenizer) from a published echecker (name or ``.ckpt`` path).
 
     The checkpoint is ``{"model_type", "num_classes", "state_dict"}``, read with ``weights_only=True``; a
@@ -167,8 +188,10 @@ def load_echecker(name_or_path: str | os.PathLike | None = None, bert: str | os.
         raise ValueError(f"{path}: not a readable FENSE error-detector checkpoint ({exc})") from exc
     if not isinstance(states, dict) or not {"model_type", "num_classes", "state_dict"} <= set(states):
         keys = sorted(states)[:8] if isinstance(states, dict) else type(states).__name__
-        raise ValueError(f"{path}: not a FENSE error-detector checkpoint (expected keys model_type, num_classes, "
-                         f"state_dict; found {keys})")
+        raise ValueError(
+            f"{path}: not a FENSE error-detector checkpoint (expected keys model_type, num_classes, "
+            f"state_dict; found {keys})"
+        )
     source = str(bert or os.environ.get("CAPTION_METRICS_ECHECKER_BERT") or states["model_type"])
     config = _hf_load(AutoConfig.from_pretrained, source, "the echecker's BERT configuration")
     tokenizer = _hf_load(AutoTokenizer.from_pretrained, source, "the echecker's tokenizer")
@@ -180,8 +203,9 @@ def load_echecker(name_or_path: str | os.PathLike | None = None, bert: str | os.
     except RuntimeError as exc:  # shape mismatches
         raise ValueError(f"{path}: does not fit a {source} error detector: {str(exc)[:300]}") from None
     if missing or unexpected:
-        raise ValueError(f"{path}: does not fit a {source} error detector (missing {missing[:5]}, "
-                         f"unexpected {unexpected[:5]})")
+        raise ValueError(
+            f"{path}: does not fit a {source} error detector (missing {missing[:5]}, unexpected {unexpected[:5]})"
+        )
     return model.eval().to(device), tokenizer
 
 
@@ -208,14 +232,21 @@ class FenseScorer:
     models: dict = field(default_factory=dict)  # what was loaded, for the result metadata
 
     @classmethod
-    def load(cls, sbert: str | None = None, echecker: str | None = None, echecker_bert: str | None = None,
-             device: str | torch.device = "cpu", batch_size: int = 32) -> "FenseScorer":
+    def load(
+        cls,
+        sbert: str | None = None,
+        echecker: str | None = None,
+        echecker_bert: str | None = None,
+        device: str | torch.device = "cpu",
+        batch_size: int = 32,
+    ) -> "FenseScorer":
         det, tok = load_echecker(echecker, echecker_bert, device)
         model = load_sbert(sbert, device)
-        names = {"sbert": str(sbert or os.environ.get("CAPTION_METRICS_SBERT") or SBERT_MODEL),
-                 "echecker": str(resolve_echecker(echecker)),
-                 "echecker_bert": str(echecker_bert or os.environ.get("CAPTION_METRICS_ECHECKER_BERT")
-                                      or det.model_type)}
+        names = {
+            "sbert": str(sbert or os.environ.get("CAPTION_METRICS_SBERT") or SBERT_MODEL),
+            "echecker": str(resolve_echecker(echecker)),
+            "echecker_bert": str(echecker_bert or os.environ.get("CAPTION_METRICS_ECHECKER_BERT") or det.model_type),
+        }
         return cls(model, det, tok, batch_size, models=names)
 
     @torch.no_grad()
@@ -224,10 +255,16 @@ class FenseScorer:
         device = next(self.echecker.parameters()).device
         out = []
         for i in range(0, len(sentences), self.batch_size):
-            batch = self.tokenizer(echecker_text(sentences[i:i + self.batch_size]), truncation=True,
-                                   padding="max_length", max_length=MAX_TOKENS, return_tensors="pt")
-            batch = {k: v.to(device) for k, v in batch.items()
-                     if k in ("input_ids", "attention_mask", "token_type_ids")}
+            batch = self.tokenizer(
+                echecker_text(sentences[i : i + self.batch_size]),
+                truncation=True,
+                padding="max_length",
+                max_length=MAX_TOKENS,
+                return_tensors="pt",
+            )
+            batch = {
+                k: v.to(device) for k, v in batch.items() if k in ("input_ids", "attention_mask", "token_type_ids")
+            }
             out.append(self.echecker(**batch).float().sigmoid().cpu().numpy())
         return np.concatenate(out) if out else np.zeros((0, self.echecker.num_classes))
 
@@ -235,12 +272,15 @@ class FenseScorer:
     def similarity(self, candidates: Sequence[str], references: Sequence[Sequence[str]]) -> np.ndarray:
         """Mean cosine similarity of each candidate with its references (normalised SBERT embeddings)."""
         flat = [r for refs in references for r in refs]
-        enc = dict(convert_to_tensor=True, normalize_embeddings=True, batch_size=self.batch_size,
-                   show_progress_bar=False)
+        enc = dict(
+            convert_to_tensor=True, normalize_embeddings=True, batch_size=self.batch_size, show_progress_bar=False
+        )
         cand = self.sbert.encode(list(candidates), **enc).float()  # (n, D)
         ref = self.sbert.encode(flat, **enc).float()  # (sum M_i, D)
-        owner = torch.repeat_interleave(torch.arange(len(references), device=ref.device),
-                                        torch.tensor([len(r) for r in references], device=ref.device))
+        owner = torch.repeat_interleave(
+            torch.arange(len(references), device=ref.device),
+            torch.tensor([len(r) for r in references], device=ref.device),
+        )
         cos = (cand[owner] * ref).sum(-1)  # (sum M_i,) each reference against its own candidate
         total = torch.zeros(len(references), device=ref.device).index_add_(0, owner, cos)
         counts = torch.bincount(owner, minlength=len(references)).float()
@@ -255,5 +295,9 @@ class FenseScorer:
             raise ValueError(f"candidate(s) {empty[:10]} have no references")
         sim = self.similarity(candidates, references)
         p = self.error_probs(candidates)[:, -1]  # the "error" head
-        return {"sbert_sim": sim, "error_prob": p, "fer": (p > self.threshold).astype(np.float64),
-                "fense": penalise(sim, p, self.threshold, self.penalty)}
+        return {
+            "sbert_sim": sim,
+            "error_prob": p,
+            "fer": (p > self.threshold).astype(np.float64),
+            "fense": penalise(sim, p, self.threshold, self.penalty),
+        }

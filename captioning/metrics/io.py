@@ -1,4 +1,5 @@
 """The predictions and references CSV files: reading them (errors name file and line) and writing predictions."""
+
 from __future__ import annotations
 
 import csv

@@ -1,4 +1,5 @@
 """Scoring captions: every metric on one PTB tokenisation, the corpus and per-clip values, what can run here."""
+
 from __future__ import annotations
 
 from typing import Hashable, Iterable, Mapping, Sequence
@@ -74,7 +75,8 @@ def available_metrics(fense_options: Mapping | None = None, fense: bool = True):
     missing = coco.missing_spice_files()
     if missing or "meteor" in why:
         why["spice"] = why["spider"] = why.get("meteor") or (
-            f"missing Stanford CoreNLP 3.6.0 jars: {', '.join(map(str, missing))} (`{DOWNLOAD_COMMAND} --only spice`)")
+            f"missing Stanford CoreNLP 3.6.0 jars: {', '.join(map(str, missing))} (`{DOWNLOAD_COMMAND} --only spice`)"
+        )
     else:
         ok += ["spice", "spider"]
     scorer = None
@@ -93,8 +95,9 @@ def available_metrics(fense_options: Mapping | None = None, fense: bool = True):
     return ok, why, scorer
 
 
-def _texts(predictions: Mapping[Hashable, str], references: Mapping[Hashable, Sequence[str]], ids: list,
-           tokenize: bool) -> tuple[list[str], list[list[str]]]:
+def _texts(
+    predictions: Mapping[Hashable, str], references: Mapping[Hashable, Sequence[str]], ids: list, tokenize: bool
+) -> tuple[list[str], list[list[str]]]:
     """Candidates and reference lists in ``ids`` order, one line each, PTB-tokenised in one Java call."""
     cands = [coco.clean_line(predictions[i]) for i in ids]
     refs = [[coco.clean_line(r) for r in references[i]] for i in ids]
@@ -103,15 +106,20 @@ def _texts(predictions: Mapping[Hashable, str], references: Mapping[Hashable, Se
     flat = coco.ptb_tokenize(cands + [r for rs in refs for r in rs])
     pos, tok_refs = len(cands), []
     for rs in refs:
-        tok_refs.append(flat[pos:pos + len(rs)])
+        tok_refs.append(flat[pos : pos + len(rs)])
         pos += len(rs)
-    return flat[:len(cands)], tok_refs
+    return flat[: len(cands)], tok_refs
 
 
-def evaluate_captions(predictions: Mapping[Hashable, str],
-                      references: Mapping[Hashable, Sequence[str]],
-                      metrics: Iterable[str] | str = DEFAULT_METRICS,
-                      *, tokenize: bool = True, return_per_clip: bool = False, fense=None):
+def evaluate_captions(
+    predictions: Mapping[Hashable, str],
+    references: Mapping[Hashable, Sequence[str]],
+    metrics: Iterable[str] | str = DEFAULT_METRICS,
+    *,
+    tokenize: bool = True,
+    return_per_clip: bool = False,
+    fense=None,
+):
     """Score predicted captions against reference captions.
 
     ``predictions``: {clip id: caption}; ``references``: {clip id: [caption, ...]} with the same ids.
@@ -158,6 +166,7 @@ def evaluate_captions(predictions: Mapping[Hashable, str],
 
     if "bleu" in wanted:
         from pycocoevalcap.bleu.bleu import Bleu
+
         total, values = Bleu(4).compute_score(gts, res, verbose=0)
         for n in range(4):
             put(f"bleu_{n + 1}", total[n], values[n])
@@ -166,10 +175,12 @@ def evaluate_captions(predictions: Mapping[Hashable, str],
         put("meteor", total, values)
     if "rouge_l" in wanted:
         from pycocoevalcap.rouge.rouge import Rouge
+
         total, values = Rouge().compute_score(gts, res)
         put("rouge_l", total, values)
     if need_cider:
         from pycocoevalcap.cider.cider import Cider
+
         total, values = Cider().compute_score(gts, res)
         put("cider_d", total, values)
     if need_spice:

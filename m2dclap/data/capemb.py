@@ -6,6 +6,7 @@ such a file, so :func:`load_caption_embeddings` parses the ``.npy`` header itsel
 with an allow-list that admits only what numpy needs to rebuild a dict of arrays. ``.npz`` files
 (one array per id) are read with ``allow_pickle=False``.
 """
+
 from __future__ import annotations
 
 import pickle
@@ -58,7 +59,8 @@ class _RestrictedUnpickler(pickle.Unpickler):
         except KeyError:
             raise CaptionEmbeddingError(
                 f"{self._source}: refused to unpickle the global '{module}.{name}'; a caption-embedding file "
-                "may only hold a dict of numpy arrays (this file may be malicious)") from None
+                "may only hold a dict of numpy arrays (this file may be malicious)"
+            ) from None
 
     def persistent_load(self, pid: Any) -> Any:
         raise CaptionEmbeddingError(f"{self._source}: refused a persistent id in the pickle")
@@ -103,8 +105,10 @@ def _load_npy(path: Path) -> Any:
         except ValueError as e:
             raise CaptionEmbeddingError(f"{path}: not a .npy file ({e})") from None
         if not dtype.hasobject:
-            raise CaptionEmbeddingError(f"{path}: holds a plain {dtype} array of shape {shape}, not a dict "
-                                        "{id: embedding}; save one with save_caption_embeddings")
+            raise CaptionEmbeddingError(
+                f"{path}: holds a plain {dtype} array of shape {shape}, not a dict "
+                "{id: embedding}; save one with save_caption_embeddings"
+            )
         try:
             obj = _RestrictedUnpickler(f, path).load()
         except CaptionEmbeddingError:
@@ -127,8 +131,10 @@ def _validate(obj: Any, path: Path) -> dict[str, np.ndarray]:
             raise CaptionEmbeddingError(f"{path}: id {key!r} is a {type(key).__name__}, not a string")
         arr = np.asarray(value)
         if arr.dtype.kind not in "fiu" or arr.ndim not in (1, 2) or arr.size == 0:
-            raise CaptionEmbeddingError(f"{path}: embedding of {key!r} must be a non-empty numeric [D] or [n, D] "
-                                        f"array, got dtype {arr.dtype} and shape {arr.shape}")
+            raise CaptionEmbeddingError(
+                f"{path}: embedding of {key!r} must be a non-empty numeric [D] or [n, D] "
+                f"array, got dtype {arr.dtype} and shape {arr.shape}"
+            )
         out[key] = arr
     dims = {a.shape[-1] for a in out.values()}
     if len(dims) > 1:
@@ -145,8 +151,10 @@ def save_caption_embeddings(emb: Mapping[str, Any], path: str | Path) -> Path:
     for key, value in emb.items():
         arr = np.asarray(value if not hasattr(value, "detach") else value.detach().cpu().numpy())
         if arr.ndim not in (1, 2) or arr.dtype.kind not in "fiu":
-            raise CaptionEmbeddingError(f"{path}: embedding of {key!r} must be a numeric [D] or [n, D] array, "
-                                        f"got dtype {arr.dtype} and shape {arr.shape}")
+            raise CaptionEmbeddingError(
+                f"{path}: embedding of {key!r} must be a numeric [D] or [n, D] array, "
+                f"got dtype {arr.dtype} and shape {arr.shape}"
+            )
         data[str(key)] = np.ascontiguousarray(arr, dtype=np.float16)
     from ..fileio import atomic_write
 

@@ -5,6 +5,7 @@ Items are un-normalised log-mel spectrograms; the model applies its checkpoint's
 generator seeded by ``(seed, epoch, index)``, so a resumed run that calls :meth:`set_epoch` sees exactly the
 crops of the interrupted one, whatever the worker count.
 """
+
 from __future__ import annotations
 
 import logging
@@ -17,8 +18,8 @@ import torch.nn.functional as F
 from torch.utils.data import Dataset
 
 from ..audio import AudioError, LogMelSpectrogram
-from ..embed_files import load_clip
 from ..config import FrontendCfg
+from ..embed_files import load_clip
 from .manifest import Record
 
 log = logging.getLogger(__name__)
@@ -44,9 +45,16 @@ class AudioCaptionDataset(Dataset):
     An item has ``caption`` only if its record has captions; :func:`collate` requires all or none.
     """
 
-    def __init__(self, records: Sequence[Record], frontend_cfg: FrontendCfg, crop_frames: int,
-                 training: bool = True, caption_embeddings: Mapping[str, Any] | None = None,
-                 on_bad_audio: str = "skip", seed: int = 0):
+    def __init__(
+        self,
+        records: Sequence[Record],
+        frontend_cfg: FrontendCfg,
+        crop_frames: int,
+        training: bool = True,
+        caption_embeddings: Mapping[str, Any] | None = None,
+        on_bad_audio: str = "skip",
+        seed: int = 0,
+    ):
         if on_bad_audio not in BAD_AUDIO_POLICIES:
             raise ValueError(f"on_bad_audio must be one of {BAD_AUDIO_POLICIES}, got {on_bad_audio!r}")
         if crop_frames < 1:
@@ -63,9 +71,11 @@ class AudioCaptionDataset(Dataset):
         if caption_embeddings is not None:
             missing = [r.id for r in self.records if r.id not in caption_embeddings]
             if missing:
-                raise KeyError(f"no caption embedding for {len(missing)} of {len(self.records)} clip id(s), "
-                               f"first {missing[0]!r}" + (f" (also {', '.join(map(repr, missing[1:4]))})"
-                                                          if len(missing) > 1 else ""))
+                raise KeyError(
+                    f"no caption embedding for {len(missing)} of {len(self.records)} clip id(s), "
+                    f"first {missing[0]!r}"
+                    + (f" (also {', '.join(map(repr, missing[1:4]))})" if len(missing) > 1 else "")
+                )
 
     def __len__(self) -> int:
         return len(self.records)
@@ -116,8 +126,10 @@ class AudioCaptionDataset(Dataset):
         if arr.ndim == 3 and arr.shape[0] == 1:
             arr = arr[0]  # official [1, n_mels, T] -> (n_mels, T)
         if arr.ndim != 2 or arr.shape[0] != self.cfg.n_mels or arr.shape[1] == 0 or arr.dtype.kind != "f":
-            raise AudioError(f"{path}: expected a float log-mel of shape [1, {self.cfg.n_mels}, T], "
-                             f"got {arr.dtype} {tuple(arr.shape)}")
+            raise AudioError(
+                f"{path}: expected a float log-mel of shape [1, {self.cfg.n_mels}, T], "
+                f"got {arr.dtype} {tuple(arr.shape)}"
+            )
         lms = torch.from_numpy(np.ascontiguousarray(arr, dtype=np.float32))
         if not torch.isfinite(lms).all():
             raise AudioError(f"{path}: log-mel contains NaN/Inf values")
@@ -131,7 +143,7 @@ class AudioCaptionDataset(Dataset):
             # (so padded frames read as log(1) = 0, not as silence).
             return F.pad(lms, (0, self.crop_frames - n_frames))
         start = int(rng.integers(n_frames - self.crop_frames + 1)) if self.training else 0
-        return lms[:, start:start + self.crop_frames]
+        return lms[:, start : start + self.crop_frames]
 
     def _embedding(self, rec_id: str, rng: np.random.Generator) -> torch.Tensor:
         try:
@@ -165,8 +177,10 @@ def collate(batch: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
         have = [key in b for b in good]
         if any(have) and not all(have):
             lacking = [b["id"] for b in good if key not in b]
-            raise ValueError(f"collate: some items have {key!r} and some do not (e.g. {lacking[0]!r}); "
-                             "give every record of a training set captions, or none")
+            raise ValueError(
+                f"collate: some items have {key!r} and some do not (e.g. {lacking[0]!r}); "
+                "give every record of a training set captions, or none"
+            )
         if all(have):
             values = [b[key] for b in good]
             out[key] = torch.stack(values) if key == "caption_emb" else values

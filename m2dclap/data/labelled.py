@@ -1,5 +1,6 @@
 """Labelled (AudioSet-style, multi-label) manifests for stage-1.1 fine-tuning: the label column, the class
 list and the dataset of log-mel crops with multi-hot targets."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -47,8 +48,16 @@ class TaggingDataset(Dataset):
     every process gathers batches of equal size; in training it is dropped and reported like in pretraining.
     """
 
-    def __init__(self, records: Sequence[Record], classes: Sequence[str], frontend_cfg: FrontendCfg,
-                 frames: int, training: bool, on_bad_audio: str = "skip", seed: int = 0):
+    def __init__(
+        self,
+        records: Sequence[Record],
+        classes: Sequence[str],
+        frontend_cfg: FrontendCfg,
+        frames: int,
+        training: bool,
+        on_bad_audio: str = "skip",
+        seed: int = 0,
+    ):
         index = {c: i for i, c in enumerate(classes)}
         self.n_classes, self.training, self.frames = len(classes), training, frames
         self.n_mels = frontend_cfg.n_mels
@@ -57,8 +66,9 @@ class TaggingDataset(Dataset):
         if unknown:
             log.warning("%d label(s) outside the %d training classes are ignored", unknown, len(classes))
         plain = [dataclasses.replace(r, captions=[]) for r in records]  # captions play no part here
-        self.base = AudioCaptionDataset(plain, frontend_cfg, frames, training=training, on_bad_audio=on_bad_audio,
-                                        seed=seed)
+        self.base = AudioCaptionDataset(
+            plain, frontend_cfg, frames, training=training, on_bad_audio=on_bad_audio, seed=seed
+        )
 
     def __len__(self) -> int:
         return len(self.base)
@@ -71,8 +81,12 @@ class TaggingDataset(Dataset):
         if "bad" in item:
             if self.training:
                 return item
-            item = {"lms": torch.zeros(1, self.n_mels, self.frames), "index": int(index),
-                    "id": self.base.records[index].id, "valid": False}
+            item = {
+                "lms": torch.zeros(1, self.n_mels, self.frames),
+                "index": int(index),
+                "id": self.base.records[index].id,
+                "valid": False,
+            }
         target = torch.zeros(self.n_classes)
         target[self.labels[index]] = 1.0
         return {**item, "target": target, "valid": item.get("valid", True)}

@@ -11,6 +11,7 @@ A manifest is a CSV or a JSONL file (chosen by the extension, ``.csv`` or ``.jso
 
 Other columns are ignored. Every error is a :class:`ManifestError` that names the file and the line.
 """
+
 from __future__ import annotations
 
 import csv
@@ -23,8 +24,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
-from ..fileio import atomic_write_text  # noqa: F401  (re-exported: the callers' name for it)
-from ..fileio import TextFileError, csv_rows, undecodable_line
+from ..fileio import (
+    TextFileError,
+    atomic_write_text,  # noqa: F401  (re-exported: the callers' name for it)
+    csv_rows,
+    undecodable_line,
+)
 
 log = logging.getLogger(__name__)
 
@@ -51,6 +56,7 @@ class Record:
 
 # ----------------------------------------------------------------------------------------------- reading
 
+
 def read_manifest(path: str | Path, split: str | None = None) -> list[Record]:
     """Read a ``.csv`` or ``.jsonl`` manifest; keep only ``split`` if given.
 
@@ -68,8 +74,9 @@ def read_manifest(path: str | Path, split: str | None = None) -> list[Record]:
     for line, row in rows:
         rec = _row_to_record(row, path, line)
         if rec.id in first_line:
-            raise ManifestError(f"{path}, line {line}: duplicate id {rec.id!r} "
-                                f"(first seen on line {first_line[rec.id]})")
+            raise ManifestError(
+                f"{path}, line {line}: duplicate id {rec.id!r} (first seen on line {first_line[rec.id]})"
+            )
         first_line[rec.id] = line
         records.append(rec)
     if split is not None:
@@ -117,8 +124,7 @@ def _jsonl_rows(path: Path) -> Iterable[tuple[int, dict[str, Any]]]:
         except json.JSONDecodeError as e:
             raise ManifestError(f"{path}, line {line_no}: bad JSON ({e.msg} at column {e.colno})") from None
         if not isinstance(row, dict):
-            raise ManifestError(f"{path}, line {line_no}: bad JSON line: expected an object, "
-                                f"got {type(row).__name__}")
+            raise ManifestError(f"{path}, line {line_no}: bad JSON line: expected an object, got {type(row).__name__}")
         _check_header(list(row), path, line_no)
         yield line_no, row
 
@@ -138,8 +144,13 @@ def _row_to_record(row: dict[str, Any], path: Path, line: int) -> Record:
         audio = Path(os.path.normpath(path.parent.resolve() / audio))  # "../x.wav" -> a clean absolute path
     rec_id = _id(row.get("id"), where) or audio.stem
     split = _text(row.get("split"), where, "split")
-    return Record(id=rec_id, audio=audio, captions=_captions(row, where), labels=_labels(row.get("labels"), where),
-                  split=_normalise_split(split, where) if split else None)
+    return Record(
+        id=rec_id,
+        audio=audio,
+        captions=_captions(row, where),
+        labels=_labels(row.get("labels"), where),
+        split=_normalise_split(split, where) if split else None,
+    )
 
 
 def _captions(row: dict[str, Any], where: str) -> list[str]:
@@ -207,6 +218,7 @@ def _normalise_split(split: str, where: str) -> str:
 
 # ----------------------------------------------------------------------------------------------- writing
 
+
 def write_manifest(records: Sequence[Record], path: str | Path) -> Path:
     """Write ``records`` as a ``.csv`` or ``.jsonl`` manifest, atomically (temporary file, then ``os.replace``).
 
@@ -269,6 +281,7 @@ def _relative(audio: Path, base: Path) -> str:
 
 
 # ----------------------------------------------------------------------------------------------- checks
+
 
 def split_records(records: Sequence[Record]) -> tuple[list[Record], list[Record]]:
     """(train, val): the ``train`` split (or the rows without a split if none is marked train) and ``val``.
@@ -335,7 +348,7 @@ def apply_exclusions(records: Sequence[Record], excluded: Iterable[str]) -> tupl
             return True
         parts = audio.parts
         # an absolute entry must be the same file; a relative one matches the end of the path
-        return any(audio == Path(*p) if Path(*p).is_absolute() else parts[-len(p):] == p for p in paths)
+        return any(audio == Path(*p) if Path(*p).is_absolute() else parts[-len(p) :] == p for p in paths)
 
     kept = [r for r in records if not hit(r)]
     return kept, len(records) - len(kept)

@@ -13,6 +13,7 @@ A clip listed but absent on disk is reported with its path and counted; ``strict
 Retrieval (``retrieval.datasets``) and captioning (``captioning.train --dataset audiocaps|clotho``) read
 the datasets through these functions.
 """
+
 from __future__ import annotations
 
 import json
@@ -30,10 +31,22 @@ from .manifest import Record, check_files
 log = logging.getLogger(__name__)
 
 CLOTHO_SPLITS = {"development": "train", "validation": "val", "evaluation": "test"}
-_CLOTHO_ALIASES = {"dev": "development", "train": "development", "val": "validation", "valid": "validation",
-                   "eval": "evaluation", "test": "evaluation"}
-_AUDIOCAPS_ALIASES = {"development": "train", "dev": "train", "valid": "val", "validation": "val",
-                      "evaluation": "test", "eval": "test"}
+_CLOTHO_ALIASES = {
+    "dev": "development",
+    "train": "development",
+    "val": "validation",
+    "valid": "validation",
+    "eval": "evaluation",
+    "test": "evaluation",
+}
+_AUDIOCAPS_ALIASES = {
+    "development": "train",
+    "dev": "train",
+    "valid": "val",
+    "validation": "val",
+    "evaluation": "test",
+    "eval": "test",
+}
 AUDIOCAPS_PATTERN = "{youtube_id}.wav"
 WAVCAPS_PATTERN = "{stem}.flac"
 
@@ -55,8 +68,13 @@ class ReadResult:
         return len(self.records) + len(self.missing)
 
     def report(self) -> dict[str, Any]:
-        return {"source": self.source, "listed": self.n_listed, "present": len(self.records),
-                "missing": len(self.missing), "missing_paths": [str(p) for p in self.missing]}
+        return {
+            "source": self.source,
+            "listed": self.n_listed,
+            "present": len(self.records),
+            "missing": len(self.missing),
+            "missing_paths": [str(p) for p in self.missing],
+        }
 
 
 def finish_records(records: list[Record], source: str, strict: bool) -> ReadResult:
@@ -121,25 +139,32 @@ def clotho_split(split: str) -> str:
     return s
 
 
-def read_clotho(root: str | Path, split: str = "evaluation", audio_dir: str | Path | None = None,
-                strict: bool = False) -> ReadResult:
+def read_clotho(
+    root: str | Path, split: str = "evaluation", audio_dir: str | Path | None = None, strict: bool = False
+) -> ReadResult:
     """Clotho v2.1 ``split`` -> one record per clip with its five captions (manifest split train/val/test)."""
     root, split = Path(root), clotho_split(split)
     csv_path = _find_file(root, f"clotho_captions_{split}.csv", "Clotho")
     rows = read_csv_dicts(csv_path)
     require_columns(rows, csv_path, ["file_name", "caption_1"])
-    folder = Path(audio_dir) if audio_dir else _first_existing(
-        [root / split, root / f"clotho_audio_{split}", root / "audio" / split, csv_path.parent / split])
-    cap_cols = sorted((c for c in (rows[0] if rows else {}) if c.startswith("caption_")),
-                      key=lambda c: int(c.split("_")[1]) if c.split("_")[1].isdigit() else 99)
+    folder = (
+        Path(audio_dir)
+        if audio_dir
+        else _first_existing(
+            [root / split, root / f"clotho_audio_{split}", root / "audio" / split, csv_path.parent / split]
+        )
+    )
+    cap_cols = sorted(
+        (c for c in (rows[0] if rows else {}) if c.startswith("caption_")),
+        key=lambda c: int(c.split("_")[1]) if c.split("_")[1].isdigit() else 99,
+    )
     records = []
     for row in rows:
         name = row["file_name"].strip()
         if not name:
             continue
         captions = [row[c].strip() for c in cap_cols if row[c].strip()]
-        records.append(Record(id=Path(name).stem, audio=folder / name, captions=captions,
-                              split=CLOTHO_SPLITS[split]))
+        records.append(Record(id=Path(name).stem, audio=folder / name, captions=captions, split=CLOTHO_SPLITS[split]))
     return finish_records(records, f"Clotho {split} ({csv_path})", strict)
 
 
@@ -148,8 +173,13 @@ def _pattern_fields(pattern: str) -> list[str]:
     return [f for _, f, _, _ in string.Formatter().parse(pattern) if f]
 
 
-def read_audiocaps(root: str | Path, split: str = "test", audio_dir: str | Path | None = None,
-                   pattern: str = AUDIOCAPS_PATTERN, strict: bool = False) -> ReadResult:
+def read_audiocaps(
+    root: str | Path,
+    split: str = "test",
+    audio_dir: str | Path | None = None,
+    pattern: str = AUDIOCAPS_PATTERN,
+    strict: bool = False,
+) -> ReadResult:
     """AudioCaps ``split`` -> one record per audio file, captions in row order.
 
     ``pattern`` names a clip's file from ``youtube_id``, ``start_time``, ``end_time`` (start + 10) and
@@ -174,8 +204,12 @@ def read_audiocaps(root: str | Path, split: str = "test", audio_dir: str | Path 
             start = int(float(row["start_time"]))
         except ValueError:
             raise ValueError(f"{csv_path}, line {line}: start_time {row['start_time']!r} is not a number") from None
-        values = {"youtube_id": row["youtube_id"].strip(), "start_time": start, "end_time": start + 10,
-                  "audiocap_id": row.get("audiocap_id", "").strip()}
+        values = {
+            "youtube_id": row["youtube_id"].strip(),
+            "start_time": start,
+            "end_time": start + 10,
+            "audiocap_id": row.get("audiocap_id", "").strip(),
+        }
         name = pattern.format(**values)
         rec = by_file.get(name)
         if rec is None:
@@ -186,8 +220,9 @@ def read_audiocaps(root: str | Path, split: str = "test", audio_dir: str | Path 
 
 
 # --------------------------------------------------------------------------------------------- WavCaps
-def read_wavcaps(json_path: str | Path, audio_dir: str | Path | None = None, pattern: str = WAVCAPS_PATTERN,
-                 strict: bool = False) -> ReadResult:
+def read_wavcaps(
+    json_path: str | Path, audio_dir: str | Path | None = None, pattern: str = WAVCAPS_PATTERN, strict: bool = False
+) -> ReadResult:
     """WavCaps JSON (a file, or a folder whose ``*.json`` files are all read) -> training records.
 
     ``pattern`` names the audio file from the entry's fields, e.g. ``{stem}.flac`` or ``{id}``; ``stem`` is
@@ -212,14 +247,18 @@ def read_wavcaps(json_path: str | Path, audio_dir: str | Path | None = None, pat
                 raise ValueError(f"{path}: entry {n} has no 'id'")
             values = {k: v for k, v in entry.items() if isinstance(v, (str, int, float))}
             values["id"] = str(entry["id"])
-            values["stem"] = Path(values["id"]).stem if Path(values["id"]).suffix.lower() in AUDIO_EXTENSIONS \
-                else values["id"]
+            values["stem"] = (
+                Path(values["id"]).stem if Path(values["id"]).suffix.lower() in AUDIO_EXTENSIONS else values["id"]
+            )
             try:
                 name = pattern.format(**values)
             except KeyError as e:
                 raise ValueError(f"{path}: entry {n} has no field {e} used by the pattern {pattern!r}") from None
-            captions = [str(entry[k]).strip() for k in ["caption", *sorted(
-                (k for k in entry if k.startswith("caption_")), key=lambda k: (len(k), k))] if k in entry]
+            captions = [
+                str(entry[k]).strip()
+                for k in ["caption", *sorted((k for k in entry if k.startswith("caption_")), key=lambda k: (len(k), k))]
+                if k in entry
+            ]
             audio = Path(name) if Path(name).is_absolute() else folder / name
             rec = by_file.setdefault(str(audio), Record(id=Path(name).stem, audio=audio, split="train"))
             rec.captions.extend(c for c in captions if c and c not in rec.captions)

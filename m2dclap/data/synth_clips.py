@@ -2,6 +2,7 @@
 
 :mod:`m2dclap.data.synthetic` turns these into a corpus folder; this module writes nothing.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -18,6 +19,7 @@ _MIN_PERIOD = 0.2  # s: shortest time given to one repetition, so repeats stay a
 
 # ----------------------------------------------------------------------------------------------- sound classes
 
+
 @dataclass(frozen=True)
 class SoundClass:
     """How one class sounds and how captions name it."""
@@ -32,36 +34,92 @@ class SoundClass:
 
 
 _CLASSES: tuple[SoundClass, ...] = (
-    SoundClass("beep", "beep", "beeps", ("sounds", "goes off", "rings out"),
-               {"low": (200, 350), "mid": (500, 1000), "high": (1500, 3000)}, 0.45),
-    SoundClass("chirp", "chirp", "chirps", ("sounds", "is heard"),
-               {"low": (150, 300), "mid": (400, 900), "high": (1200, 2500)}, 0.5),
-    SoundClass("siren", "siren", "sirens", ("wails", "sounds", "blares"),
-               {"low": (300, 450), "mid": (600, 1000), "high": (1200, 2000)}, 1.6),
-    SoundClass("buzz", "buzz", "buzzes", ("sounds", "drones"),
-               {"low": (60, 120), "mid": (150, 350), "high": (500, 1000)}, 1.0),
-    SoundClass("clicking", "clicking sound", "clicking sounds", ("rattles", "is heard"),
-               {"low": (400, 800), "mid": (1200, 2500), "high": (3500, 6000)}, 0.6),
-    SoundClass("noise burst", "noise burst", "noise bursts", ("sounds", "is heard", "crackles"),
-               {"low": (200, 500), "mid": (1000, 2500), "high": (3500, 6500)}, 0.6),
-    SoundClass("rumble", "rumble", "rumbles", ("sounds", "is heard", "rolls by"),
-               {"low": (120, 300)}, 1.6),
-    SoundClass("drum", "drum hit", "drum hits", ("sounds", "thumps"),
-               {"low": (50, 90), "mid": (110, 200), "high": (220, 400)}, 0.5, impulsive=True),
-    SoundClass("chord", "chord", "chords", ("rings out", "sounds", "plays"),
-               {"low": (110, 196), "mid": (220, 440), "high": (523, 880)}, 1.2),
-    SoundClass("whistle", "whistle", "whistles", ("blows", "sounds"),
-               {"mid": (900, 1400), "high": (1600, 3200)}, 0.8),
-    SoundClass("knock", "knock", "knocks", ("sounds", "is heard"),
-               {"low": (150, 300), "mid": (400, 800), "high": (1000, 2000)}, 0.25, impulsive=True),
-    SoundClass("trill", "trill", "trills", ("warbles", "sounds", "flutters"),
-               {"low": (250, 400), "mid": (500, 1000), "high": (1200, 2400)}, 0.8),
+    SoundClass(
+        "beep",
+        "beep",
+        "beeps",
+        ("sounds", "goes off", "rings out"),
+        {"low": (200, 350), "mid": (500, 1000), "high": (1500, 3000)},
+        0.45,
+    ),
+    SoundClass(
+        "chirp",
+        "chirp",
+        "chirps",
+        ("sounds", "is heard"),
+        {"low": (150, 300), "mid": (400, 900), "high": (1200, 2500)},
+        0.5,
+    ),
+    SoundClass(
+        "siren",
+        "siren",
+        "sirens",
+        ("wails", "sounds", "blares"),
+        {"low": (300, 450), "mid": (600, 1000), "high": (1200, 2000)},
+        1.6,
+    ),
+    SoundClass(
+        "buzz", "buzz", "buzzes", ("sounds", "drones"), {"low": (60, 120), "mid": (150, 350), "high": (500, 1000)}, 1.0
+    ),
+    SoundClass(
+        "clicking",
+        "clicking sound",
+        "clicking sounds",
+        ("rattles", "is heard"),
+        {"low": (400, 800), "mid": (1200, 2500), "high": (3500, 6000)},
+        0.6,
+    ),
+    SoundClass(
+        "noise burst",
+        "noise burst",
+        "noise bursts",
+        ("sounds", "is heard", "crackles"),
+        {"low": (200, 500), "mid": (1000, 2500), "high": (3500, 6500)},
+        0.6,
+    ),
+    SoundClass("rumble", "rumble", "rumbles", ("sounds", "is heard", "rolls by"), {"low": (120, 300)}, 1.6),
+    SoundClass(
+        "drum",
+        "drum hit",
+        "drum hits",
+        ("sounds", "thumps"),
+        {"low": (50, 90), "mid": (110, 200), "high": (220, 400)},
+        0.5,
+        impulsive=True,
+    ),
+    SoundClass(
+        "chord",
+        "chord",
+        "chords",
+        ("rings out", "sounds", "plays"),
+        {"low": (110, 196), "mid": (220, 440), "high": (523, 880)},
+        1.2,
+    ),
+    SoundClass("whistle", "whistle", "whistles", ("blows", "sounds"), {"mid": (900, 1400), "high": (1600, 3200)}, 0.8),
+    SoundClass(
+        "knock",
+        "knock",
+        "knocks",
+        ("sounds", "is heard"),
+        {"low": (150, 300), "mid": (400, 800), "high": (1000, 2000)},
+        0.25,
+        impulsive=True,
+    ),
+    SoundClass(
+        "trill",
+        "trill",
+        "trills",
+        ("warbles", "sounds", "flutters"),
+        {"low": (250, 400), "mid": (500, 1000), "high": (1200, 2400)},
+        0.8,
+    ),
 )
 CLASS_NAMES: list[str] = [c.name for c in _CLASSES]
 SOUND_CLASSES: dict[str, SoundClass] = {c.name: c for c in _CLASSES}
 
 
 # ----------------------------------------------------------------------------------------------- parameters
+
 
 @dataclass
 class Event:
@@ -117,19 +175,25 @@ def _sample_event(rng: np.random.Generator, cls: str) -> Event:
     pitch = str(rng.choice(sorted(sc.freqs, key=PITCHES.index)))
     lo, hi = sc.freqs[pitch]
     freq = float(np.exp(rng.uniform(np.log(lo), np.log(hi))))
-    return Event(cls=cls, pitch=pitch, loudness=str(rng.choice(LOUDNESS)),
-                 reps=int(rng.choice([1, 2, 3], p=[0.5, 0.25, 0.25])), freq=freq,
-                 direction=str(rng.choice(["rising", "falling"])) if cls == "chirp" else "")
+    return Event(
+        cls=cls,
+        pitch=pitch,
+        loudness=str(rng.choice(LOUDNESS)),
+        reps=int(rng.choice([1, 2, 3], p=[0.5, 0.25, 0.25])),
+        freq=freq,
+        direction=str(rng.choice(["rising", "falling"])) if cls == "chirp" else "",
+    )
 
 
 # ----------------------------------------------------------------------------------------------- synthesis
+
 
 def _ramp_env(n: int, sr: int, attack: float = 0.01, release: float = 0.03) -> np.ndarray:
     a = max(1, min(int(attack * sr), n // 4))
     r = max(1, min(int(release * sr), n // 4))
     env = np.ones(n)
     env[:a] = np.linspace(0.0, 1.0, a, endpoint=False)
-    env[n - r:] = np.linspace(1.0, 0.0, r)
+    env[n - r :] = np.linspace(1.0, 0.0, r)
     return env
 
 
@@ -153,7 +217,7 @@ def _beep(n, f, sr, rng, ev):
 def _chirp(n, f, sr, rng, ev):
     ratio = rng.uniform(2.0, 4.0)  # total sweep, centred (geometrically) on f
     k = np.linspace(-0.5, 0.5, n) * (1 if ev.direction == "rising" else -1)
-    return np.sin(_phase(f * ratio ** k, sr)) * _ramp_env(n, sr, 0.005, 0.02)
+    return np.sin(_phase(f * ratio**k, sr)) * _ramp_env(n, sr, 0.005, 0.02)
 
 
 def _siren(n, f, sr, rng, ev):
@@ -233,14 +297,23 @@ def _knock(n, f, sr, rng, ev):
 def _trill(n, f, sr, rng, ev):
     t = np.arange(n) / sr
     step = 2.0 ** (rng.choice([2, 3, 4]) / 12)
-    alt = (np.floor(t * rng.uniform(8, 14) * 2) % 2)  # 0/1 alternating at the trill rate
-    return np.sin(_phase(f * step ** alt, sr)) * _ramp_env(n, sr, 0.01, 0.02)
+    alt = np.floor(t * rng.uniform(8, 14) * 2) % 2  # 0/1 alternating at the trill rate
+    return np.sin(_phase(f * step**alt, sr)) * _ramp_env(n, sr, 0.01, 0.02)
 
 
 _SYNTH: dict[str, Callable[..., np.ndarray]] = {
-    "beep": _beep, "chirp": _chirp, "siren": _siren, "buzz": _buzz, "clicking": _clicking,
-    "noise burst": _noise_burst, "rumble": _rumble, "drum": _drum, "chord": _chord, "whistle": _whistle,
-    "knock": _knock, "trill": _trill,
+    "beep": _beep,
+    "chirp": _chirp,
+    "siren": _siren,
+    "buzz": _buzz,
+    "clicking": _clicking,
+    "noise burst": _noise_burst,
+    "rumble": _rumble,
+    "drum": _drum,
+    "chord": _chord,
+    "whistle": _whistle,
+    "knock": _knock,
+    "trill": _trill,
 }
 assert set(_SYNTH) == set(CLASS_NAMES)
 
@@ -268,8 +341,8 @@ def _place(out: np.ndarray, ev: Event, start: float, length: float, sr: int, rng
     x = _occurrence(ev, n, sr, rng)
     for r in range(ev.reps):
         i0 = int((start + r * period) * sr)
-        seg = out[i0:i0 + n]
-        seg += x[:len(seg)]
+        seg = out[i0 : i0 + n]
+        seg += x[: len(seg)]
 
 
 def render_clip(spec: ClipSpec, sample_rate: int, rng: np.random.Generator) -> np.ndarray:
@@ -304,8 +377,11 @@ def render_clip(spec: ClipSpec, sample_rate: int, rng: np.random.Generator) -> n
 
 # ----------------------------------------------------------------------------------------------- captions
 
-_PITCH_WORDS = {"low": ("low", "low-pitched", "deep"), "mid": ("mid-pitched", "medium-pitched", "mid-range"),
-                "high": ("high", "high-pitched", "shrill")}
+_PITCH_WORDS = {
+    "low": ("low", "low-pitched", "deep"),
+    "mid": ("mid-pitched", "medium-pitched", "mid-range"),
+    "high": ("high", "high-pitched", "shrill"),
+}
 _LOUD_WORDS = {"quiet": ("quiet", "soft", "faint"), "loud": ("loud", "loud", "powerful")}
 _COUNT_WORDS = {2: ("two", "a pair of"), 3: ("three",)}
 _REP_ADVERBS = {1: ("", " once"), 2: (" twice", " two times"), 3: (" three times",)}
@@ -361,10 +437,13 @@ def _join_seq(parts: list[str], style: int) -> str:
 
 
 # (event forms, style) per sequence combiner; "followed by" reads best with counted nouns
-_SEQ_STYLES = ((("clause", "repeat"), 0), (("count",), 1), (("clause", "repeat", "count"), 2),
-               (("count", "repeat"), 3))
-_OVERLAP_STYLES = ((("clause", "repeat"), " while "), (("count",), " over "), (("count",), " together with "),
-                   (("clause",), " as "))
+_SEQ_STYLES = ((("clause", "repeat"), 0), (("count",), 1), (("clause", "repeat", "count"), 2), (("count", "repeat"), 3))
+_OVERLAP_STYLES = (
+    (("clause", "repeat"), " while "),
+    (("count",), " over "),
+    (("count",), " together with "),
+    (("clause",), " as "),
+)
 
 
 def make_captions(spec: ClipSpec, rng: np.random.Generator, k: int = N_CAPTIONS) -> list[str]:

@@ -10,6 +10,7 @@ primary class (the class of the first event, or of the foreground event of an ov
 
     python -m m2dclap.data.synthetic --out /tmp/synth --n-clips 2000 --seed 0
 """
+
 from __future__ import annotations
 
 import io
@@ -29,9 +30,22 @@ from filelock import FileLock
 
 from ..cli import UsageError, option, run_cli
 from .manifest import Record, atomic_write_text, write_manifest
+
 # the clips themselves: re-exported, as callers and tests import them from here
-from .synth_clips import (BACKGROUNDS, CLASS_NAMES, LOUDNESS, N_CAPTIONS, PITCHES, SOUND_CLASSES,  # noqa: F401
-                          ClipSpec, Event, SoundClass, make_captions, render_clip, sample_clip)
+from .synth_clips import (  # noqa: F401
+    BACKGROUNDS,
+    CLASS_NAMES,
+    LOUDNESS,
+    N_CAPTIONS,
+    PITCHES,
+    SOUND_CLASSES,
+    ClipSpec,
+    Event,
+    SoundClass,
+    make_captions,
+    render_clip,
+    sample_clip,
+)
 
 log = logging.getLogger(__name__)
 
@@ -44,6 +58,7 @@ AUDIO_DIR = "audio"
 
 
 # ----------------------------------------------------------------------------------------------- the corpus
+
 
 def default_corpus_dir() -> Path:
     """``$M2DCLAP_DATA`` if set, else ``~/.cache/m2dclap/synthetic-v1``."""
@@ -74,8 +89,14 @@ def assign_splits(primaries: Sequence[str], rng: np.random.Generator) -> list[st
 
 
 def _params(n_clips: int, seed: int, sample_rate: int) -> dict:
-    return {"generator": GENERATOR, "version": GENERATOR_VERSION, "n_clips": n_clips,
-            "seed": seed, "sample_rate": sample_rate, "n_captions": N_CAPTIONS}
+    return {
+        "generator": GENERATOR,
+        "version": GENERATOR_VERSION,
+        "n_clips": n_clips,
+        "seed": seed,
+        "sample_rate": sample_rate,
+        "n_captions": N_CAPTIONS,
+    }
 
 
 def _clip_id(i: int) -> str:
@@ -123,8 +144,9 @@ def _foreign_entries(out_dir: Path) -> list[str]:
             found.append(p.name + ("/" if p.is_dir() else ""))
     audio = out_dir / AUDIO_DIR
     if audio.is_dir():
-        found += [f"{AUDIO_DIR}/{p.name}" for p in sorted(audio.iterdir())
-                  if not (p.is_file() and _OWN_WAV.match(p.name))]
+        found += [
+            f"{AUDIO_DIR}/{p.name}" for p in sorted(audio.iterdir()) if not (p.is_file() and _OWN_WAV.match(p.name))
+        ]
     return found
 
 
@@ -133,12 +155,15 @@ def _shown(names: Sequence[str], limit: int = 5) -> str:
 
 
 def _describe(params: dict) -> str:
-    return (f"{params.get('n_clips')} clips, seed {params.get('seed')}, {params.get('sample_rate')} Hz, "
-            f"generator version {params.get('version')}")
+    return (
+        f"{params.get('n_clips')} clips, seed {params.get('seed')}, {params.get('sample_rate')} Hz, "
+        f"generator version {params.get('version')}"
+    )
 
 
-def check_corpus_folder(out_dir: str | Path, n_clips: int = 2000, seed: int = 0, sample_rate: int = 16000,
-                        force: bool = False) -> bool:
+def check_corpus_folder(
+    out_dir: str | Path, n_clips: int = 2000, seed: int = 0, sample_rate: int = 16000, force: bool = False
+) -> bool:
     """Whether ``out_dir`` may be used for the corpus of these parameters: True if it holds that corpus,
     finished (reuse it, unless ``force``); False if a build may write into it (missing or empty folder, or an
     interrupted build of ours with these parameters, or with ``force`` any corpus of ours). Anything else -- a
@@ -155,27 +180,33 @@ def check_corpus_folder(out_dir: str | Path, n_clips: int = 2000, seed: int = 0,
         return True
     recorded, foreign = _recorded_params(out_dir), _foreign_entries(out_dir)
     if recorded is None:  # corpus.json is written first: without it nothing here is ours (but a lock)
-        held = foreign + sorted(n + "/" * (n == AUDIO_DIR) for n in _OWN_NAMES - {LOCK_NAME}
-                                if (out_dir / n).exists())
+        held = foreign + sorted(n + "/" * (n == AUDIO_DIR) for n in _OWN_NAMES - {LOCK_NAME} if (out_dir / n).exists())
         if held:
-            raise CorpusFolderError(f"{out_dir}: refusing to write the synthetic corpus into a folder that is not "
-                                    f"one: it holds {_shown(held)}; give a new or empty folder (a corpus left "
-                                    f"unfinished by an older version of the suite has to be removed by hand)")
+            raise CorpusFolderError(
+                f"{out_dir}: refusing to write the synthetic corpus into a folder that is not "
+                f"one: it holds {_shown(held)}; give a new or empty folder (a corpus left "
+                f"unfinished by an older version of the suite has to be removed by hand)"
+            )
         return False
     if foreign:
-        raise CorpusFolderError(f"{out_dir}: holds a synthetic corpus and other files ({_shown(foreign)}); "
-                                f"refusing to rebuild it; move them away or give another folder")
+        raise CorpusFolderError(
+            f"{out_dir}: holds a synthetic corpus and other files ({_shown(foreign)}); "
+            f"refusing to rebuild it; move them away or give another folder"
+        )
     if recorded != wanted and not force:
         state = "finished" if (out_dir / MARKER_NAME).is_file() else "unfinished"
-        raise CorpusFolderError(f"{out_dir}: holds a {state} synthetic corpus of {_describe(recorded)}, not the "
-                                f"requested {_describe(wanted)}; give another folder, or replace it with "
-                                f"python -m m2dclap.data.synthetic --out {out_dir} --n-clips {n_clips} --seed {seed} "
-                                f"--force")
+        raise CorpusFolderError(
+            f"{out_dir}: holds a {state} synthetic corpus of {_describe(recorded)}, not the "
+            f"requested {_describe(wanted)}; give another folder, or replace it with "
+            f"python -m m2dclap.data.synthetic --out {out_dir} --n-clips {n_clips} --seed {seed} "
+            f"--force"
+        )
     return False
 
 
-def generate_corpus(out_dir: str | Path | None = None, n_clips: int = 2000, seed: int = 0,
-                    sample_rate: int = 16000, force: bool = False) -> Path:
+def generate_corpus(
+    out_dir: str | Path | None = None, n_clips: int = 2000, seed: int = 0, sample_rate: int = 16000, force: bool = False
+) -> Path:
     """Write the corpus (``audio/*.wav`` + ``manifest.csv``) into ``out_dir``; return the manifest path.
 
     A folder that holds the finished corpus of these parameters is returned as is (unless ``force``); a
@@ -226,8 +257,11 @@ def _write_clips(out_dir: Path, n_clips: int, seed: int, sample_rate: int) -> li
         wave = render_clip(spec, sample_rate, clip_rng)
         path = audio_dir / f"{_clip_id(i)}.wav"
         _write_wav(path, wave, sample_rate)
-        records.append(Record(id=_clip_id(i), audio=path, captions=make_captions(spec, clip_rng),
-                              labels=spec.labels, split=splits[i]))
+        records.append(
+            Record(
+                id=_clip_id(i), audio=path, captions=make_captions(spec, clip_rng), labels=spec.labels, split=splits[i]
+            )
+        )
     return records
 
 
@@ -249,29 +283,39 @@ def _progress(it: range, desc: str):
 
 # ----------------------------------------------------------------------------------------------- CLI
 
+
 @dataclass(kw_only=True)
 class SyntheticOptions:
     out: Path | None = option(None, help=f"output folder (default: $M2DCLAP_DATA or {default_corpus_dir()})")
     n_clips: int = option(2000, help="number of clips (default: 2000)")
     seed: int = option(0, help="random seed; same seed, same corpus (default: 0)")
     sample_rate: int = option(16000, help="sample rate in Hz (default: 16000)")
-    force: bool = option(False, help="regenerate a corpus of ours even if it is finished or was made with other "
-                                     "parameters (a folder holding anything else is never written into)")
+    force: bool = option(
+        False,
+        help="regenerate a corpus of ours even if it is finished or was made with other "
+        "parameters (a folder holding anything else is never written into)",
+    )
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    return run_cli(run, SyntheticOptions, argv, prog="python -m m2dclap.data.synthetic",
-                   description="Generate the embedded synthetic sound-and-caption corpus: 16-bit wav clips of "
-                               "1.5-3.0 s with 5 captions each, split 80/10/10 into train/val/test, and a "
-                               "manifest.csv. A folder that already holds the same corpus is left as it is; a folder "
-                               "holding anything else (other files, a corpus of other parameters) is refused with "
-                               "exit status 2.")
+    return run_cli(
+        run,
+        SyntheticOptions,
+        argv,
+        prog="python -m m2dclap.data.synthetic",
+        description="Generate the embedded synthetic sound-and-caption corpus: 16-bit wav clips of "
+        "1.5-3.0 s with 5 captions each, split 80/10/10 into train/val/test, and a "
+        "manifest.csv. A folder that already holds the same corpus is left as it is; a folder "
+        "holding anything else (other files, a corpus of other parameters) is refused with "
+        "exit status 2.",
+    )
 
 
 def run(opts: SyntheticOptions) -> int:
     try:
-        manifest = generate_corpus(opts.out, n_clips=opts.n_clips, seed=opts.seed, sample_rate=opts.sample_rate,
-                                   force=opts.force)
+        manifest = generate_corpus(
+            opts.out, n_clips=opts.n_clips, seed=opts.seed, sample_rate=opts.sample_rate, force=opts.force
+        )
     except ValueError as e:
         raise UsageError(str(e)) from None
     print(manifest)

@@ -1,5 +1,6 @@
 """Training configurations: pretraining stages (one dataclass, the paper's presets per stage, IV-A2) and stage 1.1
 (AudioSet fine-tuning, Table IV)."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -15,8 +16,7 @@ from ..stages import STAGES
 class TrainCfg:
     """One pretraining run (one stage). Every field can be overridden from the command line."""
 
-    stage: str = option("1",
-                        help="\"1\" (M2D + CLAP), \"2\" (CLAP, frozen audio encoder), \"2.1\" (as 2, no masking)")
+    stage: str = option("1", help='"1" (M2D + CLAP), "2" (CLAP, frozen audio encoder), "2.1" (as 2, no masking)')
     preset: str = option("tiny", help="architecture preset for a fresh model (stage 1)")
     init: str = option("", help="checkpoint to start from (stage 2 starts from stage-1 weights)")
     data: str = option("", help="manifest (CSV/JSONL); empty = the embedded synthetic corpus")
@@ -58,8 +58,10 @@ class TrainCfg:
 def stage_config(stage: str, **overrides: Any) -> TrainCfg:
     """The paper's preset for ``stage`` with CLI-style overrides (strings are converted to field types)."""
     if stage not in STAGES:
-        raise KeyError(f"unknown stage {stage!r}; available: {', '.join(STAGES)} "
-                       "(stage 1.1: python -m m2dclap.train.finetune, or scripts/pretrain.py --stage 1.1)")
+        raise KeyError(
+            f"unknown stage {stage!r}; available: {', '.join(STAGES)} "
+            "(stage 1.1: python -m m2dclap.train.finetune, or scripts/pretrain.py --stage 1.1)"
+        )
     return apply_overrides(TrainCfg(stage=stage, **STAGES[stage]), overrides)
 
 
@@ -67,19 +69,17 @@ def stage_config(stage: str, **overrides: Any) -> TrainCfg:
 class FinetuneCfg:
     """One stage-1.1 run; defaults are the paper's AS2M column of Table IV. Every field is a CLI option."""
 
-    init: str = option("",
-                       help="stage-1 model to fine-tune (save_pretrained folder, official .pth or registered name)")
+    init: str = option("", help="stage-1 model to fine-tune (save_pretrained folder, official .pth or registered name)")
     data: str = option("", help="manifest with labels and train/val splits (AudioSet: 527 classes)")
     output_dir: str = option("runs/stage1.1", help="checkpoints, best/ and model/ folders, config and summary")
     label_column: str = option("labels", help="manifest column of ';'-separated class labels")
-    classes: str = option("",
-                          help="file with one class label per line (fixes the order); empty = sorted train labels")
-    input_size: tuple[int, int] = option((80, 1001),
-                                         help="(mels, frames) per input; the pos-embed is resampled to it")
+    classes: str = option("", help="file with one class label per line (fixes the order); empty = sorted train labels")
+    input_size: tuple[int, int] = option((80, 1001), help="(mels, frames) per input; the pos-embed is resampled to it")
     epochs: int = option(70, help="passes over the training split (Table IV)")
     warmup_epochs: float = option(15.0, help="linear warm-up, then half-cosine to min_lr (Table IV)")
-    max_steps: int = option(0,
-                            help="stop after this many optimiser steps (0 = all epochs); the schedule spans them all")
+    max_steps: int = option(
+        0, help="stop after this many optimiser steps (0 = all epochs); the schedule spans them all"
+    )
     batch_size: int = option(64, help="clips per process and step (Table IV)")
     grad_accum: int = option(1, help="micro-batches per optimiser step")
     eval_batch_size: int = option(0, help="validation batch (0 = batch_size)")
@@ -89,17 +89,16 @@ class FinetuneCfg:
     momentum: float = option(0.9, help="LARS/SGD momentum")
     weight_decay: float = option(0.0, help="on weights only (EVAR passes 0 to LARS and SGD, 1e-4 to AdamW)")
     lars_trust: float = option(0.001, help="LARS trust coefficient eta")
-    lars_always_adapt: bool = option(False,
-                                     help="trust ratio even without weight decay (off = the official timm LARS)")
+    lars_always_adapt: bool = option(False, help="trust ratio even without weight decay (off = the official timm LARS)")
     clip_grad: float = option(0.0, help="gradient-norm clip (0 = off, as EVAR)")
     mixup: float = option(0.5, help="alpha of the Beta(alpha, alpha) mixing weights, every batch (0 = off; Table IV)")
     log_mixup_exp: bool = option(True, help="mix log-mels as log(l e^a + (1-l) e^b), a sound mixture, not linearly")
-    freq_mask: int = option(30,
-                            help="SpecAugment: one frequency band per clip, width < freq_mask mel bins (Table IV)")
+    freq_mask: int = option(30, help="SpecAugment: one frequency band per clip, width < freq_mask mel bins (Table IV)")
     time_mask: int = option(192, help="SpecAugment: one time band per clip, width < time_mask frames (Table IV)")
     training_mask: float = option(0.5, help="structured patchout ratio: whole patch rows/columns dropped in training")
-    pooling: str = option("auto",
-                          help="tokens (mean patch token, D), frames (z'', F'*D), auto (tokens iff training_mask>0)")
+    pooling: str = option(
+        "auto", help="tokens (mean patch token, D), frames (z'', F'*D), auto (tokens iff training_mask>0)"
+    )
     head_init_std: float = option(0.01, help="std of the linear head's initial weights (EVAR TaskHead)")
     mixed_precision: str = option("no", help="no, fp16, bf16")
     checkpoint_every: int = option(1000, help="optimiser steps between resumable checkpoints")

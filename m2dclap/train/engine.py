@@ -17,6 +17,7 @@ stopped: the samplers are seeded per epoch and ``skip_first_batches`` skips what
     engine.resume("run", cfg.to_dict()) if resume else engine.start_trackers("run", cfg.to_dict())
     history = engine.fit()  # engine.state: step, epoch, evals, kept (best first)
 """
+
 from __future__ import annotations
 
 import json
@@ -57,8 +58,14 @@ class TrainState:
 
     def state_dict(self) -> dict[str, Any]:
         # lists travel as JSON: accelerate reloads custom states with torch.load(weights_only=True)
-        return {"step": self.step, "epoch": self.epoch, "batch_in_epoch": self.batch_in_epoch,
-                "skipped": self.skipped, "evals": json.dumps(self.evals), "kept": json.dumps(self.kept)}
+        return {
+            "step": self.step,
+            "epoch": self.epoch,
+            "batch_in_epoch": self.batch_in_epoch,
+            "skipped": self.skipped,
+            "evals": json.dumps(self.evals),
+            "kept": json.dumps(self.kept),
+        }
 
     def load_state_dict(self, d: dict[str, Any]) -> None:
         self.step, self.epoch = int(d["step"]), int(d["epoch"])
@@ -96,13 +103,15 @@ class KeepBest:
         self.folder, self.save = folder, save
 
 
-def make_accelerator(mixed_precision: str, grad_accum: int, out_dir: Path, tracker: str = "none",
-                     split_batches: bool = False) -> Accelerator:
+def make_accelerator(
+    mixed_precision: str, grad_accum: int, out_dir: Path, tracker: str = "none", split_batches: bool = False
+) -> Accelerator:
     """The run's accelerator: seedable samplers (exact resume), TensorBoard when asked for and installed."""
     log_with = None
     if tracker in ("auto", "tensorboard"):
         try:
             import tensorboard  # noqa: F401  (optional)
+
             log_with = "tensorboard"
         except ImportError:
             if tracker == "tensorboard":
@@ -110,18 +119,23 @@ def make_accelerator(mixed_precision: str, grad_accum: int, out_dir: Path, track
     # Without a GPU, ask for the CPU explicitly: then `accelerate launch --multi_gpu --num_processes N`
     # (torchrun) gives real multi-process CPU training instead of N unrelated single-process runs.
     has_gpu = torch.cuda.is_available() or (hasattr(torch.backends, "mps") and torch.backends.mps.is_available())
-    return Accelerator(cpu=not has_gpu, mixed_precision=mixed_precision, gradient_accumulation_steps=grad_accum,
-                       log_with=log_with, project_config=ProjectConfiguration(project_dir=str(out_dir)),
-                       dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True,
-                                                                 split_batches=split_batches))
+    return Accelerator(
+        cpu=not has_gpu,
+        mixed_precision=mixed_precision,
+        gradient_accumulation_steps=grad_accum,
+        log_with=log_with,
+        project_config=ProjectConfiguration(project_dir=str(out_dir)),
+        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, split_batches=split_batches),
+    )
 
 
 def start_run(cfg: Any, config_name: str, split_batches: bool = False) -> tuple[Accelerator, Path]:
     """The accelerator of a run (from ``cfg``'s mixed_precision, grad_accum, tracker, seed, output_dir),
     the seed set, and the resolved config written into the run folder."""
     out_dir = Path(cfg.output_dir)
-    accelerator = make_accelerator(cfg.mixed_precision, getattr(cfg, "grad_accum", 1), out_dir,
-                                   getattr(cfg, "tracker", "none"), split_batches)
+    accelerator = make_accelerator(
+        cfg.mixed_precision, getattr(cfg, "grad_accum", 1), out_dir, getattr(cfg, "tracker", "none"), split_batches
+    )
     set_seed(cfg.seed)
     if accelerator.is_main_process:
         out_dir.mkdir(parents=True, exist_ok=True)
@@ -133,10 +147,16 @@ def repeat_rows(batch: Batch, size: int, n: int, keep: Sequence[str] = ("skipped
     """The batch with its ``n`` rows repeated cyclically up to ``size``: every tensor with ``n`` rows and every
     list of ``n`` items, except the entries named in ``keep`` (per-batch, not per-row)."""
     idx = torch.arange(size) % n
-    return {k: v if k in keep else
-            v[idx] if isinstance(v, torch.Tensor) and v.shape[:1] == (n,) else
-            [v[i] for i in idx.tolist()] if isinstance(v, list) and len(v) == n else v
-            for k, v in batch.items()}
+    return {
+        k: v
+        if k in keep
+        else v[idx]
+        if isinstance(v, torch.Tensor) and v.shape[:1] == (n,)
+        else [v[i] for i in idx.tolist()]
+        if isinstance(v, list) and len(v) == n
+        else v
+        for k, v in batch.items()
+    }
 
 
 # -------------------------------------------------------------------------------- optimiser and schedule
@@ -151,19 +171,34 @@ def param_groups(module: torch.nn.Module, weight_decay: float, no_decay_names: s
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
-def loader_and_adamw(cfg: Any, ds, collate_fn, module: torch.nn.Module, no_weight_decay: set[str],
-                     num_processes: int, what: str = "training clips"):
+def loader_and_adamw(
+    cfg: Any,
+    ds,
+    collate_fn,
+    module: torch.nn.Module,
+    no_weight_decay: set[str],
+    num_processes: int,
+    what: str = "training clips",
+):
     """The shuffled training loader and AdamW of a contrastive run (pretraining, stage 2.1 fine-tuning) from
     ``cfg``'s batch_size, grad_accum, lr, blr, weight_decay, betas, num_workers and seed:
     ``(loader, optimizer, peak lr, effective batch)``; the peak is ``lr`` or ``blr`` x effective batch / 256."""
-    loader = DataLoader(ds, batch_size=cfg.batch_size, shuffle=True, drop_last=True, collate_fn=collate_fn,
-                        num_workers=cfg.num_workers, generator=torch.Generator().manual_seed(cfg.seed))
+    loader = DataLoader(
+        ds,
+        batch_size=cfg.batch_size,
+        shuffle=True,
+        drop_last=True,
+        collate_fn=collate_fn,
+        num_workers=cfg.num_workers,
+        generator=torch.Generator().manual_seed(cfg.seed),
+    )
     if len(loader) == 0:
         raise ValueError(f"{len(ds)} {what} are fewer than one batch of {cfg.batch_size}")
     eff_batch = cfg.batch_size * cfg.grad_accum * num_processes
     peak = cfg.lr if cfg.lr > 0 else cfg.blr * eff_batch / 256
-    optimizer = torch.optim.AdamW(param_groups(module, cfg.weight_decay, no_weight_decay), lr=peak,
-                                  betas=tuple(cfg.betas))
+    optimizer = torch.optim.AdamW(
+        param_groups(module, cfg.weight_decay, no_weight_decay), lr=peak, betas=tuple(cfg.betas)
+    )
     return loader, optimizer, peak, eff_batch
 
 
@@ -175,14 +210,17 @@ def lr_at(step: int, total: int, warmup: int, peak: float, floor: float) -> floa
     return floor + (peak - floor) * 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0)))
 
 
-def cosine_schedule(peak: float, floor: float, warmup_epochs: float, total_epochs: int = 0
-                    ) -> Callable[[Engine], float]:
+def cosine_schedule(
+    peak: float, floor: float, warmup_epochs: float, total_epochs: int = 0
+) -> Callable[[Engine], float]:
     """The engine's ``schedule`` for :func:`lr_at`: warm-up in epochs; the cosine ends at the engine's stop
     step, or after ``total_epochs`` when given (then ``--max-steps`` stops part-way down the cosine)."""
+
     def schedule(engine: Engine) -> float:
         spe = engine.steps_per_epoch
         total = total_epochs * spe if total_epochs else engine.stop
         return lr_at(engine.state.step, total, int(warmup_epochs * spe), peak, floor)
+
     return schedule
 
 
@@ -210,19 +248,23 @@ def save_checkpoint(accelerator: Accelerator, state: TrainState, root: Path, kee
     accelerator.save_state(str(tmp))
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        (tmp / "state.json").write_text(json.dumps({"step": state.step, "epoch": state.epoch,
-                                                    "batch_in_epoch": state.batch_in_epoch}))
+        (tmp / "state.json").write_text(
+            json.dumps({"step": state.step, "epoch": state.epoch, "batch_in_epoch": state.batch_in_epoch})
+        )
         shutil.rmtree(final, ignore_errors=True)
         os.replace(tmp, final)
-        complete = sorted((d for d in root.glob("ckpt-*") if (d / "state.json").exists()),
-                          key=lambda d: json.loads((d / "state.json").read_text())["step"])
+        complete = sorted(
+            (d for d in root.glob("ckpt-*") if (d / "state.json").exists()),
+            key=lambda d: json.loads((d / "state.json").read_text())["step"],
+        )
         for old in complete[:-keep]:
             shutil.rmtree(old, ignore_errors=True)
     accelerator.wait_for_everyone()
 
 
-def gather_for_metrics(accelerator: Accelerator, loader, fn: Callable[[Batch], tuple[torch.Tensor, ...]]
-                       ) -> tuple[torch.Tensor, ...]:
+def gather_for_metrics(
+    accelerator: Accelerator, loader, fn: Callable[[Batch], tuple[torch.Tensor, ...]]
+) -> tuple[torch.Tensor, ...]:
     """``fn`` over an evaluation loader, its outputs gathered from every process (duplicates that pad the
     last batch dropped by ``gather_for_metrics``) and concatenated on the CPU."""
     parts: list[list[torch.Tensor]] = []
@@ -249,22 +291,33 @@ class Engine:
     evaluation (run summaries).
     """
 
-    def __init__(self, accelerator: Accelerator, cfg: LoopCfg, model: torch.nn.Module,
-                 optimizer: torch.optim.Optimizer, loader, step_fn: StepFn, schedule: Callable[[Engine], float], *,
-                 evaluate: Callable[[Engine], dict[str, Any]] | None = None,
-                 after_update: Callable[[Engine], None] | None = None,
-                 on_epoch: Callable[[int], None] | None = None, rows: Callable[[Batch], int] | None = None,
-                 refill: Callable[[Batch, int], Batch] | None = None, keep: KeepBest | None = None,
-                 after_eval: Callable[[Engine, dict[str, Any]], None] | None = None,
-                 state: TrainState | None = None, params: Sequence[torch.nn.Parameter] | None = None):
+    def __init__(
+        self,
+        accelerator: Accelerator,
+        cfg: LoopCfg,
+        model: torch.nn.Module,
+        optimizer: torch.optim.Optimizer,
+        loader,
+        step_fn: StepFn,
+        schedule: Callable[[Engine], float],
+        *,
+        evaluate: Callable[[Engine], dict[str, Any]] | None = None,
+        after_update: Callable[[Engine], None] | None = None,
+        on_epoch: Callable[[int], None] | None = None,
+        rows: Callable[[Batch], int] | None = None,
+        refill: Callable[[Batch, int], Batch] | None = None,
+        keep: KeepBest | None = None,
+        after_eval: Callable[[Engine, dict[str, Any]], None] | None = None,
+        state: TrainState | None = None,
+        params: Sequence[torch.nn.Parameter] | None = None,
+    ):
         self.acc, self.cfg = accelerator, cfg
         self.model, self.optimizer, self.loader = accelerator.prepare(model, optimizer, loader)
         self.step_fn, self.schedule, self.evaluate_fn = step_fn, schedule, evaluate
         self.after_update, self.on_epoch, self.rows, self.keep = after_update, on_epoch, rows, keep
         self.after_eval = after_eval
         self.refill = refill or (lambda batch, size: repeat_rows(batch, size, self.rows(batch)))
-        self.params = list(params) if params is not None else [p for p in self.model.parameters()
-                                                               if p.requires_grad]
+        self.params = list(params) if params is not None else [p for p in self.model.parameters() if p.requires_grad]
         self.state = state or TrainState()
         accelerator.register_for_checkpointing(self.state)
         self.out_dir = Path(cfg.output_dir)
@@ -290,7 +343,8 @@ class Engine:
             self.acc.load_state(str(ckpt))
             self._saved_step = self.state.step
             (log.info if self.acc.is_main_process else log.debug)(
-                "resumed from %s at step %d (epoch %d)", ckpt, self.state.step, self.state.epoch)
+                "resumed from %s at step %d (epoch %d)", ckpt, self.state.step, self.state.epoch
+            )
         self.start_trackers(run_name, config)
         return ckpt is not None
 
@@ -303,8 +357,14 @@ class Engine:
         cfg, state = self.cfg, self.state
         if cfg.eval_at_start and not state.evals and self.evaluate_fn is not None:
             self.run_evaluation(train_loss=math.nan)
-        bar = tqdm(total=self.stop, initial=state.step, desc=cfg.name, unit="step",
-                   disable=not self.acc.is_local_main_process, dynamic_ncols=True)
+        bar = tqdm(
+            total=self.stop,
+            initial=state.step,
+            desc=cfg.name,
+            unit="step",
+            disable=not self.acc.is_local_main_process,
+            dynamic_ncols=True,
+        )
         while not self.done:  # train/eval modes are the task's: its evaluation restores the mode it found
             if not self._epoch(bar):
                 break
@@ -379,13 +439,21 @@ class Engine:
         n = running.pop("n")
         logs = {k: float(v) / n for k, v in running.items()}
         rows = self.cfg.batch_size or 1
-        logs.update(lr=lr, step=self.state.step, epoch=self.state.epoch,
-                    samples_per_s=n * rows * self.acc.num_processes / max(seconds, 1e-9))
+        logs.update(
+            lr=lr,
+            step=self.state.step,
+            epoch=self.state.epoch,
+            samples_per_s=n * rows * self.acc.num_processes / max(seconds, 1e-9),
+        )
         self.history.append(logs)
         bar.set_postfix(loss=f"{logs['loss']:.4f}")
         self.acc.log(logs, step=self.state.step)
-        (log.info if self.acc.is_main_process else log.debug)("%s step %d: %s", self.cfg.name, self.state.step,
-                 " ".join(f"{k}={v:.4g}" for k, v in logs.items() if k != "step"))
+        (log.info if self.acc.is_main_process else log.debug)(
+            "%s step %d: %s",
+            self.cfg.name,
+            self.state.step,
+            " ".join(f"{k}={v:.4g}" for k, v in logs.items() if k != "step"),
+        )
 
     def save(self) -> None:
         """A resumable checkpoint of this step."""
@@ -401,8 +469,13 @@ class Engine:
         t0 = time.perf_counter()
         metrics = self.evaluate_fn(self)
         partial = state.batch_in_epoch > 0  # stopped inside an epoch: it counts as that epoch, by its step
-        entry = {"epoch": state.epoch + partial, "step": state.step, "train_loss": train_loss, **metrics,
-                 "eval_seconds": round(time.perf_counter() - t0, 2)}
+        entry = {
+            "epoch": state.epoch + partial,
+            "step": state.step,
+            "train_loss": train_loss,
+            **metrics,
+            "eval_seconds": round(time.perf_counter() - t0, 2),
+        }
         if partial:
             entry["partial_epoch"] = True
         state.evals.append(entry)
@@ -410,9 +483,13 @@ class Engine:
         if self.cfg.metric and self.keep is not None:
             entry["kept"] = self._keep(entry)
         if self.acc.is_main_process:
-            log.info("%s step %d: evaluation %s%s", self.cfg.name, state.step,
-                     " ".join(f"{k}={v:.4g}" for k, v in metrics.items() if isinstance(v, (int, float))),
-                     " (kept)" if entry.get("kept") else "")
+            log.info(
+                "%s step %d: evaluation %s%s",
+                self.cfg.name,
+                state.step,
+                " ".join(f"{k}={v:.4g}" for k, v in metrics.items() if isinstance(v, (int, float))),
+                " (kept)" if entry.get("kept") else "",
+            )
         if self.after_eval is not None:
             self.after_eval(self, entry)
         return entry
@@ -422,9 +499,12 @@ class Engine:
         if score is None or not score == score:  # NaN: nothing to rank
             return False
         folder = self.keep.folder(entry)
-        ranked = sorted(self.state.kept + [{"score": float(score), "step": entry["step"], "epoch": entry["epoch"],
-                                            "folder": str(folder)}], key=lambda k: (-k["score"], k["step"]))
-        kept, dropped = ranked[:self.cfg.keep_top], ranked[self.cfg.keep_top:]
+        ranked = sorted(
+            self.state.kept
+            + [{"score": float(score), "step": entry["step"], "epoch": entry["epoch"], "folder": str(folder)}],
+            key=lambda k: (-k["score"], k["step"]),
+        )
+        kept, dropped = ranked[: self.cfg.keep_top], ranked[self.cfg.keep_top :]
         new = any(k["step"] == entry["step"] and k["folder"] == str(folder) for k in kept)
         if self.acc.is_main_process:
             if new:

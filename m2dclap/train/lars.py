@@ -13,6 +13,7 @@ other 1-D parameters get neither the trust ratio nor weight decay (a ratio on a 
 ``weight_decay != 0``, so the official run is plain momentum SGD at lr 2.0. ``always_adapt=True`` gives the
 MAE-style LARS that adapts every weight whatever the decay.
 """
+
 from __future__ import annotations
 
 from typing import Any, Callable, Iterable
@@ -34,13 +35,30 @@ class LARS(torch.optim.Optimizer):
         always_adapt: apply the trust ratio even when ``weight_decay`` is 0 (timm applies it only with decay).
     """
 
-    def __init__(self, params: Iterable[Any], lr: float, momentum: float = 0.9, weight_decay: float = 0.0,
-                 trust_coefficient: float = 0.001, eps: float = 1e-8, always_adapt: bool = False):
+    def __init__(
+        self,
+        params: Iterable[Any],
+        lr: float,
+        momentum: float = 0.9,
+        weight_decay: float = 0.0,
+        trust_coefficient: float = 0.001,
+        eps: float = 1e-8,
+        always_adapt: bool = False,
+    ):
         if lr < 0 or momentum < 0 or weight_decay < 0 or trust_coefficient <= 0:
-            raise ValueError(f"LARS: invalid lr={lr}, momentum={momentum}, weight_decay={weight_decay} or "
-                             f"trust_coefficient={trust_coefficient}")
-        defaults = dict(lr=lr, momentum=momentum, weight_decay=weight_decay, trust_coefficient=trust_coefficient,
-                        eps=eps, always_adapt=always_adapt, lars_adapt=True)
+            raise ValueError(
+                f"LARS: invalid lr={lr}, momentum={momentum}, weight_decay={weight_decay} or "
+                f"trust_coefficient={trust_coefficient}"
+            )
+        defaults = dict(
+            lr=lr,
+            momentum=momentum,
+            weight_decay=weight_decay,
+            trust_coefficient=trust_coefficient,
+            eps=eps,
+            always_adapt=always_adapt,
+            lars_adapt=True,
+        )
         super().__init__(params, defaults)
 
     @torch.no_grad()

@@ -9,6 +9,7 @@ embeddings as the stage-1 text side): lambda_clap 0.1 gave text->audio R@10 78.2
 zero-shot 32.5 %; lambda_clap 1.0 gave 85.7, 69.5 and 40.0 %, so the default run uses 1.0. The paper's
 0.01 (``--stage 1``) is for 300 epochs over 2.5 M clips, where M2D dominates the training signal.
 """
+
 from __future__ import annotations
 
 import json
@@ -24,15 +25,29 @@ log = logging.getLogger(__name__)
 
 # Overrides of the paper's stage presets for the CPU default run (see the module docstring).
 DEFAULT_RUN: dict[str, dict[str, Any]] = {
-    "1": dict(epochs=40, warmup_epochs=2, batch_size=64, lr=1e-3, ema_start=0.99, ema_end=0.999,
-              lambda_clap=1.0, crop_seconds=1.28, checkpoint_every=200, log_every=20),
-    "2": dict(epochs=3, warmup_epochs=0.5, batch_size=64, lr=1e-4, crop_seconds=3.04, checkpoint_every=25,
-              log_every=5),
+    "1": dict(
+        epochs=40,
+        warmup_epochs=2,
+        batch_size=64,
+        lr=1e-3,
+        ema_start=0.99,
+        ema_end=0.999,
+        lambda_clap=1.0,
+        crop_seconds=1.28,
+        checkpoint_every=200,
+        log_every=20,
+    ),
+    "2": dict(epochs=3, warmup_epochs=0.5, batch_size=64, lr=1e-4, crop_seconds=3.04, checkpoint_every=25, log_every=5),
 }
 
 
-def default_run(output_dir: str | Path = "runs/default", n_clips: int = 2000, seed: int = 0,
-                resume: bool = True, stage_overrides: dict[str, dict[str, Any]] | None = None) -> dict[str, Any]:
+def default_run(
+    output_dir: str | Path = "runs/default",
+    n_clips: int = 2000,
+    seed: int = 0,
+    resume: bool = True,
+    stage_overrides: dict[str, dict[str, Any]] | None = None,
+) -> dict[str, Any]:
     """Run the whole default pipeline; completed stages are reused when ``resume`` is set."""
     from ..checkpoint import load
     from ..data.synthetic import CLASS_NAMES, default_corpus_dir, generate_corpus
@@ -55,15 +70,24 @@ def default_run(output_dir: str | Path = "runs/default", n_clips: int = 2000, se
             log.info("stage %s already complete in %s", stage, stage_dir)
             summaries[stage] = json.loads(done.read_text())
         else:
-            opts = {**DEFAULT_RUN[stage], "output_dir": str(stage_dir), "seed": seed, "init": prev,
-                    "captions": str(captions) if stage == "1" else "", "data": str(manifest),
-                    **stage_overrides.get(stage, {})}
+            opts = {
+                **DEFAULT_RUN[stage],
+                "output_dir": str(stage_dir),
+                "seed": seed,
+                "init": prev,
+                "captions": str(captions) if stage == "1" else "",
+                "data": str(manifest),
+                **stage_overrides.get(stage, {}),
+            }
             summaries[stage] = train(stage_config(stage, **opts), manifest, resume=resume)
         prev = str(stage_dir / "model")
     model = load(prev)
     result = evaluate_clap(model, read_manifest(manifest, split="test"), class_names=CLASS_NAMES)
-    result.update(model=prev, skipped_clips={s: v.get("skipped_clips", 0) for s, v in summaries.items()},
-                  steps={s: v.get("steps") for s, v in summaries.items()})
+    result.update(
+        model=prev,
+        skipped_clips={s: v.get("skipped_clips", 0) for s, v in summaries.items()},
+        steps={s: v.get("steps") for s, v in summaries.items()},
+    )
     (out / "report.json").write_text(json.dumps(result, indent=2))
     result["text"] = format_report(result)
     return result

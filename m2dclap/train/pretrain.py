@@ -4,6 +4,7 @@ The task builds the stage's model (a fresh one, or the stage-1 model with a trai
 training clips and AdamW; its step is M2D + CLAP on one micro-batch (Eq. 5) and its update hook moves M2D's
 EMA target and clamps the temperature. The loop, checkpoints and resume are the engine's.
 """
+
 from __future__ import annotations
 
 import copy
@@ -38,8 +39,9 @@ def build_model(cfg: TrainCfg, caption_dim: int | None) -> M2DCLAP:
     if cfg.stage == "1":
         if cfg.init:
             return load(cfg.init)
-        text = TextCfg(kind="sentence", name=cfg.text_model or "all-MiniLM-L6-v2", pooling="mean",
-                       width=caption_dim or 768)
+        text = TextCfg(
+            kind="sentence", name=cfg.text_model or "all-MiniLM-L6-v2", pooling="mean", width=caption_dim or 768
+        )
         model_cfg = get_model_config(cfg.preset)
         model_cfg.text = text
         return M2DCLAP(model_cfg)
@@ -50,11 +52,15 @@ def build_model(cfg: TrainCfg, caption_dim: int | None) -> M2DCLAP:
         return source  # already has a trainable text encoder (stage 2 -> 2.1)
     model_cfg = copy.deepcopy(source.cfg)
     preset_text = get_model_config(cfg.preset).text
-    model_cfg.text = preset_text if not cfg.text_model else TextCfg(
-        kind="hf", name=cfg.text_model, pooling=preset_text.pooling, width=_hf_width(cfg.text_model))
+    model_cfg.text = (
+        preset_text
+        if not cfg.text_model
+        else TextCfg(kind="hf", name=cfg.text_model, pooling=preset_text.pooling, width=_hf_width(cfg.text_model))
+    )
     model = M2DCLAP(model_cfg)
-    keep = {k: v for k, v in source.state_dict().items()
-            if k.startswith(("encoder.", "audio_proj.")) or k == "norm_stats"}
+    keep = {
+        k: v for k, v in source.state_dict().items() if k.startswith(("encoder.", "audio_proj.")) or k == "norm_stats"
+    }
     # When the new text encoder is the model whose embeddings stage 1 learned from (same width), the
     # stage-1 text map and temperature are a warm start; otherwise they start fresh.
     same_text = source.cfg.text.name == model_cfg.text.name and source.cfg.text.width == model_cfg.text.width
@@ -85,14 +91,16 @@ def extend_input_frames(model: M2DCLAP, frames: int) -> None:
     pure = sincos_2d_pos_embed(enc.cfg.embed_dim, enc.cfg.grid_size)
     if torch.allclose(enc.pos_embed.detach().cpu().float(), pure, atol=1e-5):
         enc.cfg.input_size = new_size
-        enc.pos_embed = torch.nn.Parameter(sincos_2d_pos_embed(enc.cfg.embed_dim, enc.cfg.grid_size),
-                                           requires_grad=False)
+        enc.pos_embed = torch.nn.Parameter(
+            sincos_2d_pos_embed(enc.cfg.embed_dim, enc.cfg.grid_size), requires_grad=False
+        )
     else:
         enc.set_input_size(new_size)
 
 
-def build_datasets(cfg: TrainCfg, model: M2DCLAP, manifest: Path,
-                   caption_embeddings: dict | None = None) -> tuple[AudioCaptionDataset, int]:
+def build_datasets(
+    cfg: TrainCfg, model: M2DCLAP, manifest: Path, caption_embeddings: dict | None = None
+) -> tuple[AudioCaptionDataset, int]:
     records, _ = split_records(read_manifest(manifest))  # no train split: the rows without a split
     if cfg.exclude:
         records, removed = apply_exclusions(records, read_exclusion_list(cfg.exclude))
@@ -101,8 +109,15 @@ def build_datasets(cfg: TrainCfg, model: M2DCLAP, manifest: Path,
         raise ValueError(f"{manifest}: no training clips")
     emb = caption_embeddings if cfg.stage == "1" else None
     crop = int(round(cfg.crop_seconds * model.sample_rate / model.cfg.frontend.hop_length))
-    ds = AudioCaptionDataset(records, model.cfg.frontend, crop, training=True, caption_embeddings=emb,
-                             on_bad_audio=cfg.on_bad_audio, seed=cfg.seed)
+    ds = AudioCaptionDataset(
+        records,
+        model.cfg.frontend,
+        crop,
+        training=True,
+        caption_embeddings=emb,
+        on_bad_audio=cfg.on_bad_audio,
+        seed=cfg.seed,
+    )
     return ds, crop
 
 
@@ -126,8 +141,10 @@ def train(cfg: TrainCfg, manifest: str | Path, resume: bool = False) -> dict[str
     caption_emb, caption_dim = None, None
     if cfg.stage == "1":
         if not cfg.captions:
-            raise ValueError("stage 1 needs pre-computed caption embeddings: --captions FILE "
-                             "(make them with scripts/embed_captions.py)")
+            raise ValueError(
+                "stage 1 needs pre-computed caption embeddings: --captions FILE "
+                "(make them with scripts/embed_captions.py)"
+            )
         caption_emb = load_caption_embeddings(cfg.captions)  # read once: the file can hold millions of clips
         caption_dim = next(iter(caption_emb.values())).shape[-1]
     model = build_model(cfg, caption_dim)
@@ -138,10 +155,12 @@ def train(cfg: TrainCfg, manifest: str | Path, resume: bool = False) -> dict[str
             model.norm_stats.copy_(torch.tensor(fresh_norm_stats(ds, cfg.norm_stats_clips)))
         log.info("log-mel statistics of the training data: %s", model.norm_stats.tolist())
     model.set_trainable(audio_encoder=cfg.stage == "1", audio_proj=True, text=cfg.stage != "1")
-    trainer = M2DCLAPPretrainer(model, cfg.mask_ratio, cfg.lambda_m2d, cfg.lambda_clap,
-                                accelerator.num_processes, accelerator.process_index)
+    trainer = M2DCLAPPretrainer(
+        model, cfg.mask_ratio, cfg.lambda_m2d, cfg.lambda_clap, accelerator.num_processes, accelerator.process_index
+    )
     loader, optimizer, peak_lr, eff_batch = loader_and_adamw(
-        cfg, ds, collate, trainer, model.no_weight_decay(), accelerator.num_processes)
+        cfg, ds, collate, trainer, model.no_weight_decay(), accelerator.num_processes
+    )
     text_key = "caption_emb" if cfg.stage == "1" else "caption"
 
     def step(module: torch.nn.Module, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
@@ -151,15 +170,34 @@ def train(cfg: TrainCfg, manifest: str | Path, resume: bool = False) -> dict[str
 
     def after_update(engine: Engine) -> None:
         engine.acc.unwrap_model(engine.model).update_target(
-            ema_momentum(engine.state.step, engine.stop, cfg.ema_start, cfg.ema_end))
+            ema_momentum(engine.state.step, engine.stop, cfg.ema_start, cfg.ema_end)
+        )
         model.clamp_logit_scale()
 
-    loop = LoopCfg(output_dir=cfg.output_dir, epochs=cfg.epochs, max_steps=cfg.max_steps, batch_size=cfg.batch_size,
-                   clip_grad=cfg.clip_grad, checkpoint_every=cfg.checkpoint_every,
-                   keep_checkpoints=cfg.keep_checkpoints, log_every=cfg.log_every, name=f"stage {cfg.stage}")
-    engine = Engine(accelerator, loop, trainer, optimizer, loader, step,
-                    cosine_schedule(peak_lr, cfg.min_lr, cfg.warmup_epochs), after_update=after_update,
-                    on_epoch=ds.set_epoch, rows=lambda b: b["size"], refill=refill_as_positives)
+    loop = LoopCfg(
+        output_dir=cfg.output_dir,
+        epochs=cfg.epochs,
+        max_steps=cfg.max_steps,
+        batch_size=cfg.batch_size,
+        clip_grad=cfg.clip_grad,
+        checkpoint_every=cfg.checkpoint_every,
+        keep_checkpoints=cfg.keep_checkpoints,
+        log_every=cfg.log_every,
+        name=f"stage {cfg.stage}",
+    )
+    engine = Engine(
+        accelerator,
+        loop,
+        trainer,
+        optimizer,
+        loader,
+        step,
+        cosine_schedule(peak_lr, cfg.min_lr, cfg.warmup_epochs),
+        after_update=after_update,
+        on_epoch=ds.set_epoch,
+        rows=lambda b: b["size"],
+        refill=refill_as_positives,
+    )
     if resume:
         engine.resume(f"stage{cfg.stage}", cfg.to_dict())
     else:
@@ -168,9 +206,15 @@ def train(cfg: TrainCfg, manifest: str | Path, resume: bool = False) -> dict[str
     # mode, so stage 2 trains it without dropout): the default run's figures were measured that way.
     history = engine.fit()
     state = engine.state
-    summary = {"stage": cfg.stage, "steps": state.step, "skipped_clips": state.skipped,
-               "skipped_files": sorted(engine.skipped_items), "peak_lr": peak_lr,
-               "effective_batch": eff_batch, "final_losses": history[-1] if history else {}}
+    summary = {
+        "stage": cfg.stage,
+        "steps": state.step,
+        "skipped_clips": state.skipped,
+        "skipped_files": sorted(engine.skipped_items),
+        "peak_lr": peak_lr,
+        "effective_batch": eff_batch,
+        "final_losses": history[-1] if history else {},
+    }
     if accelerator.is_main_process:
         final = accelerator.unwrap_model(engine.model).model
         final.save_pretrained(out_dir / "model", stage=cfg.stage, steps=state.step)

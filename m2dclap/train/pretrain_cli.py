@@ -1,8 +1,9 @@
 """The pretraining command: the default pipeline, or one stage with the paper's settings (``--stage``).
 
-    accelerate launch -m m2dclap.train.pretrain_cli            # default run: embedded corpus, tiny model, CPU
-    accelerate launch scripts/pretrain.py --stage 1 --preset base --data MANIFEST --captions CAPEMB.npy ...
+accelerate launch -m m2dclap.train.pretrain_cli            # default run: embedded corpus, tiny model, CPU
+accelerate launch scripts/pretrain.py --stage 1 --preset base --data MANIFEST --captions CAPEMB.npy ...
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -11,14 +12,15 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-
 FINETUNE_STAGE = "1.1"  # AudioSet fine-tuning has its own options (FinetuneCfg)
-DESCRIPTION = ("Pretrain M2D-CLAP (paper section III-B). With no --stage, runs the default pipeline on the embedded "
-               "synthetic corpus (generated and cached on first use): stage 1 (M2D + CLAP on pre-computed MiniLM "
-               "caption embeddings) then stage 2 (CLAP with a trainable text encoder and a frozen audio encoder), "
-               "evaluates on the held-out test split and prints a report. With --stage it runs one stage with the "
-               "paper's hyper-parameters, each overridable (the training options: any TrainCfg field; defaults are "
-               "the stage preset's).")
+DESCRIPTION = (
+    "Pretrain M2D-CLAP (paper section III-B). With no --stage, runs the default pipeline on the embedded "
+    "synthetic corpus (generated and cached on first use): stage 1 (M2D + CLAP on pre-computed MiniLM "
+    "caption embeddings) then stage 2 (CLAP with a trainable text encoder and a frozen audio encoder), "
+    "evaluates on the held-out test split and prints a report. With --stage it runs one stage with the "
+    "paper's hyper-parameters, each overridable (the training options: any TrainCfg field; defaults are "
+    "the stage preset's)."
+)
 _OWN = ("stage", "resume", "fresh", "n_clips", "verbose", "quiet")
 
 
@@ -28,12 +30,18 @@ def _options() -> type:
 
     @dataclass(kw_only=True)
     class PretrainOptions(overrides_of(TrainCfg, exclude=("stage",), name="TrainOverrides")):
-        stage: str | None = option(None, choices=sorted(STAGES) + [FINETUNE_STAGE],
-                                   help="run one stage (omit for the default pipeline); --stage 1.1 (AudioSet "
-                                        "fine-tuning) takes the options of python -m m2dclap.train.finetune")
-        resume: bool = option(False, help="with --stage: continue from the latest complete checkpoint in "
-                                          "--output-dir (the default pipeline always reuses finished stages and "
-                                          "resumes the unfinished one unless --fresh)")
+        stage: str | None = option(
+            None,
+            choices=sorted(STAGES) + [FINETUNE_STAGE],
+            help="run one stage (omit for the default pipeline); --stage 1.1 (AudioSet "
+            "fine-tuning) takes the options of python -m m2dclap.train.finetune",
+        )
+        resume: bool = option(
+            False,
+            help="with --stage: continue from the latest complete checkpoint in "
+            "--output-dir (the default pipeline always reuses finished stages and "
+            "resumes the unfinished one unless --fresh)",
+        )
         fresh: bool = option(False, help="default pipeline: ignore earlier results (stages and caption embeddings)")
         n_clips: int = option(2000, minimum=1, help="default pipeline: size of the synthetic corpus")
         verbose: bool = option(False, aliases="-v", help="debug messages too")
@@ -73,8 +81,11 @@ def run(opts) -> int:
     from ..checkpoint import CheckpointError
     from ..cli import CliError
 
-    overrides = {f.name: getattr(opts, f.name) for f in dataclasses.fields(opts)
-                 if f.name not in _OWN and getattr(opts, f.name) is not None}
+    overrides = {
+        f.name: getattr(opts, f.name)
+        for f in dataclasses.fields(opts)
+        if f.name not in _OWN and getattr(opts, f.name) is not None
+    }
     try:
         if opts.stage is None:
             return _default(opts, overrides)
@@ -91,8 +102,10 @@ def _default(args, overrides) -> int:
     out = overrides.pop("output_dir", "runs/default")
     own = sorted(k for k in ("data", "init", "captions") if k in overrides)
     if own:  # the default run makes its corpus, caption embeddings and stage-2 initialisation itself
-        raise ValueError(f"--{', --'.join(own)} {'needs' if len(own) == 1 else 'need'} --stage; the default "
-                         "run uses the embedded corpus")
+        raise ValueError(
+            f"--{', --'.join(own)} {'needs' if len(own) == 1 else 'need'} --stage; the default "
+            "run uses the embedded corpus"
+        )
     seed = int(overrides.pop("seed", 0))  # seeds the corpus too
     per_stage = {"1": dict(overrides), "2": dict(overrides)}
     result = default_run(out, n_clips=args.n_clips, seed=seed, resume=not args.fresh, stage_overrides=per_stage)
