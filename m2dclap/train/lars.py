@@ -1,5 +1,7 @@
 """LARS: SGD with heavy-ball momentum and a layer-wise trust ratio (You et al., 2017, arXiv:1708.03888).
 
+Written here because torch has no LARS and timm, which has one, is not a dependency (it pulls torchvision).
+
 For every weight tensor (``ndim > 1``) of a group whose ``lars_adapt`` is on:
 
     g <- g + wd * w
