@@ -31,7 +31,6 @@ import math
 import sys
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -40,20 +39,32 @@ from accelerate.utils import broadcast_object_list, set_seed
 from torch.utils.data import DataLoader
 
 from m2dclap.checkpoint import CheckpointError
-from m2dclap.cli import CliError, OptionParser, option, run_cli
+from m2dclap.cli import CliError, OptionParser, run_cli
 from m2dclap.fileio import atomic_write_text
 from m2dclap.train.engine import Engine, KeepBest, LoopCfg, make_accelerator
 
 from .codec import DEFAULT_BANDWIDTH
-from .data import CAPTION_SAMPLING, CaptionDataset, build_word_tokenizer, make_collate, read_index
+from .data import (
+    CAPTION_SAMPLING,  # noqa: F401  (re-exported: importable from here before the options moved out)
+    CaptionDataset,
+    build_word_tokenizer,
+    make_collate,
+    read_index,
+)
 from .features import (
-    DATASET_PRESETS,
-    DEFAULT_CLAP_CHECKPOINT,
-    dataset_preset,
+    DATASET_PRESETS,  # noqa: F401  (captioning.evaluate imports it, read_named_split and predict from here)
+    DEFAULT_CLAP_CHECKPOINT,  # noqa: F401  (re-exported, as above)
+    dataset_preset,  # noqa: F401  (re-exported, as above)
     prepare_cache,
-    read_named_split,  # noqa: F401  (captioning.evaluate imports it, and predict, from here)
+    read_named_split,  # noqa: F401  (re-exported, as above)
 )
 from .metrics import MetricUnavailableError
+from .train_options import (
+    SELECTION_METRICS,  # noqa: F401  (re-exported: the options and presets moved to train_options)
+    TOP_K,  # noqa: F401  (re-exported, as above)
+    TrainOptions,
+    apply_presets,
+)
 from .validation import choose_selection_metric, predict, validation_scores
 
 log = logging.getLogger("captioning.train")
@@ -61,8 +72,6 @@ log = logging.getLogger("captioning.train")
 RUN_META = "run.json"
 CKPT_META = "captioning.json"
 STATE_DIR = "state"
-SELECTION_METRICS = ("auto", "spider", "cider_d")
-TOP_K = 5
 
 # tiny BART for offline CPU runs (the vocabulary size is filled in from the word-level tokenizer)
 TINY_BART = {
@@ -110,19 +119,6 @@ def param_groups(model: torch.nn.Module, weight_decay: float = 0.01) -> list[dic
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
-# ------------------------------------------------------------------------------------------------- data
-def apply_presets(args) -> None:
-    """Fill the unset ``--bart``, ``--batch-size``, ``--lr`` and ``--warmup`` from the dataset preset."""
-    preset = DATASET_PRESETS.get(dataset_preset(args) or "", {})
-    if args.bart is None:  # the offline demo trains a tiny BART; real datasets get the paper's bart-base
-        args.bart = "tiny" if not args.dataset else "facebook/bart-base"
-    if args.caption_sampling is None:  # the demo keeps its 15 epochs in minutes: one caption per clip and epoch
-        args.caption_sampling = "one" if not args.dataset else "all"
-    for name, default in (("batch_size", 16), ("lr", None), ("warmup", None)):
-        if getattr(args, name) is None:
-            setattr(args, name, preset.get(name, default))
-
-
 # ------------------------------------------------------------------------------------------------ train
 def _write_json(path: Path, obj) -> None:
     atomic_write_text(path, json.dumps(obj, indent=1, sort_keys=True, default=str) + "\n")
@@ -133,111 +129,6 @@ def checkpoint_name(entry: dict) -> str:
     was validated) inside epoch NNN, which a resumed run may finish and validate again."""
     name = f"epoch_{entry['epoch']:03d}"
     return f"{name}_step_{entry['step']:07d}" if entry.get("partial_epoch") else name
-
-
-@dataclass(kw_only=True)
-class TrainOptions:
-    """The options of ``python -m captioning.train``; unset dataset-dependent ones are filled by
-    :func:`apply_presets`."""
-
-    clap: str = option("m2d-clap", help="CLAP backend")
-    clap_checkpoint: str | None = option(
-        None, metavar="C", help=f"CLAP checkpoint (default for m2d-clap: {DEFAULT_CLAP_CHECKPOINT})"
-    )
-    dataset: list[str] | None = option(
-        None,
-        metavar="audiocaps|clotho|MANIFEST",
-        help="audiocaps or clotho (with --data-root; the paper's learning rate and "
-        "EnCLAP's warm-up and batch), manifest(s) with train/val/test splits, or "
-        "one preprocess index.csv / cache folder; default: the embedded "
-        "synthetic corpus",
-    )
-    data_root: str | None = option(
-        None, metavar="DIR", help="the AudioCaps or Clotho v2.1 folder (CSV files and audio)"
-    )
-    audio_pattern: str | None = option(
-        None,
-        metavar="PATTERN",
-        help="AudioCaps audio file names, e.g. 'Y{youtube_id}.wav' (default '{youtube_id}.wav')",
-    )
-    codec: str = option(
-        "auto",
-        metavar="auto|pretrained|random|PATH",
-        help="EnCodec weights for preprocessing (auto: the published weights if cached, else random)",
-    )
-    n_clips: int = option(2000, minimum=1, help="size of the embedded corpus (no --dataset)")
-    corpus_dir: str | None = option(
-        None, metavar="DIR", help="where the embedded corpus lives (default: m2dclap's cache)"
-    )
-    bart: str | None = option(
-        None,
-        metavar="NAME|tiny",
-        help="BART: 'tiny' (random init, word-level tokenizer from the training captions; "
-        "offline) or a Hugging Face name / folder (default: tiny on the embedded corpus, "
-        "facebook/bart-base with --dataset)",
-    )
-    output_dir: str = option(
-        "runs/captioning/default",
-        metavar="DIR",
-        help="run folder: cache/, checkpoints/ (top epochs), state/ (resumable checkpoints), run.json",
-    )
-    epochs: int = option(15, minimum=1, help="training epochs (EnCLAP and the paper: 15)")
-    lr: float | None = option(
-        None,
-        help="peak learning rate (default: the paper's 6e-6 for audiocaps and other "
-        "datasets, 4e-6 for clotho; 5e-4 for tiny)",
-    )
-    warmup: int | None = option(
-        None,
-        minimum=0,
-        help="warm-up steps (default: EnCLAP's 2000 for audiocaps and other datasets, 1000 "
-        "for clotho; 10%% of the run, at most 1000, for tiny)",
-    )
-    batch_size: int | None = option(
-        None, minimum=1, help="global batch size (default: EnCLAP's 16 for audiocaps and other datasets, 64 for clotho)"
-    )
-    weight_decay: float = option(0.01, help="AdamW weight decay, none on biases and norms")
-    clip_grad: float = option(1.0, help="gradient-norm clipping (0: off)")
-    caption_sampling: str | None = option(
-        None,
-        choices=CAPTION_SAMPLING,
-        help="all: every (clip, caption) pair once per epoch, as EnCLAP's "
-        "one-row-per-caption training CSVs (default with --dataset); one: one "
-        "caption per clip, drawn per epoch (default on the embedded corpus, "
-        "whose 15 epochs then take minutes)",
-    )
-    max_steps: int | None = option(
-        None, minimum=1, help="stop after this many optimiser steps (the weights are then validated and checkpointed)"
-    )
-    max_val: int | None = option(None, minimum=2, help="validate on at most this many clips")
-    val_beams: int | None = option(None, minimum=1, help="beam size for validation (default: the model's 4)")
-    top_k: int = option(TOP_K, minimum=1, help="epoch checkpoints kept")
-    selection_metric: str = option(
-        "auto",
-        choices=SELECTION_METRICS,
-        help="validation metric that ranks the checkpoints: spider as EnCLAP (needs Java "
-        "and SPICE's CoreNLP jars), cider_d, or auto (spider when SPICE can run, "
-        "else cider_d)",
-    )
-    seed: int = option(1115, help="random seed (EnCLAP's 1115)")
-    grad_accum: int = option(1, minimum=1, help="micro-batches per optimiser step")
-    checkpoint_every: int = option(
-        0,
-        minimum=0,
-        help="optimiser steps between extra resumable checkpoints (default 0: at epoch "
-        "ends only); a resumed run continues at the exact batch where its "
-        "checkpoint was written",
-    )
-    resume: bool = option(False, help="continue from the latest checkpoint in OUTPUT_DIR/state")
-    mixed_precision: str | None = option(
-        None,
-        choices=("no", "fp16", "bf16"),
-        help="autocast for the training steps (default: accelerate's configuration "
-        "or launch flag, else no); bf16 runs on CPUs too, fp16 needs a GPU",
-    )
-    num_workers: int = option(0, minimum=0, help="DataLoader workers")
-    no_progress: bool = option(False, help="no progress bars (preprocessing)")
-    quiet: bool = option(False, aliases="-q", help="only warnings and errors")
 
 
 PROG = "python -m captioning.train"
