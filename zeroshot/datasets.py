@@ -22,19 +22,20 @@ Malformed metadata raises :class:`DatasetError` naming the file and line.
 
 from __future__ import annotations
 
-import csv
 import json
 import logging
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 
 from m2dclap.audio import AUDIO_EXTENSIONS
 from m2dclap.data.manifest import parse_labels, raw_columns, read_manifest
 
+# the metadata checks the readers share; DatasetError is importable from here as before
+from .metadata import DatasetError, _csv_rows, _int, _need_file, _ordered_classes, _record_target
 from .templates import CREMAD_NAMES, CREMAD_SENTENCES, read_class_labels_indices
 
 log = logging.getLogger(__name__)
@@ -53,10 +54,6 @@ NSYNTH_FAMILIES = (
     "vocal",
 )  # instrument_family 0..10; the test split lacks synth_lead
 DATASETS = ("esc50", "us8k", "gtzan", "nsynth", "cremad", "fsd50k", "audioset", "manifest")
-
-
-class DatasetError(ValueError):
-    """Dataset metadata that cannot be used; the message names the file and, where it applies, the line."""
 
 
 @dataclass
@@ -97,58 +94,6 @@ class ZeroShotDataset:
 # ----------------------------------------------------------------------------------------------- helpers
 
 
-def _need_file(path: Path, what: str) -> Path:
-    if not path.is_file():
-        raise DatasetError(f"{path}: no such file ({what})")
-    return path
-
-
-def _csv_rows(
-    path: Path,
-    required: Sequence[str],
-    header: Sequence[str] | None = None,
-    comment: str | None = None,
-    skipinitialspace: bool = False,
-) -> Iterator[tuple[int, dict[str, str]]]:
-    """Rows of a CSV as (line number, {column: stripped cell}); checks the header and every row's width.
-
-    ``header`` gives the columns of a file without a header line; ``comment`` skips lines starting with it
-    (AudioSet's ``#`` lines).
-    """
-    with open(path, newline="", encoding="utf-8-sig") as f:
-        for n, text in enumerate(f, start=1):  # one row a line: none of these files has multi-line cells
-            if comment and text.lstrip().startswith(comment):
-                continue
-            if not text.strip():
-                continue
-            try:
-                row = next(csv.reader([text], skipinitialspace=skipinitialspace))
-            except csv.Error as e:
-                raise DatasetError(f"{path}, line {n}: malformed CSV ({e})") from None
-            if header is None:
-                header = [h.strip() for h in row]
-                missing = [c for c in required if c not in header]
-                if missing:
-                    raise DatasetError(
-                        f"{path}, line {n}: missing column(s) {', '.join(missing)} (header: {','.join(header)})"
-                    )
-                continue
-            if len(row) != len(header):
-                raise DatasetError(
-                    f"{path}, line {n}: {len(row)} field(s), expected {len(header)} ({','.join(header)})"
-                )
-            yield n, {h: cell.strip() for h, cell in zip(header, row)}
-        if header is None:
-            raise DatasetError(f"{path}: empty file (no header line)")
-
-
-def _int(value: str, path: Path, line: int, column: str) -> int:
-    try:
-        return int(value)
-    except ValueError:
-        raise DatasetError(f"{path}, line {line}: column {column!r} must be an integer, got {value!r}") from None
-
-
 def _split_missing(name: str, clips: list[Clip], strict: bool) -> tuple[list[Clip], list[Path]]:
     """Clips whose file exists, and the paths of the others (logged; an error when ``strict``)."""
     present = [c for c in clips if c.path.is_file()]
@@ -160,17 +105,6 @@ def _split_missing(name: str, clips: list[Clip], strict: bool) -> tuple[list[Cli
             raise DatasetError(msg + " (strict mode)")
         log.warning("%s", msg)
     return present, missing
-
-
-def _ordered_classes(pairs: dict[int, str]) -> list[str]:
-    """Class names ordered by their numeric target."""
-    return [pairs[k] for k in sorted(pairs)]
-
-
-def _record_target(pairs: dict[int, str], target: int, name: str, path: Path, line: int) -> None:
-    known = pairs.setdefault(target, name)
-    if known != name:
-        raise DatasetError(f"{path}, line {line}: class id {target} is {name!r} here but {known!r} earlier")
 
 
 def _keep_folds(clips: list[Clip], folds: Sequence[Any] | None) -> list[Clip]:
