@@ -14,13 +14,11 @@ after the arrays, so a killed run leaves nothing that a re-run would mistake for
 
 from __future__ import annotations
 
-import contextlib
 import csv
-import json
 import logging
 import sys
 from dataclasses import dataclass, field
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 from typing import Literal, Sequence
 
 import numpy as np
@@ -32,13 +30,27 @@ from .audio import AUDIO_EXTENSIONS, first_line
 from .audio_files import AudioItem
 from .cli import EXIT_SKIPPED, CliError, option, resolve_device, run_cli
 from .embed_files import AudioBatches, min_samples_of, report_skipped
-from .fileio import atomic_write
+
+# the output folder (names, atomic writes, ledgers, lock, meta.json) lives in m2dclap.extract_outputs;
+# its names stay importable from here
+from .extract_outputs import (  # noqa: F401
+    ERROR_FIELDS,
+    FEATURE_KINDS,
+    INDEX_FIELDS,
+    ExtractError,
+    _atomic,
+    _lock,
+    _prepare_out_dir,
+    _read_csv,
+    _remove_stale_tmp,
+    _valid_index_row,
+    _write_csv,
+    check_output_names,
+    save_npy,
+)
 
 log = logging.getLogger(__name__)
 
-FEATURE_KINDS = ("clip", "frame", "clap")
-INDEX_FIELDS = ("file", "duration_s", "n_frames", "status")
-ERROR_FIELDS = ("file", "error")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 LAYOUT = """\
@@ -60,10 +72,6 @@ skipped: named on stderr and in errors.csv; the others are extracted.
 Exit status 1 when files were skipped (listed on stderr and in errors.csv) or none was found; 2 for a
 missing input, an unreadable checkpoint, DIR an existing file or written by another checkpoint or dtype,
 or two files mapping to the same output."""
-
-
-class ExtractError(ValueError):
-    """A problem with the request itself (not with one audio file): the run does not start."""
 
 
 @dataclass
@@ -102,96 +110,6 @@ def find_audio_files(inputs: Sequence[str | Path], recursive: bool = True) -> li
     return items
 
 
-def check_output_names(items: Sequence[AudioItem]) -> None:
-    """Refuse two files whose outputs would overwrite each other."""
-    owner: dict[PurePosixPath, AudioItem] = {}
-    clashes = []
-    for item in items:
-        key = item.rel.with_suffix("")
-        if key in owner:
-            clashes.append(f"{owner[key].path} and {item.path} -> <kind>/{key}.npy")
-        else:
-            owner[key] = item
-    if clashes:
-        more = f" (and {len(clashes) - 5} more)" if len(clashes) > 5 else ""
-        raise ExtractError(
-            "these files would write the same outputs: "
-            + "; ".join(clashes[:5])
-            + more
-            + ". Give their common parent folder as the input, or rename them."
-        )
-
-
-# ---------------------------------------------------------------------------------------------------
-# Small file helpers: atomic writes, a tolerant ledger, a lock
-# ---------------------------------------------------------------------------------------------------
-_atomic = atomic_write  # open a temporary file beside the target; renamed over it on success
-
-
-def save_npy(path: Path, array: np.ndarray) -> None:
-    with _atomic(path) as f:
-        np.save(f, array)
-
-
-def _write_csv(path: Path, fields: Sequence[str], rows: Sequence[dict[str, str]]) -> None:
-    with _atomic(path, "w") as f:
-        writer = csv.DictWriter(f, fieldnames=fields)
-        writer.writeheader()
-        writer.writerows(rows)
-
-
-def _read_csv(path: Path, fields: Sequence[str]) -> dict[str, dict[str, str]]:
-    """Rows by ``file``, later rows winning; rows cut short by a killed run are dropped."""
-    if not path.exists():
-        return {}
-    with open(path, newline="", encoding="utf-8") as f:
-        reader = csv.DictReader(f)
-        if tuple(reader.fieldnames or ()) != tuple(fields):
-            log.warning("%s: unexpected columns %s; ignoring its contents", path, reader.fieldnames)
-            return {}
-        rows = {}
-        for row in reader:
-            if row.get("file") and all(row.get(k) is not None for k in fields) and None not in row:
-                rows[row["file"]] = {k: row[k] for k in fields}
-        return rows
-
-
-def _valid_index_row(row: dict[str, str] | None) -> bool:
-    if row is None or row["status"] not in ("ok", "failed"):
-        return False
-    if row["status"] == "failed":
-        return True
-    try:
-        float(row["duration_s"]), int(row["n_frames"])
-    except ValueError:
-        return False
-    return True
-
-
-@contextlib.contextmanager
-def _lock(out_dir: Path):
-    """Refuse a second extraction into the same folder while one runs."""
-    from filelock import FileLock, Timeout
-
-    lock = FileLock(out_dir / ".lock", blocking=False)
-    try:
-        lock.acquire()
-    except Timeout:
-        raise ExtractError(f"{out_dir}: another extraction is writing to this folder") from None
-    try:
-        yield
-    finally:
-        lock.release()
-
-
-def _remove_stale_tmp(out_dir: Path) -> None:
-    for where in [out_dir] + [out_dir / k for k in FEATURE_KINDS]:
-        if where.is_dir():
-            for tmp in where.rglob(".*.tmp") if where != out_dir else where.glob(".*.tmp"):
-                with contextlib.suppress(OSError):
-                    tmp.unlink()
-
-
 # ---------------------------------------------------------------------------------------------------
 # The run
 # ---------------------------------------------------------------------------------------------------
@@ -205,53 +123,6 @@ def parse_features(spec: str | Sequence[str]) -> tuple[str, ...]:
     if unknown or not names:
         raise ExtractError(f"unknown feature kind(s) {unknown or names}; choose from {', '.join(FEATURE_KINDS)}, all")
     return tuple(k for k in FEATURE_KINDS if k in names)
-
-
-def _prepare_out_dir(
-    model, out_dir: Path, kinds: tuple[str, ...], checkpoint: str | None, overwrite: bool
-) -> tuple[dict, dict]:
-    """Check ``meta.json`` against this run, write the new one, return the previous (index, errors) rows."""
-    meta_path = out_dir / "meta.json"
-    meta = {
-        "checkpoint": checkpoint,
-        "model": model.cfg.name,
-        "dtype": str(model.dtype).removeprefix("torch."),
-        "saved_dtype": "float32",
-        "features": list(kinds),
-        "frame_hop_s": model.cfg.encoder.patch_size[1] * model.cfg.frontend.hop_length / model.sample_rate,
-        "sample_rate": model.sample_rate,
-        "layout": "<kind>/<path relative to its input, without extension>.npy",
-    }
-    index = _read_csv(out_dir / "index.csv", INDEX_FIELDS)
-    errors = _read_csv(out_dir / "errors.csv", ERROR_FIELDS)
-    if meta_path.exists():
-        try:
-            old = json.loads(meta_path.read_text())
-        except (json.JSONDecodeError, OSError):
-            old = {}
-        diff = [
-            k
-            for k in ("checkpoint", "model", "dtype")
-            if old.get(k) is not None and meta[k] is not None and old[k] != meta[k]
-        ]
-        if diff and not overwrite:
-            raise ExtractError(
-                f"{out_dir} holds features of another run ("
-                + ", ".join(f"{k}: {old[k]!r} there, {meta[k]!r} now" for k in diff)
-                + "); use another --out, or --overwrite to recompute into it"
-            )
-        if diff:
-            log.warning(
-                "%s: replacing features of %s; outputs of files not in this run are stale",
-                out_dir,
-                ", ".join(f"{k}={old[k]!r}" for k in diff),
-            )
-            index, errors = {}, {}
-        else:
-            meta["features"] = [k for k in FEATURE_KINDS if k in set(kinds) | set(old.get("features", []))]
-    with _atomic(meta_path, "w") as f:
-        f.write(json.dumps(meta, indent=2) + "\n")
-    return index, errors
 
 
 @torch.no_grad()
