@@ -23,7 +23,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
 import shutil
 import time
 from collections.abc import Callable, Sequence
@@ -37,40 +36,13 @@ from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration, set_
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
+# the run's saved state and checkpoints live in checkpoints.py; public from here as before
+from .checkpoints import KeepBest, TrainState, latest_checkpoint, save_checkpoint  # noqa: F401
+
 log = logging.getLogger(__name__)
 
 Batch = dict[str, Any]
 StepFn = Callable[[torch.nn.Module, Batch], dict[str, torch.Tensor]]  # (prepared model, batch) -> {"loss": ...}
-
-
-class TrainState:
-    """Progress saved with every checkpoint (``accelerator.register_for_checkpointing``): the step counter,
-    the data position, skipped clips, every evaluation and the models kept by the selection metric."""
-
-    def __init__(self) -> None:
-        self.step, self.epoch, self.batch_in_epoch, self.skipped = 0, 0, 0, 0
-        self.evals: list[dict[str, Any]] = []  # one entry per evaluation: epoch, step, train_loss, metrics
-        self.kept: list[dict[str, Any]] = []  # the kept models, best first: score, step, epoch, folder
-
-    @property
-    def best(self) -> dict[str, Any] | None:
-        return self.kept[0] if self.kept else None
-
-    def state_dict(self) -> dict[str, Any]:
-        # lists travel as JSON: accelerate reloads custom states with torch.load(weights_only=True)
-        return {
-            "step": self.step,
-            "epoch": self.epoch,
-            "batch_in_epoch": self.batch_in_epoch,
-            "skipped": self.skipped,
-            "evals": json.dumps(self.evals),
-            "kept": json.dumps(self.kept),
-        }
-
-    def load_state_dict(self, d: dict[str, Any]) -> None:
-        self.step, self.epoch = int(d["step"]), int(d["epoch"])
-        self.batch_in_epoch, self.skipped = int(d["batch_in_epoch"]), int(d["skipped"])
-        self.evals, self.kept = json.loads(d.get("evals", "[]")), json.loads(d.get("kept", "[]"))
 
 
 @dataclass
@@ -92,15 +64,6 @@ class LoopCfg:
     metric: str = ""  # evaluation key that selects the kept models (higher is better; empty = keep none)
     keep_top: int = 1  # models kept by the metric
     name: str = "train"  # progress bar and log prefix
-
-
-class KeepBest:
-    """Keep-best / top-k by a metric: ``folder(entry)`` names where a kept model goes, ``save(path, entry)``
-    writes it. A kept folder that falls out of the top ``k`` is deleted; with one fixed name (``best``)
-    a new best overwrites it."""
-
-    def __init__(self, folder: Callable[[dict[str, Any]], Path], save: Callable[[Path, dict[str, Any]], None]):
-        self.folder, self.save = folder, save
 
 
 def make_accelerator(
@@ -224,44 +187,7 @@ def cosine_schedule(
     return schedule
 
 
-# ------------------------------------------------------------------------------------------ checkpoints
-def latest_checkpoint(out_dir: Path, checkpoint_dir: str = "checkpoints") -> Path | None:
-    """The complete checkpoint with the highest saved step; half-written ones have no ``state.json``."""
-    best, best_step = None, -1
-    for d in (Path(out_dir) / checkpoint_dir).glob("ckpt-*"):
-        try:
-            step = json.loads((d / "state.json").read_text())["step"]
-        except (OSError, json.JSONDecodeError, KeyError):
-            continue
-        if step > best_step:
-            best, best_step = d, step
-    return best
-
-
-def save_checkpoint(accelerator: Accelerator, state: TrainState, root: Path, keep: int) -> None:
-    """``save_state`` into a temporary folder, then mark and rename it, so a kill never leaves a
-    checkpoint that looks complete."""
-    tmp, final = root / f".tmp-ckpt-{state.step:08d}", root / f"ckpt-{state.step:08d}"
-    if accelerator.is_main_process:
-        shutil.rmtree(tmp, ignore_errors=True)
-    accelerator.wait_for_everyone()
-    accelerator.save_state(str(tmp))
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        (tmp / "state.json").write_text(
-            json.dumps({"step": state.step, "epoch": state.epoch, "batch_in_epoch": state.batch_in_epoch})
-        )
-        shutil.rmtree(final, ignore_errors=True)
-        os.replace(tmp, final)
-        complete = sorted(
-            (d for d in root.glob("ckpt-*") if (d / "state.json").exists()),
-            key=lambda d: json.loads((d / "state.json").read_text())["step"],
-        )
-        for old in complete[:-keep]:
-            shutil.rmtree(old, ignore_errors=True)
-    accelerator.wait_for_everyone()
-
-
+# ------------------------------------------------------------------------------------------- evaluation
 def gather_for_metrics(
     accelerator: Accelerator, loader, fn: Callable[[Batch], tuple[torch.Tensor, ...]]
 ) -> tuple[torch.Tensor, ...]:
