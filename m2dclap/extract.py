@@ -38,15 +38,15 @@ from .extract_outputs import (  # noqa: F401
     FEATURE_KINDS,
     INDEX_FIELDS,
     ExtractError,
-    _atomic,
-    _lock,
-    _prepare_out_dir,
-    _read_csv,
-    _remove_stale_tmp,
-    _valid_index_row,
-    _write_csv,
+    atomic_output,
     check_output_names,
+    lock_output_dir,
+    prepare_out_dir,
+    read_ledger,
+    remove_stale_tmp,
     save_npy,
+    valid_index_row,
+    write_ledger,
 )
 
 log = logging.getLogger(__name__)
@@ -184,16 +184,16 @@ def extract_features(
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     model.eval()
-    with _lock(out_dir):
-        _remove_stale_tmp(out_dir)
-        index, errors = _prepare_out_dir(model, out_dir, kinds, checkpoint, overwrite)
+    with lock_output_dir(out_dir):
+        remove_stale_tmp(out_dir)
+        index, errors = prepare_out_dir(model, out_dir, kinds, checkpoint, overwrite)
         summary = ExtractSummary(out_dir, total=len(items))
         todo = []
         for item in items:
             row = index.get(item.file)
             done = (
                 not overwrite
-                and _valid_index_row(row)
+                and valid_index_row(row)
                 and row["status"] == "ok"
                 and all(item.output(out_dir, k).exists() for k in kinds)
             )
@@ -210,13 +210,13 @@ def extract_features(
             out_dir,
         )
         # Rewrite the ledgers cleanly (a killed run may have cut a row), then append to them as files finish.
-        _write_csv(out_dir / "index.csv", INDEX_FIELDS, list(index.values()))
-        _write_csv(out_dir / "errors.csv", ERROR_FIELDS, list(errors.values()))
+        write_ledger(out_dir / "index.csv", INDEX_FIELDS, list(index.values()))
+        write_ledger(out_dir / "errors.csv", ERROR_FIELDS, list(errors.values()))
         _run(model, todo, out_dir, kinds, batch_size, index, errors, summary, progress)
-        final = sorted((r for r in index.values() if _valid_index_row(r)), key=lambda r: r["file"])
+        final = sorted((r for r in index.values() if valid_index_row(r)), key=lambda r: r["file"])
         failed = {r["file"] for r in final if r["status"] == "failed"}
-        _write_csv(out_dir / "index.csv", INDEX_FIELDS, final)
-        _write_csv(
+        write_ledger(out_dir / "index.csv", INDEX_FIELDS, final)
+        write_ledger(
             out_dir / "errors.csv",
             ERROR_FIELDS,
             [errors.get(f, {"file": f, "error": "unknown (not recorded)"}) for f in sorted(failed)],

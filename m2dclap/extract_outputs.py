@@ -49,22 +49,22 @@ def check_output_names(items: Sequence[AudioItem]) -> None:
 # ---------------------------------------------------------------------------------------------------
 # Small file helpers: atomic writes, a tolerant ledger, a lock
 # ---------------------------------------------------------------------------------------------------
-_atomic = atomic_write  # open a temporary file beside the target; renamed over it on success
+atomic_output = atomic_write  # open a temporary file beside the target; renamed over it on success
 
 
 def save_npy(path: Path, array: np.ndarray) -> None:
-    with _atomic(path) as f:
+    with atomic_output(path) as f:
         np.save(f, array)
 
 
-def _write_csv(path: Path, fields: Sequence[str], rows: Sequence[dict[str, str]]) -> None:
-    with _atomic(path, "w") as f:
+def write_ledger(path: Path, fields: Sequence[str], rows: Sequence[dict[str, str]]) -> None:
+    with atomic_output(path, "w") as f:
         writer = csv.DictWriter(f, fieldnames=fields)
         writer.writeheader()
         writer.writerows(rows)
 
 
-def _read_csv(path: Path, fields: Sequence[str]) -> dict[str, dict[str, str]]:
+def read_ledger(path: Path, fields: Sequence[str]) -> dict[str, dict[str, str]]:
     """Rows by ``file``, later rows winning; rows cut short by a killed run are dropped."""
     if not path.exists():
         return {}
@@ -80,7 +80,7 @@ def _read_csv(path: Path, fields: Sequence[str]) -> dict[str, dict[str, str]]:
         return rows
 
 
-def _valid_index_row(row: dict[str, str] | None) -> bool:
+def valid_index_row(row: dict[str, str] | None) -> bool:
     if row is None or row["status"] not in ("ok", "failed"):
         return False
     if row["status"] == "failed":
@@ -93,7 +93,7 @@ def _valid_index_row(row: dict[str, str] | None) -> bool:
 
 
 @contextlib.contextmanager
-def _lock(out_dir: Path):
+def lock_output_dir(out_dir: Path):
     """Refuse a second extraction into the same folder while one runs."""
     from filelock import FileLock, Timeout
 
@@ -108,7 +108,7 @@ def _lock(out_dir: Path):
         lock.release()
 
 
-def _remove_stale_tmp(out_dir: Path) -> None:
+def remove_stale_tmp(out_dir: Path) -> None:
     for where in [out_dir] + [out_dir / k for k in FEATURE_KINDS]:
         if where.is_dir():
             for tmp in where.rglob(".*.tmp") if where != out_dir else where.glob(".*.tmp"):
@@ -116,7 +116,7 @@ def _remove_stale_tmp(out_dir: Path) -> None:
                     tmp.unlink()
 
 
-def _prepare_out_dir(
+def prepare_out_dir(
     model, out_dir: Path, kinds: tuple[str, ...], checkpoint: str | None, overwrite: bool
 ) -> tuple[dict, dict]:
     """Check ``meta.json`` against this run, write the new one, return the previous (index, errors) rows."""
@@ -131,8 +131,8 @@ def _prepare_out_dir(
         "sample_rate": model.sample_rate,
         "layout": "<kind>/<path relative to its input, without extension>.npy",
     }
-    index = _read_csv(out_dir / "index.csv", INDEX_FIELDS)
-    errors = _read_csv(out_dir / "errors.csv", ERROR_FIELDS)
+    index = read_ledger(out_dir / "index.csv", INDEX_FIELDS)
+    errors = read_ledger(out_dir / "errors.csv", ERROR_FIELDS)
     if meta_path.exists():
         try:
             old = json.loads(meta_path.read_text())
@@ -158,6 +158,6 @@ def _prepare_out_dir(
             index, errors = {}, {}
         else:
             meta["features"] = [k for k in FEATURE_KINDS if k in set(kinds) | set(old.get("features", []))]
-    with _atomic(meta_path, "w") as f:
+    with atomic_output(meta_path, "w") as f:
         f.write(json.dumps(meta, indent=2) + "\n")
     return index, errors

@@ -35,7 +35,7 @@ from m2dclap.audio import AUDIO_EXTENSIONS
 from m2dclap.data.manifest import parse_labels, raw_columns, read_manifest
 
 # the metadata checks the readers share; DatasetError is importable from here as before
-from .metadata import DatasetError, _csv_rows, _int, _need_file, _ordered_classes, _record_target
+from .metadata import DatasetError, int_field, metadata_rows, need_file, ordered_classes, record_target
 from .templates import CREMAD_NAMES, CREMAD_SENTENCES, read_class_labels_indices
 
 log = logging.getLogger(__name__)
@@ -120,29 +120,27 @@ def _keep_folds(clips: list[Clip], folds: Sequence[Any] | None) -> list[Clip]:
 def read_esc50(root: str | Path, folds: Sequence[Any] | None = None, strict: bool = False) -> ZeroShotDataset:
     """ESC-50: ``meta/esc50.csv`` and ``audio/``; 50 classes ordered by ``target``; folds kept as ``fold``."""
     root = Path(root)
-    meta = _need_file(root / "meta" / "esc50.csv", "ESC-50 metadata; --root is the ESC-50-master folder")
+    meta = need_file(root / "meta" / "esc50.csv", "ESC-50 metadata; --root is the ESC-50-master folder")
     clips, classes = [], {}
-    for line, row in _csv_rows(meta, ("filename", "fold", "target", "category")):
-        fold = _int(row["fold"], meta, line, "fold")
-        _record_target(classes, _int(row["target"], meta, line, "target"), row["category"], meta, line)
+    for line, row in metadata_rows(meta, ("filename", "fold", "target", "category")):
+        fold = int_field(row["fold"], meta, line, "fold")
+        record_target(classes, int_field(row["target"], meta, line, "target"), row["category"], meta, line)
         clips.append(Clip(root / "audio" / row["filename"], [row["category"]], str(fold)))
     present, missing = _split_missing("esc50", _keep_folds(clips, folds), strict)
-    return ZeroShotDataset("esc50", present, _ordered_classes(classes), False, "esc50", missing=missing)
+    return ZeroShotDataset("esc50", present, ordered_classes(classes), False, "esc50", missing=missing)
 
 
 def read_us8k(root: str | Path, folds: Sequence[Any] | None = None, strict: bool = False) -> ZeroShotDataset:
     """UrbanSound8K: ``metadata/UrbanSound8K.csv`` and ``audio/fold<N>/``; 10 classes ordered by ``classID``."""
     root = Path(root)
-    meta = _need_file(
-        root / "metadata" / "UrbanSound8K.csv", "UrbanSound8K metadata; --root is the UrbanSound8K folder"
-    )
+    meta = need_file(root / "metadata" / "UrbanSound8K.csv", "UrbanSound8K metadata; --root is the UrbanSound8K folder")
     clips, classes = [], {}
-    for line, row in _csv_rows(meta, ("slice_file_name", "fold", "classID", "class")):
-        fold = _int(row["fold"], meta, line, "fold")
-        _record_target(classes, _int(row["classID"], meta, line, "classID"), row["class"], meta, line)
+    for line, row in metadata_rows(meta, ("slice_file_name", "fold", "classID", "class")):
+        fold = int_field(row["fold"], meta, line, "fold")
+        record_target(classes, int_field(row["classID"], meta, line, "classID"), row["class"], meta, line)
         clips.append(Clip(root / "audio" / f"fold{fold}" / row["slice_file_name"], [row["class"]], str(fold)))
     present, missing = _split_missing("us8k", _keep_folds(clips, folds), strict)
-    return ZeroShotDataset("us8k", present, _ordered_classes(classes), False, "us8k", missing=missing)
+    return ZeroShotDataset("us8k", present, ordered_classes(classes), False, "us8k", missing=missing)
 
 
 def _gtzan_dir(root: Path) -> Path:
@@ -170,7 +168,7 @@ def read_gtzan(root: str | Path, split_file: str | Path | None = None, strict: b
                 if f.suffix.lower() in AUDIO_EXTENSIONS:
                     clips.append(Clip(f, [genre], None))
     else:
-        split_file = _need_file(Path(split_file), "GTZAN split file")
+        split_file = need_file(Path(split_file), "GTZAN split file")
         with open(split_file, encoding="utf-8-sig") as fh:
             for line, text in enumerate(fh, start=1):
                 rel = text.strip()
@@ -197,7 +195,7 @@ def read_nsynth(root: str | Path, split: str = "test", strict: bool = False) -> 
     the test split has no ``synth_lead``)."""
     root = Path(root)
     base = root if (root / "examples.json").is_file() else root / f"nsynth-{split}"
-    meta = _need_file(base / "examples.json", f"NSynth metadata; --root is the nsynth-{split} folder")
+    meta = need_file(base / "examples.json", f"NSynth metadata; --root is the nsynth-{split} folder")
     try:
         with open(meta, encoding="utf-8") as f:
             examples = json.load(f)
@@ -245,9 +243,9 @@ def read_cremad(
             raise DatasetError(f"{audio_dir}: no audio files")
         clips = [Clip(p, [cremad_label(p)], None) for p in files]
     else:
-        split_file = _need_file(Path(split_file), "CREMA-D split file")
+        split_file = need_file(Path(split_file), "CREMA-D split file")
         clips = []
-        for line, row in _csv_rows(split_file, ("file_name", "split")):
+        for line, row in metadata_rows(split_file, ("file_name", "split")):
             if row["split"] != split:
                 continue
             name = Path(row["file_name"].replace("\\", "/")).name
@@ -267,15 +265,17 @@ def read_fsd50k(root: str | Path, split: str = "eval", strict: bool = False) -> 
     classes in ``vocabulary.csv`` order when it exists, else the sorted labels found."""
     root = Path(root)
     gt = root / "FSD50K.ground_truth"
-    meta = _need_file(gt / f"{split}.csv", "FSD50K ground truth; --root holds FSD50K.ground_truth/")
+    meta = need_file(gt / f"{split}.csv", "FSD50K ground truth; --root holds FSD50K.ground_truth/")
     vocab_file = gt / "vocabulary.csv"
     vocab: list[str] = []
     if vocab_file.is_file():
-        rows = _csv_rows(vocab_file, (), header=("index", "label", "mid"))
-        vocab = [row["label"] for _, row in sorted(rows, key=lambda r: _int(r[1]["index"], vocab_file, r[0], "index"))]
+        rows = metadata_rows(vocab_file, (), header=("index", "label", "mid"))
+        vocab = [
+            row["label"] for _, row in sorted(rows, key=lambda r: int_field(r[1]["index"], vocab_file, r[0], "index"))
+        ]
     known = set(vocab)
     clips = []
-    for line, row in _csv_rows(meta, ("fname", "labels")):
+    for line, row in metadata_rows(meta, ("fname", "labels")):
         labels = [lab.strip() for lab in row["labels"].split(",") if lab.strip()]
         if not labels:
             raise DatasetError(f"{meta}, line {line}: clip {row['fname']!r} has no labels")
@@ -322,7 +322,7 @@ def read_audioset(
     ``audio_pattern`` relative to ``root`` (fields ``{ytid}``, ``{start}``/``{end}`` as written in the CSV,
     ``{start_ms}``/``{end_ms}``, ``{start_s}``/``{end_s}``). Relative CSV paths are under ``root``."""
     root = Path(root)
-    seg_file = _need_file(root / segments, "AudioSet segments CSV, e.g. eval_segments.csv")
+    seg_file = need_file(root / segments, "AudioSet segments CSV, e.g. eval_segments.csv")
     index_file = root / class_index
     try:
         pairs = read_class_labels_indices(index_file)
@@ -333,7 +333,7 @@ def read_audioset(
     classes, names = [m for m, _ in pairs], dict(pairs)
     clips = []
     columns = ("YTID", "start_seconds", "end_seconds", "positive_labels")
-    for line, row in _csv_rows(seg_file, (), header=columns, comment="#", skipinitialspace=True):
+    for line, row in metadata_rows(seg_file, (), header=columns, comment="#", skipinitialspace=True):
         where = f"{seg_file}, line {line}"
         labels = [m.strip() for m in row["positive_labels"].split(",") if m.strip()]
         unknown = [m for m in labels if m not in names]

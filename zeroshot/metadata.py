@@ -14,13 +14,13 @@ class DatasetError(ValueError):
     """Dataset metadata that cannot be used; the message names the file and, where it applies, the line."""
 
 
-def _need_file(path: Path, what: str) -> Path:
+def need_file(path: Path, what: str) -> Path:
     if not path.is_file():
         raise DatasetError(f"{path}: no such file ({what})")
     return path
 
 
-def _csv_rows(
+def metadata_rows(
     path: Path,
     required: Sequence[str],
     header: Sequence[str] | None = None,
@@ -59,19 +59,19 @@ def _csv_rows(
             raise DatasetError(f"{path}: empty file (no header line)")
 
 
-def _int(value: str, path: Path, line: int, column: str) -> int:
+def int_field(value: str, path: Path, line: int, column: str) -> int:
     try:
         return int(value)
     except ValueError:
         raise DatasetError(f"{path}, line {line}: column {column!r} must be an integer, got {value!r}") from None
 
 
-def _ordered_classes(pairs: dict[int, str]) -> list[str]:
+def ordered_classes(pairs: dict[int, str]) -> list[str]:
     """Class names ordered by their numeric target."""
     return [pairs[k] for k in sorted(pairs)]
 
 
-def _record_target(pairs: dict[int, str], target: int, name: str, path: Path, line: int) -> None:
+def record_target(pairs: dict[int, str], target: int, name: str, path: Path, line: int) -> None:
     known = pairs.setdefault(target, name)
     if known != name:
         raise DatasetError(f"{path}, line {line}: class id {target} is {name!r} here but {known!r} earlier")

@@ -166,7 +166,10 @@ def loader_and_adamw(
 
 
 def lr_at(step: int, total: int, warmup: int, peak: float, floor: float) -> float:
-    """Linear warm-up to ``peak`` then half-cosine to ``floor``, per optimiser step."""
+    """Linear warm-up to ``peak`` then half-cosine to ``floor``, per optimiser step.
+
+    Written out rather than transformers' ``get_cosine_schedule_with_warmup``: that one ends at 0, the official
+    M2D schedule at ``min_lr``."""
     if step < warmup:
         return peak * (step + 1) / warmup
     progress = (step - warmup) / max(1, total - warmup)
