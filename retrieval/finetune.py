@@ -207,18 +207,8 @@ def finetune_retrieval(cfg: RetrievalFinetuneCfg, resume: bool = False) -> dict[
     def save_best(folder: Path, entry: dict[str, Any]) -> None:
         model.save_pretrained(folder, stage="2.1-retrieval", epoch=entry["epoch"], val_t2a_map10=entry["score"])
 
-    loop = LoopCfg(
-        output_dir=cfg.output_dir,
-        epochs=cfg.epochs,
-        batch_size=cfg.batch_size,
-        clip_grad=cfg.clip_grad,
-        checkpoint_every=cfg.checkpoint_every,
-        checkpoint_epochs=True,
-        keep_checkpoints=cfg.keep_checkpoints,
-        log_every=cfg.log_every,
-        eval_at_start=True,
-        metric="score",
-        name="retrieval fine-tuning",
+    loop = LoopCfg.from_run(
+        cfg, checkpoint_epochs=True, eval_at_start=True, metric="score", name="retrieval fine-tuning"
     )
     engine = Engine(
         accelerator,

@@ -39,7 +39,17 @@ from ..fileio import atomic_write_text
 from ..metrics import mean_average_precision
 from ..tagging import AudioTagger, load_finetuned, save_finetuned, tag_audio
 from .config import FinetuneCfg, finetune_config
-from .engine import Engine, KeepBest, LoopCfg, TrainState, cosine_schedule, gather_for_metrics, param_groups, start_run
+from .engine import (
+    Engine,
+    KeepBest,
+    LoopCfg,
+    TrainState,
+    cosine_schedule,
+    gather_for_metrics,
+    param_groups,
+    shuffled_loader,
+    start_run,
+)
 from .lars import LARS
 
 log = logging.getLogger(__name__)
@@ -122,17 +132,7 @@ def finetune(cfg: FinetuneCfg, resume: bool = False) -> dict[str, Any]:
     )
     train_ds = TaggingDataset(train_recs, training=True, **make)
     tagger = AudioTagger(model.encoder, len(classes), cfg.head_pooling, cfg.training_mask, cfg.head_init_std)
-    loader = DataLoader(
-        train_ds,
-        batch_size=cfg.batch_size,
-        shuffle=True,
-        drop_last=True,
-        collate_fn=collate_tagging,
-        num_workers=cfg.num_workers,
-        generator=torch.Generator().manual_seed(cfg.seed),
-    )
-    if len(loader) == 0:
-        raise ValueError(f"{len(train_ds)} training clips are fewer than one batch of {cfg.batch_size}")
+    loader = shuffled_loader(train_ds, cfg, collate_tagging)
     val_loader = None
     if val_recs:  # its own generator: validating never draws from the global RNG, so resumes stay exact
         val_loader = accelerator.prepare(
@@ -168,18 +168,7 @@ def finetune(cfg: FinetuneCfg, resume: bool = False) -> dict[str, Any]:
             val_map=entry["val_map"],
         )
 
-    loop = LoopCfg(
-        output_dir=cfg.output_dir,
-        epochs=cfg.epochs,
-        max_steps=cfg.max_steps,
-        batch_size=cfg.batch_size,
-        clip_grad=cfg.clip_grad,
-        checkpoint_every=cfg.checkpoint_every,
-        keep_checkpoints=cfg.keep_checkpoints,
-        log_every=cfg.log_every,
-        metric="val_map",
-        name="stage 1.1",
-    )
+    loop = LoopCfg.from_run(cfg, metric="val_map", name="stage 1.1")
     schedule = cosine_schedule(cfg.lr, cfg.min_lr, cfg.warmup_epochs, cfg.epochs)  # over every epoch
     engine = Engine(
         accelerator,

@@ -174,17 +174,7 @@ def train(cfg: TrainCfg, manifest: str | Path, resume: bool = False) -> dict[str
         )
         model.clamp_logit_scale()
 
-    loop = LoopCfg(
-        output_dir=cfg.output_dir,
-        epochs=cfg.epochs,
-        max_steps=cfg.max_steps,
-        batch_size=cfg.batch_size,
-        clip_grad=cfg.clip_grad,
-        checkpoint_every=cfg.checkpoint_every,
-        keep_checkpoints=cfg.keep_checkpoints,
-        log_every=cfg.log_every,
-        name=f"stage {cfg.stage}",
-    )
+    loop = LoopCfg.from_run(cfg, name=f"stage {cfg.stage}")
     engine = Engine(
         accelerator,
         loop,
