@@ -110,8 +110,8 @@ def train_linear_probe(
         y_train, y_val: class indices (N,) for single-label (cross-entropy, accuracy) or multi-hot (N, C)
             for multi-label (binary cross-entropy, macro mAP).
         n_classes: single-label only; default the largest index + 1.
-        epochs: the most epochs; patience: stop after this many epochs without a strictly better
-            validation score (a plateau does not reset it).
+        epochs: the most epochs; patience: stop after this many epochs without a validation score at least
+            as good as the best so far (EVAR: an equal score resets the patience and its later epoch is kept).
         batch_size: mini-batch size, capped at the train size (EVAR: min(200, N)).
     """
     if len(x_train) == 0 or len(x_val) == 0:
@@ -152,7 +152,7 @@ def train_linear_probe(
         val = score_predictions(np.asarray(y_val), logits.cpu().numpy())
         history.append({"epoch": epoch, "train_loss": total / len(xt), "val_loss": val_loss, "val_score": val})
         log.debug("epoch %d: train loss %.5f, val loss %.5f, val score %.5f", epoch, total / len(xt), val_loss, val)
-        if not math.isnan(val) and val > best[0]:
+        if not math.isnan(val) and val >= best[0]:
             best = (val, epoch, layer.weight.detach().clone(), layer.bias.detach().clone())
         elif epoch - best[1] >= patience:
             break

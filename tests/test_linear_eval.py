@@ -96,16 +96,15 @@ def blobs(n_per: int, n_classes: int, dim: int, seed: int, offset: float = 0.0) 
     return (x * 50 + offset).astype(np.float32), y  # far from standardised: the probe must standardise
 
 
-def test_probe_learns_separable_blobs_and_stops_early():
+def test_probe_learns_separable_blobs():
     xtr, ytr = blobs(40, 4, 32, seed=1, offset=1000.0)
     xva, yva = blobs(10, 4, 32, seed=2, offset=1000.0)
     xte, yte = blobs(10, 4, 32, seed=3, offset=1000.0)
-    probe = le.train_linear_probe(xtr, ytr, xva, yva, epochs=200, patience=5, lr=1e-2, batch_size=16, seed=0)
+    probe = le.train_linear_probe(xtr, ytr, xva, yva, epochs=30, patience=5, lr=1e-2, batch_size=16, seed=0)
     assert probe.metric == "accuracy"
     assert le.score_predictions(yte, probe.predict(xte)) >= 0.95
-    # validation accuracy saturates at once, so patience runs out long before 200 epochs
-    assert probe.stopped_early and probe.epochs_run < 200
-    assert probe.epochs_run == probe.best_epoch + 5
+    # validation accuracy saturates at once; an equal score resets the patience (EVAR), so it never runs out
+    assert not probe.stopped_early and probe.epochs_run == probe.best_epoch == 30
     np.testing.assert_allclose(probe.mean, xtr.mean(0), rtol=1e-4)
 
 
