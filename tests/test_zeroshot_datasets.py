@@ -63,16 +63,16 @@ def esc50(tmp_path: Path, rows=ESC_ROWS, extra: str = "") -> Path:
 def test_esc50_classes_folds_labels(tmp_path):
     ds = read_esc50(esc50(tmp_path))
     assert ds.name == "esc50" and not ds.multi_label and ds.rule == "esc50"
-    assert ds.classes == ["dog", "rooster", "crackling_fire"]  # ordered by target 0, 1, 12
+    assert ds.classes == ["crackling_fire", "dog", "rooster"]  # sorted, as EVAR (not by target 0, 1, 12)
     assert [c.fold for c in ds.clips] == ["1", "1", "2", "3", "5"]  # every fold kept (EVAR pools them)
     assert [c.labels for c in ds.clips][2] == ["crackling_fire"]
     assert ds.clips[0].path.name == "1-100032-A-0.wav" and ds.clips[0].path.parent.name == "audio"
-    assert ds.targets().tolist() == [0, 0, 2, 1, 2]
+    assert ds.targets().tolist() == [1, 1, 0, 2, 0]
     assert ds.missing == []
     assert make_prompts(ds.classes, ds.rule) == [
+        ["crackling fire can be heard"],
         ["dog can be heard"],
         ["rooster can be heard"],
-        ["crackling fire can be heard"],
     ]
     assert [c.fold for c in read_esc50(esc50(tmp_path), folds=["1", 5]).clips] == ["1", "1", "5"]
 
@@ -85,7 +85,7 @@ def test_esc50_missing_files_reported_and_strict(tmp_path, caplog):
         ds = read_esc50(root)
     assert ds.missing == [gone] and len(ds.clips) == 4
     assert "1 of 5 audio file(s) missing" in caplog.text and str(gone) in caplog.text
-    assert ds.classes == ["dog", "rooster", "crackling_fire"]  # a class keeps its place without its clips
+    assert ds.classes == ["crackling_fire", "dog", "rooster"]  # a class keeps its place without its clips
     with pytest.raises(DatasetError, match="3-100018-A-1.wav"):
         read_esc50(root, strict=True)
 
@@ -288,7 +288,7 @@ def fsd50k(tmp_path: Path, vocab: bool = True, extra: str = "") -> Path:
 def test_fsd50k_multi_label(tmp_path):
     ds = read_fsd50k(fsd50k(tmp_path))
     assert ds.multi_label and ds.rule == "fsd50k"
-    assert ds.classes == ["Bark", "Dog", "Electric_guitar", "Guitar", "Music", "Rain"]  # vocabulary order
+    assert ds.classes == ["Bark", "Dog", "Electric_guitar", "Guitar", "Music", "Rain"]  # sorted
     assert [c.labels for c in ds.clips] == [["Electric_guitar", "Guitar", "Music"], ["Bark"]]
     assert ds.targets().tolist() == [[0, 0, 1, 1, 1, 0], [1, 0, 0, 0, 0, 0]]
     assert [p.name for p in ds.missing] == ["253463.wav"]
@@ -331,14 +331,14 @@ def test_audioset_segments_and_display_names(tmp_path):
     wav(tmp_path / "audio" / "--4gqARaEJE.wav")
     wav(tmp_path / "audio" / "--BfvyPmVMo.wav")
     ds = read_audioset(tmp_path)
-    assert ds.multi_label and ds.classes == ["/m/09x0r", "/m/05zppz", "/m/0jbk", "/m/068hy"]
+    assert ds.multi_label and ds.classes == ["/m/05zppz", "/m/068hy", "/m/09x0r", "/m/0jbk"]  # sorted MIDs
     assert [c.labels for c in ds.clips] == [["/m/068hy", "/m/0jbk"], ["/m/09x0r"]]
     assert [p.name for p in ds.missing] == ["--U7joUcTCo.wav"]
     assert make_prompts(ds.classes, ds.rule, ds.label_names) == [
-        ["Speech can be heard"],
         ["Male speech, man speaking can be heard"],
-        ["Animal can be heard"],
         ["Domestic animals, pets can be heard"],
+        ["Speech can be heard"],
+        ["Animal can be heard"],
     ]
     # another naming of the files
     wav(tmp_path / "wav" / "Y--BfvyPmVMo_20000.wav")

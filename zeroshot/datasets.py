@@ -1,7 +1,7 @@
 """Readers for the public layouts of the zero-shot tasks (paper Table VII) and for the suite's manifests.
 
 Every reader returns a :class:`ZeroShotDataset`: clips (audio path, labels, fold or split), the class list in
-class-index order, whether the task is multi-label, the prompt rule of :mod:`zeroshot.templates` and the
+sorted order (EVAR's), whether the task is multi-label, the prompt rule of :mod:`zeroshot.templates` and the
 display names of the labels where the raw labels are codes (AudioSet MIDs, CREMA-D emotion codes).
 
     ESC-50        meta/esc50.csv (filename,fold,target,category,...), audio/<filename>; all 5 folds
@@ -14,6 +14,8 @@ display names of the labels where the raw labels are codes (AudioSet MIDs, CREMA
                   class_labels_indices.csv, audio file names from a pattern ("audio/{ytid}.wav")
     manifest      the suite's CSV/JSONL manifest with a label column
 
+Every class list is sorted, as EVAR sorts its labels (ESC-50/US8K by name, not by target id; FSD50K not in
+vocabulary.csv order; AudioSet by MID), so per-class tables and confusion matrices read as EVAR's.
 As EVAR does, the folds of ESC-50 and US8K are pooled (every clip is a test clip once); the tasks with an
 official split use their test/eval split, and GTZAN and CREMA-D without ``--split-file`` use every clip.
 Audio files that do not exist are listed in ``missing`` and logged; with ``strict=True`` they are an error.
@@ -71,7 +73,7 @@ class ZeroShotDataset:
 
     name: str  # dataset name ("esc50", ...)
     clips: list[Clip]  # clips whose audio file exists
-    classes: list[str]  # raw labels in class-index order
+    classes: list[str]  # raw labels, sorted (EVAR's class order: per-class tables read the same)
     multi_label: bool  # several labels per clip (mAP) or one (accuracy)
     rule: str = "default"  # the prompt rule of zeroshot.templates for this task
     label_names: dict[str, str] | None = None  # raw label -> display text (AudioSet MIDs, CREMA-D codes)
@@ -118,7 +120,7 @@ def _keep_folds(clips: list[Clip], folds: Sequence[Any] | None) -> list[Clip]:
 
 
 def read_esc50(root: str | Path, folds: Sequence[Any] | None = None, strict: bool = False) -> ZeroShotDataset:
-    """ESC-50: ``meta/esc50.csv`` and ``audio/``; 50 classes ordered by ``target``; folds kept as ``fold``."""
+    """ESC-50: ``meta/esc50.csv`` and ``audio/``; 50 classes sorted by name; folds kept as ``fold``."""
     root = Path(root)
     meta = need_file(root / "meta" / "esc50.csv", "ESC-50 metadata; --root is the ESC-50-master folder")
     clips, classes = [], {}
@@ -127,11 +129,11 @@ def read_esc50(root: str | Path, folds: Sequence[Any] | None = None, strict: boo
         record_target(classes, int_field(row["target"], meta, line, "target"), row["category"], meta, line)
         clips.append(Clip(root / "audio" / row["filename"], [row["category"]], str(fold)))
     present, missing = _split_missing("esc50", _keep_folds(clips, folds), strict)
-    return ZeroShotDataset("esc50", present, ordered_classes(classes), False, "esc50", missing=missing)
+    return ZeroShotDataset("esc50", present, sorted(ordered_classes(classes)), False, "esc50", missing=missing)
 
 
 def read_us8k(root: str | Path, folds: Sequence[Any] | None = None, strict: bool = False) -> ZeroShotDataset:
-    """UrbanSound8K: ``metadata/UrbanSound8K.csv`` and ``audio/fold<N>/``; 10 classes ordered by ``classID``."""
+    """UrbanSound8K: ``metadata/UrbanSound8K.csv`` and ``audio/fold<N>/``; 10 classes sorted by name."""
     root = Path(root)
     meta = need_file(root / "metadata" / "UrbanSound8K.csv", "UrbanSound8K metadata; --root is the UrbanSound8K folder")
     clips, classes = [], {}
@@ -140,7 +142,7 @@ def read_us8k(root: str | Path, folds: Sequence[Any] | None = None, strict: bool
         record_target(classes, int_field(row["classID"], meta, line, "classID"), row["class"], meta, line)
         clips.append(Clip(root / "audio" / f"fold{fold}" / row["slice_file_name"], [row["class"]], str(fold)))
     present, missing = _split_missing("us8k", _keep_folds(clips, folds), strict)
-    return ZeroShotDataset("us8k", present, ordered_classes(classes), False, "us8k", missing=missing)
+    return ZeroShotDataset("us8k", present, sorted(ordered_classes(classes)), False, "us8k", missing=missing)
 
 
 def _gtzan_dir(root: Path) -> Path:
@@ -209,7 +211,7 @@ def read_nsynth(root: str | Path, split: str = "test", strict: bool = False) -> 
         if not isinstance(family, str) or not family:
             raise DatasetError(f"{meta}: example {note!r} has no instrument_family_str")
         clips.append(Clip(base / "audio" / f"{note}.wav", [family], split))
-    classes = list(NSYNTH_FAMILIES) + sorted({c.labels[0] for c in clips} - set(NSYNTH_FAMILIES))
+    classes = sorted(set(NSYNTH_FAMILIES) | {c.labels[0] for c in clips})
     present, missing = _split_missing("nsynth", clips, strict)
     return ZeroShotDataset("nsynth", present, classes, False, "nsynth", missing=missing)
 
@@ -257,12 +259,12 @@ def read_cremad(
         if not clips:
             raise DatasetError(f"{split_file}: no rows with split {split!r}")
     present, missing = _split_missing("cremad", clips, strict)
-    return ZeroShotDataset("cremad", present, list(CREMAD_SENTENCES), False, "cremad", dict(CREMAD_NAMES), missing)
+    return ZeroShotDataset("cremad", present, sorted(CREMAD_SENTENCES), False, "cremad", dict(CREMAD_NAMES), missing)
 
 
 def read_fsd50k(root: str | Path, split: str = "eval", strict: bool = False) -> ZeroShotDataset:
     """FSD50K: ``FSD50K.ground_truth/<split>.csv`` (fname,labels,mids) and ``FSD50K.<split>_audio/``; the 200
-    classes in ``vocabulary.csv`` order when it exists, else the sorted labels found."""
+    classes of ``vocabulary.csv`` when it exists, else the labels found; sorted, as EVAR."""
     root = Path(root)
     gt = root / "FSD50K.ground_truth"
     meta = need_file(gt / f"{split}.csv", "FSD50K ground truth; --root holds FSD50K.ground_truth/")
@@ -283,7 +285,7 @@ def read_fsd50k(root: str | Path, split: str = "eval", strict: bool = False) -> 
         if unknown:
             raise DatasetError(f"{meta}, line {line}: label(s) {', '.join(unknown)} not in {vocab_file}")
         clips.append(Clip(root / f"FSD50K.{split}_audio" / f"{row['fname']}.wav", labels, row.get("split") or split))
-    classes = vocab or sorted({lab for c in clips for lab in c.labels})
+    classes = sorted(vocab or {lab for c in clips for lab in c.labels})
     present, missing = _split_missing("fsd50k", clips, strict)
     return ZeroShotDataset("fsd50k", present, classes, True, "fsd50k", missing=missing)
 
@@ -344,7 +346,7 @@ def read_audioset(
         rel = _audioset_name(audio_pattern, row["YTID"], row["start_seconds"], row["end_seconds"], where)
         clips.append(Clip(root / rel, labels, Path(segments).stem))
     present, missing = _split_missing("audioset", clips, strict)
-    return ZeroShotDataset("audioset", present, classes, True, "audioset", names, missing)
+    return ZeroShotDataset("audioset", present, sorted(classes), True, "audioset", names, missing)
 
 
 def read_manifest_dataset(
