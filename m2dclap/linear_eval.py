@@ -7,9 +7,9 @@ for ViT-B), extracted once and cached. As in EVAR (paper IV-A: "we randomly crop
 audio length"), every clip is first cut to one unit length: a random crop (seeded per clip) when longer, zeros
 appended when shorter. The unit is the mean duration of the manifest's clips unless ``--unit-seconds`` says
 otherwise (``0`` keeps every clip whole; the encoder then averages over its chunks). The features are
-standardised with the train split's mean and standard deviation and a single linear layer is trained on them
-with Adam (lr 3e-5) for up to 200 epochs; the epoch with the best validation score is kept (early stopping,
-patience 20) and scored on the test split.
+standardised with the mean and standard deviation of train and val together and a single linear layer is
+trained on them with Adam (lr 3e-5, weight decay 1e-8) for up to 200 epochs; the epoch with the best
+validation score is kept (early stopping, patience 20, an equal score counting as better) and scored on test.
 
 Single-label tasks (every row has one label) use cross-entropy and report accuracy. Multi-label tasks (any
 row has several ``;``-separated labels) use binary cross-entropy and report macro mAP: the average precision

@@ -1,5 +1,6 @@
 """The linear probe of the EVAR protocol (paper IV-B1) on features already at hand: standardise with the
-train split's statistics, train one linear layer with Adam, keep the epoch with the best validation score.
+statistics of train and validation together, train one linear layer with Adam (weight decay 1e-8), keep the
+epoch with the best validation score (an equal score counts as better).
 
     probe = train_linear_probe(x_train, y_train, x_val, y_val)
     score = score_predictions(y_test, probe.predict(x_test))
@@ -66,20 +67,20 @@ class ProbeResult:
     best_epoch: int  # the epoch whose weights are kept
     epochs_run: int  # epochs trained before stopping
     stopped_early: bool  # patience ran out before the epoch limit
-    mean: np.ndarray  # (D,) train-split feature mean
-    std: np.ndarray  # (D,) train-split feature standard deviation (1 where a feature is constant)
+    mean: np.ndarray  # (D,) feature mean of train and validation together (EVAR's scaler)
+    std: np.ndarray  # (D,) their standard deviation (1 where a feature is constant)
     weight: torch.Tensor  # (C, D) of the best epoch
     bias: torch.Tensor  # (C,)
     history: list[dict[str, float]] = field(default_factory=list)  # per epoch: train/val loss, val score
 
     def predict(self, x: np.ndarray) -> np.ndarray:
-        """Raw features (N, D) -> logits (N, C), standardised with the train statistics."""
+        """Raw features (N, D) -> logits (N, C), standardised with the train+validation statistics."""
         z = torch.from_numpy(((np.asarray(x, dtype=np.float32) - self.mean) / self.std).astype(np.float32))
         return (z @ self.weight.T + self.bias).numpy()
 
 
 def standardisation(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Per-feature mean and population std of the train features; constant features get std 1."""
+    """Per-feature mean and population std of ``x``; constant features get std 1."""
     mean = x.mean(0, dtype=np.float64)
     std = x.std(0, dtype=np.float64)
     std[std < 1e-12] = 1.0
@@ -102,8 +103,10 @@ def train_linear_probe(
     batch_size: int = 200,
     seed: int = 0,
     device: str | torch.device = "cpu",
+    weight_decay: float = 1e-8,
 ) -> ProbeResult:
     """Train one linear layer on standardised features with Adam, keeping the best-validation epoch.
+    The scaler is fitted on train and validation together and Adam's weight decay is 1e-8, as EVAR's.
 
     Args:
         x_train, x_val: features (N, D).
@@ -119,7 +122,7 @@ def train_linear_probe(
     multilabel = y_train.ndim == 2
     C = y_train.shape[1] if multilabel else int(n_classes or max(y_train.max(), y_val.max()) + 1)
     device = torch.device(device)
-    mean, std = standardisation(x_train)
+    mean, std = standardisation(np.concatenate([x_train, x_val]))
 
     def tensors(x: np.ndarray, y: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
         xt = torch.from_numpy(((x - mean) / std).astype(np.float32)).to(device)
@@ -129,7 +132,7 @@ def train_linear_probe(
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         layer = torch.nn.Linear(x_train.shape[1], C).to(device)
-    optimizer = torch.optim.Adam(layer.parameters(), lr=lr)
+    optimizer = torch.optim.Adam(layer.parameters(), lr=lr, weight_decay=weight_decay)
     gen = torch.Generator().manual_seed(seed)
     bs = max(1, min(batch_size, len(xt)))
     best = (-math.inf, 0, layer.weight.detach().clone(), layer.bias.detach().clone())

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import torch
 
 from m2dclap import probe as pr
 
@@ -23,3 +24,23 @@ def test_an_equal_validation_score_resets_the_patience_and_the_later_epoch_is_ke
     assert scores[1:] == [1.0] * 7  # a plateau from the second epoch on
     # strict '>' would keep epoch 2 and stop at epoch 4
     assert probe.best_epoch == 8 and probe.epochs_run == 8 and not probe.stopped_early
+
+
+# ----------------------------------------------------------------------------------------------- scaler, weight decay
+def test_the_scaler_is_fitted_on_train_and_valid_and_adam_decays_weights_by_1e_8(monkeypatch):
+    x, y = separable(10, seed=0)
+    xv, yv = separable(5, seed=1)
+    xv = xv + 100.0  # validation far from train: a train-only scaler would have another mean
+    seen = {}
+    adam = torch.optim.Adam
+
+    def spy(params, **kwargs):
+        seen.update(kwargs)
+        return adam(params, **kwargs)
+
+    monkeypatch.setattr(torch.optim, "Adam", spy)
+    probe = pr.train_linear_probe(x, y, xv, yv, epochs=2, patience=2, lr=1e-2, seed=0)
+    both = np.concatenate([x, xv]).astype(np.float64)
+    np.testing.assert_allclose(probe.mean, both.mean(0), rtol=1e-5)
+    np.testing.assert_allclose(probe.std, both.std(0), rtol=1e-5)
+    assert seen["weight_decay"] == 1e-8

@@ -105,7 +105,7 @@ def test_probe_learns_separable_blobs():
     assert le.score_predictions(yte, probe.predict(xte)) >= 0.95
     # validation accuracy saturates at once; an equal score resets the patience (EVAR), so it never runs out
     assert not probe.stopped_early and probe.epochs_run == probe.best_epoch == 30
-    np.testing.assert_allclose(probe.mean, xtr.mean(0), rtol=1e-4)
+    np.testing.assert_allclose(probe.mean, np.concatenate([xtr, xva]).mean(0), rtol=1e-4)
 
 
 def test_probe_keeps_the_best_validation_epoch():
