@@ -13,7 +13,8 @@ validation score is kept (early stopping, patience 20, an equal score counting a
 
 Single-label tasks (every row has one label) use cross-entropy and report accuracy. Multi-label tasks (any
 row has several ``;``-separated labels) use binary cross-entropy and report macro mAP: the average precision
-of each class, averaged over the classes that have a positive in the scored split.
+of each class averaged over all classes, a class without a positive in the scored split counting 0 (EVAR's
+figure with current scikit-learn).
 
 Library use::
 
@@ -255,8 +256,9 @@ def linear_eval(
         "history": probe.history,
     }
     if multilabel:
-        _, ap, _ = mean_average_precision(y["test"], test_scores, no_positive="exclude")
+        _, ap, empty = mean_average_precision(y["test"], test_scores, no_positive="zero")
         result["n_classes_scored"] = int((~np.isnan(ap)).sum())
+        result["classes_without_positive"] = [classes[c] for c in empty]  # AP 0 in the mean
         result["per_class_ap"] = {c: float(a) for c, a in zip(classes, ap) if not np.isnan(a)}
     return result
 
@@ -281,7 +283,8 @@ PROG = "python -m m2dclap.linear_eval"
 DESCRIPTION = (
     "Linear evaluation of frozen M2D / M2D-CLAP clip features (paper IV-B1): standardised clip features, "
     "one linear layer, Adam, early stopping on the val split, score on test. Accuracy for single-label "
-    "tasks, macro mAP when any clip has several ';'-separated labels. Clips that cannot be read "
+    "tasks, macro mAP over all classes when any clip has several ';'-separated labels (a class without a "
+    "positive in the test split scores 0, as EVAR with current scikit-learn). Clips that cannot be read "
     "(undecodable, empty, NaN/Inf, or too short when --unit-seconds 0) are skipped and named on stderr "
     "and in the result."
 )

@@ -6,7 +6,8 @@ epoch with the best validation score (an equal score counts as better).
     score = score_predictions(y_test, probe.predict(x_test))
 
 Single-label targets (N,) use cross-entropy and accuracy; multi-hot targets (N, C) binary cross-entropy and
-the macro mAP over the classes with a positive (:func:`m2dclap.metrics.mean_average_precision`).
+the macro mAP over all classes, a class without a positive scoring 0 (EVAR's figure with current scikit-learn;
+:func:`m2dclap.metrics.mean_average_precision`, ``no_positive="zero"``).
 :mod:`m2dclap.linear_eval` reads a manifest, extracts and caches the features and calls this.
 """
 
@@ -32,10 +33,11 @@ class LinearEvalError(ValueError):
 
 
 def score_predictions(y_true: np.ndarray, y_score: np.ndarray) -> float:
-    """Accuracy for (N,) class indices, macro mAP over the classes with a positive for (N, C) multi-hot targets."""
+    """Accuracy for (N,) class indices; for (N, C) multi-hot targets the macro mAP over all C classes, a class
+    without a positive counting as AP 0 (as EVAR with current scikit-learn)."""
     if y_true.ndim == 1:
         return accuracy(y_score, y_true)
-    return mean_average_precision(y_true, y_score, no_positive="exclude")[0]
+    return mean_average_precision(y_true, y_score, no_positive="zero")[0]
 
 
 def target_matrix(ids: Sequence[str], labels: dict[str, list[str]], classes: list[str], multilabel: bool) -> np.ndarray:
@@ -50,12 +52,11 @@ def target_matrix(ids: Sequence[str], labels: dict[str, list[str]], classes: lis
 
 
 def chance_level(y_train: np.ndarray, y_test: np.ndarray) -> float:
-    """Accuracy of always answering the most frequent train class, or the mAP of random scores
-    (the mean positive rate of the scored classes)."""
+    """Accuracy of always answering the most frequent train class, or the mAP of random scores (the mean
+    positive rate over all classes: a class without a positive counts 0, as in :func:`score_predictions`)."""
     if y_train.ndim == 1:
         return float((y_test == np.bincount(y_train).argmax()).mean())
-    rate = y_test.mean(0)
-    return float(rate[rate > 0].mean())
+    return float(y_test.mean(0).mean())
 
 
 @dataclass

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 import torch
 
+from m2dclap import linear_eval as le
 from m2dclap import probe as pr
 
 
@@ -44,3 +46,17 @@ def test_the_scaler_is_fitted_on_train_and_valid_and_adam_decays_weights_by_1e_8
     np.testing.assert_allclose(probe.mean, both.mean(0), rtol=1e-5)
     np.testing.assert_allclose(probe.std, both.std(0), rtol=1e-5)
     assert seen["weight_decay"] == 1e-8
+
+
+# ----------------------------------------------------------------------------------------------- mAP
+def test_multilabel_map_averages_over_all_classes_a_class_without_positives_scoring_zero():
+    y = np.array([[1, 0, 0], [0, 1, 0], [1, 1, 0], [0, 0, 0]], dtype=np.float32)  # class 2: no positive
+    s = np.array([[0.9, 0.2, 0.5], [0.1, 0.8, 0.1], [0.8, 0.7, 0.4], [0.2, 0.1, 0.3]])
+    assert pr.score_predictions(y, s) == pytest.approx((1.0 + 1.0 + 0.0) / 3)  # not 1.0 over the two scored
+    assert pr.chance_level(y, y) == pytest.approx((0.5 + 0.5 + 0.0) / 3)
+
+
+def test_help_says_how_map_treats_a_class_without_positives(capsys):
+    with pytest.raises(SystemExit):
+        le.main(["--help"])
+    assert "scores 0" in " ".join(capsys.readouterr().out.split())
