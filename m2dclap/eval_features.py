@@ -1,7 +1,8 @@
 """Clip features for linear evaluation: EVAR's unit-length crop, extraction, and the on-disk cache.
 
 Every clip of a manifest becomes its clip feature z'' (``model.audio_features(...)['clip']``, (F'*D,)), cut first to
-one unit length (a seeded random crop, or zeros appended) as EVAR does; the features are kept in one ``.npz`` per
+one unit length as EVAR does (zeros appended to a shorter clip; a longer one cropped at random, seeded, for
+train and validation and from its start for test); the features are kept in one ``.npz`` per
 checkpoint, manifest and crop setting, keyed by :func:`cache_key`. Used by :mod:`m2dclap.linear_eval`.
 """
 
@@ -13,7 +14,7 @@ import logging
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Collection, Sequence
 
 import numpy as np
 import torch
@@ -24,7 +25,7 @@ from .embed_files import AudioBatches, min_samples_of
 
 log = logging.getLogger(__name__)
 
-CACHE_VERSION = 2  # bump when the cached features change meaning (2: unit-length crop/pad)
+CACHE_VERSION = 3  # bump when the cached features change meaning (2: unit-length crop/pad, 3: test from start)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -57,9 +58,11 @@ def cache_key(
     records: Sequence[Record],
     unit_seconds: float | None = None,
     seed: int = 0,
+    from_start: Collection[str] = (),
 ) -> str:
     """A hash of the checkpoint (its files' paths, sizes and times, or its registered name), the manifest's
-    bytes and location, the size and time of every audio file it lists, and the crop settings."""
+    bytes and location, the size and time of every audio file it lists, and the crop settings (unit, seed of
+    the random crops, the ids cropped from the start)."""
     ckpt = Path(checkpoint)
     if ckpt.exists():
         files = [ckpt] if ckpt.is_file() else sorted(f for f in ckpt.rglob("*") if f.is_file())
@@ -77,6 +80,7 @@ def cache_key(
         "audio": [_stat(Path(r.audio)) for r in records],
         "unit_seconds": round(unit_seconds, 6) if unit_seconds else None,
         "crop_seed": seed if unit_seconds else None,
+        "crop_from_start": hashlib.sha256("\n".join(sorted(from_start)).encode()).hexdigest() if unit_seconds else None,
     }
     return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()[:20]
 
@@ -129,11 +133,12 @@ def mean_duration(records: Sequence[Record]) -> float | None:
     return total / n if n else None
 
 
-def fit_to_unit(wave: torch.Tensor, unit: int, rng: np.random.Generator) -> torch.Tensor:
-    """EVAR's unit-length input: a random ``unit``-sample crop of a longer clip, zeros appended to a shorter."""
+def fit_to_unit(wave: torch.Tensor, unit: int, rng: np.random.Generator | None) -> torch.Tensor:
+    """EVAR's unit-length input: a ``unit``-sample crop of a longer clip (at random with ``rng``, from the start
+    without: EVAR's test clips), zeros appended to a shorter."""
     n = wave.shape[-1]
     if n > unit:
-        start = int(rng.integers(0, n - unit + 1))
+        start = int(rng.integers(0, n - unit + 1)) if rng is not None else 0
         return wave[start : start + unit]
     return F.pad(wave, (0, unit - n)) if n < unit else wave
 
@@ -158,19 +163,26 @@ def extract_clip_features(
     progress: bool | None = None,
     unit_samples: int | None = None,
     seed: int = 0,
+    from_start: Collection[str] = (),
 ) -> Features:
     """z'' of every record, ``batch_size`` clips per model call; unreadable clips are logged and listed.
-    ``unit_samples``: cut every clip to this length first (:func:`fit_to_unit`, crop seeded by ``seed`` and the
-    clip's position), so a clip shorter than one STFT window is padded, not skipped."""
+    ``unit_samples``: cut every clip to this length first (:func:`fit_to_unit`: the clips whose id is in
+    ``from_start`` from their start, the others at random, seeded by ``seed`` and the clip's position), so a
+    clip shorter than one STFT window is padded, not skipped."""
     model.eval()
     ids, rows = [], []
-    fit = (lambda i, w: fit_to_unit(w, unit_samples, np.random.default_rng([seed, i]))) if unit_samples else None
+    start = set(from_start)
+
+    def fit(i: int, w: torch.Tensor) -> torch.Tensor:
+        rng = None if records[i].id in start else np.random.default_rng([seed, i])
+        return fit_to_unit(w, unit_samples, rng)
+
     batches = AudioBatches(
         [r.audio for r in records],
         model.sample_rate,
         min_samples_of(model),
         batch_size,
-        transform=fit,
+        transform=fit if unit_samples else None,
         progress=progress,
         desc="extracting clip features",
     )
@@ -200,9 +212,11 @@ def clip_features(
     progress: bool | None = None,
     unit_seconds: float | str | None = "auto",
     seed: int = 0,
+    from_start: Collection[str] = (),
 ) -> tuple[Features, dict[str, Any]]:
     """Features of ``records`` from the cache when present, else extracted (and cached when ``cache_dir``).
-    ``unit_seconds``: ``"auto"`` (the records' mean duration), a number of seconds, or None/0 (whole clips)."""
+    ``unit_seconds``: ``"auto"`` (the records' mean duration), a number of seconds, or None/0 (whole clips);
+    ``from_start``: ids of the clips cropped from their start (the test split), the others at random."""
     from .checkpoint import load
 
     if unit_seconds == "auto":
@@ -211,7 +225,7 @@ def clip_features(
     info: dict[str, Any] = {"cache": None, "cache_hit": False, "extract_seconds": 0.0, "unit_seconds": unit_seconds}
     cache = None
     if cache_dir is not None:
-        cache = Path(cache_dir) / f"clip-{cache_key(checkpoint, manifest, records, unit_seconds, seed)}.npz"
+        cache = Path(cache_dir) / f"clip-{cache_key(checkpoint, manifest, records, unit_seconds, seed, from_start)}.npz"
         info["cache"] = str(cache)
         feats = load_cache(cache)
         if feats is not None:
@@ -222,7 +236,7 @@ def clip_features(
     model = load(checkpoint, device=device, audio_only=True)
     unit_samples = round(unit_seconds * model.sample_rate) if unit_seconds else None
     t0 = time.perf_counter()
-    feats = extract_clip_features(model, records, batch_size, progress, unit_samples, seed)
+    feats = extract_clip_features(model, records, batch_size, progress, unit_samples, seed, from_start)
     info["extract_seconds"] = round(time.perf_counter() - t0, 3)
     if cache is not None:
         save_cache(cache, feats)

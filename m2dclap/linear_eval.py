@@ -4,8 +4,9 @@
 
 Each clip of the manifest becomes its clip feature z'' (``model.audio_features(...)['clip']``, (F'*D,), 3840-d
 for ViT-B), extracted once and cached. As in EVAR (paper IV-A: "we randomly cropped or zero-padded the average
-audio length"), every clip is first cut to one unit length: a random crop (seeded per clip) when longer, zeros
-appended when shorter. The unit is the mean duration of the manifest's clips unless ``--unit-seconds`` says
+audio length"), every clip is first cut to one unit length: zeros appended when shorter; when longer, a
+random crop (seeded per clip) for train and val and the first unit for test, as EVAR's test loader. The
+unit is the mean duration of the manifest's clips unless ``--unit-seconds`` says
 otherwise (``0`` keeps every clip whole; the encoder then averages over its chunks). The features are
 standardised with the mean and standard deviation of train and val together and a single linear layer is
 trained on them with Adam (lr 3e-5, weight decay 1e-8) for up to 200 epochs; the epoch with the best
@@ -179,7 +180,16 @@ def linear_eval(
     ``unit_seconds``: the clips' common length (``"auto"``: their mean duration; None or 0: whole clips)."""
     task = read_task(manifest, label_column, split_column)
     feats, info = clip_features(
-        checkpoint, manifest, task.records, cache_dir, batch_size, device, progress, unit_seconds, seed
+        checkpoint,
+        manifest,
+        task.records,
+        cache_dir,
+        batch_size,
+        device,
+        progress,
+        unit_seconds,
+        seed,
+        from_start=task.ids("test"),
     )
     have = set(feats.ids)
     bad_ids = {r.id for r in task.records if r.id not in have}
@@ -322,8 +332,8 @@ class LinearEvalOptions:
     unit_seconds: str = option(
         "auto",
         metavar="auto|S",
-        help="cut every clip to this length first, random crop "
-        "or zeros appended, as EVAR does (default auto: the mean clip duration of the "
+        help="cut every clip to this length first, as EVAR does: zeros appended, or a crop (random for "
+        "train/val, from the start for test) (default auto: the mean clip duration of the "
         "manifest; 0: whole clips)",
     )
     seed: int = option(0, help="seed of the crops, the layer's init, the batch order and the val carving")

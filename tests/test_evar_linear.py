@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import torch
 
+import m2dclap
 from m2dclap import linear_eval as le
 from m2dclap import probe as pr
 
@@ -60,3 +61,40 @@ def test_help_says_how_map_treats_a_class_without_positives(capsys):
     with pytest.raises(SystemExit):
         le.main(["--help"])
     assert "scores 0" in " ".join(capsys.readouterr().out.split())
+
+
+# ----------------------------------------------------------------------------------------------- test crops
+def test_test_clips_are_cropped_from_the_start_train_and_valid_at_random(tmp_path, monkeypatch):
+    import soundfile as sf
+
+    from m2dclap import eval_features as ef
+    from m2dclap.data.manifest import Record
+
+    model = m2dclap.M2DCLAP(m2dclap.get_model_config("tiny", **{"text.kind": "none"}))
+    sr, unit = model.sample_rate, model.sample_rate // 2
+    records = []
+    for i in range(8):  # ramps of 3 units: a crop's first sample tells where it starts
+        path = tmp_path / f"c{i}.wav"
+        sf.write(path, np.linspace(-0.9, 0.9, 3 * unit, dtype=np.float32), sr, subtype="FLOAT")
+        records.append(Record(id=f"c{i}", audio=path, labels=["a"], split="test" if i < 4 else "train"))
+    # the "feature" of a clip: the first sample of its cut
+    monkeypatch.setattr(ef, "_encode", lambda model, waves: [w[:1].numpy() for w in waves])
+    feats = ef.extract_clip_features(
+        model, records, batch_size=4, progress=False, unit_samples=unit, seed=0, from_start=[r.id for r in records[:4]]
+    )
+    first = feats.clip[:, 0]
+    np.testing.assert_allclose(first[:4], -0.9, atol=1e-6)  # test: from the start
+    assert (first[4:] > -0.89).any()  # train: random crops (today's rule crops every clip at random)
+
+
+def test_the_cache_key_holds_the_crop_seed_and_which_clips_are_cropped_from_the_start(tmp_path):
+    from m2dclap.data.manifest import Record, write_manifest
+    from m2dclap.eval_features import cache_key
+
+    records = [Record(id=f"c{i}", audio=tmp_path / f"c{i}.wav", labels=["a"], split="train") for i in range(3)]
+    manifest = write_manifest(records, tmp_path / "m.csv")
+    key = cache_key("tiny", manifest, records, 1.0, seed=0, from_start=["c0"])
+    assert key == cache_key("tiny", manifest, records, 1.0, seed=0, from_start=["c0"])
+    assert key != cache_key("tiny", manifest, records, 1.0, seed=1, from_start=["c0"])
+    assert key != cache_key("tiny", manifest, records, 1.0, seed=0, from_start=["c1"])
+    assert key != cache_key("tiny", manifest, records, 1.0, seed=0)
