@@ -4,13 +4,16 @@ and the test splits of GTZAN and CREMA-D. Each test builds a small synthetic dat
 from __future__ import annotations
 
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
 import soundfile as sf
 import torch
 
-from zeroshot.classifier import FilePredictions
+from zeroshot import classifier as classifier_module
+from zeroshot import evaluate as evaluate_module
+from zeroshot.classifier import FilePredictions, fit_from_start
 from zeroshot.datasets import Clip, ZeroShotDataset, read_audioset, read_esc50, read_fsd50k, read_nsynth, read_us8k
 from zeroshot.evaluate import score_predictions
 
@@ -82,3 +85,67 @@ def test_scores_do_not_depend_on_class_order(multi):
     key = "ap" if multi else "accuracy"
     by_class = {r["class"]: r[key] for r in metadata["per_class"]}
     assert [r[key] for r in evar["per_class"]] == pytest.approx([by_class[c] for c in evar["classes"]])
+
+
+# ----------------------------------------------------------------------------------------------- rule 2: units
+
+
+class LengthModel:
+    """Records the length of every waveform it encodes; the embedding says nothing."""
+
+    sample_rate = 1000
+    cfg = SimpleNamespace(encoder=SimpleNamespace(embed_dim=3))
+
+    def __init__(self):
+        self.lengths: list[int] = []
+        self.first: list[float] = []
+
+    def encode_text(self, texts, normalize=True):
+        return torch.eye(3)[torch.arange(len(texts)) % 3]
+
+    def encode_audio(self, waves, sample_rate, normalize=True, batch_size=32):
+        self.lengths += [int(w.shape[-1]) for w in waves]
+        self.first += [float(w[0]) for w in waves]
+        return torch.ones(len(waves), 3)
+
+
+def _clips(tmp_path: Path, seconds: list[float], sr: int = 1000) -> list[Clip]:
+    clips = []
+    for n, sec in enumerate(seconds):
+        path = tmp_path / f"{n}.wav"
+        x = np.arange(int(sec * sr), dtype=np.float32) / (sec * sr)  # a ramp: the first sample says where a cut began
+        sf.write(path, x, sr)
+        clips.append(Clip(path, ["dog"]))
+    return clips
+
+
+@pytest.mark.parametrize("name,unit", [("esc50", 5.0), ("us8k", 4.0), ("cremad", 2.5), ("fsd50k", 7.6358)])
+def test_known_tasks_cut_or_pad_test_clips_to_evars_unit_from_the_start(tmp_path, monkeypatch, name, unit):
+    monkeypatch.setattr(classifier_module, "min_samples_of", lambda model: 1)
+    model = LengthModel()
+    ds = ZeroShotDataset(name, _clips(tmp_path, [1.0, 3.61, 12.0]), ["cat", "dog"], False)
+    res = evaluate_module.evaluate(model, ds, progress=False, workers=0)
+    assert model.lengths == [round(unit * 1000)] * 3  # today: whole clips (1000, 3610, 12000 samples)
+    assert model.first == [0.0, 0.0, 0.0]  # cut from the start, never at random
+    assert res["clips"] == "evar-unit" and res["unit_seconds"] == unit
+    assert f"EVAR's {unit:g} s unit" in evaluate_module.format_report(res)
+
+
+def test_whole_clips_option_and_unknown_tasks_encode_whole_clips(tmp_path, monkeypatch):
+    monkeypatch.setattr(classifier_module, "min_samples_of", lambda model: 1)
+    model = LengthModel()
+    ds = ZeroShotDataset("esc50", _clips(tmp_path, [1.0, 6.0]), ["cat", "dog"], False)
+    res = evaluate_module.evaluate(model, ds, progress=False, workers=0, whole_clips=True)
+    assert model.lengths == [1000, 6000] and res["clips"] == "whole" and res["unit_seconds"] is None
+    assert "clips: whole" in evaluate_module.format_report(res)
+    model.lengths = []
+    ds = ZeroShotDataset("manifest", ds.clips, ["cat", "dog"], False)
+    assert evaluate_module.evaluate(model, ds, progress=False, workers=0)["clips"] == "whole"
+    assert model.lengths == [1000, 6000]
+
+
+def test_fit_from_start():
+    wave = torch.arange(10.0)
+    assert fit_from_start(0, wave, 4).tolist() == [0, 1, 2, 3]
+    assert fit_from_start(0, wave[:2], 4).tolist() == [0, 1, 0, 0]
+    assert fit_from_start(0, wave, 10).tolist() == wave.tolist()

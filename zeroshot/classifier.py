@@ -16,12 +16,14 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Mapping, Sequence
 
 import torch
+import torch.nn.functional as F
 
-from m2dclap.embed_files import embed_files
+from m2dclap.embed_files import AudioBatches, min_samples_of
 
 from .templates import Template, as_template_list, encode_prompts, make_prompts
 
@@ -38,6 +40,13 @@ class FilePredictions:
     similarities: torch.Tensor  # (N, C) cosine similarities
     audio_embeddings: torch.Tensor  # (N, D) L2-normalised CLAP audio embeddings
     failed: list[tuple[Path, str]] = field(default_factory=list)  # (file, why) of the skipped files
+
+
+def fit_from_start(index: int, wave: torch.Tensor, unit: int) -> torch.Tensor:
+    """EVAR's test-time input: the first ``unit`` samples of a longer clip, zeros appended to a shorter one
+    (an :class:`m2dclap.embed_files.AudioBatches` transform; ``index`` is unused)."""
+    n = int(wave.shape[-1])
+    return wave[..., :unit] if n >= unit else F.pad(wave, (0, unit - n))
 
 
 class ZeroShotClassifier:
@@ -133,22 +142,38 @@ class ZeroShotClassifier:
         return self.scores(self.embed(audio, sample_rate, batch_size))[0]
 
     def predict_files(
-        self, paths: Sequence[str | Path], batch_size: int = 32, progress: bool = True, workers: int = 2
+        self,
+        paths: Sequence[str | Path],
+        batch_size: int = 32,
+        progress: bool = True,
+        workers: int | None = 2,
+        unit_samples: int | None = None,
     ) -> FilePredictions:
-        """Read, embed and score audio files in batches (:func:`m2dclap.embed_files.embed_files`: files of
-        the next batches are read by ``workers`` processes while one is encoded). Files that cannot be used
-        (undecodable, empty, NaN/Inf, shorter than the frontend's window) are logged, skipped and returned in
-        ``failed``."""
+        """Read, embed and score audio files in batches (:class:`m2dclap.embed_files.AudioBatches`: files of
+        the next batches are read by ``workers`` processes while one is encoded). ``unit_samples``: cut each
+        clip to this length from its start, or pad it with zeros (:func:`fit_from_start`, EVAR's test-time
+        rule); None encodes whole clips. Files that cannot be used (undecodable, empty, NaN/Inf, shorter than
+        the frontend's window) are logged, skipped and returned in ``failed``."""
         paths = [Path(p) for p in paths]
-        emb, skipped = embed_files(
-            self.model,
+        model = self.model
+        transform = partial(fit_from_start, unit=int(unit_samples)) if unit_samples else None
+        emb = torch.full((len(paths), model.cfg.encoder.embed_dim), float("nan"))
+        skipped: list[tuple[int, str]] = []
+        batches = AudioBatches(
             paths,
+            model.sample_rate,
+            min_samples_of(model),
             batch_size,
-            normalize=True,
-            workers=workers,
+            workers,
+            transform=transform,
             progress=progress,
             desc="zero-shot: embedding audio",
         )
+        for batch in batches:
+            skipped += batch.skipped
+            if batch.waves:
+                out = model.encode_audio(batch.waves, model.sample_rate, normalize=True, batch_size=batch_size)
+                emb[batch.indices] = out.float().cpu()
         failed = [(paths[i], reason) for i, reason in skipped]
         bad = {i for i, _ in skipped}
         kept = [i for i in range(len(paths)) if i not in bad]

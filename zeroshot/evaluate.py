@@ -1,7 +1,13 @@
-"""Zero-shot evaluation of a CLAP checkpoint on a classification dataset (the paper's Table VII protocol).
+"""Zero-shot evaluation of a CLAP checkpoint on a classification dataset, with EVAR's protocol (the official
+evaluation package behind the paper's Table VII).
 
     python -m zeroshot.evaluate --checkpoint C --dataset esc50 --root ESC-50-master --out esc50.json --plot
     python -m zeroshot.evaluate --checkpoint C --dataset manifest --manifest corpus/manifest.csv --split test
+
+EVAR's protocol: classes sorted by label; each test clip cut from its start or zero-padded to the task's unit
+(ESC-50 5.0 s, US8K 4.0, GTZAN 30, NSynth 4.0, CREMA-D 2.5, FSD50K 7.6358, AudioSet 10) before encoding;
+ESC-50 and US8K folds pooled. Departing from it: ``--whole-clips`` encodes whole clips (manifests always
+are); the table and the JSON (``clips``, ``unit_seconds``) say which ran.
 
 Each class label becomes a prompt by the dataset's rule of the paper's Table VI ("dog can be heard",
 "hiphop music can be heard", "angry person talking can be heard", ...) unless ``--template`` gives others
@@ -32,11 +38,22 @@ from . import metrics
 from .classifier import FilePredictions, ZeroShotClassifier
 from .classify import load_model
 from .datasets import DATASETS, DatasetError, ZeroShotDataset, read_zeroshot_dataset
+from .report import format_report, json_safe, plot, require_matplotlib
 from .templates import TemplateError, as_template_list
 
 log = logging.getLogger(__name__)
 
 PROG = "python -m zeroshot.evaluate"
+# EVAR's unit length of each task (seconds): every test clip is cut to it from the start or padded with zeros
+EVAR_UNIT_SECONDS = {
+    "esc50": 5.0,
+    "us8k": 4.0,
+    "gtzan": 30.0,
+    "nsynth": 4.0,
+    "cremad": 2.5,
+    "fsd50k": 7.6358,
+    "audioset": 10.0,
+}
 
 
 # ----------------------------------------------------------------------------------------------- library
@@ -132,14 +149,21 @@ def evaluate(
     batch_size: int = 32,
     progress: bool = True,
     workers: int | None = None,
+    whole_clips: bool = False,
 ) -> dict[str, Any]:
-    """Zero-shot evaluation of ``model`` on ``dataset``; returns :func:`score_predictions`'s figures."""
+    """Zero-shot evaluation of ``model`` on ``dataset``; returns :func:`score_predictions`'s figures.
+
+    Each clip of a known task is cut from its start or zero-padded to the task's EVAR unit
+    (``EVAR_UNIT_SECONDS``) before encoding; ``whole_clips`` (and any other task) encodes whole clips.
+    ``result["clips"]`` says which ran."""
     clf = ZeroShotClassifier.from_dataset(model, dataset, template, scale)
+    unit_seconds = None if whole_clips else EVAR_UNIT_SECONDS.get(dataset.name)
+    unit_samples = round(unit_seconds * model.sample_rate) if unit_seconds else None
     t0 = time.perf_counter()
-    preds = clf.predict_files(
-        [c.path for c in dataset.clips], batch_size=batch_size, progress=progress, workers=workers
-    )
+    preds = clf.predict_files([c.path for c in dataset.clips], batch_size, progress, workers, unit_samples=unit_samples)
     result = score_predictions(dataset, clf, preds)
+    result["clips"] = "evar-unit" if unit_seconds else "whole"
+    result["unit_seconds"] = unit_seconds
     result["templates"] = _templates_used(template, dataset)
     result["elapsed_s"] = round(time.perf_counter() - t0, 3)
     return result
@@ -149,112 +173,6 @@ def _templates_used(template, dataset: ZeroShotDataset) -> list[str]:
     if not template:
         return [dataset.rule]
     return [template] if isinstance(template, str) else list(template)
-
-
-def format_report(result: dict[str, Any], max_rows: int | None = None) -> str:
-    """The headline figure and a per-class table (class, n, accuracy or AP, prompt)."""
-    key = "ap" if result["task"] == "multi-label" else "accuracy"
-    name = "AP" if key == "ap" else "acc"
-    lines = [
-        f"{result['dataset']}: {result['task']}, {result['n_clips']} clips, {result['n_classes']} classes"
-        + (f", {result['n_missing_files']} missing files" if result["n_missing_files"] else "")
-        + (f", {result['n_failed_files']} unusable files skipped" if result["n_failed_files"] else "")
-    ]
-    if result["n_clips"] == 0:
-        lines.append("no clip could be evaluated")
-        return "\n".join(lines)
-    lines.append(f"{result['metric']}: {100 * result['score']:.2f}  (chance {100 * result['chance']:.2f})")
-    if "mean_fold_accuracy" in result:
-        folds = "  ".join(f"{f}:{100 * a:.1f}" for f, a in result["per_fold_accuracy"].items())
-        lines.append(f"per fold: {folds}  (mean {100 * result['mean_fold_accuracy']:.2f})")
-    if result.get("classes_without_positives"):
-        lines.append(
-            f"{len(result['classes_without_positives'])} class(es) without positives count as AP 0; "
-            f"mAP over the others: {100 * result['mAP_classes_with_positives']:.2f}"
-        )
-    rows = result["per_class"]
-    width = max([len("class")] + [len(r["class"]) for r in rows])
-    lines.append(f"{'class':<{width}}  {'n':>6}  {name:>6}  prompt")
-    for r in rows[:max_rows] if max_rows else rows:
-        value = "   -  " if r[key] is None else f"{100 * r[key]:6.1f}"
-        lines.append(f"{r['class']:<{width}}  {r['n']:>6}  {value}  {r['prompt']}")
-    if max_rows and len(rows) > max_rows:
-        lines.append(f"... {len(rows) - max_rows} more classes in the JSON")
-    return "\n".join(lines)
-
-
-def require_matplotlib():
-    """Import matplotlib with the Agg backend, or raise ImportError saying how to install it."""
-    try:
-        import matplotlib
-    except ImportError:
-        raise ImportError(
-            "--plot needs matplotlib, which is not installed: pip install matplotlib "
-            "(or install this suite with its 'plot' extra)"
-        ) from None
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
-def plot(result: dict[str, Any], path: str | Path) -> Path:
-    """A confusion-matrix PNG (single-label) or a per-class AP bar chart (multi-label)."""
-    plt = require_matplotlib()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    classes = result["classes"]
-    C = len(classes)
-    size = min(4 + 0.3 * C, 40)
-    if "confusion_matrix" in result:
-        cm = np.asarray(result["confusion_matrix"], dtype=float)
-        norm = cm / np.maximum(cm.sum(axis=1, keepdims=True), 1)  # rows: fraction of each true class
-        fig, ax = plt.subplots(figsize=(size + 1.5, size))
-        im = ax.imshow(norm, vmin=0, vmax=1, cmap="Blues")
-        ax.set_xticks(range(C), classes, rotation=90, fontsize=8)
-        ax.set_yticks(range(C), classes, fontsize=8)
-        ax.set_xlabel("predicted class")
-        ax.set_ylabel("true class")
-        if C <= 20:
-            for i in range(C):
-                for j in range(C):
-                    if cm[i, j]:
-                        ax.text(
-                            j,
-                            i,
-                            int(cm[i, j]),
-                            ha="center",
-                            va="center",
-                            fontsize=7,
-                            color="white" if norm[i, j] > 0.5 else "black",
-                        )
-        fig.colorbar(im, ax=ax, fraction=0.046, label="fraction of the true class")
-        title = f"{result['dataset']} zero-shot: accuracy {100 * result['score']:.1f}%"
-    else:
-        ap = [r["ap"] if r["ap"] is not None else 0.0 for r in result["per_class"]]
-        fig, ax = plt.subplots(figsize=(8, min(2 + 0.22 * C, 120)))
-        ax.barh(range(C), ap, color="tab:blue")
-        ax.set_yticks(range(C), classes, fontsize=7)
-        ax.invert_yaxis()
-        ax.set_xlim(0, 1)
-        ax.set_xlabel("average precision")
-        title = f"{result['dataset']} zero-shot: mAP {100 * result['score']:.1f}%"
-    ax.set_title(title)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
-
-
-def _json_safe(obj: Any) -> Any:
-    """NaN -> None, so the JSON is strict (json.dumps would write NaN)."""
-    if isinstance(obj, float) and obj != obj:
-        return None
-    if isinstance(obj, dict):
-        return {k: _json_safe(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_json_safe(v) for v in obj]
-    return obj
 
 
 # ----------------------------------------------------------------------------------------------- CLI
@@ -330,6 +248,12 @@ class EvaluateOptions:
         1.0,
         group="prompts and scoring",
         help="multiply cosine similarities before softmax/sigmoid (1 = EVAR; metrics do not change)",
+    )
+    whole_clips: bool = option(
+        False,
+        group="prompts and scoring",
+        help="encode whole clips (departs from EVAR, which cuts each test clip from its start or pads it to the "
+        "task's unit: " + ", ".join(f"{k} {v:g} s" for k, v in EVAR_UNIT_SECONDS.items()) + "; manifests: whole)",
     )
     batch_size: int = option(32, minimum=1, group="running", help="clips per model call")
     workers: int | None = option(
@@ -419,7 +343,9 @@ def run(opts: EvaluateOptions) -> int:
         raise CliError(f"{dataset.name}: no clip to evaluate")
     try:
         model = load_model(opts.checkpoint, device, opts.text_model)
-        result = evaluate(model, dataset, opts.template, opts.scale, opts.batch_size, not opts.quiet, opts.workers)
+        result = evaluate(
+            model, dataset, opts.template, opts.scale, opts.batch_size, not opts.quiet, opts.workers, opts.whole_clips
+        )
     except (OSError, RuntimeError) as e:  # RuntimeError: e.g. a checkpoint without a text encoder
         raise CliError(str(e)) from None
     result["checkpoint"] = str(opts.checkpoint)
@@ -427,7 +353,7 @@ def run(opts: EvaluateOptions) -> int:
     if opts.out:
         out = Path(opts.out)
         out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps(_json_safe(result), indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
+        out.write_text(json.dumps(json_safe(result), indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
         print(f"wrote {out}")
     if opts.plot is not None and result["n_clips"]:
         png = (
