@@ -6,11 +6,12 @@ Each clip of the manifest becomes its clip feature z'' (``model.audio_features(.
 for ViT-B), extracted once and cached. As in EVAR (paper IV-A: "we randomly cropped or zero-padded the average
 audio length"), every clip is first cut to one unit length: zeros appended when shorter; when longer, a
 random crop (seeded per clip) for train and val and the first unit for test, as EVAR's test loader. The
-unit is the mean duration of the manifest's clips unless ``--unit-seconds`` says
-otherwise (``0`` keeps every clip whole; the encoder then averages over its chunks). The features are
-standardised with the mean and standard deviation of train and val together and a single linear layer is
-trained on them with Adam (lr 3e-5, weight decay 1e-8) for up to 200 epochs; the epoch with the best
-validation score is kept (early stopping, patience 20, an equal score counting as better) and scored on test.
+unit is EVAR's for the task named by ``--task`` (esc50 5 s, us8k 4 s, ...: :mod:`m2dclap.eval_protocol`),
+else the mean duration of the manifest's clips, unless ``--unit-seconds`` says otherwise (``0`` keeps every
+clip whole; the encoder then averages over its chunks). The features are standardised with the mean and
+standard deviation of train and val together and a single linear layer is trained on them with Adam
+(lr 3e-5, weight decay 1e-8) for up to 200 epochs; the epoch with the best validation score is kept (early
+stopping, patience 20, an equal score counting as better) and scored on test.
 
 Single-label tasks (every row has one label) use cross-entropy and report accuracy. Multi-label tasks (any
 row has several ``;``-separated labels) use binary cross-entropy and report macro mAP: the average precision
@@ -35,6 +36,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from . import eval_protocol as protocol
 from .cli import CliError, UsageError, option, resolve_device, run_cli
 from .data.manifest import SPLITS, ManifestError, Record, atomic_write_text, parse_labels, raw_columns, read_manifest
 from .embed_files import report_skipped
@@ -175,10 +177,14 @@ def linear_eval(
     device: str | None = None,
     progress: bool | None = None,
     unit_seconds: float | str | None = "auto",
+    task_name: str | None = None,
 ) -> dict[str, Any]:
     """Linear evaluation of ``checkpoint``'s clip features on ``manifest``; returns the result dict.
-    ``unit_seconds``: the clips' common length (``"auto"``: their mean duration; None or 0: whole clips)."""
+    ``unit_seconds``: the clips' common length (``"auto"``: EVAR's unit of ``task_name`` when it names a task
+    EVAR evaluates, else their mean duration; None or 0: whole clips)."""
     task = read_task(manifest, label_column, split_column)
+    evar_task = None if task_name is None else protocol.task_name(task_name)
+    unit_seconds, unit_rule = protocol.unit_length(evar_task, unit_seconds, task.records)
     feats, info = clip_features(
         checkpoint,
         manifest,
@@ -261,6 +267,8 @@ def linear_eval(
         "lr": lr,
         "probe_batch_size": probe_batch_size,
         "seed": seed,
+        "evar_task": evar_task,
+        "unit_rule": unit_rule,  # why the clips were cut to unit_seconds
         **info,
         "train_seconds": round(time.perf_counter() - t0, 3),
         "history": probe.history,
@@ -277,7 +285,8 @@ def format_result(result: dict[str, Any]) -> str:
     """One line: the metric, its chance level, the epochs, the split sizes and the skipped files."""
     val = " (carved from train)" if result["val_from_train"] else ""
     bad = f"; {result['n_bad']} unreadable file(s) skipped" if result["n_bad"] else ""
-    unit = f"; clips cut to {result['unit_seconds']:.2f} s" if result.get("unit_seconds") else ""
+    unit = f"{result['unit_seconds']:.4g} s" if result.get("unit_seconds") else "whole clips"
+    unit = f"; unit {unit} ({result.get('unit_rule', '--unit-seconds')})"
     return (
         f"linear eval {result['metric']} {result['value']:.4f} (chance {result['chance']:.4f}){unit}; "
         f"epochs run {result['epochs_run']}, best epoch {result['best_epoch']}"
@@ -333,8 +342,15 @@ class LinearEvalOptions:
         "auto",
         metavar="auto|S",
         help="cut every clip to this length first, as EVAR does: zeros appended, or a crop (random for "
-        "train/val, from the start for test) (default auto: the mean clip duration of the "
-        "manifest; 0: whole clips)",
+        "train/val, from the start for test) (default auto: EVAR's unit of --task, else the mean clip "
+        "duration of the manifest; 0: whole clips)",
+    )
+    task: str | None = option(
+        None,
+        metavar="NAME",
+        help="the EVAR task the manifest holds, for its unit length: "
+        + ", ".join(f"{k} {v:g} s" for k, v in protocol.EVAR_UNIT_SECONDS.items())
+        + " (default: none; the mean clip duration)",
     )
     seed: int = option(0, help="seed of the crops, the layer's init, the batch order and the val carving")
     device: str | None = option(None, help="cpu, cuda, cuda:1 (default: cuda when available)")
@@ -358,6 +374,11 @@ def run(opts: LinearEvalOptions) -> int:
     if not opts.lr > 0:
         raise UsageError("--lr must be positive")
     unit_seconds = _unit_seconds(opts.unit_seconds)
+    if opts.task is not None:
+        try:
+            protocol.task_name(opts.task)
+        except ValueError as e:
+            raise UsageError(f"--task: {e}") from None
     device = resolve_device(opts.device)
     try:
         result = linear_eval(
@@ -375,6 +396,7 @@ def run(opts: LinearEvalOptions) -> int:
             device,
             progress=False if opts.quiet else None,
             unit_seconds=unit_seconds,
+            task_name=opts.task,
         )
     except (LinearEvalError, ManifestError, FileNotFoundError) as e:
         raise CliError(str(e)) from None

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -98,3 +100,52 @@ def test_the_cache_key_holds_the_crop_seed_and_which_clips_are_cropped_from_the_
     assert key != cache_key("tiny", manifest, records, 1.0, seed=1, from_start=["c0"])
     assert key != cache_key("tiny", manifest, records, 1.0, seed=0, from_start=["c1"])
     assert key != cache_key("tiny", manifest, records, 1.0, seed=0)
+
+
+# ----------------------------------------------------------------------------------------------- per-task units
+def test_known_tasks_get_evars_unit_explicit_seconds_win_others_keep_the_mean_duration(tmp_path):
+    import soundfile as sf
+
+    from m2dclap import eval_protocol as ep
+    from m2dclap.data.manifest import Record
+
+    path = tmp_path / "a.wav"
+    sf.write(path, np.zeros(1600, np.float32), 16000)  # 0.1 s
+    records = [Record(id="a", audio=path, labels=["x"], split="train")]
+    assert ep.unit_length("esc50", "auto", records) == (5.0, "EVAR's unit for esc50")
+    assert ep.unit_length("ESC-50", "auto", records)[0] == 5.0
+    units = {"us8k": 4.0, "fsd50k": 7.6358, "gtzan": 30, "nsynth": 4, "cremad": 2.5, "spcv2": 1.0}
+    units |= {"vc1": 8.2, "voxforge": 5.8, "surge": 4.0}
+    assert all(ep.unit_length(t, "auto", records)[0] == u for t, u in units.items())
+    assert ep.unit_length("esc50", 2.0, records) == (2.0, "--unit-seconds")
+    unit, why = ep.unit_length(None, "auto", records)
+    assert unit == pytest.approx(0.1) and "mean" in why
+    with pytest.raises(le.LinearEvalError, match="esc50"):
+        ep.task_name("esc-51")
+
+
+def test_task_option_reaches_the_result_json_and_line(tmp_path, monkeypatch, capsys):
+    from m2dclap.data.manifest import Record, write_manifest
+
+    records = [
+        Record(id=f"c{i}", audio=tmp_path / f"c{i}.wav", labels=["ab"[i % 2]], split=["train", "val", "test"][i % 3])
+        for i in range(12)
+    ]
+    manifest = write_manifest(records, tmp_path / "m.csv")
+    seen = {}
+
+    def fake_features(checkpoint, manifest, records, *args, **kwargs):
+        seen["unit"] = args[4]
+        x = np.array([[float(r.id[1:]) % 2, 1.0] for r in records], np.float32)
+        return le.Features([r.id for r in records], x, []), {"unit_seconds": args[4]}
+
+    monkeypatch.setattr(le, "clip_features", fake_features)
+    out = tmp_path / "r.json"
+    rc = le.main(["-c", "tiny", "--data", str(manifest), "--task", "esc50", "--epochs", "2", "--out", str(out)])
+    res = json.loads(out.read_text())
+    assert rc == 0 and seen["unit"] == 5.0 and res["unit_seconds"] == 5.0
+    assert res["evar_task"] == "esc50" and res["unit_rule"] == "EVAR's unit for esc50"
+    assert "unit 5 s (EVAR's unit for esc50)" in capsys.readouterr().out
+    with pytest.raises(SystemExit) as e:
+        le.main(["-c", "tiny", "--data", str(manifest), "--task", "nope"])
+    assert e.value.code == 2
