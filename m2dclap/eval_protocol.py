@@ -1,6 +1,8 @@
-"""EVAR's per-task settings for linear evaluation: the unit length each known task's clips are cut to.
+"""EVAR's per-task settings for linear evaluation: the unit length each known task's clips are cut to, and
+the validation set drawn from train when a manifest has none.
 
     unit, why = unit_length("esc50", "auto", records)   # -> (5.0, "EVAR's unit for esc50")
+    train, val = carve_val(train_ids, seed, labels=labels)  # 10 % of train holding every train class
 
 EVAR (nttcslab/eval-audio-repr) cuts every clip of a task to one unit length, set per task in its configs;
 a manifest of another task keeps the mean-duration rule (paper IV-A). Used by :mod:`m2dclap.linear_eval`.
@@ -8,12 +10,20 @@ a manifest of another task keeps the mean-duration rule (paper IV-A). Used by :m
 
 from __future__ import annotations
 
+import logging
 import re
-from typing import Sequence
+from typing import Mapping, Sequence
+
+import numpy as np
 
 from .data.manifest import Record
 from .eval_features import mean_duration
 from .probe import LinearEvalError
+
+log = logging.getLogger(__name__)
+
+VAL_FRACTION = 0.1  # of train, drawn as validation when the manifest has no val split
+MAX_VAL_DRAWS = 100  # draws of the validation set before giving up on holding every train class
 
 # EVAR's unit length in seconds of each task it evaluates, by its task name
 EVAR_UNIT_SECONDS = {
@@ -52,3 +62,41 @@ def unit_length(
         name = task_name(task)
         return EVAR_UNIT_SECONDS[name], f"EVAR's unit for {name}"
     return mean_duration(records), "mean clip duration of the manifest"
+
+
+def carve_val(
+    train_ids: Sequence[str],
+    seed: int,
+    fraction: float = VAL_FRACTION,
+    labels: Mapping[str, Sequence[str]] | None = None,
+    max_draws: int = MAX_VAL_DRAWS,
+) -> tuple[list[str], list[str]]:
+    """Move a seeded ``fraction`` of train (at least one clip) to validation; returns (train, val).
+
+    With ``labels`` (id -> labels), the fraction is drawn again from the same seeded generator until every
+    class of train appears in validation, as EVAR does; after ``max_draws`` draws the one holding the most
+    classes is kept and a warning names the classes it lacks."""
+    if len(train_ids) < 2:
+        raise LinearEvalError(
+            f"no val split and only {len(train_ids)} train clip(s): cannot carve a validation set; add a val split"
+        )
+    n_val = max(1, round(fraction * len(train_ids)))
+    rng = np.random.default_rng(seed)
+    classes = {c for i in train_ids for c in labels[i]} if labels is not None else set()
+    best, best_missing = None, None
+    for _ in range(max_draws if labels is not None else 1):
+        val = set(rng.permutation(len(train_ids))[:n_val].tolist())
+        missing = classes - {c for n in val for c in labels[train_ids[n]]} if labels is not None else set()
+        if best is None or len(missing) < len(best_missing):
+            best, best_missing = val, missing
+        if not missing:
+            break
+    if best_missing:
+        log.warning(
+            "no val split: none of %d draws of %d validation clip(s) holds every train class; the best lacks %d: %s",
+            max_draws,
+            n_val,
+            len(best_missing),
+            ", ".join(sorted(best_missing)[:10]),
+        )
+    return ([t for i, t in enumerate(train_ids) if i not in best], [t for i, t in enumerate(train_ids) if i in best])

@@ -53,6 +53,7 @@ from .eval_features import (  # noqa: F401
     mean_duration,
     save_cache,
 )
+from .eval_protocol import VAL_FRACTION, carve_val  # noqa: F401  (importable from here)
 from .metrics import mean_average_precision
 
 # the probe lives in m2dclap.probe; its names stay importable from here
@@ -69,7 +70,6 @@ from .probe import (  # noqa: F401
 
 log = logging.getLogger(__name__)
 
-VAL_FRACTION = 0.1  # of train, carved out when the manifest has no val split
 _SPLIT_ALIASES = {"valid": "val", "validation": "val"}  # as the manifest reader
 
 
@@ -147,18 +147,6 @@ def check_splits(task: Task, where: Path | str, bad: set[str] = frozenset()) -> 
             raise LinearEvalError(f"{where}: the {split} split is empty{extra} (no labelled clip has split {split!r})")
 
 
-def carve_val(train_ids: Sequence[str], seed: int, fraction: float = VAL_FRACTION) -> tuple[list[str], list[str]]:
-    """Move a seeded ``fraction`` of train (at least one clip) to validation; returns (train, val)."""
-    if len(train_ids) < 2:
-        raise LinearEvalError(
-            f"no val split and only {len(train_ids)} train clip(s): cannot carve a validation set; add a val split"
-        )
-    n_val = max(1, round(fraction * len(train_ids)))
-    perm = np.random.default_rng(seed).permutation(len(train_ids))
-    val = set(perm[:n_val].tolist())
-    return ([t for i, t in enumerate(train_ids) if i not in val], [t for i, t in enumerate(train_ids) if i in val])
-
-
 # ---------------------------------------------------------------------------------------------------
 # The evaluation
 # ---------------------------------------------------------------------------------------------------
@@ -203,7 +191,7 @@ def linear_eval(
     ids = {s: [i for i in task.ids(s) if i in have] for s in SPLITS}
     carved = not ids["val"]
     if carved:
-        ids["train"], ids["val"] = carve_val(ids["train"], seed)
+        ids["train"], ids["val"] = carve_val(ids["train"], seed, labels=task.labels)
         log.info("no val split: %d of the train clips serve as validation", len(ids["val"]))
     multilabel = task.multilabel
     classes = sorted({lab for s in SPLITS for i in ids[s] for lab in task.labels[i]})

@@ -149,3 +149,22 @@ def test_task_option_reaches_the_result_json_and_line(tmp_path, monkeypatch, cap
     with pytest.raises(SystemExit) as e:
         le.main(["-c", "tiny", "--data", str(manifest), "--task", "nope"])
     assert e.value.code == 2
+
+
+# ----------------------------------------------------------------------------------------------- carved validation
+def test_a_carved_validation_set_is_drawn_again_until_it_holds_every_train_class(caplog):
+    ids = [f"c{i}" for i in range(40)]
+    labels = {i: ["common"] for i in ids} | {"c7": ["rare"], "c23": ["rare"], "c31": ["other"], "c2": ["other"]}
+    first = le.carve_val(ids, seed=0)[1]  # today's single draw
+    train, val = le.carve_val(ids, seed=0, labels=labels)
+    assert len(val) == 4 and sorted(train + val) == sorted(ids)
+    assert {c for i in val for c in labels[i]} == {"common", "rare", "other"}
+    assert {c for i in first for c in labels[i]} != {"common", "rare", "other"}  # one draw was not enough
+    assert le.carve_val(ids, seed=0, labels=labels) == (train, val)  # seeded
+
+
+def test_a_carved_validation_set_that_cannot_hold_every_class_warns(caplog):
+    ids = [f"c{i}" for i in range(10)]
+    labels = {i: [f"class{i}"] for i in ids}  # ten classes, one validation clip
+    train, val = le.carve_val(ids, seed=0, labels=labels, max_draws=5)
+    assert len(val) == 1 and "lacks 9" in caplog.text
