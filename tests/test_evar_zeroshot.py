@@ -14,8 +14,20 @@ import torch
 from zeroshot import classifier as classifier_module
 from zeroshot import evaluate as evaluate_module
 from zeroshot.classifier import FilePredictions, fit_from_start
-from zeroshot.datasets import Clip, ZeroShotDataset, read_audioset, read_esc50, read_fsd50k, read_nsynth, read_us8k
+from zeroshot.datasets import (
+    Clip,
+    DatasetError,
+    ZeroShotDataset,
+    read_audioset,
+    read_cremad,
+    read_esc50,
+    read_fsd50k,
+    read_gtzan,
+    read_nsynth,
+    read_us8k,
+)
 from zeroshot.evaluate import score_predictions
+from zeroshot.metadata import CREMAD_TEST_SPEAKERS
 
 
 def wav(path: Path, seconds: float = 0.1, sr: int = 16000) -> Path:
@@ -149,3 +161,43 @@ def test_fit_from_start():
     assert fit_from_start(0, wave, 4).tolist() == [0, 1, 2, 3]
     assert fit_from_start(0, wave[:2], 4).tolist() == [0, 1, 0, 0]
     assert fit_from_start(0, wave, 10).tolist() == wave.tolist()
+
+
+# ----------------------------------------------------------------------------------------------- rule 3: splits
+
+
+def _gtzan(root: Path) -> Path:
+    for genre in ("blues", "jazz"):
+        for i in range(3):
+            wav(root / "genres" / genre / f"{genre}.0000{i}.wav")
+    return root
+
+
+def test_gtzan_defaults_to_the_filtered_test_list_in_the_root(tmp_path):
+    root = _gtzan(tmp_path)
+    write(root / "test_filtered.txt", "blues/blues.00001.au\njazz/jazz.00002.au\n")
+    ds = read_gtzan(root)  # today: all 6 clips
+    assert [c.path.name for c in ds.clips] == ["blues.00001.wav", "jazz.00002.wav"]
+    assert ds.classes == ["blues", "jazz"] and ds.clips[0].fold == "test_filtered"
+    assert len(read_gtzan(root, split="all").clips) == 6
+
+
+def test_gtzan_without_the_test_list_is_bad_input(tmp_path, capsys):
+    root = _gtzan(tmp_path)
+    with pytest.raises(DatasetError, match=r"test_filtered\.txt.*--split-file.*--split all"):
+        read_gtzan(root)
+    rc = evaluate_module.main(["--checkpoint", str(tmp_path / "none"), "--dataset", "gtzan", "--root", str(root)])
+    assert rc == 2 and "test_filtered.txt" in capsys.readouterr().err
+
+
+def test_cremad_defaults_to_evars_test_speakers(tmp_path):
+    names = ["1001_DFA_ANG_XX.wav", "1002_DFA_SAD_XX.wav", "1083_IEO_HAP_HI.wav", "1091_WSI_SAD_LO.wav"]
+    for name in names:
+        wav(tmp_path / "AudioWAV" / name)
+    ds = read_cremad(tmp_path)  # today: all 4 clips
+    assert [c.path.name for c in ds.clips] == ["1001_DFA_ANG_XX.wav", "1083_IEO_HAP_HI.wav"]
+    assert all(c.fold == "test" for c in ds.clips)
+    assert len(CREMAD_TEST_SPEAKERS) == 19
+    assert len(read_cremad(tmp_path, split="all").clips) == 4
+    with pytest.raises(DatasetError, match="--split-file"):
+        read_cremad(tmp_path, split="train")

@@ -158,7 +158,7 @@ def test_gtzan_genre_folders(tmp_path, folder):
         for i in range(2):
             wav(tmp_path / folder / genre / f"{genre}.0000{i}.wav")
     (tmp_path / folder / "blues" / "notes.txt").write_text("not audio")
-    ds = read_gtzan(tmp_path)
+    ds = read_gtzan(tmp_path, split="all")
     assert ds.classes == ["blues", "hiphop", "jazz"] and len(ds.clips) == 6
     assert ds.clips[2].labels == ["hiphop"] and ds.clips[2].path.name == "hiphop.00000.wav"
     assert make_prompts(ds.classes, ds.rule)[1] == ["hiphop music can be heard"]
@@ -186,7 +186,7 @@ def test_gtzan_split_file(tmp_path):
 def test_gtzan_no_audio(tmp_path):
     (tmp_path / "genres" / "blues").mkdir(parents=True)
     with pytest.raises(DatasetError, match="no audio files"):
-        read_gtzan(tmp_path)
+        read_gtzan(tmp_path, split="all")
 
 
 # ----------------------------------------------------------------------------------------------- NSynth
@@ -234,7 +234,7 @@ CREMA = [
 def test_cremad_labels_from_names(tmp_path):
     for name in CREMA:
         wav(tmp_path / "AudioWAV" / name)
-    ds = read_cremad(tmp_path)
+    ds = read_cremad(tmp_path, split="all")
     assert ds.classes == ["ANG", "DIS", "FEA", "HAP", "NEU", "SAD"]
     assert {c.path.name: c.labels[0] for c in ds.clips} == {n: n.split("_")[2] for n in CREMA}
     assert make_prompts(ds.classes, ds.rule)[0] == ["angry person talking can be heard"]

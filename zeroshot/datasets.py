@@ -6,9 +6,10 @@ display names of the labels where the raw labels are codes (AudioSet MIDs, CREMA
 
     ESC-50        meta/esc50.csv (filename,fold,target,category,...), audio/<filename>; all 5 folds
     UrbanSound8K  metadata/UrbanSound8K.csv (slice_file_name,...,fold,classID,class), audio/fold<N>/<file>
-    GTZAN         genres/<genre>/*.wav or genres_original/<genre>/*.wav; optional split file of relative paths
+    GTZAN         genres/<genre>/*.wav or genres_original/<genre>/*.wav; test_filtered.txt or a split file of
+                  relative paths
     NSynth        examples.json (note_str -> {instrument_family_str, ...}), audio/<note_str>.wav
-    CREMA-D       AudioWAV/<actor>_<sentence>_<EMO>_<level>.wav; optional split CSV (file_name, split)
+    CREMA-D       AudioWAV/<actor>_<sentence>_<EMO>_<level>.wav; EVAR's test speakers or a split CSV
     FSD50K        FSD50K.ground_truth/eval.csv (fname,labels,mids), FSD50K.eval_audio/<fname>.wav
     AudioSet      segments CSV (YTID, start_seconds, end_seconds, positive_labels; '#' comment lines),
                   class_labels_indices.csv, audio file names from a pattern ("audio/{ytid}.wav")
@@ -17,7 +18,8 @@ display names of the labels where the raw labels are codes (AudioSet MIDs, CREMA
 Every class list is sorted, as EVAR sorts its labels (ESC-50/US8K by name, not by target id; FSD50K not in
 vocabulary.csv order; AudioSet by MID), so per-class tables and confusion matrices read as EVAR's.
 As EVAR does, the folds of ESC-50 and US8K are pooled (every clip is a test clip once); the tasks with an
-official split use their test/eval split, and GTZAN and CREMA-D without ``--split-file`` use every clip.
+official split use their test/eval split: GTZAN EVAR's fault-filtered ``test_filtered.txt`` (read from the
+dataset root, or given as ``split_file``), CREMA-D EVAR's test speakers; ``split="all"`` takes every clip.
 Audio files that do not exist are listed in ``missing`` and logged; with ``strict=True`` they are an error.
 Malformed metadata raises :class:`DatasetError` naming the file and line.
 """
@@ -26,7 +28,6 @@ from __future__ import annotations
 
 import json
 import logging
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -37,7 +38,17 @@ from m2dclap.audio import AUDIO_EXTENSIONS
 from m2dclap.data.manifest import parse_labels, raw_columns, read_manifest
 
 # the metadata checks the readers share; DatasetError is importable from here as before
-from .metadata import DatasetError, int_field, metadata_rows, need_file, ordered_classes, record_target
+from .metadata import (
+    CREMAD_TEST_SPEAKERS,
+    GTZAN_SPLIT_SOURCE,
+    DatasetError,
+    cremad_label,
+    int_field,
+    metadata_rows,
+    need_file,
+    ordered_classes,
+    record_target,
+)
 from .templates import CREMAD_NAMES, CREMAD_SENTENCES, read_class_labels_indices
 
 log = logging.getLogger(__name__)
@@ -156,12 +167,28 @@ def _gtzan_dir(root: Path) -> Path:
     raise DatasetError(f"{root}: no GTZAN genre folders (expected genres/<genre>/*.wav or genres_original/)")
 
 
-def read_gtzan(root: str | Path, split_file: str | Path | None = None, strict: bool = False) -> ZeroShotDataset:
+def _gtzan_split_file(root: Path, split: str) -> Path:
+    name = f"{split}_filtered.txt"
+    for path in (root / name, root / "GTZAN_split" / name):
+        if path.is_file():
+            return path
+    raise DatasetError(
+        f"{root}: GTZAN's {split} split needs {name} from {GTZAN_SPLIT_SOURCE}: put it in {root} or pass it "
+        "with --split-file FILE; --split all evaluates every clip instead (departs from EVAR)"
+    )
+
+
+def read_gtzan(
+    root: str | Path, split_file: str | Path | None = None, split: str = "test", strict: bool = False
+) -> ZeroShotDataset:
     """GTZAN: the label is the genre folder. ``split_file`` lists the clips to use, one relative path a line
     (``blues/blues.00012.wav``; a bare ``blues.00012.wav`` takes the genre from the name; a listed ``.au`` is
-    read as the ``.wav`` of the same name if only that exists), e.g. EVAR's filtered test split."""
+    read as the ``.wav`` of the same name if only that exists). Without it, ``<split>_filtered.txt`` in
+    ``root`` (EVAR's fault-filtered split) is read, an error if absent; ``split="all"``: every clip."""
     root = Path(root)
     genres_dir = _gtzan_dir(root)
+    if split_file is None and split != "all":
+        split_file = _gtzan_split_file(root, split)
     genres = sorted(p.name for p in genres_dir.iterdir() if p.is_dir() and not p.name.startswith("."))
     clips: list[Clip] = []
     if split_file is None:
@@ -216,25 +243,12 @@ def read_nsynth(root: str | Path, split: str = "test", strict: bool = False) -> 
     return ZeroShotDataset("nsynth", present, classes, False, "nsynth", missing=missing)
 
 
-_CREMAD_NAME = re.compile(r"^(\d+)_([A-Z]{3})_([A-Z]{3})_([A-Z]{2})$")
-
-
-def cremad_label(path: str | Path) -> str:
-    """The emotion code of a CREMA-D file name (``1001_DFA_ANG_XX.wav`` -> ``ANG``)."""
-    m = _CREMAD_NAME.match(Path(path).stem)
-    if not m or m.group(3) not in CREMAD_SENTENCES:
-        raise DatasetError(
-            f"{path}: not a CREMA-D file name <actor>_<sentence>_<emotion>_<level>.wav with an "
-            f"emotion in {', '.join(CREMAD_SENTENCES)}"
-        )
-    return m.group(3)
-
-
 def read_cremad(
     root: str | Path, split_file: str | Path | None = None, split: str = "test", strict: bool = False
 ) -> ZeroShotDataset:
     """CREMA-D: labels from the file names in ``AudioWAV/`` (or ``root``). ``split_file`` (a CSV with
-    ``file_name`` and ``split`` columns, as EVAR's ``cremad.csv``) keeps the clips of ``split``."""
+    ``file_name`` and ``split`` columns, as EVAR's ``cremad.csv``) keeps the clips of ``split``; without it
+    ``split="test"`` is EVAR's test split (the clips of its 19 test speakers) and ``"all"`` every clip."""
     root = Path(root)
     audio_dir = root / "AudioWAV" if (root / "AudioWAV").is_dir() else root
     if not audio_dir.is_dir():
@@ -243,12 +257,17 @@ def read_cremad(
         files = sorted(p for p in audio_dir.iterdir() if p.suffix.lower() in AUDIO_EXTENSIONS)
         if not files:
             raise DatasetError(f"{audio_dir}: no audio files")
-        clips = [Clip(p, [cremad_label(p)], None) for p in files]
+        if split not in ("test", "all"):
+            raise DatasetError(f"CREMA-D split {split!r} needs --split-file (EVAR's cremad.csv); else test or all")
+        clips = [Clip(p, [cremad_label(p)], None if split == "all" else split) for p in files]
+        clips = [c for c in clips if split == "all" or c.path.name.split("_")[0] in CREMAD_TEST_SPEAKERS]
+        if not clips:
+            raise DatasetError(f"{audio_dir}: no clip of EVAR's CREMA-D test speakers; --split all takes every clip")
     else:
         split_file = need_file(Path(split_file), "CREMA-D split file")
         clips = []
         for line, row in metadata_rows(split_file, ("file_name", "split")):
-            if row["split"] != split:
+            if split != "all" and row["split"] != split:
                 continue
             name = Path(row["file_name"].replace("\\", "/")).name
             try:

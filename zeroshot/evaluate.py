@@ -6,7 +6,9 @@ evaluation package behind the paper's Table VII).
 
 EVAR's protocol: classes sorted by label; each test clip cut from its start or zero-padded to the task's unit
 (ESC-50 5.0 s, US8K 4.0, GTZAN 30, NSynth 4.0, CREMA-D 2.5, FSD50K 7.6358, AudioSet 10) before encoding;
-ESC-50 and US8K folds pooled. Departing from it: ``--whole-clips`` encodes whole clips (manifests always
+ESC-50 and US8K folds pooled; GTZAN's fault-filtered test list (``test_filtered.txt`` in --root or
+``--split-file``) and CREMA-D's test speakers (1,551 of 7,438 clips). Departing from it: ``--split all``
+(GTZAN, CREMA-D) scores every clip; ``--whole-clips`` encodes whole clips (manifests always
 are); the table and the JSON (``clips``, ``unit_seconds``) say which ran.
 
 Each class label becomes a prompt by the dataset's rule of the paper's Table VI ("dog can be heard",
@@ -180,10 +182,12 @@ def _templates_used(template, dataset: ZeroShotDataset) -> list[str]:
 LAYOUTS = """dataset layouts under --root:
   esc50     meta/esc50.csv (filename,fold,target,category,...), audio/<filename>; folds 1-5 pooled
   us8k      metadata/UrbanSound8K.csv (slice_file_name,...,fold,classID,class), audio/fold<N>/<file>
-  gtzan     genres/<genre>/*.wav or genres_original/<genre>/*.wav; --split-file: relative paths to use
+  gtzan     genres/<genre>/*.wav or genres_original/<genre>/*.wav and test_filtered.txt (EVAR's split; or
+            --split-file: relative paths to use; --split all: every clip)
   nsynth    examples.json (note_str -> instrument_family_str) and audio/<note_str>.wav, in ROOT or
             ROOT/nsynth-<split>
-  cremad    AudioWAV/<actor>_<sentence>_<ANG|DIS|FEA|HAP|NEU|SAD>_<level>.wav; --split-file: CSV file_name,split
+  cremad    AudioWAV/<actor>_<sentence>_<ANG|DIS|FEA|HAP|NEU|SAD>_<level>.wav; EVAR's test speakers (or
+            --split-file: CSV file_name,split; --split all: every clip)
   fsd50k    FSD50K.ground_truth/<split>.csv (fname,labels,mids) [+ vocabulary.csv], FSD50K.<split>_audio/
   audioset  --segments CSV (YTID, start_seconds, end_seconds, positive_labels), class_labels_indices.csv,
             audio at --audio-pattern
@@ -214,11 +218,14 @@ class EvaluateOptions:
     split: str | None = option(
         None,
         group="dataset options",
-        help="manifest split (default test; 'all' for every clip), NSynth split (test), "
-        "FSD50K ground-truth file (eval), CREMA-D split in --split-file (test)",
+        help="manifest split (default test; 'all' for every clip), NSynth split (test), FSD50K ground-truth "
+        "file (eval), GTZAN/CREMA-D split (test, EVAR's; 'all' for every clip departs from EVAR)",
     )
     split_file: str | None = option(
-        None, group="dataset options", help="GTZAN: list of relative paths to use; CREMA-D: CSV with file_name,split"
+        None,
+        group="dataset options",
+        help="GTZAN: list of relative paths to use (default ROOT/<split>_filtered.txt, EVAR's fault-filtered "
+        "split); CREMA-D: CSV with file_name,split (default: EVAR's test speakers)",
     )
     folds: str | None = option(
         None, group="dataset options", help="ESC-50/US8K: comma-separated folds to use (default: all, pooled)"
@@ -301,7 +308,7 @@ def _dataset_from_args(args: EvaluateOptions) -> ZeroShotDataset:
     if name in ("esc50", "us8k"):
         kw["folds"] = folds
     elif name == "gtzan":
-        kw["split_file"] = args.split_file
+        kw.update(split_file=args.split_file, split=args.split)
     elif name == "nsynth":
         kw["split"] = args.split
     elif name == "cremad":

@@ -6,8 +6,18 @@ The CSV and class-id helpers that the readers of :mod:`zeroshot.datasets` share.
 from __future__ import annotations
 
 import csv
+import re
 from pathlib import Path
 from typing import Iterator, Sequence
+
+from .templates import CREMAD_SENTENCES
+
+# EVAR's CREMA-D test split: every clip of these 19 of the 91 speakers (1,551 of 7,438 clips); EVAR drew its
+# speaker split once (70/10/20 %) and ships it as metadata/cremad.csv
+CREMAD_TEST_SPEAKERS = frozenset(
+    "1001 1004 1017 1019 1020 1025 1026 1029 1033 1035 1042 1044 1050 1053 1056 1058 1060 1069 1083".split()
+)
+GTZAN_SPLIT_SOURCE = "GTZAN_split/ of github.com/jongpillee/music_dataset_split (EVAR's fault-filtered split)"
 
 
 class DatasetError(ValueError):
@@ -75,3 +85,17 @@ def record_target(pairs: dict[int, str], target: int, name: str, path: Path, lin
     known = pairs.setdefault(target, name)
     if known != name:
         raise DatasetError(f"{path}, line {line}: class id {target} is {name!r} here but {known!r} earlier")
+
+
+_CREMAD_NAME = re.compile(r"^(\d+)_([A-Z]{3})_([A-Z]{3})_([A-Z]{2})$")
+
+
+def cremad_label(path: str | Path) -> str:
+    """The emotion code of a CREMA-D file name (``1001_DFA_ANG_XX.wav`` -> ``ANG``)."""
+    m = _CREMAD_NAME.match(Path(path).stem)
+    if not m or m.group(3) not in CREMAD_SENTENCES:
+        raise DatasetError(
+            f"{path}: not a CREMA-D file name <actor>_<sentence>_<emotion>_<level>.wav with an "
+            f"emotion in {', '.join(CREMAD_SENTENCES)}"
+        )
+    return m.group(3)
