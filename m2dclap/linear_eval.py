@@ -54,7 +54,6 @@ from .eval_features import (  # noqa: F401
     save_cache,
 )
 from .eval_protocol import VAL_FRACTION, carve_val  # noqa: F401  (importable from here)
-from .metrics import mean_average_precision
 
 # the probe lives in m2dclap.probe; its names stay importable from here
 from .probe import (  # noqa: F401
@@ -66,6 +65,7 @@ from .probe import (  # noqa: F401
     standardisation,
     target_matrix,
     train_linear_probe,
+    train_over_seeds,
 )
 
 log = logging.getLogger(__name__)
@@ -166,6 +166,7 @@ def linear_eval(
     progress: bool | None = None,
     unit_seconds: float | str | None = "auto",
     task_name: str | None = None,
+    n_seeds: int = 3,
 ) -> dict[str, Any]:
     """Linear evaluation of ``checkpoint``'s clip features on ``manifest``; returns the result dict.
     ``unit_seconds``: the clips' common length (``"auto"``: EVAR's unit of ``task_name`` when it names a task
@@ -202,27 +203,24 @@ def linear_eval(
     if unseen:
         log.warning("test labels never seen in train: %s", ", ".join(unseen[:10]))
     t0 = time.perf_counter()
+    seeds = [seed + k for k in range(n_seeds)]
     with cpu_threads(1):
-        probe = train_linear_probe(
-            x["train"],
-            y["train"],
-            x["val"],
-            y["val"],
+        runs = train_over_seeds(
+            x,
+            y,
+            seeds,
             n_classes=len(classes),
             epochs=epochs,
             patience=patience,
             lr=lr,
             batch_size=probe_batch_size,
-            seed=seed,
             device=device or "cpu",
         )
-        test_scores = probe.predict(x["test"])
-    unconverged = not probe.stopped_early and probe.best_epoch > 0.9 * epochs
-    if unconverged:  # still improving at the cap: the figure understates the features
+    if runs["maybe_unconverged"]:  # still improving at the cap: the figure understates the features
         log.warning(
             "the best validation epoch is %d of at most %d: the probe may not have converged; "
             "raise --epochs or --lr (the paper's lr 3e-5 is slow on small sets)",
-            probe.best_epoch,
+            runs["best_epoch"],
             epochs,
         )
     result: dict[str, Any] = {
@@ -231,14 +229,15 @@ def linear_eval(
         "label_column": label_column,
         "split_column": split_column,
         "task": "multi-label" if multilabel else "single-label",
-        "metric": probe.metric,
-        "value": score_predictions(y["test"], test_scores),
+        "metric": runs["metric"],
+        "value": runs["value"],  # the mean over the seeds
+        "seed_values": runs["seed_values"],
         "chance": chance_level(y["train"], y["test"]),
-        "val_value": probe.val_score,
-        "epochs_run": probe.epochs_run,
-        "best_epoch": probe.best_epoch,
-        "stopped_early": probe.stopped_early,
-        "maybe_unconverged": unconverged,
+        "val_value": runs["val_value"],
+        "epochs_run": runs["epochs_run"],
+        "best_epoch": runs["best_epoch"],
+        "stopped_early": runs["stopped_early"],
+        "maybe_unconverged": runs["maybe_unconverged"],
         "n_train": len(ids["train"]),
         "n_val": len(ids["val"]),
         "n_test": len(ids["test"]),
@@ -254,17 +253,18 @@ def linear_eval(
         "patience": patience,
         "lr": lr,
         "probe_batch_size": probe_batch_size,
-        "seed": seed,
+        "seed": seed,  # of the crops and the val draw; the probe's seeds are seed, seed + 1, ...
+        "n_seeds": n_seeds,
         "evar_task": evar_task,
         "unit_rule": unit_rule,  # why the clips were cut to unit_seconds
         **info,
         "train_seconds": round(time.perf_counter() - t0, 3),
-        "history": probe.history,
+        "seeds": runs["seeds"],  # each seed's figures and history
     }
     if multilabel:
-        _, ap, empty = mean_average_precision(y["test"], test_scores, no_positive="zero")
+        ap = runs["per_class_ap"]
         result["n_classes_scored"] = int((~np.isnan(ap)).sum())
-        result["classes_without_positive"] = [classes[c] for c in empty]  # AP 0 in the mean
+        result["classes_without_positive"] = [c for c, a in zip(classes, ap) if np.isnan(a)]  # AP 0 in the mean
         result["per_class_ap"] = {c: float(a) for c, a in zip(classes, ap) if not np.isnan(a)}
     return result
 
@@ -275,8 +275,10 @@ def format_result(result: dict[str, Any]) -> str:
     bad = f"; {result['n_bad']} unreadable file(s) skipped" if result["n_bad"] else ""
     unit = f"{result['unit_seconds']:.4g} s" if result.get("unit_seconds") else "whole clips"
     unit = f"; unit {unit} ({result.get('unit_rule', '--unit-seconds')})"
+    values = result.get("seed_values") or [result["value"]]
+    seeds = f", mean of {len(values)} seeds: {' '.join(f'{v:.4f}' for v in values)}" if len(values) > 1 else ""
     return (
-        f"linear eval {result['metric']} {result['value']:.4f} (chance {result['chance']:.4f}){unit}; "
+        f"linear eval {result['metric']} {result['value']:.4f}{seeds} (chance {result['chance']:.4f}){unit}; "
         f"epochs run {result['epochs_run']}, best epoch {result['best_epoch']}"
         f"{' (in the last tenth of --epochs: may not have converged)' if result.get('maybe_unconverged') else ''}; "
         f"train {result['n_train']} / val {result['n_val']}{val} / test {result['n_test']}{bad}"
@@ -340,7 +342,10 @@ class LinearEvalOptions:
         + ", ".join(f"{k} {v:g} s" for k, v in protocol.EVAR_UNIT_SECONDS.items())
         + " (default: none; the mean clip duration)",
     )
-    seed: int = option(0, help="seed of the crops, the layer's init, the batch order and the val carving")
+    seed: int = option(0, help="seed of the crops and the val draw; the probe's seeds are SEED, SEED+1, ...")
+    seeds: int = option(
+        3, minimum=1, metavar="N", help="train the probe with N seeds and average their scores (default: 3, EVAR)"
+    )
     device: str | None = option(None, help="cpu, cuda, cuda:1 (default: cuda when available)")
     quiet: bool = option(False, aliases="-q", help="only warnings; no progress bar")
 
@@ -385,6 +390,7 @@ def run(opts: LinearEvalOptions) -> int:
             progress=False if opts.quiet else None,
             unit_seconds=unit_seconds,
             task_name=opts.task,
+            n_seeds=opts.seeds,
         )
     except (LinearEvalError, ManifestError, FileNotFoundError) as e:
         raise CliError(str(e)) from None

@@ -17,7 +17,7 @@ import logging
 import math
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Iterator, Sequence
+from typing import Any, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -173,6 +173,50 @@ def train_linear_probe(
         bias=bias.cpu(),
         history=history,
     )
+
+
+def train_over_seeds(
+    x: dict[str, np.ndarray], y: dict[str, np.ndarray], seeds: Sequence[int], n_classes: int | None = None, **train_kw
+) -> dict[str, Any]:
+    """EVAR's figure: the probe trained once per seed on ``x``/``y`` (by split: train, val, test), each scored on
+    test, and the scores averaged. Returns ``value`` (the mean), ``seed_values``, the mean ``val_value``, the
+    longest run (``epochs_run``, ``best_epoch``), ``stopped_early`` (every seed), ``maybe_unconverged`` (any
+    seed's best epoch in the last tenth of ``epochs`` without stopping early), the per-class AP averaged over
+    the seeds for multi-label targets, and ``seeds``: each seed's figures and history."""
+    epochs = train_kw.get("epochs", 200)
+    runs, per_class = [], []
+    for seed in seeds:
+        probe = train_linear_probe(x["train"], y["train"], x["val"], y["val"], n_classes, seed=seed, **train_kw)
+        logits = probe.predict(x["test"])
+        if y["test"].ndim == 2:
+            per_class.append(mean_average_precision(y["test"], logits, no_positive="zero")[1])
+        unconverged = not probe.stopped_early and probe.best_epoch > 0.9 * epochs
+        runs.append(
+            {
+                "seed": seed,
+                "value": score_predictions(y["test"], logits),
+                "val_value": probe.val_score,
+                "epochs_run": probe.epochs_run,
+                "best_epoch": probe.best_epoch,
+                "stopped_early": probe.stopped_early,
+                "maybe_unconverged": unconverged,
+                "history": probe.history,
+            }
+        )
+    out: dict[str, Any] = {
+        "metric": "mAP" if y["train"].ndim == 2 else "accuracy",
+        "value": float(np.mean([r["value"] for r in runs])),
+        "seed_values": [r["value"] for r in runs],
+        "val_value": float(np.mean([r["val_value"] for r in runs])),
+        "epochs_run": max(r["epochs_run"] for r in runs),
+        "best_epoch": max(r["best_epoch"] for r in runs),
+        "stopped_early": all(r["stopped_early"] for r in runs),
+        "maybe_unconverged": any(r["maybe_unconverged"] for r in runs),
+        "seeds": runs,
+    }
+    if per_class:
+        out["per_class_ap"] = np.mean(per_class, axis=0)  # (C,), NaN for a class without a test positive
+    return out
 
 
 @contextmanager

@@ -168,3 +168,31 @@ def test_a_carved_validation_set_that_cannot_hold_every_class_warns(caplog):
     labels = {i: [f"class{i}"] for i in ids}  # ten classes, one validation clip
     train, val = le.carve_val(ids, seed=0, labels=labels, max_draws=5)
     assert len(val) == 1 and "lacks 9" in caplog.text
+
+
+# ----------------------------------------------------------------------------------------------- seeds
+def test_the_probe_is_trained_with_three_seeds_by_default_and_the_scores_averaged(tmp_path, monkeypatch, capsys):
+    from m2dclap.data.manifest import Record, write_manifest
+
+    rng = np.random.default_rng(0)
+    records = [
+        Record(id=f"c{i}", audio=tmp_path / f"c{i}.wav", labels=["ab"[i % 2]], split=["train", "val", "test"][i % 3])
+        for i in range(60)
+    ]
+    manifest = write_manifest(records, tmp_path / "m.csv")
+    x = rng.standard_normal((60, 6)).astype(np.float32)
+    x[:, 0] += np.arange(60) % 2 * 0.7  # weakly separable: the seeds differ
+
+    def fake_features(checkpoint, manifest, records, *args, **kwargs):
+        return le.Features([r.id for r in records], x, []), {"unit_seconds": None}
+
+    monkeypatch.setattr(le, "clip_features", fake_features)
+    out = tmp_path / "r.json"
+    rc = le.main(["-c", "tiny", "--data", str(manifest), "--epochs", "3", "--lr", "1e-2", "--out", str(out)])
+    res = json.loads(out.read_text())
+    assert rc == 0 and res["n_seeds"] == 3 and [r["seed"] for r in res["seeds"]] == [0, 1, 2]
+    assert len(res["seed_values"]) == 3 and res["value"] == pytest.approx(np.mean(res["seed_values"]))
+    assert [r["value"] for r in res["seeds"]] == res["seed_values"]
+    assert "mean of 3 seeds" in capsys.readouterr().out
+    rc = le.main(["-c", "tiny", "--data", str(manifest), "--epochs", "3", "--seeds", "1", "--out", str(out)])
+    assert rc == 0 and len(json.loads(out.read_text())["seed_values"]) == 1
