@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import logging
 import re
-from typing import Mapping, Sequence
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 
@@ -38,6 +38,7 @@ EVAR_UNIT_SECONDS = {
     "voxforge": 5.8,
     "surge": 4.0,
 }
+FOLD_TASKS = ("esc50", "us8k")  # tasks EVAR evaluates leaving one fold out at a time (5 and 10 folds)
 # other spellings of the names above (compared without case, spaces, '-' and '_')
 TASK_ALIASES = {"urbansound8k": "us8k", "speechcommands": "spcv2", "speechcommandsv2": "spcv2", "voxceleb1": "vc1"}
 
@@ -100,3 +101,43 @@ def carve_val(
             ", ".join(sorted(best_missing)[:10]),
         )
     return ([t for i, t in enumerate(train_ids) if i not in best], [t for i, t in enumerate(train_ids) if i in best])
+
+
+def fold_plans(folds: Mapping[str, str], ids: Sequence[str]) -> list[tuple[str, dict[str, list[str]]]]:
+    """EVAR's leave-one-fold-out: for each fold (id -> fold name in ``folds``) of the clips ``ids``, that fold
+    is test and the others train; val is empty (drawn from train by :func:`carve_val`)."""
+    names = sorted({folds[i] for i in ids}, key=lambda f: (not f.isdigit(), int(f) if f.isdigit() else 0, f))
+    if len(names) < 2:
+        raise LinearEvalError(f"leave-one-fold-out needs two folds or more, found {len(names)}: {names}")
+    return [
+        (f, {"train": [i for i in ids if folds[i] != f], "val": [], "test": [i for i in ids if folds[i] == f]})
+        for f in names
+    ]
+
+
+def average_folds(parts: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """One figure from the runs of each fold (:func:`m2dclap.probe.train_over_seeds` plus ``fold``, ``chance``,
+    ``val_from_train`` and the split sizes): scores averaged over the folds (a single run is returned as is,
+    with its ``seeds``); with folds, ``fold_values`` and ``folds`` keep each fold's figures."""
+    if len(parts) == 1:
+        return dict(parts[0])
+    mean = lambda k: float(np.mean([p[k] for p in parts]))  # noqa: E731
+    out = {
+        "metric": parts[0]["metric"],
+        "value": mean("value"),
+        "seed_values": np.mean([p["seed_values"] for p in parts], axis=0).tolist(),  # each seed's mean over folds
+        "fold_values": {p["fold"]: p["value"] for p in parts},
+        "chance": mean("chance"),
+        "val_value": mean("val_value"),
+        "epochs_run": max(p["epochs_run"] for p in parts),
+        "best_epoch": max(p["best_epoch"] for p in parts),
+        "stopped_early": all(p["stopped_early"] for p in parts),
+        "maybe_unconverged": any(p["maybe_unconverged"] for p in parts),
+        "val_from_train": any(p["val_from_train"] for p in parts),
+        **{f"n_{s}": round(mean(f"n_{s}")) for s in ("train", "val", "test")},  # per fold, on average
+        "folds": [{k: v for k, v in p.items() if k not in ("per_class_ap", "seeds")} for p in parts],
+        "seeds": [dict(r, fold=p["fold"]) for p in parts for r in p["seeds"]],
+    }
+    if "per_class_ap" in parts[0]:
+        out["per_class_ap"] = np.mean([p["per_class_ap"] for p in parts], axis=0)
+    return out

@@ -94,6 +94,11 @@ class Task:
         return [r.id for r in self.records if self.splits.get(r.id) == split and r.id in self.labels]
 
 
+def _fold(cell: Any) -> str | None:
+    text = "" if cell is None else str(cell).strip()
+    return text.removesuffix(".0") if text else None  # a fold read as a float: 1.0 -> "1"
+
+
 def _parse_split(cell: Any, path: Path, rec: Record) -> str | None:
     if cell is None or not str(cell).strip():
         return None
@@ -103,9 +108,12 @@ def _parse_split(cell: Any, path: Path, rec: Record) -> str | None:
     return s
 
 
-def read_task(manifest: str | Path, label_column: str = "labels", split_column: str = "split") -> Task:
+def read_task(
+    manifest: str | Path, label_column: str = "labels", split_column: str = "split", folds: bool = False
+) -> Task:
     """Read labels and splits from ``manifest``; raise :class:`LinearEvalError` for a missing column,
-    a manifest without labels, or an empty train or test split."""
+    a manifest without labels, or an empty train or test split. ``folds``: ``split_column`` holds fold names
+    (any value), kept as the splits."""
     path = Path(manifest)
     records = read_manifest(path)
     if not records:
@@ -122,7 +130,8 @@ def read_task(manifest: str | Path, label_column: str = "labels", split_column: 
     labels, splits = {}, {}
     n_unlabelled = n_no_split = 0
     for rec, lab_cell, split_cell in zip(records, raw_labels, raw_splits):
-        labs, split = parse_labels(lab_cell), _parse_split(split_cell, path, rec)
+        labs = parse_labels(lab_cell)
+        split = _fold(split_cell) if folds else _parse_split(split_cell, path, rec)
         n_unlabelled += bool(split and not labs)
         n_no_split += bool(labs and not split)
         if labs and split:
@@ -133,7 +142,8 @@ def read_task(manifest: str | Path, label_column: str = "labels", split_column: 
             f"column {split_column!r}; nothing to evaluate"
         )
     task = Task(records, labels, splits, n_unlabelled, n_no_split)
-    check_splits(task, path)
+    if not folds:
+        check_splits(task, path)
     if n_unlabelled or n_no_split:
         log.warning("%s: left out %d clip(s) without labels and %d without a split", path, n_unlabelled, n_no_split)
     return task
@@ -167,55 +177,64 @@ def linear_eval(
     unit_seconds: float | str | None = "auto",
     task_name: str | None = None,
     n_seeds: int = 3,
+    folds: bool | None = None,
+    fold_column: str = "fold",
 ) -> dict[str, Any]:
     """Linear evaluation of ``checkpoint``'s clip features on ``manifest``; returns the result dict.
     ``unit_seconds``: the clips' common length (``"auto"``: EVAR's unit of ``task_name`` when it names a task
-    EVAR evaluates, else their mean duration; None or 0: whole clips)."""
-    task = read_task(manifest, label_column, split_column)
+    EVAR evaluates, else their mean duration; None or 0: whole clips). ``folds``: leave one fold of
+    ``fold_column`` out at a time and average (None: when ``task_name`` is esc50 or us8k and the column exists)."""
     evar_task = None if task_name is None else protocol.task_name(task_name)
+    if folds is None:  # EVAR's folds for its fold tasks when the manifest has the column
+        folds = evar_task in protocol.FOLD_TASKS and raw_columns(manifest, (fold_column,))[0][fold_column] is not None
+    task = read_task(manifest, label_column, fold_column if folds else split_column, folds=folds)
     unit_seconds, unit_rule = protocol.unit_length(evar_task, unit_seconds, task.records)
-    feats, info = clip_features(
-        checkpoint,
-        manifest,
-        task.records,
-        cache_dir,
-        batch_size,
-        device,
-        progress,
-        unit_seconds,
-        seed,
-        from_start=task.ids("test"),
-    )
-    have = set(feats.ids)
-    bad_ids = {r.id for r in task.records if r.id not in have}
-    check_splits(task, manifest, bad_ids)
-    ids = {s: [i for i in task.ids(s) if i in have] for s in SPLITS}
-    carved = not ids["val"]
-    if carved:
-        ids["train"], ids["val"] = carve_val(ids["train"], seed, labels=task.labels)
-        log.info("no val split: %d of the train clips serve as validation", len(ids["val"]))
+    every = [r.id for r in task.records]
+
+    def features(from_start: Sequence[str]) -> tuple[Features, dict[str, Any]]:
+        args = (cache_dir, batch_size, device, progress, unit_seconds, seed)
+        return clip_features(checkpoint, manifest, task.records, *args, from_start=from_start)
+
+    # a fold's test clips are cropped from the start, its train clips at random: two sets of features
+    feats, info = features(() if folds else task.ids("test"))
+    feats_test = features(every)[0] if folds and unit_seconds else feats
+    have = set(feats.ids) & set(feats_test.ids)
     multilabel = task.multilabel
-    classes = sorted({lab for s in SPLITS for i in ids[s] for lab in task.labels[i]})
-    x = {s: feats.rows(ids[s]) for s in SPLITS}
-    y = {s: target_matrix(ids[s], task.labels, classes, multilabel) for s in SPLITS}
-    seen = {c for i in ids["train"] for c in task.labels[i]}
-    unseen = sorted({c for i in ids["test"] for c in task.labels[i]} - seen)
-    if unseen:
-        log.warning("test labels never seen in train: %s", ", ".join(unseen[:10]))
+    classes = sorted({lab for i in task.labels if i in have for lab in task.labels[i]})
+    if folds:
+        plans = protocol.fold_plans(task.splits, [i for i in every if i in have and i in task.labels])
+    else:
+        check_splits(task, manifest, {i for i in every if i not in have})
+        plans = [(None, {s: [i for i in task.ids(s) if i in have] for s in SPLITS})]
     t0 = time.perf_counter()
-    seeds = [seed + k for k in range(n_seeds)]
-    with cpu_threads(1):
-        runs = train_over_seeds(
-            x,
-            y,
-            seeds,
-            n_classes=len(classes),
-            epochs=epochs,
-            patience=patience,
-            lr=lr,
-            batch_size=probe_batch_size,
-            device=device or "cpu",
+    parts = []
+    for fold, ids in plans:
+        carved = not ids["val"]
+        if carved:
+            ids["train"], ids["val"] = carve_val(ids["train"], seed, labels=task.labels)
+            log.info("no val split: %d of the train clips serve as validation", len(ids["val"]))
+        x = {s: (feats_test if s == "test" else feats).rows(ids[s]) for s in SPLITS}
+        y = {s: target_matrix(ids[s], task.labels, classes, multilabel) for s in SPLITS}
+        unseen = sorted(
+            {c for i in ids["test"] for c in task.labels[i]} - {c for i in ids["train"] for c in task.labels[i]}
         )
+        if unseen:
+            log.warning("test labels never seen in train: %s", ", ".join(unseen[:10]))
+        with cpu_threads(1):
+            runs = train_over_seeds(
+                x,
+                y,
+                [seed + k for k in range(n_seeds)],
+                n_classes=len(classes),
+                epochs=epochs,
+                patience=patience,
+                lr=lr,
+                batch_size=probe_batch_size,
+                device=device or "cpu",
+            )
+        runs |= {"fold": fold, "chance": chance_level(y["train"], y["test"]), "val_from_train": carved}
+        parts.append(runs | {f"n_{s}": len(ids[s]) for s in SPLITS})
+    runs = protocol.average_folds(parts)
     if runs["maybe_unconverged"]:  # still improving at the cap: the figure understates the features
         log.warning(
             "the best validation epoch is %d of at most %d: the probe may not have converged; "
@@ -227,26 +246,14 @@ def linear_eval(
         "checkpoint": str(checkpoint),
         "data": str(manifest),
         "label_column": label_column,
-        "split_column": split_column,
+        "split_column": fold_column if folds else split_column,
         "task": "multi-label" if multilabel else "single-label",
-        "metric": runs["metric"],
-        "value": runs["value"],  # the mean over the seeds
-        "seed_values": runs["seed_values"],
-        "chance": chance_level(y["train"], y["test"]),
-        "val_value": runs["val_value"],
-        "epochs_run": runs["epochs_run"],
-        "best_epoch": runs["best_epoch"],
-        "stopped_early": runs["stopped_early"],
-        "maybe_unconverged": runs["maybe_unconverged"],
-        "n_train": len(ids["train"]),
-        "n_val": len(ids["val"]),
-        "n_test": len(ids["test"]),
-        "val_from_train": carved,
+        **{k: v for k, v in runs.items() if k not in ("per_class_ap", "fold", "seeds")},  # value: mean over seeds
         "n_classes": len(classes),
         "classes": classes,
         "feature_dim": int(feats.clip.shape[1]),
-        "n_bad": len(feats.bad),
-        "bad_files": [{"path": p, "error": e} for p, e in feats.bad],
+        "n_bad": len({p for p, _ in feats.bad + feats_test.bad}),
+        "bad_files": [{"path": p, "error": e} for p, e in dict(feats.bad + feats_test.bad).items()],
         "n_unlabelled": task.n_unlabelled,
         "n_no_split": task.n_no_split,
         "epochs": epochs,
@@ -259,7 +266,7 @@ def linear_eval(
         "unit_rule": unit_rule,  # why the clips were cut to unit_seconds
         **info,
         "train_seconds": round(time.perf_counter() - t0, 3),
-        "seeds": runs["seeds"],  # each seed's figures and history
+        "seeds": runs["seeds"],  # each seed's figures and history (of each fold)
     }
     if multilabel:
         ap = runs["per_class_ap"]
@@ -276,9 +283,10 @@ def format_result(result: dict[str, Any]) -> str:
     unit = f"{result['unit_seconds']:.4g} s" if result.get("unit_seconds") else "whole clips"
     unit = f"; unit {unit} ({result.get('unit_rule', '--unit-seconds')})"
     values = result.get("seed_values") or [result["value"]]
+    folds = f", mean of {len(result['fold_values'])} folds" if result.get("fold_values") else ""
     seeds = f", mean of {len(values)} seeds: {' '.join(f'{v:.4f}' for v in values)}" if len(values) > 1 else ""
     return (
-        f"linear eval {result['metric']} {result['value']:.4f}{seeds} (chance {result['chance']:.4f}){unit}; "
+        f"linear eval {result['metric']} {result['value']:.4f}{folds}{seeds} (chance {result['chance']:.4f}){unit}; "
         f"epochs run {result['epochs_run']}, best epoch {result['best_epoch']}"
         f"{' (in the last tenth of --epochs: may not have converged)' if result.get('maybe_unconverged') else ''}; "
         f"train {result['n_train']} / val {result['n_val']}{val} / test {result['n_test']}{bad}"
@@ -343,6 +351,13 @@ class LinearEvalOptions:
         + " (default: none; the mean clip duration)",
     )
     seed: int = option(0, help="seed of the crops and the val draw; the probe's seeds are SEED, SEED+1, ...")
+    folds: bool = option(
+        False,
+        help="leave one fold of --fold-column out at a time as test (val drawn from the other folds) and average "
+        "the folds' scores, as EVAR for ESC-50 (5 folds) and US8K (10); automatic with --task esc50/us8k when "
+        "the column exists",
+    )
+    fold_column: str = option("fold", help="column holding each clip's fold (default: fold)")
     seeds: int = option(
         3, minimum=1, metavar="N", help="train the probe with N seeds and average their scores (default: 3, EVAR)"
     )
@@ -391,6 +406,8 @@ def run(opts: LinearEvalOptions) -> int:
             unit_seconds=unit_seconds,
             task_name=opts.task,
             n_seeds=opts.seeds,
+            folds=True if opts.folds else None,
+            fold_column=opts.fold_column,
         )
     except (LinearEvalError, ManifestError, FileNotFoundError) as e:
         raise CliError(str(e)) from None

@@ -196,3 +196,33 @@ def test_the_probe_is_trained_with_three_seeds_by_default_and_the_scores_average
     assert "mean of 3 seeds" in capsys.readouterr().out
     rc = le.main(["-c", "tiny", "--data", str(manifest), "--epochs", "3", "--seeds", "1", "--out", str(out)])
     assert rc == 0 and len(json.loads(out.read_text())["seed_values"]) == 1
+
+
+# ----------------------------------------------------------------------------------------------- folds
+def test_leave_one_fold_out_from_the_fold_column_averages_the_folds(tmp_path, monkeypatch, capsys):
+    rows = ["id,audio,labels,fold"] + [f"c{i},c{i}.wav,{'ab'[i % 2]},{i % 5 + 1}" for i in range(50)]
+    manifest = tmp_path / "esc.csv"
+    manifest.write_text("\n".join(rows) + "\n")
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((50, 4)).astype(np.float32)
+    x[:, 0] += np.arange(50) % 2 * 3.0
+    calls = []
+
+    def fake_features(checkpoint, manifest, records, *args, from_start=(), **kwargs):
+        calls.append(sorted(from_start))
+        return le.Features([r.id for r in records], x, []), {"unit_seconds": args[4]}
+
+    monkeypatch.setattr(le, "clip_features", fake_features)
+    out = tmp_path / "r.json"
+    args = ["-c", "tiny", "--data", str(manifest), "--epochs", "3", "--lr", "1e-2", "--seeds", "1", "--out", str(out)]
+    assert le.main([*args, "--task", "esc50"]) == 0  # automatic: esc50 with a fold column
+    res = json.loads(out.read_text())
+    assert list(res["fold_values"]) == ["1", "2", "3", "4", "5"]
+    assert res["value"] == pytest.approx(np.mean(list(res["fold_values"].values())))
+    assert res["n_test"] == 10 and res["n_train"] + res["n_val"] == 40 and res["val_from_train"]
+    assert [f["n_test"] for f in res["folds"]] == [10] * 5
+    # features twice: train clips cropped at random, test clips from the start
+    assert calls == [[], sorted(f"c{i}" for i in range(50))]
+    assert "mean of 5 folds" in capsys.readouterr().out
+    assert le.main([*args, "--folds", "--unit-seconds", "0"]) == 0  # explicit, any task
+    assert len(json.loads(out.read_text())["fold_values"]) == 5
