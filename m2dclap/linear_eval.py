@@ -1,6 +1,6 @@
-"""Linear evaluation of frozen clip features (paper IV-B1, the EVAR protocol).
+"""Linear evaluation of frozen clip features (paper IV-B1): EVAR's protocol, with EVAR's per-task units.
 
-    python -m m2dclap.linear_eval --checkpoint CKPT --data manifest.csv --out results.json --cache feats/
+    python -m m2dclap.linear_eval --checkpoint CKPT --data manifest.csv --task esc50 --out results.json --cache feats/
 
 Each clip of the manifest becomes its clip feature z'' (``model.audio_features(...)['clip']``, (F'*D,), 3840-d
 for ViT-B), extracted once and cached. As in EVAR (paper IV-A: "we randomly cropped or zero-padded the average
@@ -17,6 +17,13 @@ Single-label tasks (every row has one label) use cross-entropy and report accura
 row has several ``;``-separated labels) use binary cross-entropy and report macro mAP: the average precision
 of each class averaged over all classes, a class without a positive in the scored split counting 0 (EVAR's
 figure with current scikit-learn).
+
+Without a val split, 10 % of train is drawn (seeded) as validation, again until it holds every train class.
+The probe is trained with three seeds and their test scores averaged. ESC-50 and US8K are scored leaving one
+fold out at a time (``--folds``, automatic with ``--task esc50``/``us8k`` and a ``fold`` column), the
+folds' scores averaged. Options that depart from EVAR's protocol: ``--unit-seconds`` (and a manifest of a
+task EVAR does not evaluate, which gets the mean-duration unit), ``--seeds`` other than 3, and ``--epochs``,
+``--patience``, ``--lr``, ``--probe-batch-size`` other than their defaults.
 
 Library use::
 
@@ -298,8 +305,12 @@ def format_result(result: dict[str, Any]) -> str:
 # ---------------------------------------------------------------------------------------------------
 PROG = "python -m m2dclap.linear_eval"
 DESCRIPTION = (
-    "Linear evaluation of frozen M2D / M2D-CLAP clip features (paper IV-B1): standardised clip features, "
-    "one linear layer, Adam, early stopping on the val split, score on test. Accuracy for single-label "
+    "Linear evaluation of frozen M2D / M2D-CLAP clip features (paper IV-B1) with EVAR's protocol and its "
+    "per-task units (--task): clips cut to the task's unit (test from the start), features standardised on "
+    "train+val, one linear layer, Adam (weight decay 1e-8), early stopping on val (drawn from train when "
+    "absent), three seeds averaged, leave-one-fold-out for esc50/us8k. Departing from it: --unit-seconds, "
+    "--seeds other than 3, --epochs/--patience/--lr/--probe-batch-size other than the defaults, and a task "
+    "EVAR does not evaluate (unit: the mean clip duration). Accuracy for single-label "
     "tasks, macro mAP over all classes when any clip has several ';'-separated labels (a class without a "
     "positive in the test split scores 0, as EVAR with current scikit-learn). Clips that cannot be read "
     "(undecodable, empty, NaN/Inf, or too short when --unit-seconds 0) are skipped and named on stderr "
@@ -316,7 +327,8 @@ class LinearEvalOptions:
     label_column: str = option("labels", help="column holding the labels (default: labels)")
     split_column: str = option(
         "split",
-        help="column holding train/val/test (default: split); without a val split, 10%% of train (seeded) validates",
+        help="column holding train/val/test (default: split); without a val split, 10%% of train (seeded) "
+        "validates, drawn again until it holds every train class (EVAR)",
     )
     batch_size: int = option(16, minimum=1, help="clips per model call (default: 16)")
     probe_batch_size: int = option(

@@ -226,3 +226,12 @@ def test_leave_one_fold_out_from_the_fold_column_averages_the_folds(tmp_path, mo
     assert "mean of 5 folds" in capsys.readouterr().out
     assert le.main([*args, "--folds", "--unit-seconds", "0"]) == 0  # explicit, any task
     assert len(json.loads(out.read_text())["fold_values"]) == 5
+
+
+def test_help_names_the_protocol_and_the_options_that_depart_from_it(capsys):
+    with pytest.raises(SystemExit):
+        le.main(["--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "EVAR's protocol" in text and "per-task units" in text
+    assert "Departing from it: --unit-seconds, --seeds other than 3" in text
+    assert "EVAR's protocol" in le.__doc__ and "depart from EVAR's protocol" in " ".join(le.__doc__.split())
