@@ -37,6 +37,7 @@ EVAR_UNIT_SECONDS = {
     "vc1": 8.2,
     "voxforge": 5.8,
     "surge": 4.0,
+    "audioset": 10.0,  # EVAR's as20k / as2m
 }
 FOLD_TASKS = ("esc50", "us8k")  # tasks EVAR evaluates leaving one fold out at a time (5 and 10 folds)
 # other spellings of the names above (compared without case, spaces, '-' and '_')

@@ -35,6 +35,7 @@ import numpy as np
 
 from m2dclap.cli import TEXT_MODEL_HELP, CliError, option, resolve_device, run_cli
 from m2dclap.embed_files import report_skipped
+from m2dclap.eval_protocol import EVAR_UNIT_SECONDS as ALL_EVAR_UNITS
 
 from . import metrics
 from .classifier import FilePredictions, ZeroShotClassifier
@@ -46,16 +47,9 @@ from .templates import TemplateError, as_template_list
 log = logging.getLogger(__name__)
 
 PROG = "python -m zeroshot.evaluate"
-# EVAR's unit length of each task (seconds): every test clip is cut to it from the start or padded with zeros
-EVAR_UNIT_SECONDS = {
-    "esc50": 5.0,
-    "us8k": 4.0,
-    "gtzan": 30.0,
-    "nsynth": 4.0,
-    "cremad": 2.5,
-    "fsd50k": 7.6358,
-    "audioset": 10.0,
-}
+# EVAR's unit length of each zero-shot task (seconds), from the one table the linear evaluation uses too: every
+# test clip is cut to it from the start or padded with zeros
+EVAR_UNIT_SECONDS = {k: v for k, v in ALL_EVAR_UNITS.items() if k in DATASETS}
 
 
 # ----------------------------------------------------------------------------------------------- library
