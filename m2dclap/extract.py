@@ -31,18 +31,15 @@ from .audio_files import AudioItem
 from .cli import EXIT_SKIPPED, CliError, option, resolve_device, run_cli
 from .embed_files import AudioBatches, min_samples_of, report_skipped
 
-# the output folder (names, atomic writes, ledgers, lock, meta.json) lives in m2dclap.extract_outputs;
-# its names stay importable from here
-from .extract_outputs import (  # noqa: F401
+# the output folder (names, atomic writes, ledgers, lock, meta.json) lives in m2dclap.extract_outputs
+from .extract_outputs import (
     ERROR_FIELDS,
     FEATURE_KINDS,
     INDEX_FIELDS,
     ExtractError,
-    atomic_output,
     check_output_names,
     lock_output_dir,
     prepare_out_dir,
-    read_ledger,
     remove_stale_tmp,
     save_npy,
     valid_index_row,

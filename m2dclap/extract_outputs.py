@@ -49,16 +49,15 @@ def check_output_names(items: Sequence[AudioItem]) -> None:
 # ---------------------------------------------------------------------------------------------------
 # Small file helpers: atomic writes, a tolerant ledger, a lock
 # ---------------------------------------------------------------------------------------------------
-atomic_output = atomic_write  # open a temporary file beside the target; renamed over it on success
 
 
 def save_npy(path: Path, array: np.ndarray) -> None:
-    with atomic_output(path) as f:
+    with atomic_write(path) as f:
         np.save(f, array)
 
 
 def write_ledger(path: Path, fields: Sequence[str], rows: Sequence[dict[str, str]]) -> None:
-    with atomic_output(path, "w") as f:
+    with atomic_write(path, "w") as f:
         writer = csv.DictWriter(f, fieldnames=fields)
         writer.writeheader()
         writer.writerows(rows)
@@ -158,6 +157,6 @@ def prepare_out_dir(
             index, errors = {}, {}
         else:
             meta["features"] = [k for k in FEATURE_KINDS if k in set(kinds) | set(old.get("features", []))]
-    with atomic_output(meta_path, "w") as f:
+    with atomic_write(meta_path, "w") as f:
         f.write(json.dumps(meta, indent=2) + "\n")
     return index, errors
