@@ -119,7 +119,7 @@ def cache_features(
     from .caption import feature_settings
     from .clap_backends import get_backend
     from .codec import DEFAULT_BANDWIDTH, LazyCodec
-    from .train import DATASET_PRESETS, read_named_split
+    from .features import DATASET_PRESETS, read_named_split
 
     if str(data) in DATASET_PRESETS:
         records = read_named_split(str(data), data_root, split or "test", audio_pattern).records
@@ -162,7 +162,7 @@ def predict_checkpoint(
 
     from .data import CaptionDataset, make_collate, read_index
     from .model import EnClapCaptioner
-    from .train import predict
+    from .validation import predict
 
     model = EnClapCaptioner.from_pretrained(ckpt).to(device).eval()
     clips = [c for c in read_index(index, split) if c.captions][:max_clips]

@@ -44,27 +44,10 @@ from m2dclap.fileio import atomic_write_text
 from m2dclap.train.engine import Engine, KeepBest, LoopCfg, make_accelerator
 
 from .codec import DEFAULT_BANDWIDTH
-from .data import (
-    CAPTION_SAMPLING,  # noqa: F401  (re-exported: importable from here before the options moved out)
-    CaptionDataset,
-    build_word_tokenizer,
-    make_collate,
-    read_index,
-)
-from .features import (
-    DATASET_PRESETS,  # noqa: F401  (captioning.evaluate imports it, read_named_split and predict from here)
-    DEFAULT_CLAP_CHECKPOINT,  # noqa: F401  (re-exported, as above)
-    dataset_preset,  # noqa: F401  (re-exported, as above)
-    prepare_cache,
-    read_named_split,  # noqa: F401  (re-exported, as above)
-)
+from .data import CaptionDataset, build_word_tokenizer, make_collate, read_index
+from .features import prepare_cache
 from .metrics import MetricUnavailableError
-from .train_options import (
-    SELECTION_METRICS,  # noqa: F401  (re-exported: the options and presets moved to train_options)
-    TOP_K,  # noqa: F401  (re-exported, as above)
-    TrainOptions,
-    apply_presets,
-)
+from .train_options import TrainOptions, apply_presets
 from .validation import choose_selection_metric, predict, validation_scores
 
 log = logging.getLogger("captioning.train")
