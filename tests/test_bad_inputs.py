@@ -218,74 +218,32 @@ def _probe_manifest(path: Path, good_dir: Path, extra: list[Path] = ()) -> Path:
     return write_manifest(rows, path)
 
 
-def test_linear_eval_batch_size_dividing_the_clip_count_calls_no_empty_batch(audio_ckpt, tmp_path, caplog):
+def _linear_eval(checkpoint: Path, data: Path, out: Path, batch_size: int, *extra: str) -> int:
+    """m2dclap.linear_eval on ``data`` for 2 epochs, quiet, its JSON written to ``out``."""
     from m2dclap import linear_eval as le
 
+    argv = ["--checkpoint", str(checkpoint), "--data", str(data), "--batch-size", str(batch_size), "--epochs", "2"]
+    return le.main([*argv, *extra, "--out", str(out), "--quiet"])
+
+
+def test_linear_eval_batch_size_dividing_the_clip_count_calls_no_empty_batch(audio_ckpt, tmp_path, caplog):
     data = _probe_manifest(tmp_path / "m.csv", tmp_path)
     with caplog.at_level(logging.INFO, logger="m2dclap"):
-        rc = le.main(
-            [
-                "--checkpoint",
-                str(audio_ckpt),
-                "--data",
-                str(data),
-                "--batch-size",
-                "4",
-                "--epochs",
-                "2",
-                "--out",
-                str(tmp_path / "r.json"),
-                "--quiet",
-            ]
-        )
+        rc = _linear_eval(audio_ckpt, data, tmp_path / "r.json", 4)
     assert rc == 0
     assert "a batch of 0" not in caplog.text and "non-empty TensorList" not in caplog.text
     assert json.loads((tmp_path / "r.json").read_text())["n_bad"] == 0
 
 
 def test_linear_eval_skips_short_clips_when_not_padding(audio, audio_ckpt, tmp_path, capsys):
-    from m2dclap import linear_eval as le
-
     data = _probe_manifest(tmp_path / "m.csv", tmp_path, [audio[n] for n in SHORT])
-    rc = le.main(
-        [
-            "--checkpoint",
-            str(audio_ckpt),
-            "--data",
-            str(data),
-            "--batch-size",
-            "3",
-            "--epochs",
-            "2",
-            "--unit-seconds",
-            "0",
-            "--out",
-            str(tmp_path / "r.json"),
-            "--quiet",
-        ]
-    )
+    rc = _linear_eval(audio_ckpt, data, tmp_path / "r.json", 3, "--unit-seconds", "0")
     err = capsys.readouterr().err
     assert rc == 1 and all(str(audio[n]) in err for n in SHORT)
     res = json.loads((tmp_path / "r.json").read_text())
     assert res["n_bad"] == 2 and all("too short" in b["error"] for b in res["bad_files"])
     # cut to a unit length, a short clip is padded with zeros (EVAR), not skipped
-    rc = le.main(
-        [
-            "--checkpoint",
-            str(audio_ckpt),
-            "--data",
-            str(data),
-            "--batch-size",
-            "3",
-            "--epochs",
-            "2",
-            "--unit-seconds",
-            "0.5",
-            "--out",
-            str(tmp_path / "r.json"),
-            "--quiet",
-        ]
-    )
+    rc = _linear_eval(audio_ckpt, data, tmp_path / "r.json", 3, "--unit-seconds", "0.5")
     assert rc == 0 and json.loads((tmp_path / "r.json").read_text())["n_train"] == 6
 
 
