@@ -49,27 +49,15 @@ from .data.manifest import SPLITS, ManifestError, Record, atomic_write_text, par
 from .embed_files import report_skipped
 
 # clip features and their cache live in m2dclap.eval_features; their names stay importable from here
-from .eval_features import (  # noqa: F401
-    CACHE_VERSION,
-    Features,
-    cache_key,
-    clip_features,
-    extract_clip_features,
-    fit_to_unit,
-    load_cache,
-    mean_duration,
-    save_cache,
-)
-from .eval_protocol import VAL_FRACTION, carve_val  # noqa: F401  (importable from here)
+from .eval_features import Features, clip_features, extract_clip_features, fit_to_unit, mean_duration  # noqa: F401
+from .eval_protocol import carve_val
 
 # the probe lives in m2dclap.probe; its names stay importable from here
 from .probe import (  # noqa: F401
     LinearEvalError,
-    ProbeResult,
     chance_level,
     cpu_threads,
     score_predictions,
-    standardisation,
     target_matrix,
     train_linear_probe,
     train_over_seeds,
