@@ -10,6 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import soundfile as sf
 import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -46,6 +47,21 @@ def tone(seconds: float, sr: int = 16000, freq: float = 440.0, seed: int = 0) ->
     rng = np.random.default_rng(seed)
     x = 0.3 * np.sin(2 * np.pi * freq * t) + 0.1 * np.sin(2 * np.pi * 2 * freq * t) + 0.01 * rng.standard_normal(t.size)
     return torch.from_numpy(x.astype(np.float32))
+
+
+def write_wav(path: Path, seconds: float = 1.0, sr: int = 16000) -> Path:
+    """A quiet sine clip at ``path`` (its folders made), for tests that need a file, not particular audio."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    sf.write(path, (0.1 * np.sin(np.arange(int(seconds * sr)) * 0.05)).astype(np.float32), sr)
+    return path
+
+
+def tiny_audio_model(**overrides):
+    """The 'tiny' preset without a text tower (``overrides`` as for ``get_model_config``), seeded, in eval mode."""
+    import m2dclap
+
+    torch.manual_seed(0)
+    return m2dclap.M2DCLAP(m2dclap.get_model_config("tiny", **{"text.kind": "none", **overrides})).eval()
 
 
 LAUNCHER = Path(sys.executable).parent / "accelerate"

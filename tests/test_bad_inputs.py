@@ -30,7 +30,7 @@ from m2dclap.data.synthetic import generate_corpus
 from m2dclap.embed_files import AudioBatches, load_clip, min_samples_of, report_skipped
 from m2dclap.extract import main as extract_main
 
-from conftest import minilm_path, tone
+from conftest import minilm_path, tiny_audio_model, tone, write_wav
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -100,9 +100,7 @@ def clap_ckpt(clap_model, tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def audio_ckpt(tmp_path_factory) -> Path:
     """A tiny audio-only model (extract, linear_eval, captioning's CLAP)."""
-    torch.manual_seed(0)
-    model = m2dclap.M2DCLAP(m2dclap.get_model_config("tiny", **{"text.kind": "none"}))
-    return model.save_pretrained(tmp_path_factory.mktemp("audio_ckpt") / "tiny")
+    return tiny_audio_model().save_pretrained(tmp_path_factory.mktemp("audio_ckpt") / "tiny")
 
 
 def manifest(path: Path, files: list[Path], split: str = "test", captions: bool = True, labels: bool = True) -> Path:
@@ -494,12 +492,6 @@ def test_preprocess_retry_after_a_failed_pretrained_codec_load(good, audio_ckpt,
 # ===========================================================================================================
 # Data and folders: never destroy what the user has; CSV errors name the file and the line
 # ===========================================================================================================
-def write_wav(path: Path, seconds: float = 1.0, sr: int = 16000) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    sf.write(path, (0.1 * np.sin(np.arange(int(seconds * sr)) * 0.05)).astype(np.float32), sr)
-    return path
-
-
 # ------------------------------------------------------------------------ the synthetic corpus never overwrites
 
 
@@ -604,8 +596,7 @@ def test_interrupted_build_of_ours_is_resumed_and_an_empty_folder_built_into(tmp
 def stage11(tmp_path_factory):
     root = tmp_path_factory.mktemp("ft")
     manifest = generate_corpus(root / "synthetic", n_clips=40, seed=2)
-    torch.manual_seed(0)
-    init = m2dclap.M2DCLAP(m2dclap.get_model_config("tiny", **{"text.kind": "none"})).save_pretrained(root / "init")
+    init = tiny_audio_model().save_pretrained(root / "init")
     return manifest, init
 
 
@@ -653,7 +644,7 @@ def test_saved_model_folders_respect_the_umask(mask, tmp_path):
     from m2dclap.fileio import atomic_write_text
     from m2dclap.train.finetune import AudioTagger, save_finetuned
 
-    model = m2dclap.M2DCLAP(m2dclap.get_model_config("tiny", **{"text.kind": "none"}))
+    model = tiny_audio_model()
     old = os.umask(mask)
     try:
         folder = model.save_pretrained(tmp_path / "model")
@@ -791,11 +782,6 @@ BERT = "google-bert/bert-base-uncased"  # what the 'B' in an official 2025 folde
 # ---------------------------------------------------------------------------------------------------
 # Helpers
 # ---------------------------------------------------------------------------------------------------
-def tiny(**overrides) -> m2dclap.M2DCLAP:
-    torch.manual_seed(0)
-    return m2dclap.M2DCLAP(m2dclap.get_model_config("tiny", **{"text.kind": "none", **overrides})).eval()
-
-
 @pytest.fixture
 def wav(tmp_path) -> Path:
     path = tmp_path / "clip.wav"
@@ -825,7 +811,7 @@ def extract_fails(checkpoint: Path, wav: Path, out_dir: Path, capsys) -> str:
 
 
 def saved_folder_with(tmp_path: Path, section: str, field: str, value) -> Path:
-    folder = tiny().save_pretrained(tmp_path / "model")
+    folder = tiny_audio_model().save_pretrained(tmp_path / "model")
     meta = json.loads((folder / "config.json").read_text())
     meta["model"][section][field] = value
     (folder / "config.json").write_text(json.dumps(meta))
@@ -835,7 +821,7 @@ def saved_folder_with(tmp_path: Path, section: str, field: str, value) -> Path:
 def official_2025(tmp_path: Path) -> tuple[Path, m2dclap.M2DCLAP]:
     """A tiny fake of the released 2025 file: ``backbone.*`` + ``text_encoder.*`` keys in a folder whose
     name asks for BERT ('B') with its weights inside ('TI'). The official loader infers 64-dim heads."""
-    src = tiny(**{"encoder.num_heads": 1, "projector.kind": "transformer"})
+    src = tiny_audio_model(**{"encoder.num_heads": 1, "projector.kind": "transformer"})
     with torch.no_grad():
         src.norm_stats.copy_(torch.tensor([-7.26, 4.35]))
         for p in src.audio_proj.parameters():
@@ -954,20 +940,20 @@ def test_pth_of_the_wrong_kind(tmp_path, wav, out_dir, capsys, kind):
 
 
 def test_pth_with_broken_encoder_tensors(tmp_path):
-    sd = {k: v for k, v in tiny().encoder.state_dict().items() if not k.startswith("blocks.")}
+    sd = {k: v for k, v in tiny_audio_model().encoder.state_dict().items() if not k.startswith("blocks.")}
     path = tmp_path / "m2d_vit_base-80x128p16x16-221006" / "checkpoint-1.pth"
     path.parent.mkdir()
     torch.save({"model": sd}, path)
     with pytest.raises(CheckpointError, match="no transformer blocks"):
         m2dclap.load(path)
-    sd = dict(tiny().encoder.state_dict(), pos_embed=torch.zeros(5))
+    sd = dict(tiny_audio_model().encoder.state_dict(), pos_embed=torch.zeros(5))
     torch.save({"model": sd}, path)
     with pytest.raises(CheckpointError, match=r"pos_embed has shape \(5,\)"):
         m2dclap.load(path)
 
 
 def test_truncated_safetensors(tmp_path, wav, out_dir, capsys):
-    folder = tiny().save_pretrained(tmp_path / "model")
+    folder = tiny_audio_model().save_pretrained(tmp_path / "model")
     weights = folder / "model.safetensors"
     data = weights.read_bytes()
     weights.write_bytes(data[: len(data) // 2])
@@ -976,7 +962,7 @@ def test_truncated_safetensors(tmp_path, wav, out_dir, capsys):
 
 
 def test_safetensors_given_as_official_checkpoint(tmp_path):
-    folder = tiny().save_pretrained(tmp_path / "model")
+    folder = tiny_audio_model().save_pretrained(tmp_path / "model")
     renamed = tmp_path / "weights.pth"
     renamed.write_bytes((folder / "model.safetensors").read_bytes())
     with pytest.raises(CheckpointError, match="weights.pth: a safetensors file, not a PyTorch checkpoint"):
@@ -984,7 +970,7 @@ def test_safetensors_given_as_official_checkpoint(tmp_path):
 
 
 def test_bad_load_arguments(tmp_path):
-    folder = tiny().save_pretrained(tmp_path / "model")
+    folder = tiny_audio_model().save_pretrained(tmp_path / "model")
     with pytest.raises(CheckpointError, match="input_size=.80,.: expected"):
         m2dclap.load(folder, input_size=(80,))
     with pytest.raises(CheckpointError, match="text_name=''"):
