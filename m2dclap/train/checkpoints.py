@@ -53,17 +53,22 @@ class KeepBest:
         self.folder, self.save = folder, save
 
 
-def latest_checkpoint(out_dir: Path, checkpoint_dir: str = "checkpoints") -> Path | None:
-    """The complete checkpoint with the highest saved step; half-written ones have no ``state.json``."""
-    best, best_step = None, -1
-    for d in (Path(out_dir) / checkpoint_dir).glob("ckpt-*"):
+def _complete_checkpoints(root: Path) -> list[Path]:
+    """The complete checkpoints under ``root``, oldest step first; half-written ones have no readable
+    ``state.json`` and are left out."""
+    found = []
+    for d in Path(root).glob("ckpt-*"):
         try:
-            step = json.loads((d / "state.json").read_text())["step"]
+            found.append((json.loads((d / "state.json").read_text())["step"], d))
         except (OSError, json.JSONDecodeError, KeyError):
             continue
-        if step > best_step:
-            best, best_step = d, step
-    return best
+    return [d for _, d in sorted(found, key=lambda sd: sd[0])]
+
+
+def latest_checkpoint(out_dir: Path, checkpoint_dir: str = "checkpoints") -> Path | None:
+    """The complete checkpoint with the highest saved step; half-written ones have no ``state.json``."""
+    complete = _complete_checkpoints(Path(out_dir) / checkpoint_dir)
+    return complete[-1] if complete else None
 
 
 def save_checkpoint(accelerator: Accelerator, state: TrainState, root: Path, keep: int) -> None:
@@ -81,10 +86,6 @@ def save_checkpoint(accelerator: Accelerator, state: TrainState, root: Path, kee
         )
         shutil.rmtree(final, ignore_errors=True)
         os.replace(tmp, final)
-        complete = sorted(
-            (d for d in root.glob("ckpt-*") if (d / "state.json").exists()),
-            key=lambda d: json.loads((d / "state.json").read_text())["step"],
-        )
-        for old in complete[:-keep]:
+        for old in _complete_checkpoints(root)[:-keep]:
             shutil.rmtree(old, ignore_errors=True)
     accelerator.wait_for_everyone()
