@@ -21,9 +21,9 @@ from pathlib import Path
 from typing import Mapping, Sequence
 
 import torch
-import torch.nn.functional as F
 
 from m2dclap.embed_files import AudioBatches, min_samples_of
+from m2dclap.eval_features import fit_to_unit
 
 from .templates import Template, as_template_list, encode_prompts, make_prompts
 
@@ -44,9 +44,9 @@ class FilePredictions:
 
 def fit_from_start(index: int, wave: torch.Tensor, unit: int) -> torch.Tensor:
     """EVAR's test-time input: the first ``unit`` samples of a longer clip, zeros appended to a shorter one
-    (an :class:`m2dclap.embed_files.AudioBatches` transform; ``index`` is unused)."""
-    n = int(wave.shape[-1])
-    return wave[..., :unit] if n >= unit else F.pad(wave, (0, unit - n))
+    (:func:`m2dclap.eval_features.fit_to_unit` without a random crop, as the linear evaluation's test clips;
+    an :class:`m2dclap.embed_files.AudioBatches` transform, ``index`` unused)."""
+    return fit_to_unit(wave, unit, None)
 
 
 class ZeroShotClassifier:
