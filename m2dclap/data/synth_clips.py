@@ -9,18 +9,7 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-# the clip model: used here, and re-exported as a whole since callers import it from here
-from .synth_specs import (  # noqa: F401
-    BACKGROUNDS,
-    CLASS_NAMES,
-    LOUDNESS,
-    PITCHES,
-    SOUND_CLASSES,
-    ClipSpec,
-    Event,
-    SoundClass,
-    sample_clip,
-)
+from .synth_specs import CLASS_NAMES, SOUND_CLASSES, ClipSpec, Event
 
 N_CAPTIONS = 5  # paraphrases per clip (Clotho also has five)
 
