@@ -37,7 +37,7 @@ from m2dclap.stages import STAGES
 from m2dclap.train.engine import Engine, KeepBest, LoopCfg, cosine_schedule, loader_and_adamw, start_run
 
 # the data (dataset specs, training items, collate) lives in finetune_data; public from here as before
-from .finetune_data import TRAIN_SPLITS, VAL_SPLITS, CaptionedClips, collate, read_sets  # noqa: F401
+from .finetune_data import TRAIN_SPLITS, VAL_SPLITS, CaptionedClips, collate, read_sets
 from .metrics import caption_retrieval
 
 log = logging.getLogger(__name__)

@@ -37,7 +37,7 @@ from tqdm.auto import tqdm
 
 # the run's saved state and checkpoints live in checkpoints.py, the optimiser and schedule in optim.py;
 # public from here as before
-from .checkpoints import KeepBest, TrainState, latest_checkpoint, save_checkpoint  # noqa: F401
+from .checkpoints import KeepBest, TrainState, latest_checkpoint, save_checkpoint
 from .optim import cosine_schedule, loader_and_adamw, lr_at, param_groups, shuffled_loader  # noqa: F401
 
 log = logging.getLogger(__name__)
