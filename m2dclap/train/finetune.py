@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from accelerate.utils import set_seed
 from torch.utils.data import DataLoader
 
-from ..augment import mask_bands, mix, mixup, random_structured_mask, sample_bands, spec_augment, visible_indices
+from ..augment import mixup, spec_augment
 from ..checkpoint import CheckpointError
 from ..cli import EXIT_OK, EXIT_SKIPPED, CliError, option, overrides_of, run_cli
 from ..data.labelled import TaggingDataset, class_list, collate_tagging, read_labelled
@@ -37,7 +37,7 @@ from ..data.manifest import split_records
 from ..embed_files import report_skipped
 from ..fileio import atomic_write_text
 from ..metrics import mean_average_precision
-from ..tagging import AudioTagger, load_finetuned, save_finetuned, tag_audio
+from ..tagging import AudioTagger, save_finetuned
 from .config import FinetuneCfg, finetune_config
 from .engine import (
     Engine,
@@ -60,18 +60,11 @@ __all__ = [
     "evaluate",
     "finetune",
     "finetune_config",
-    "load_finetuned",
     "main",
-    "mask_bands",
-    "mix",
     "mixup",
-    "random_structured_mask",
     "read_labelled",
-    "sample_bands",
     "save_finetuned",
     "spec_augment",
-    "tag_audio",
-    "visible_indices",
 ]
 
 
