@@ -38,7 +38,6 @@ import torch
 from accelerate.utils import broadcast_object_list, set_seed
 from torch.utils.data import DataLoader
 
-from m2dclap.checkpoint import CheckpointError
 from m2dclap.cli import CliError, OptionParser, run_cli
 from m2dclap.fileio import atomic_write_text
 from m2dclap.train.engine import Engine, KeepBest, LoopCfg, make_accelerator
@@ -125,8 +124,6 @@ def run(opts: TrainOptions) -> int:
     try:
         apply_presets(opts)
         return train(opts)
-    except CheckpointError:
-        raise
     except (FileNotFoundError, ValueError, MetricUnavailableError) as e:
         raise CliError(str(e)) from None
 
