@@ -209,3 +209,14 @@ def test_downstream_packages_use_only_the_public_engine_of_m2dclap_train():
                         bad.append(f"{path.name}: {node.module}")
                     bad += [f"{path.name}: {node.module}.{a.name}" for a in node.names if a.name.startswith("_")]
     assert not bad, bad
+
+
+def test_checkpoints_beyond_keep_checkpoints_are_pruned_and_half_written_ones_ignored(tmp_path):
+    root = tmp_path / "checkpoints"
+    (root / "ckpt-00000099").mkdir(parents=True)
+    (root / "ckpt-00000099" / "state.json").write_text("{")  # killed while writing its marker
+    engine = make_engine(tmp_path, epochs=1, checkpoint_every=1)  # 4 steps, a checkpoint after each
+    engine.fit()
+    complete = sorted(d.name for d in root.glob("ckpt-*") if d.name != "ckpt-00000099")
+    assert complete == ["ckpt-00000003", "ckpt-00000004"]  # keep_checkpoints=2: the two latest
+    assert latest_checkpoint(tmp_path).name == "ckpt-00000004"
