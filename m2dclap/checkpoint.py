@@ -21,41 +21,12 @@ import torch
 from .clap import quiet_transformers
 from .config import TextCfg
 from .model import M2DCLAP
-from .official import (  # noqa: F401
-    DEFAULT_NORM_STATS,
-    OFFICIAL_TEXT,
-    build_model,
-    load_official,
-    official_layout,
-    parse_official_name,
-)
-from .saving import (  # noqa: F401
-    FORMAT,
-    FORMAT_VERSION,
-    SAFE_GLOBALS,
-    CheckpointError,
-    load_strict,
-    read_model_config,
-    safe_torch_load,
-    save_pretrained,
-)
+from .official import build_model, load_official, official_layout, parse_official_name
+from .saving import CheckpointError, load_strict, read_model_config, save_pretrained
 
 log = logging.getLogger(__name__)
 
-__all__ = [
-    "CheckpointError",
-    "DEFAULT_NORM_STATS",
-    "FORMAT",
-    "FORMAT_VERSION",
-    "OFFICIAL_TEXT",
-    "SAFE_GLOBALS",
-    "load",
-    "official_layout",
-    "parse_official_name",
-    "read_model_config",
-    "safe_torch_load",
-    "save_pretrained",
-]
+__all__ = ["CheckpointError", "load", "official_layout", "parse_official_name", "read_model_config", "save_pretrained"]
 
 
 def _load_ours(
