@@ -137,7 +137,7 @@ def test_known_tasks_cut_or_pad_test_clips_to_evars_unit_from_the_start(tmp_path
     model = LengthModel()
     ds = ZeroShotDataset(name, _clips(tmp_path, [1.0, 3.61, 12.0]), ["cat", "dog"], False)
     res = evaluate_module.evaluate(model, ds, progress=False, workers=0)
-    assert model.lengths == [round(unit * 1000)] * 3  # today: whole clips (1000, 3610, 12000 samples)
+    assert model.lengths == [round(unit * 1000)] * 3  # not the whole clips (1000, 3610, 12000 samples)
     assert model.first == [0.0, 0.0, 0.0]  # cut from the start, never at random
     assert res["clips"] == "evar-unit" and res["unit_seconds"] == unit
     assert f"EVAR's {unit:g} s unit" in evaluate_module.format_report(res)
