@@ -32,7 +32,7 @@ import m2dclap
 from m2dclap.clap import ContrastiveLoss
 from m2dclap.cli import EXIT_OK, EXIT_SKIPPED, TEXT_MODEL_HELP, CliError, OptionParser, UsageError, option, run_cli
 from m2dclap.data.manifest import Record, apply_exclusions, read_exclusion_list
-from m2dclap.embed_files import AudioBatches, min_samples_of, report_skipped
+from m2dclap.embed_files import embed_files, min_samples_of, report_skipped
 from m2dclap.stages import STAGES
 from m2dclap.train.engine import Engine, KeepBest, LoopCfg, cosine_schedule, loader_and_adamw, start_run
 
@@ -142,15 +142,8 @@ def validate(accelerator, model, sets: list[tuple[str, list[Record]]], batch_siz
 
         def audio_rows(idx: list[int]) -> torch.Tensor:
             """Embeddings of the clips ``idx``; a skipped clip gets a row of NaN (dropped below)."""
-            out = torch.full((len(idx), text.shape[1]), math.nan)
-            for batch in AudioBatches(
-                [records[i].audio for i in idx], model.sample_rate, min_samples_of(model), batch_size=len(idx) or 1
-            ):
-                skipped.extend(reason for _, reason in batch.skipped)
-                if batch.waves:
-                    out[batch.indices] = (
-                        model.encode_audio(batch.waves, model.sample_rate, batch_size=batch_size).float().cpu()
-                    )
+            out, skips = embed_files(model, [records[i].audio for i in idx], batch_size)
+            skipped.extend(reason for _, reason in skips)
             return out
 
         skipped: list[str] = []
